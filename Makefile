@@ -1,0 +1,34 @@
+# Two entry points: `make bench` (set up, build, quick benchmark table) and `make test`.
+# Everything goes into a virtualenv in .venv. torch is installed as the pinned CPU build
+# (torch==2.13.0) only when the venv has no torch; bring your own by creating .venv with it.
+PY_BOOT ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup build test bench bench-full info clean
+
+$(PY):
+	$(PY_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+
+setup: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+
+build: setup
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(VENV)/bin/seqkern bench --quick --threads 2
+
+bench-full: setup
+	$(VENV)/bin/seqkern bench --full --threads 2 --json bench-full.json
+
+info: setup
+	$(VENV)/bin/seqkern info
+
+clean:
+	rm -rf build seqkern/_C*.so *.egg-info

@@ -1,0 +1,112 @@
+#include "cpu/gemm.h"
+
+#include <dlfcn.h>
+
+namespace seqkern::cpu {
+namespace {
+
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const float*, const float*, const int*, const float*, const int*,
+                         const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const double*, const double*, const int*, const double*, const int*,
+                         const double*, double*, const int*);
+
+struct Blas {
+  sgemm_t sgemm = nullptr;
+  dgemm_t dgemm = nullptr;
+  Blas() {
+    // Force libtorch_cpu's symbols to be resolved first (it is already loaded by `import torch`).
+    sgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
+    dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+    if (!sgemm || !dgemm) sgemm = nullptr, dgemm = nullptr;
+  }
+};
+
+const Blas& blas() {
+  static Blas b;
+  return b;
+}
+
+bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
+
+template <typename T>
+at::Tensor view(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Column-major BLAS call computing row-major C = alpha·op(A)·op(B) + beta·C, by computing
+// Cᵀ = op(B)ᵀ·op(A)ᵀ in column-major order.
+template <typename T, typename Fn>
+void call_blas(Fn fn, bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K, T alpha,
+               const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const char ta = b_trans ? 'T' : 'N';
+  const char tb = a_trans ? 'T' : 'N';
+  int m = (int)N, n = (int)M, k = (int)K, ilda = (int)ldb, ildb = (int)lda, ildc = (int)ldc;
+  fn(&ta, &tb, &m, &n, &k, &alpha, B, &ilda, A, &ildb, &beta, C, &ildc);
+}
+
+template <typename T>
+void aten_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  at::Tensor a = a_trans ? view(A, K, M, lda).t() : view(A, M, K, lda);
+  at::Tensor b = b_trans ? view(B, N, K, ldb).t() : view(B, K, N, ldb);
+  at::Tensor c = view(C, M, N, ldc);
+  if (beta == T(0)) {
+    at::mm_out(c, a, b);
+    if (alpha != T(1)) c.mul_(alpha);
+  } else {
+    c.addmm_(a, b, beta, alpha);
+  }
+}
+
+template <typename T>
+void dispatch(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+              int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  const bool small = fits_int(M) && fits_int(N) && fits_int(K) && fits_int(lda) &&
+                     fits_int(ldb) && fits_int(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (small && blas().sgemm) {
+      return call_blas<T>(blas().sgemm, a_trans, b_trans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (small && blas().dgemm) {
+      return call_blas<T>(blas().dgemm, a_trans, b_trans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    }
+  }
+  aten_gemm<T>(a_trans, b_trans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+          int64_t ldb, bool b_trans, T beta, T* C, int64_t ldc) {
+  dispatch<T>(false, b_trans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+template <typename T>
+void gemm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
+  dispatch<T>(true, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+template void gemm<float>(int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                          int64_t, bool, float, float*, int64_t);
+template void gemm<double>(int64_t, int64_t, int64_t, double, const double*, int64_t,
+                           const double*, int64_t, bool, double, double*, int64_t);
+template void gemm_tn<float>(int64_t, int64_t, int64_t, float, const float*, int64_t,
+                             const float*, int64_t, float, float*, int64_t);
+template void gemm_tn<double>(int64_t, int64_t, int64_t, double, const double*, int64_t,
+                              const double*, int64_t, double, double*, int64_t);
+
+const char* blas_name() { return blas().sgemm ? "mkl" : "aten"; }
+
+}  // namespace seqkern::cpu

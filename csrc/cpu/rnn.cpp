@@ -1,0 +1,581 @@
+// Whole-sequence recurrences (one layer, one direction) for RNN-tanh/relu, LSTM (optionally
+// peephole and projected), GRU (PyTorch convention) and GRU (Cho 2014 convention).
+//
+// Structure, forward:  xg = x·W_ihᵀ + biases for all steps as ONE GEMM; then per step one
+// recurrent GEMM h·W_hhᵀ (M = active batch) followed by one fused, vectorised pass over the
+// gates that also updates the state. Backward: the reverse loop only does the per-step
+// recurrent GEMM dgates·W_hh and the fused gate derivatives; dx, dW_ih, dW_hh and the biases
+// are large GEMMs/reductions over all steps after the loop.
+//
+// Sequences are in packed layout: x is (N, I) with N = Σ_t batch_sizes[t] rows, step t owning
+// rows [offset_t, offset_t + batch_sizes[t]) (torch's PackedSequence.data). A padded,
+// time-major (T, B, I) tensor with equal lengths is the same memory with batch_sizes = [B]*T.
+// Because batch_sizes is non-increasing, the active rows of every step are a prefix of the
+// state, so ended (forward) and not-yet-started (reverse) sequences simply are not touched.
+#include "isa.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "cpu/gemm.h"
+#include "cpu/rnn.h"
+#include "cpu/vec_math.h"
+
+namespace seqkern::cpu {
+namespace {
+
+enum class Cell { RnnTanh, RnnRelu, Lstm, Gru, GruCho };
+
+Cell parse_cell(const std::string& mode) {
+  if (mode == "rnn_tanh") return Cell::RnnTanh;
+  if (mode == "rnn_relu") return Cell::RnnRelu;
+  if (mode == "lstm") return Cell::Lstm;
+  if (mode == "gru") return Cell::Gru;
+  if (mode == "gru_cho") return Cell::GruCho;
+  TORCH_CHECK(false, "seqkern: unknown recurrent mode '", mode,
+              "' (expected rnn_tanh, rnn_relu, lstm, gru or gru_cho)");
+}
+
+int64_t gate_count(Cell c) {
+  switch (c) {
+    case Cell::Lstm: return 4;
+    case Cell::Gru:
+    case Cell::GruCho: return 3;
+    default: return 1;
+  }
+}
+
+// Runs `f(begin, end)` over rows; parallel only when the pointwise work is large enough to pay
+// for waking the thread pool (at small batch the step is latency bound).
+template <typename F>
+void over_rows(int64_t rows, int64_t width, F&& f) {
+  if (rows * width >= 32768) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), f);
+  } else {
+    f(0, rows);
+  }
+}
+
+struct Layout {
+  int64_t T, B, N;
+  std::vector<int64_t> bs, off;
+  Layout(const at::Tensor& batch_sizes) {
+    auto acc = batch_sizes.accessor<int64_t, 1>();
+    T = batch_sizes.size(0);
+    bs.resize(T);
+    off.resize(T);
+    N = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      bs[t] = acc[t];
+      off[t] = N;
+      N += bs[t];
+    }
+    B = T > 0 ? bs[0] : 0;
+  }
+  int64_t step(int64_t s, bool reverse) const { return reverse ? T - 1 - s : s; }
+};
+
+const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
+  static const at::Tensor undefined;
+  return t.has_value() ? *t : undefined;
+}
+
+// ---------------------------------------------------------------- forward -----------------
+
+template <typename T>
+void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Tensor& h0,
+                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& w_peep,
+                  const at::Tensor& w_hr, bool reverse, at::Tensor& out, at::Tensor& h_state,
+                  at::Tensor& c_state, at::Tensor& ws_gates, at::Tensor& ws_cells,
+                  at::Tensor& ws_hprev, bool save) {
+  const int64_t G = gate_count(cell);
+  const int64_t H = w_hh.size(0) / G;
+  const int64_t Hs = h0.size(1);  // state width: H, or proj_size
+  const int64_t I = x.size(1);
+  const int64_t N = L.N;
+  const bool proj = w_hr.defined();
+  const bool peep = w_peep.defined();
+
+  // Input projection of every step in one GEMM, with every bias that sits outside the
+  // recurrent matmul folded in (GRU's b_hn multiplies with r, so it stays out).
+  at::Tensor xg = at::empty({N, G * H}, x.options());
+  {
+    at::Tensor bias = at::zeros({G * H}, x.options());
+    if (b_ih.defined()) bias.add_(b_ih);
+    if (b_hh.defined()) {
+      if (cell == Cell::Gru) bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
+      else bias.add_(b_hh);
+    }
+    xg.copy_(bias.unsqueeze(0).expand({N, G * H}));
+    gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(1),
+            xg.data_ptr<T>(), G * H);
+  }
+  const T* b_hn = (cell == Cell::Gru && b_hh.defined()) ? b_hh.data_ptr<T>() + 2 * H : nullptr;
+
+  at::Tensor rec = at::empty({L.B, G * H}, x.options());
+  at::Tensor aux = at::empty({L.B, H}, x.options());  // r⊙h (Cho GRU) or o⊙tanh(c) (proj)
+  T* hs = h_state.data_ptr<T>();
+  T* cs = proj || cell == Cell::Lstm ? c_state.data_ptr<T>() : nullptr;
+  const T* whh = w_hh.data_ptr<T>();
+  const T* peep_p = peep ? w_peep.data_ptr<T>() : nullptr;
+  T* outp = out.data_ptr<T>();
+  T* recp = rec.data_ptr<T>();
+  T* auxp = aux.data_ptr<T>();
+  T* gsave = save && ws_gates.defined() ? ws_gates.data_ptr<T>() : nullptr;
+  T* csave = save && ws_cells.defined() ? ws_cells.data_ptr<T>() : nullptr;
+  T* hsave = save ? ws_hprev.data_ptr<T>() : nullptr;
+  const int64_t GH = G * H;
+
+  for (int64_t s = 0; s < L.T; ++s) {
+    const int64_t t = L.step(s, reverse);
+    const int64_t bs = L.bs[t], o = L.off[t];
+    const T* xgt = xg.data_ptr<T>() + o * GH;
+    if (hsave) std::memcpy(hsave + o * Hs, hs, sizeof(T) * bs * Hs);
+
+    if (cell == Cell::GruCho) {
+      gemm<T>(bs, 2 * H, Hs, T(1), hs, Hs, whh, Hs, true, T(0), recp, GH);
+      over_rows(bs, H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const T* xr = xgt + b * GH;
+          T* rr = recp + b * GH;
+          for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+            auto r = sigmoid(load(xr + j, n) + load(rr + j, n));
+            auto z = sigmoid(load(xr + H + j, n) + load(rr + H + j, n));
+            store(r, rr + j, n);
+            store(z, rr + H + j, n);
+            store(r * load(hs + b * Hs + j, n), auxp + b * H + j, n);
+          });
+        }
+      });
+      gemm<T>(bs, H, H, T(1), auxp, H, whh + 2 * H * Hs, Hs, true, T(0), recp + 2 * H, GH);
+    } else {
+      gemm<T>(bs, GH, Hs, T(1), hs, Hs, whh, Hs, true, T(0), recp, GH);
+    }
+
+    over_rows(bs, GH, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* xr = xgt + b * GH;
+        T* rr = recp + b * GH;
+        T* h = hs + b * Hs;
+        T* gs = gsave ? gsave + (o + b) * (cell == Cell::Gru ? 4 * H : GH) : nullptr;
+        switch (cell) {
+          case Cell::RnnTanh:
+          case Cell::RnnRelu:
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+              auto a = load(xr + j, n) + load(rr + j, n);
+              store(cell == Cell::RnnTanh ? tanh(a) : relu(a), h + j, n);
+            });
+            break;
+          case Cell::Lstm: {
+            T* c = cs + b * H;
+            T* m = proj ? auxp + b * H : h;
+            T* cv = csave ? csave + (o + b) * (proj ? 3 * H : 2 * H) : nullptr;
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+              auto cp = load(c + j, n);
+              auto ai = load(xr + j, n) + load(rr + j, n);
+              auto af = load(xr + H + j, n) + load(rr + H + j, n);
+              auto ag = load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n);
+              auto ao = load(xr + 3 * H + j, n) + load(rr + 3 * H + j, n);
+              if (peep_p) {
+                ai = ai + load(peep_p + j, n) * cp;
+                af = af + load(peep_p + H + j, n) * cp;
+              }
+              auto i = sigmoid(ai), f = sigmoid(af), g = tanh(ag);
+              auto cn = f * cp + i * g;
+              if (peep_p) ao = ao + load(peep_p + 2 * H + j, n) * cn;
+              auto og = sigmoid(ao);
+              auto mv = og * tanh(cn);
+              store(cn, c + j, n);
+              store(mv, m + j, n);
+              if (gs) {
+                store(i, gs + j, n);
+                store(f, gs + H + j, n);
+                store(g, gs + 2 * H + j, n);
+                store(og, gs + 3 * H + j, n);
+              }
+              if (cv) {
+                store(cp, cv + j, n);
+                store(cn, cv + H + j, n);
+                if (proj) store(mv, cv + 2 * H + j, n);
+              }
+            });
+            break;
+          }
+          case Cell::Gru:
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+              auto r = sigmoid(load(xr + j, n) + load(rr + j, n));
+              auto z = sigmoid(load(xr + H + j, n) + load(rr + H + j, n));
+              auto hn = load(rr + 2 * H + j, n);
+              if (b_hn) hn = hn + load(b_hn + j, n);
+              auto nn = tanh(load(xr + 2 * H + j, n) + r * hn);
+              auto hp = load(h + j, n);
+              store(nn + z * (hp - nn), h + j, n);
+              if (gs) {
+                store(r, gs + j, n);
+                store(z, gs + H + j, n);
+                store(nn, gs + 2 * H + j, n);
+                store(hn, gs + 3 * H + j, n);
+              }
+            });
+            break;
+          case Cell::GruCho:
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+              auto r = load(rr + j, n);
+              auto z = load(rr + H + j, n);
+              auto nn = tanh(load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n));
+              auto hp = load(h + j, n);
+              store(nn + z * (hp - nn), h + j, n);
+              if (gs) {
+                store(r, gs + j, n);
+                store(z, gs + H + j, n);
+                store(nn, gs + 2 * H + j, n);
+              }
+            });
+            break;
+        }
+      }
+    });
+
+    if (proj) {
+      gemm<T>(bs, Hs, H, T(1), auxp, H, w_hr.data_ptr<T>(), H, true, T(0), hs, Hs);
+    }
+    std::memcpy(outp + o * Hs, hs, sizeof(T) * bs * Hs);
+  }
+}
+
+// ---------------------------------------------------------------- backward ----------------
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(
+    Cell cell, const Layout& L, const at::Tensor& grad_out, const at::Tensor& grad_hn,
+    const at::Tensor& grad_cn, const at::Tensor& x, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
+    const at::Tensor& w_peep, const at::Tensor& w_hr, const at::Tensor& out,
+    const at::Tensor& ws_gates, const at::Tensor& ws_cells, const at::Tensor& ws_hprev,
+    bool reverse) {
+  const int64_t G = gate_count(cell);
+  const int64_t H = w_hh.size(0) / G;
+  const int64_t GH = G * H;
+  const int64_t Hs = ws_hprev.size(1);
+  const int64_t I = x.size(1);
+  const int64_t N = L.N;
+  const bool proj = w_hr.defined();
+  const bool peep = w_peep.defined();
+  const bool lstm = cell == Cell::Lstm;
+  auto opts = x.options();
+
+  at::Tensor dh = grad_hn.defined() ? grad_hn.clone() : at::zeros({L.B, Hs}, opts);
+  at::Tensor dc = lstm ? (grad_cn.defined() ? grad_cn.clone() : at::zeros({L.B, H}, opts))
+                       : at::Tensor();
+  // dxg: gradient of the input-side pre-activations; drec: of the recurrent-side ones. They
+  // differ only for the PyTorch GRU's n block, where r multiplies W_hn·h + b_hn.
+  at::Tensor dxg = at::empty({N, GH}, opts);
+  at::Tensor drec = cell == Cell::Gru ? at::empty({N, GH}, opts) : dxg;
+  at::Tensor dh_all = proj ? at::empty({N, Hs}, opts) : at::Tensor();
+  at::Tensor dm = proj ? at::empty({L.B, H}, opts) : at::Tensor();
+  at::Tensor drh = cell == Cell::GruCho ? at::empty({L.B, H}, opts) : at::Tensor();
+
+  T* dhp = dh.data_ptr<T>();
+  T* dcp = lstm ? dc.data_ptr<T>() : nullptr;
+  T* dxgp = dxg.data_ptr<T>();
+  T* drecp = drec.data_ptr<T>();
+  const T* gout = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
+  const T* gsv = ws_gates.defined() ? ws_gates.data_ptr<T>() : nullptr;
+  const T* csv = ws_cells.defined() ? ws_cells.data_ptr<T>() : nullptr;
+  const T* hsv = ws_hprev.data_ptr<T>();
+  const T* outp = out.data_ptr<T>();
+  const T* whh = w_hh.data_ptr<T>();
+  const T* peep_p = peep ? w_peep.data_ptr<T>() : nullptr;
+  const int64_t gstride = cell == Cell::Gru ? 4 * H : GH;
+  const int64_t cstride = proj ? 3 * H : 2 * H;
+
+  for (int64_t s = L.T - 1; s >= 0; --s) {
+    const int64_t t = L.step(s, reverse);
+    const int64_t bs = L.bs[t], o = L.off[t];
+    if (gout) {
+      at::vec::map2<T>([](Vec<T> a, Vec<T> b) { return a + b; }, dhp, dhp, gout + o * Hs,
+                       bs * Hs);
+    }
+    const T* dmp = dhp;
+    if (proj) {
+      std::memcpy(dh_all.data_ptr<T>() + o * Hs, dhp, sizeof(T) * bs * Hs);
+      gemm<T>(bs, H, Hs, T(1), dhp, Hs, w_hr.data_ptr<T>(), H, false, T(0), dm.data_ptr<T>(), H);
+      dmp = dm.data_ptr<T>();
+    }
+    T* dxt = dxgp + o * GH;
+    T* drt = drecp + o * GH;
+
+    over_rows(bs, GH, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* dx_r = dxt + b * GH;
+        T* dh_r = dhp + b * Hs;
+        const T* gs = gsv ? gsv + (o + b) * gstride : nullptr;
+        const T* hp = hsv + (o + b) * Hs;
+        switch (cell) {
+          case Cell::RnnTanh:
+          case Cell::RnnRelu: {
+            const T* y = outp + (o + b) * Hs;
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+              auto yv = load(y + j, n);
+              auto d = load(dh_r + j, n);
+              Vec<T> da = cell == Cell::RnnTanh
+                              ? d * (Vec<T>(T(1)) - yv * yv)
+                              : Vec<T>::blendv(Vec<T>(T(0)), d, yv > Vec<T>(T(0)));
+              store(da, dx_r + j, n);
+            });
+            break;
+          }
+          case Cell::Lstm: {
+            const T* cv = csv + (o + b) * cstride;
+            const T* dm_r = dmp + b * (proj ? H : Hs);
+            T* dc_r = dcp + b * H;
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+              const Vec<T> one(T(1));
+              auto i = load(gs + j, n), f = load(gs + H + j, n);
+              auto g = load(gs + 2 * H + j, n), og = load(gs + 3 * H + j, n);
+              auto cp = load(cv + j, n), cn = load(cv + H + j, n);
+              auto tc = tanh(cn);
+              auto dmv = load(dm_r + j, n);
+              auto dao = dmv * tc * og * (one - og);
+              auto dct = load(dc_r + j, n) + dmv * og * (one - tc * tc);
+              if (peep_p) dct = dct + dao * load(peep_p + 2 * H + j, n);
+              auto dai = dct * g * i * (one - i);
+              auto daf = dct * cp * f * (one - f);
+              auto dag = dct * i * (one - g * g);
+              auto dcp_ = dct * f;
+              if (peep_p) {
+                dcp_ = dcp_ + dai * load(peep_p + j, n) + daf * load(peep_p + H + j, n);
+              }
+              store(dcp_, dc_r + j, n);
+              store(dai, dx_r + j, n);
+              store(daf, dx_r + H + j, n);
+              store(dag, dx_r + 2 * H + j, n);
+              store(dao, dx_r + 3 * H + j, n);
+            });
+            break;
+          }
+          case Cell::Gru: {
+            T* dr_r = drt + b * GH;
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+              const Vec<T> one(T(1));
+              auto r = load(gs + j, n), z = load(gs + H + j, n);
+              auto nn = load(gs + 2 * H + j, n), hn = load(gs + 3 * H + j, n);
+              auto d = load(dh_r + j, n);
+              auto hpv = load(hp + j, n);
+              auto dan = d * (one - z) * (one - nn * nn);
+              auto daz = d * (hpv - nn) * z * (one - z);
+              auto dar = dan * hn * r * (one - r);
+              store(dar, dx_r + j, n);
+              store(daz, dx_r + H + j, n);
+              store(dan, dx_r + 2 * H + j, n);
+              store(dar, dr_r + j, n);
+              store(daz, dr_r + H + j, n);
+              store(dan * r, dr_r + 2 * H + j, n);
+              store(d * z, dh_r + j, n);  // direct path h → h'; the GEMM adds the rest
+            });
+            break;
+          }
+          case Cell::GruCho: {
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+              const Vec<T> one(T(1));
+              auto z = load(gs + H + j, n), nn = load(gs + 2 * H + j, n);
+              auto d = load(dh_r + j, n);
+              auto hpv = load(hp + j, n);
+              store(d * (one - z) * (one - nn * nn), dx_r + 2 * H + j, n);
+              store(d * (hpv - nn) * z * (one - z), dx_r + H + j, n);
+              store(d * z, dh_r + j, n);
+            });
+            break;
+          }
+        }
+      }
+    });
+
+    if (cell == Cell::GruCho) {
+      // d(r⊙h) = da_n · W_hn, then r's gate gradient and the r-path into dh.
+      T* drhp = drh.data_ptr<T>();
+      gemm<T>(bs, H, H, T(1), dxt + 2 * H, GH, whh + 2 * H * Hs, Hs, false, T(0), drhp, H);
+      over_rows(bs, H, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const T* gs = gsv + (o + b) * gstride;
+          const T* hp = hsv + (o + b) * Hs;
+          for_each_vec<T>(H, [&](int64_t j, int64_t n) {
+            auto r = load(gs + j, n);
+            auto d = load(drhp + b * H + j, n);
+            store(d * load(hp + j, n) * r * (Vec<T>(T(1)) - r), dxt + b * GH + j, n);
+            store(load(dhp + b * Hs + j, n) + d * r, dhp + b * Hs + j, n);
+          });
+        }
+      });
+      gemm<T>(bs, Hs, 2 * H, T(1), dxt, GH, whh, Hs, false, T(1), dhp, Hs);
+    } else if (cell == Cell::Gru) {
+      gemm<T>(bs, Hs, GH, T(1), drt, GH, whh, Hs, false, T(1), dhp, Hs);
+    } else {
+      gemm<T>(bs, Hs, GH, T(1), drt, GH, whh, Hs, false, T(0), dhp, Hs);
+    }
+  }
+
+  // Everything that does not feed the recurrence: large GEMMs over all N rows.
+  at::Tensor dx = at::empty({N, I}, opts);
+  gemm<T>(N, I, GH, T(1), dxgp, GH, w_ih.data_ptr<T>(), I, false, T(0), dx.data_ptr<T>(), I);
+  at::Tensor dw_ih = at::empty({GH, I}, opts);
+  gemm_tn<T>(GH, I, N, T(1), dxgp, GH, x.data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
+  at::Tensor dw_hh = at::empty({GH, Hs}, opts);
+  if (cell == Cell::GruCho) {
+    gemm_tn<T>(2 * H, Hs, N, T(1), dxgp, GH, hsv, Hs, T(0), dw_hh.data_ptr<T>(), Hs);
+    at::Tensor rh = ws_gates.narrow(1, 0, H) * ws_hprev;
+    gemm_tn<T>(H, Hs, N, T(1), dxgp + 2 * H, GH, rh.data_ptr<T>(), H, T(0),
+               dw_hh.data_ptr<T>() + 2 * H * Hs, Hs);
+  } else {
+    gemm_tn<T>(GH, Hs, N, T(1), drecp, GH, hsv, Hs, T(0), dw_hh.data_ptr<T>(), Hs);
+  }
+  at::Tensor db_ih = b_ih.defined() ? dxg.sum(0) : at::Tensor();
+  at::Tensor db_hh = b_hh.defined() ? drec.sum(0) : at::Tensor();
+  at::Tensor dw_peep;
+  if (peep) {
+    auto cp = ws_cells.narrow(1, 0, H), cn = ws_cells.narrow(1, H, H);
+    dw_peep = at::stack({(dxg.narrow(1, 0, H) * cp).sum(0), (dxg.narrow(1, H, H) * cp).sum(0),
+                         (dxg.narrow(1, 3 * H, H) * cn).sum(0)});
+  }
+  at::Tensor dw_hr;
+  if (proj) {
+    dw_hr = at::empty({Hs, H}, opts);
+    gemm_tn<T>(Hs, H, N, T(1), dh_all.data_ptr<T>(), Hs, csv + 2 * H, cstride, T(0),
+               dw_hr.data_ptr<T>(), H);
+  }
+  return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr};
+}
+
+// ---------------------------------------------------------------- checks & dtype glue ------
+
+at::Tensor compute_copy(const at::Tensor& t, at::ScalarType ct) {
+  if (!t.defined()) return t;
+  return t.to(ct).contiguous();
+}
+
+at::ScalarType compute_type(at::ScalarType st) {
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+              "seqkern: recurrent kernels support float32, float64 and bfloat16, got ", st);
+  return st == at::kBFloat16 ? at::kFloat : st;
+}
+
+void check_common(Cell cell, const at::Tensor& x, const at::Tensor& batch_sizes,
+                  const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                  const at::Tensor& w_hh, const at::Tensor& w_hr) {
+  TORCH_CHECK(x.device().is_cpu(), "seqkern cpu recurrence: x must be on the CPU, got ",
+              x.device());
+  TORCH_CHECK(x.dim() == 2, "seqkern cpu recurrence: x must be packed (N, input_size), got ",
+              x.sizes());
+  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong &&
+                  batch_sizes.device().is_cpu(),
+              "seqkern cpu recurrence: batch_sizes must be a 1-D int64 CPU tensor");
+  const int64_t G = gate_count(cell);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(1) == x.size(1) && w_ih.size(0) % G == 0,
+              "seqkern cpu recurrence: weight_ih must be (", G, "*hidden_size, ", x.size(1),
+              "), got ", w_ih.sizes());
+  const int64_t H = w_ih.size(0) / G;
+  const int64_t Hs = w_hr.defined() ? w_hr.size(0) : H;
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * H && w_hh.size(1) == Hs,
+              "seqkern cpu recurrence: weight_hh must be (", G * H, ", ", Hs, "), got ",
+              w_hh.sizes());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == Hs,
+              "seqkern cpu recurrence: h0 must be (batch, ", Hs, "), got ", h0.sizes());
+  if (cell == Cell::Lstm) {
+    TORCH_CHECK(c0.defined() && c0.dim() == 2 && c0.size(0) == h0.size(0) && c0.size(1) == H,
+                "seqkern cpu recurrence: c0 must be (", h0.size(0), ", ", H, ")");
+  }
+  TORCH_CHECK(batch_sizes.size(0) == 0 || batch_sizes[0].item<int64_t>() == h0.size(0),
+              "seqkern cpu recurrence: batch_sizes[0] (the batch) must equal h0.size(0) = ",
+              h0.size(0));
+  int64_t total = 0, prev = h0.size(0);
+  auto acc = batch_sizes.accessor<int64_t, 1>();
+  for (int64_t t = 0; t < batch_sizes.size(0); ++t) {
+    TORCH_CHECK(acc[t] >= 1 && acc[t] <= prev,
+                "seqkern cpu recurrence: batch_sizes must be positive, non-increasing and at "
+                "most the batch size");
+    prev = acc[t];
+    total += acc[t];
+  }
+  TORCH_CHECK(total == x.size(0), "seqkern cpu recurrence: batch_sizes sum to ", total,
+              " but x has ", x.size(0), " rows");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> recurrent_forward(
+    const std::string& mode, const at::Tensor& x_, const at::Tensor& batch_sizes,
+    const at::Tensor& h0_, const c10::optional<at::Tensor>& c0_, const at::Tensor& w_ih_,
+    const at::Tensor& w_hh_, const c10::optional<at::Tensor>& b_ih_,
+    const c10::optional<at::Tensor>& b_hh_, const c10::optional<at::Tensor>& w_peep_,
+    const c10::optional<at::Tensor>& w_hr_, bool reverse, bool save) {
+  const Cell cell = parse_cell(mode);
+  check_common(cell, x_, batch_sizes, h0_, opt(c0_), w_ih_, w_hh_, opt(w_hr_));
+  TORCH_CHECK(cell == Cell::Lstm || (!w_peep_.has_value() && !w_hr_.has_value()),
+              "seqkern: peephole and projection weights apply to LSTM only");
+  const auto st = x_.scalar_type();
+  const auto ct = compute_type(st);
+  Layout L(batch_sizes);
+  auto x = compute_copy(x_, ct), h0 = compute_copy(h0_, ct), c0 = compute_copy(opt(c0_), ct);
+  auto w_ih = compute_copy(w_ih_, ct), w_hh = compute_copy(w_hh_, ct);
+  auto b_ih = compute_copy(opt(b_ih_), ct), b_hh = compute_copy(opt(b_hh_), ct);
+  auto w_peep = compute_copy(opt(w_peep_), ct), w_hr = compute_copy(opt(w_hr_), ct);
+
+  const int64_t G = gate_count(cell), H = w_hh.size(0) / G, Hs = h0.size(1);
+  const bool lstm = cell == Cell::Lstm;
+  auto opts = x.options();
+  at::Tensor out = at::empty({L.N, Hs}, opts);
+  at::Tensor h_state = h0.clone();
+  at::Tensor c_state = lstm ? c0.clone() : at::empty({0}, opts);
+  at::Tensor ws_gates = at::empty({save && cell != Cell::RnnTanh && cell != Cell::RnnRelu
+                                       ? L.N : 0,
+                                   cell == Cell::Gru ? 4 * H : G * H}, opts);
+  at::Tensor ws_cells = at::empty({save && lstm ? L.N : 0, w_hr.defined() ? 3 * H : 2 * H}, opts);
+  at::Tensor ws_hprev = at::empty({save ? L.N : 0, Hs}, opts);
+  if (L.N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_forward", [&] {
+      forward_impl<scalar_t>(cell, L, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, reverse,
+                             out, h_state, c_state, ws_gates, ws_cells, ws_hprev, save);
+    });
+  }
+  // h_n rows beyond batch_sizes[0] do not exist: the batch is batch_sizes[0] == h0.size(0).
+  return {out.to(st), h_state.to(st), c_state.to(st), ws_gates, ws_cells, ws_hprev};
+}
+
+std::vector<at::Tensor> recurrent_backward(
+    const std::string& mode, const c10::optional<at::Tensor>& grad_out,
+    const c10::optional<at::Tensor>& grad_hn, const c10::optional<at::Tensor>& grad_cn,
+    const at::Tensor& x_, const at::Tensor& batch_sizes, const at::Tensor& w_ih_,
+    const at::Tensor& w_hh_, const c10::optional<at::Tensor>& b_ih_,
+    const c10::optional<at::Tensor>& b_hh_, const c10::optional<at::Tensor>& w_peep_,
+    const c10::optional<at::Tensor>& w_hr_, const at::Tensor& out, const at::Tensor& ws_gates,
+    const at::Tensor& ws_cells, const at::Tensor& ws_hprev, bool reverse) {
+  const Cell cell = parse_cell(mode);
+  const auto st = x_.scalar_type();
+  const auto ct = compute_type(st);
+  Layout L(batch_sizes);
+  TORCH_CHECK(ws_hprev.size(0) == L.N,
+              "seqkern cpu recurrence backward: the forward did not save activations "
+              "(it ran with save=False)");
+  auto x = compute_copy(x_, ct);
+  auto w_ih = compute_copy(w_ih_, ct), w_hh = compute_copy(w_hh_, ct);
+  auto b_ih = compute_copy(opt(b_ih_), ct), b_hh = compute_copy(opt(b_hh_), ct);
+  auto w_peep = compute_copy(opt(w_peep_), ct), w_hr = compute_copy(opt(w_hr_), ct);
+  auto g_out = compute_copy(opt(grad_out), ct), g_hn = compute_copy(opt(grad_hn), ct);
+  auto g_cn = compute_copy(opt(grad_cn), ct);
+  auto y = compute_copy(out, ct);
+  std::vector<at::Tensor> r;
+  AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_backward", [&] {
+    r = backward_impl<scalar_t>(cell, L, g_out, g_hn, g_cn, x, w_ih, w_hh, b_ih, b_hh, w_peep,
+                                w_hr, y, ws_gates.contiguous(), ws_cells.contiguous(),
+                                ws_hprev.contiguous(), reverse);
+  });
+  // Gradients come back in the dtype of what they differentiate.
+  auto cast = [](const at::Tensor& g, at::ScalarType s) { return g.defined() ? g.to(s) : g; };
+  return {cast(r[0], st), cast(r[1], st), cast(r[2], st), cast(r[3], w_ih_.scalar_type()),
+          cast(r[4], w_hh_.scalar_type()), cast(r[5], st), cast(r[6], st), cast(r[7], st),
+          cast(r[8], st)};
+}
+
+}  // namespace seqkern::cpu

@@ -1,0 +1,32 @@
+#pragma once
+#include "isa.h"
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace seqkern::cpu {
+
+// One layer, one direction, whole sequence. Returns
+// {out (N, Hs), h_n (B, Hs), c_n (B, H) or empty, ws_gates, ws_cells, ws_hprev};
+// the three workspaces are empty unless `save` (training) and are what backward needs.
+std::vector<at::Tensor> recurrent_forward(
+    const std::string& mode, const at::Tensor& x, const at::Tensor& batch_sizes,
+    const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_peep,
+    const c10::optional<at::Tensor>& w_hr, bool reverse, bool save);
+
+// Returns {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr} (undefined where the
+// forward had no such input).
+std::vector<at::Tensor> recurrent_backward(
+    const std::string& mode, const c10::optional<at::Tensor>& grad_out,
+    const c10::optional<at::Tensor>& grad_hn, const c10::optional<at::Tensor>& grad_cn,
+    const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_peep,
+    const c10::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& ws_gates,
+    const at::Tensor& ws_cells, const at::Tensor& ws_hprev, bool reverse);
+
+}  // namespace seqkern::cpu

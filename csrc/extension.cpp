@@ -1,0 +1,27 @@
+// The pybind11 module seqkern._C. Each op family adds its functions in its own
+// register_<family>() so this file stays a table of contents.
+#include "isa.h"
+
+#include <torch/extension.h>
+
+#include "cpu/gemm.h"
+#include "cpu/rnn.h"
+
+namespace seqkern {
+void register_attention(pybind11::module_& m);
+void register_conv(pybind11::module_& m);
+}  // namespace seqkern
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "seqkern C++ CPU kernels";
+  m.def("build_isa", [] { return std::string(SEQKERN_ISA); },
+        "Instruction set the kernels were compiled for (avx512, avx2 or generic)");
+  m.def("required_cpu_flags", [] { return std::string(seqkern::required_cpu_flags()); },
+        "CPU flags (/proc/cpuinfo spelling) this build may use");
+  m.def("blas", [] { return std::string(seqkern::cpu::blas_name()); },
+        "The BLAS the kernels call (mkl, resolved from torch, or aten)");
+  m.def("recurrent_forward", &seqkern::cpu::recurrent_forward);
+  m.def("recurrent_backward", &seqkern::cpu::recurrent_backward);
+  seqkern::register_attention(m);
+  seqkern::register_conv(m);
+}

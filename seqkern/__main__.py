@@ -1,0 +1,5 @@
+import sys
+
+from seqkern.cli import main
+
+sys.exit(main())

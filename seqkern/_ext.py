@@ -1,0 +1,61 @@
+"""Loads the compiled extension ``seqkern._C`` if it is usable on this CPU.
+
+A missing or unusable extension is not an error: the registry then routes every op to the
+reference (or Triton) implementation, and one warning says why.
+"""
+from __future__ import annotations
+
+import platform
+import warnings
+
+_C = None
+load_error: str | None = None
+
+
+def _cpu_flags() -> set[str] | None:
+    if platform.system() != "Linux":
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def cpu_flags() -> set[str]:
+    return _cpu_flags() or set()
+
+
+def _load():
+    global _C, load_error
+    try:
+        from seqkern import _C as ext  # noqa: N811
+    except ImportError as e:  # not built, or built against another torch
+        load_error = f"the C++ extension seqkern._C is not built or failed to import ({e})"
+        return
+    flags = _cpu_flags()
+    if flags is not None:
+        missing = [f for f in ext.required_cpu_flags().split() if f not in flags]
+        if missing:
+            load_error = (
+                f"seqkern._C was compiled for {ext.build_isa()} and uses CPU features this "
+                f"CPU lacks ({', '.join(missing)}); rebuild on this machine "
+                "(pip install --no-build-isolation --force-reinstall .) or set SEQKERN_ISA"
+            )
+            return
+    _C = ext
+
+
+_load()
+_warned = False
+
+
+def warn_fallback_once() -> None:
+    global _warned
+    if load_error is not None and not _warned:
+        _warned = True
+        warnings.warn(f"seqkern: {load_error}; using the reference implementation on the CPU",
+                      RuntimeWarning, stacklevel=3)

@@ -1,0 +1,344 @@
+"""Drop-in recurrent modules: ``RNN``, ``LSTM``, ``GRU`` and the cells.
+
+Constructor signatures, parameter names/shapes, initialisation, return values, ``h0`` handling,
+unbatched input and ``PackedSequence`` input/output match ``torch.nn`` so a state_dict moves
+between the two unchanged. Extras: ``LSTM(peephole=True)`` (``weight_peep_l{k}`` of shape (3, H)),
+``GRU(reset_after=False)`` (Cho et al. 2014), ``lengths=`` with padded input, and ``step()`` for
+streaming. The modules do not subclass ``torch.nn.RNNBase`` on purpose: TorchDynamo graph-breaks
+on every RNNBase, and these must compile with ``fullgraph=True``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from seqkern.ops import rnn as ops
+from seqkern.reference.rnn import gate_count
+
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+class _RecurrentBase(nn.Module):
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, peephole=False, device=None,
+                 dtype=None):
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if proj_size < 0 or (proj_size and proj_size >= hidden_size):
+            raise ValueError(f"proj_size must be in [0, hidden_size={hidden_size}), got {proj_size}")
+        self.mode = mode
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.peephole = bidirectional, proj_size, peephole
+        D = 2 if bidirectional else 1
+        G = gate_count(mode)
+        real_h = proj_size if proj_size > 0 else hidden_size
+        kw = {"device": device, "dtype": dtype}
+        self._names: list[dict] = []
+        for k in range(num_layers):
+            for d in range(D):
+                sfx = f"_l{k}" + ("_reverse" if d == 1 else "")
+                in_size = input_size if k == 0 else real_h * D
+                names = {"w_ih": "weight_ih" + sfx, "w_hh": "weight_hh" + sfx}
+                setattr(self, names["w_ih"], nn.Parameter(torch.empty(G * hidden_size, in_size, **kw)))
+                setattr(self, names["w_hh"], nn.Parameter(torch.empty(G * hidden_size, real_h, **kw)))
+                if bias:
+                    names["b_ih"], names["b_hh"] = "bias_ih" + sfx, "bias_hh" + sfx
+                    setattr(self, names["b_ih"], nn.Parameter(torch.empty(G * hidden_size, **kw)))
+                    setattr(self, names["b_hh"], nn.Parameter(torch.empty(G * hidden_size, **kw)))
+                if proj_size > 0:
+                    names["w_hr"] = "weight_hr" + sfx
+                    setattr(self, names["w_hr"], nn.Parameter(torch.empty(proj_size, hidden_size, **kw)))
+                if peephole:
+                    names["w_peep"] = "weight_peep" + sfx
+                    setattr(self, names["w_peep"], nn.Parameter(torch.empty(3, hidden_size, **kw)))
+                self._names.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for p in self.parameters():
+            nn.init.uniform_(p, -std, std)
+
+    def _weights(self) -> list[dict]:
+        return [{k: getattr(self, v) for k, v in names.items()} for names in self._names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [list(w.values()) for w in self._weights()]
+
+    def flatten_parameters(self) -> None:
+        """Kept for API compatibility with torch.nn; parameters are used in place."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.peephole:
+            s += ", peephole=True"
+        if self.mode == "gru_cho":
+            s += ", reset_after=False"
+        if self.mode == "rnn_relu":
+            s += ", nonlinearity='relu'"
+        return s
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def _state_sizes(self):
+        D = 2 if self.bidirectional else 1
+        hs = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return self.num_layers * D, hs
+
+    def _check_state(self, name, t, B, width, batched, ref):
+        LD, _ = self._state_sizes()
+        expected = (LD, B, width) if batched else (LD, width)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+        if t.dtype != ref.dtype or t.device != ref.device:
+            raise TypeError(f"{name} must match the input's dtype and device ({ref.dtype}, "
+                            f"{ref.device}), got ({t.dtype}, {t.device})")
+
+    def forward(self, input, hx=None, lengths=None):
+        is_lstm = self.mode == "lstm"
+        LD, Hs = self._state_sizes()
+        packed_in = isinstance(input, PackedSequence)
+        sorted_idx = unsorted_idx = None
+        batched = True
+        if packed_in:
+            if lengths is not None:
+                raise ValueError("lengths= cannot be combined with a PackedSequence input")
+            data, batch_sizes, sorted_idx, unsorted_idx = input
+            self._check_input(data, 2, "PackedSequence.data")
+            B = int(batch_sizes[0])
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"input must be 2-D (unbatched: L, {self.input_size}) or 3-D "
+                                 f"(batched), got shape {tuple(input.shape)}")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+            self._check_input(x, 3, "input")
+            T, B = x.shape[0], x.shape[1]
+            if T == 0:
+                raise ValueError("input has zero time steps (T = 0); sequences must have length >= 1")
+            if lengths is not None:
+                lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
+                if lengths.shape != (B,):
+                    raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+                if int(lengths.min()) < 1 or int(lengths.max()) > T:
+                    raise ValueError(f"lengths must lie in [1, T={T}], got min {int(lengths.min())}"
+                                     f" max {int(lengths.max())}")
+                p = pack_padded_sequence(x, lengths, enforce_sorted=False)
+                data, batch_sizes, sorted_idx, unsorted_idx = p
+            else:
+                data = x.contiguous().view(T * B, x.shape[2])
+                batch_sizes = torch.full((T,), B, dtype=torch.int64)
+
+        if hx is None:
+            h0 = data.new_zeros(LD, B, Hs)
+            c0 = data.new_zeros(LD, B, self.hidden_size) if is_lstm else None
+        else:
+            if is_lstm:
+                if not (isinstance(hx, tuple) and len(hx) == 2):
+                    raise TypeError("LSTM expects hx = (h0, c0)")
+                h0, c0 = hx
+                self._check_state("h0", h0, B, Hs, batched, data)
+                self._check_state("c0", c0, B, self.hidden_size, batched, data)
+            else:
+                h0, c0 = hx, None
+                self._check_state("hx", h0, B, Hs, batched, data)
+            if not batched:
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1) if c0 is not None else None
+            if sorted_idx is not None:
+                h0 = h0.index_select(1, sorted_idx)
+                c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
+
+        out, h_n, c_n = ops.recurrence(self.mode, data, batch_sizes, h0, c0, self._weights(),
+                                       self.num_layers, self.bidirectional, self.dropout,
+                                       self.training)
+        if unsorted_idx is not None:
+            h_n = h_n.index_select(1, unsorted_idx)
+            c_n = c_n.index_select(1, unsorted_idx) if c_n is not None else None
+
+        if packed_in:
+            output = PackedSequence(out, batch_sizes, sorted_idx, unsorted_idx)
+        elif lengths is not None:
+            output, _ = pad_packed_sequence(PackedSequence(out, batch_sizes, sorted_idx, unsorted_idx),
+                                            batch_first=self.batch_first, total_length=T)
+        else:
+            output = out.view(T, B, -1)
+            if self.batch_first:
+                output = output.transpose(0, 1)
+            if not batched:
+                output = output.squeeze(1)
+        if not batched:
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        return output, ((h_n, c_n) if is_lstm else h_n)
+
+    def _check_input(self, x, dim, name):
+        if x.dim() != dim or x.shape[-1] != self.input_size:
+            raise ValueError(f"{name} must have input_size={self.input_size} features in its last "
+                             f"dimension, got shape {tuple(x.shape)}")
+        p = getattr(self, self._names[0]["w_ih"])
+        if x.dtype != p.dtype or x.device != p.device:
+            raise TypeError(f"{name} has dtype/device ({x.dtype}, {x.device}) but the module's "
+                            f"parameters are ({p.dtype}, {p.device})")
+
+    def step(self, x_t: Tensor, state=None):
+        """Streaming: advance every layer by one time step. x_t is (B, input_size) (or
+        (input_size,)); returns (y_t, new_state) with the state in forward()'s hx format, so
+        calling step() T times equals forward() on the whole sequence."""
+        if self.bidirectional:
+            raise RuntimeError("step() needs a unidirectional module: a bidirectional layer's "
+                               "reverse direction depends on the future")
+        if x_t.dim() not in (1, 2):
+            raise ValueError(f"x_t must be (batch, {self.input_size}) or ({self.input_size},), "
+                             f"got {tuple(x_t.shape)}")
+        seq = x_t.unsqueeze(1) if self.batch_first and x_t.dim() == 2 else x_t.unsqueeze(0)
+        y, state = self.forward(seq, state)
+        return (y.squeeze(1) if self.batch_first and x_t.dim() == 2 else y.squeeze(0)), state
+
+
+class RNN(_RecurrentBase):
+    """Elman RNN, drop-in for torch.nn.RNN."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, device=device, dtype=dtype)
+
+
+class LSTM(_RecurrentBase):
+    """LSTM, drop-in for torch.nn.LSTM; ``peephole=True`` adds Gers–Schmidhuber peepholes."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
+                 peephole=False):
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, peephole, device, dtype)
+
+
+class GRU(_RecurrentBase):
+    """GRU, drop-in for torch.nn.GRU; ``reset_after=False`` is the Cho et al. 2014 variant."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, reset_after=True):
+        self.reset_after = reset_after
+        super().__init__("gru" if reset_after else "gru_cho", input_size, hidden_size, num_layers,
+                         bias, batch_first, dropout, bidirectional, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- cells -------------------
+
+class _CellBase(nn.Module):
+    def __init__(self, mode, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.mode, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
+        G = gate_count(mode)
+        kw = {"device": device, "dtype": dtype}
+        self.weight_ih = nn.Parameter(torch.empty(G * hidden_size, input_size, **kw))
+        self.weight_hh = nn.Parameter(torch.empty(G * hidden_size, hidden_size, **kw))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(G * hidden_size, **kw))
+            self.bias_hh = nn.Parameter(torch.empty(G * hidden_size, **kw))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        std = 1.0 / math.sqrt(hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -std, std)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+
+    def _run(self, x, h, c):
+        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ValueError(f"input must be (batch, {self.input_size}) or ({self.input_size},), "
+                             f"got {tuple(x.shape)}")
+        batched = x.dim() == 2
+        xb = x if batched else x.unsqueeze(0)
+        B = xb.shape[0]
+        if h is None:
+            h = xb.new_zeros(B, self.hidden_size)
+            c = xb.new_zeros(B, self.hidden_size) if self.mode == "lstm" else None
+        else:
+            for name, t in (("hx", h), ("cx", c)):
+                if t is None:
+                    continue
+                exp = (B, self.hidden_size) if batched else (self.hidden_size,)
+                if tuple(t.shape) != exp:
+                    raise ValueError(f"{name} must have shape {exp}, got {tuple(t.shape)}")
+                if t.dtype != x.dtype or t.device != x.device:
+                    raise TypeError(f"{name} must match the input's dtype and device")
+            if not batched:
+                h = h.unsqueeze(0)
+                c = c.unsqueeze(0) if c is not None else None
+        w = {"w_ih": self.weight_ih, "w_hh": self.weight_hh}
+        if self.bias:
+            w["b_ih"], w["b_hh"] = self.bias_ih, self.bias_hh
+        _, h_n, c_n = ops.recurrent_layer(self.mode, xb, torch.full((1,), B, dtype=torch.int64),
+                                          h, c, w)
+        if not batched:
+            h_n = h_n.squeeze(0)
+            c_n = c_n.squeeze(0) if c_n is not None else None
+        return h_n, c_n
+
+
+class RNNCell(_CellBase):
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
+                 dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input, hx=None):
+        return self._run(input, hx, None)[0]
+
+
+class LSTMCell(_CellBase):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__("lstm", input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input, hx=None):
+        h, c = (None, None) if hx is None else hx
+        return self._run(input, h, c)
+
+
+class GRUCell(_CellBase):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None,
+                 reset_after=True):
+        self.reset_after = reset_after
+        super().__init__("gru" if reset_after else "gru_cho", input_size, hidden_size, bias,
+                         device, dtype)
+
+    def forward(self, input, hx=None):
+        return self._run(input, hx, None)[0]

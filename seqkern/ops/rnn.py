@@ -1,0 +1,235 @@
+"""Recurrent ops: the torch.library custom ops for one recurrent layer, and the multi-layer,
+bidirectional, variable-length driver that modules call.
+
+Sequences travel in packed layout (``PackedSequence.data`` with its ``batch_sizes``); a
+time-major padded batch with equal lengths is the same memory with ``batch_sizes = [B] * T``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from seqkern import _ext, registry
+from seqkern.reference import rnn as ref
+
+__all__ = ["recurrent_layer", "recurrence", "MODES"]
+
+MODES = ref.MODES
+_WEIGHT_KEYS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+# ---------------------------------------------------------------- custom ops (C++ CPU) -----
+
+@torch.library.custom_op("seqkern::recurrent_layer", mutates_args=(), device_types="cpu")
+def _recurrent_layer_op(
+    mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor,
+    w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_peep: Optional[Tensor],
+    w_hr: Optional[Tensor], reverse: bool, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, h_n, c_n, ws_gates, ws_cells, ws_hprev); the ws_* are what backward needs
+    (empty unless save)."""
+    return tuple(_ext._C.recurrent_forward(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                           w_peep, w_hr, reverse, save))
+
+
+@_recurrent_layer_op.register_fake
+def _(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, reverse, save):
+    G = ref.gate_count(mode)
+    H = w_hh.shape[0] // G
+    N, B, Hs = x.shape[0], h0.shape[0], h0.shape[1]
+    ct = _compute_dtype(x.dtype)
+    lstm = mode == "lstm"
+    gates_rows = N if save and G > 1 else 0
+    gates_cols = 4 * H if mode == "gru" else G * H
+    return (
+        x.new_empty((N, Hs)),
+        x.new_empty((B, Hs)),
+        x.new_empty((B, H) if lstm else (0,)),
+        x.new_empty((gates_rows, gates_cols), dtype=ct),
+        x.new_empty((N if save and lstm else 0, 3 * H if w_hr is not None else 2 * H), dtype=ct),
+        x.new_empty((N if save else 0, Hs), dtype=ct),
+    )
+
+
+@torch.library.custom_op("seqkern::recurrent_layer_backward", mutates_args=(), device_types="cpu")
+def _recurrent_layer_backward_op(
+    mode: str, grad_out: Optional[Tensor], grad_hn: Optional[Tensor], grad_cn: Optional[Tensor],
+    x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor], w_peep: Optional[Tensor], w_hr: Optional[Tensor], out: Tensor,
+    ws_gates: Tensor, ws_cells: Tensor, ws_hprev: Tensor, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr); absent ones empty."""
+    res = _ext._C.recurrent_backward(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh,
+                                     b_ih, b_hh, w_peep, w_hr, out, ws_gates, ws_cells, ws_hprev,
+                                     reverse)
+    return tuple(r if r is not None else x.new_empty((0,)) for r in res)
+
+
+@_recurrent_layer_backward_op.register_fake
+def _(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr,
+      out, ws_gates, ws_cells, ws_hprev, reverse):
+    G = ref.gate_count(mode)
+    H = w_hh.shape[0] // G
+    B = grad_hn.shape[0] if grad_hn is not None else None
+    Hs = ws_hprev.shape[1]
+    if B is None:
+        raise RuntimeError("seqkern: recurrent_layer_backward needs grad_hn (zeros if unused)")
+
+    def like(t, shape):
+        return x.new_empty(shape if t is not None else (0,), dtype=(t.dtype if t is not None else x.dtype))
+
+    return (
+        x.new_empty(x.shape),
+        x.new_empty((B, Hs)),
+        x.new_empty((B, H) if mode == "lstm" else (0,)),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        like(b_ih, (G * H,)),
+        like(b_hh, (G * H,)),
+        like(w_peep, (3, H)),
+        like(w_hr, (Hs, H)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, reverse, save = inputs
+    out, _, _, ws_gates, ws_cells, ws_hprev = output
+    ctx.mode, ctx.reverse, ctx.saved = mode, reverse, save
+    ctx.has_c0 = c0 is not None
+    ctx.save_for_backward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, out,
+                          ws_gates, ws_cells, ws_hprev)
+
+
+def _backward(ctx, g_out, g_hn, g_cn, *_unused):
+    if not ctx.saved:
+        raise RuntimeError("seqkern.recurrent_layer: the forward ran without saving activations "
+                           "(save=False), so it cannot be differentiated")
+    if torch.is_grad_enabled():
+        raise RuntimeError("seqkern.recurrent_layer: double backward is not supported")
+    (x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, out, ws_gates, ws_cells,
+     ws_hprev) = ctx.saved_tensors
+    if g_hn is None:
+        g_hn = torch.zeros_like(h0)
+    if g_cn is not None and g_cn.numel() == 0:
+        g_cn = None
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr = _recurrent_layer_backward_op(
+        ctx.mode, g_out, g_hn, g_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, out,
+        ws_gates, ws_cells, ws_hprev, ctx.reverse)
+    return (None, dx, None, dh0, dc0 if ctx.has_c0 else None, dw_ih, dw_hh,
+            db_ih if b_ih is not None else None, db_hh if b_hh is not None else None,
+            dw_peep if w_peep is not None else None, dw_hr if w_hr is not None else None,
+            None, None)
+
+
+_recurrent_layer_op.register_autograd(_backward, setup_context=_setup_context)
+
+if _ext._C is not None:
+    registry.register("rnn", "cpu")
+
+
+# ---------------------------------------------------------------- packing helpers ----------
+
+def lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
+    B = int(batch_sizes[0])
+    return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)
+
+
+def _to_padded(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes),
+                                          total_length=len(batch_sizes))
+    return padded, lengths
+
+
+def _reference_layer(mode, x, batch_sizes, h0, c0, w, reverse):
+    padded, lengths = _to_padded(x, batch_sizes)
+    uniform = bool((batch_sizes == batch_sizes[0]).all())
+    out, h, c = ref.layer(mode, padded, h0, c0, w["w_ih"], w["w_hh"], w.get("b_ih"), w.get("b_hh"),
+                          w.get("w_peep"), w.get("w_hr"), reverse=reverse,
+                          lengths=None if uniform else lengths.to(x.device))
+    return pack_padded_sequence(out, lengths, enforce_sorted=True).data, h, c
+
+
+# ---------------------------------------------------------------- public API ---------------
+
+def _check_layer(mode, x, batch_sizes, h0, c0, w):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    G = ref.gate_count(mode)
+    w_ih, w_hh = w["w_ih"], w["w_hh"]
+    if x.dim() != 2:
+        raise ValueError(f"x must be packed (N, input_size), got shape {tuple(x.shape)}")
+    if w_ih.dim() != 2 or w_ih.shape[1] != x.shape[1] or w_ih.shape[0] % G:
+        raise ValueError(f"w_ih must be ({G}*hidden_size, {x.shape[1]}), got {tuple(w_ih.shape)}")
+    H = w_ih.shape[0] // G
+    Hs = w["w_hr"].shape[0] if w.get("w_hr") is not None else H
+    if tuple(w_hh.shape) != (G * H, Hs):
+        raise ValueError(f"w_hh must be ({G * H}, {Hs}), got {tuple(w_hh.shape)}")
+    # The batch size is h0's: reading batch_sizes[0] here would be data-dependent under
+    # torch.compile; the kernel checks batch_sizes[0] == h0.shape[0].
+    if h0.dim() != 2 or h0.shape[1] != Hs:
+        raise ValueError(f"h0 must be (batch, {Hs}), got {tuple(h0.shape)}")
+    B = h0.shape[0]
+    if mode == "lstm" and (c0 is None or tuple(c0.shape) != (B, H)):
+        raise ValueError(f"c0 must be ({B}, {H}), got {None if c0 is None else tuple(c0.shape)}")
+    for name, t in [("h0", h0), ("c0", c0)] + [(k, w.get(k)) for k in _WEIGHT_KEYS]:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), "
+                            f"got ({t.dtype}, {t.device})")
+
+
+def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
+                    weights: dict, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer, one direction over a packed sequence.
+
+    ``weights`` has w_ih, w_hh and optionally b_ih, b_hh, w_peep (3, H; LSTM), w_hr (P, H; LSTM).
+    Returns (out (N, Hs), h_n (B, Hs), c_n (B, H) or None).
+    """
+    _check_layer(mode, x, batch_sizes, h0, c0, weights)
+    backend = registry.select("rnn", x.device)
+    if backend == "reference":
+        return _reference_layer(mode, x, batch_sizes, h0, c0, weights, reverse)
+    if backend == "triton":
+        from seqkern.triton import rnn as triton_rnn
+
+        return triton_rnn.recurrent_layer(mode, x, batch_sizes, h0, c0, weights, reverse)
+    args = [weights.get(k) for k in _WEIGHT_KEYS]
+    tensors = [x, h0, c0] + args
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, h_n, c_n, *_ = _recurrent_layer_op(mode, x, batch_sizes, h0, c0, *args, reverse, save)
+    return out, h_n, (c_n if mode == "lstm" else None)
+
+
+def recurrence(mode: str, data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
+               weights: Sequence[dict], num_layers: int = 1, bidirectional: bool = False,
+               dropout: float = 0.0, training: bool = False):
+    """Stacked, optionally bidirectional recurrence over a packed sequence.
+
+    weights[layer * D + direction] are per-layer dicts as in ``recurrent_layer``; h0 is
+    (num_layers * D, B, Hs). Returns (out (N, D * Hs), h_n, c_n or None), h_n layer-major.
+    """
+    D = 2 if bidirectional else 1
+    if len(weights) != num_layers * D:
+        raise ValueError(f"expected {num_layers * D} weight sets, got {len(weights)}")
+    hs, cs = [], []
+    inp = data
+    for k in range(num_layers):
+        outs = []
+        for d in range(D):
+            idx = k * D + d
+            out, h, c = recurrent_layer(mode, inp, batch_sizes, h0[idx],
+                                        None if c0 is None else c0[idx], weights[idx],
+                                        reverse=(d == 1))
+            outs.append(out)
+            hs.append(h)
+            cs.append(c)
+        inp = outs[0] if D == 1 else torch.cat(outs, dim=1)
+        if dropout > 0 and training and k < num_layers - 1:
+            inp = torch.nn.functional.dropout(inp, dropout, training=True)
+    return inp, torch.stack(hs), (torch.stack(cs) if mode == "lstm" else None)

@@ -1,0 +1,136 @@
+"""The one place that decides which backend runs an op.
+
+Backends:
+  ``cpu``        the C++ kernels in ``seqkern._C`` (CPU tensors);
+  ``triton``     the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+  ``reference``  the plain PyTorch models in ``seqkern.reference`` (any device).
+
+Choice, first match wins: the innermost ``use_backend(name)`` context, the ``SEQKERN_BACKEND``
+environment variable, then automatic (CUDA tensors → triton, CPU tensors → cpu; reference when
+the preferred backend is unavailable or does not implement the op family).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("cpu", "triton", "reference")
+FAMILIES = ("rnn", "attention", "conv")
+
+# family -> backends that implement it; each ops module registers itself on import.
+_implemented: dict[str, set[str]] = {f: {"reference"} for f in FAMILIES}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("seqkern_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that cannot run here."""
+
+
+def register(family: str, backend: str) -> None:
+    if family not in _implemented or backend not in BACKENDS:
+        raise ValueError(f"unknown family/backend {family!r}/{backend!r}")
+    _implemented[family].add(backend)
+
+
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed (pip install 'seqkern[gpu]')"
+    if torch.cuda.is_available():
+        return True, "CUDA device present"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "TRITON_INTERPRET=1: Triton programs run on CPU tensors"
+    return False, "no CUDA device, and TRITON_INTERPRET=1 is not set"
+
+
+def availability(backend: str) -> tuple[bool, str]:
+    """(available, reason) for a backend on this machine."""
+    if backend == "reference":
+        return True, "plain PyTorch"
+    if backend == "cpu":
+        from seqkern import _ext
+
+        if _ext._C is None:
+            return False, _ext.load_error or "extension not loaded"
+        return True, f"C++ extension built for {_ext._C.build_isa()}"
+    if backend == "triton":
+        return _triton_status()
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every op inside the block on backend ``name``; raises if it cannot run here."""
+    _check_name(name, "use_backend")
+    ok, why = availability(name)
+    if not ok:
+        raise BackendUnavailableError(f"seqkern backend {name!r} is not available: {why}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def requested() -> str | None:
+    """The backend forced by use_backend() or SEQKERN_BACKEND, if any."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get("SEQKERN_BACKEND", "").strip()
+    if env and env != "auto":
+        return _check_name(env, "SEQKERN_BACKEND")
+    return None
+
+
+@torch.compiler.assume_constant_result
+def select(family: str, device: torch.device | str) -> str:
+    """The backend that runs `family` for tensors on `device`.
+
+    Under torch.compile the choice is made once, at trace time, and baked into the graph."""
+    device = torch.device(device)
+    forced = requested()
+    if forced is not None:
+        ok, why = availability(forced)
+        if not ok:
+            raise BackendUnavailableError(f"seqkern backend {forced!r} is not available: {why}")
+        if forced not in _implemented[family]:
+            raise BackendUnavailableError(
+                f"seqkern backend {forced!r} does not implement the {family} ops yet")
+        if forced == "cpu" and device.type != "cpu":
+            raise BackendUnavailableError(f"seqkern backend 'cpu' cannot run {device} tensors")
+        return forced
+    preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
+    if preferred is not None and preferred in _implemented[family] and availability(preferred)[0]:
+        return preferred
+    if preferred == "cpu":
+        from seqkern import _ext
+
+        _ext.warn_fallback_once()
+    return "reference"
+
+
+def table() -> dict[str, str]:
+    """family -> backend chosen for CPU tensors right now (for `seqkern info`)."""
+    out = {}
+    for fam in FAMILIES:
+        try:
+            out[fam] = select(fam, "cpu")
+        except BackendUnavailableError as e:
+            out[fam] = f"error: {e}"
+    return out
+
+
+def implemented(family: str) -> set[str]:
+    return set(_implemented[family])

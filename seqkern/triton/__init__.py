@@ -1,0 +1,1 @@
+"""Triton kernels (GPU; CPU tensors under TRITON_INTERPRET=1). See issue 6."""

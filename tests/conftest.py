@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+
+import seqkern
+
+
+def pytest_report_header(config):
+    from seqkern import _ext, registry
+
+    return [f"seqkern {seqkern.__version__}, torch {torch.__version__}, "
+            f"extension: {'built for ' + _ext._C.build_isa() if _ext._C else _ext.load_error}",
+            f"backends: {registry.table()}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+requires_cpu_ext = pytest.mark.skipif(
+    not seqkern.availability("cpu")[0], reason="C++ extension not built")

@@ -1,0 +1,95 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import seqkern
+from seqkern import registry
+
+
+def test_version():
+    assert isinstance(seqkern.__version__, str) and seqkern.__version__.count(".") == 2
+
+
+def test_auto_selects_cpu_when_built():
+    expected = "cpu" if seqkern.availability("cpu")[0] else "reference"
+    assert registry.select("rnn", "cpu") == expected
+
+
+def test_use_backend_overrides_and_restores():
+    before = registry.select("rnn", "cpu")
+    with seqkern.use_backend("reference"):
+        assert registry.select("rnn", "cpu") == "reference"
+    assert registry.select("rnn", "cpu") == before
+
+
+def test_env_variable(monkeypatch):
+    monkeypatch.setenv("SEQKERN_BACKEND", "reference")
+    assert registry.select("attention", "cpu") == "reference"
+    monkeypatch.setenv("SEQKERN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="SEQKERN_BACKEND: unknown backend 'nonsense'"):
+        registry.select("rnn", "cpu")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        with seqkern.use_backend("gpu"):
+            pass
+
+
+def test_unavailable_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device makes triton available")
+    with pytest.raises(registry.BackendUnavailableError, match="triton"):
+        with seqkern.use_backend("triton"):
+            pass
+
+
+def test_missing_extension_falls_back_with_one_warning(tmp_path):
+    # A fresh interpreter where importing seqkern._C fails: import still works, ops run on the
+    # reference, and exactly one warning is emitted however many ops run.
+    code = r"""
+import sys, warnings, builtins
+real_import = builtins.__import__
+def fake_import(name, globals=None, locals=None, fromlist=(), level=0):
+    if name == "seqkern" and fromlist and "_C" in fromlist:
+        raise ImportError("simulated: extension not built")
+    return real_import(name, globals, locals, fromlist, level)
+builtins.__import__ = fake_import
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import torch, seqkern
+    m = seqkern.nn.GRU(3, 4)
+    for _ in range(3):
+        m(torch.randn(5, 2, 3))
+    msgs = [str(x.message) for x in w if "seqkern" in str(x.message)]
+print(seqkern.registry.select("rnn", "cpu"), len(msgs), msgs[0] if msgs else "")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    backend, count, msg = out.stdout.strip().split(" ", 2)
+    assert backend == "reference" and count == "1" and "simulated" in msg
+
+
+def test_cli_info_and_bench_help():
+    out = subprocess.run([sys.executable, "-m", "seqkern", "info"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "seqkern " + seqkern.__version__ in out.stdout and "AVX-512=" in out.stdout
+    assert "rnn" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "seqkern", "bench", "--ops", "nosuch"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "unknown suite" in out.stderr
+
+
+def test_bench_runs_one_small_case(tmp_path):
+    from seqkern.bench import harness, rnn
+
+    case = [c for c in rnn.cases(full=False) if c.suite == "gru"][0]
+    rows = harness.run([case], full=False)
+    assert rows[0]["seqkern_ms"] > 0 and rows[0]["torch_ms"] > 0 and rows[0]["speedup"] > 0
+    assert "gru" in harness.table(rows)

@@ -1,0 +1,211 @@
+"""The C++ recurrent kernels (one layer, one direction) against the reference: outputs, final
+states, every gradient; gradcheck in float64; opcheck of the custom ops; dtypes; bad input."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import seqkern
+from seqkern.ops import rnn as ops
+from seqkern.reference import rnn as ref
+
+from conftest import requires_cpu_ext
+
+pytestmark = requires_cpu_ext
+
+VARIANTS = [("rnn_tanh", {}), ("rnn_relu", {}), ("lstm", {}), ("lstm", {"peep": True}),
+            ("lstm", {"proj": True}), ("lstm", {"peep": True, "proj": True}), ("gru", {}),
+            ("gru_cho", {})]
+VIDS = ["rnn_tanh", "rnn_relu", "lstm", "lstm_peephole", "lstm_proj", "lstm_peep_proj", "gru",
+        "gru_cho"]
+
+
+def make_case(mode, B, I, H, lengths, dtype, peep=False, proj=False, bias=True, scale=0.5):
+    G = ref.gate_count(mode)
+    P = max(1, H // 2) if proj else H
+    w = {"w_ih": torch.randn(G * H, I, dtype=dtype) * scale,
+         "w_hh": torch.randn(G * H, P, dtype=dtype) * scale}
+    if bias:
+        w["b_ih"] = torch.randn(G * H, dtype=dtype) * scale
+        w["b_hh"] = torch.randn(G * H, dtype=dtype) * scale
+    if peep:
+        w["w_peep"] = torch.randn(3, H, dtype=dtype) * scale
+    if proj:
+        w["w_hr"] = torch.randn(P, H, dtype=dtype) * scale
+    T = int(max(lengths))
+    x = torch.randn(T, B, I, dtype=dtype)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=True)
+    h0 = torch.randn(B, P, dtype=dtype)
+    c0 = torch.randn(B, H, dtype=dtype) if mode == "lstm" else None
+    return packed.data, packed.batch_sizes, h0, c0, w
+
+
+def run_both(mode, x, bs, h0, c0, w, reverse):
+    """(outputs, grads) from the cpu kernel and from the reference, same upstream gradients."""
+    leaves = [x, h0] + ([c0] if c0 is not None else []) + list(w.values())
+    results = []
+    for backend in ("cpu", "reference"):
+        ls = [t.detach().clone().requires_grad_(True) for t in leaves]
+        xx, hh = ls[0], ls[1]
+        cc = ls[2] if c0 is not None else None
+        ww = dict(zip(w.keys(), ls[2 + (c0 is not None):]))
+        with seqkern.use_backend(backend):
+            out, hn, cn = ops.recurrent_layer(mode, xx, bs, hh, cc, ww, reverse)
+        g = torch.Generator().manual_seed(7)
+        loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
+        loss = loss + (hn.double() * torch.randn(hn.shape, generator=g, dtype=torch.float64)).sum()
+        if cn is not None:
+            loss = loss + (cn.double() * torch.randn(cn.shape, generator=g, dtype=torch.float64)).sum()
+        grads = torch.autograd.grad(loss, ls)
+        results.append(([out, hn] + ([cn] if cn is not None else []), list(grads)))
+    return results
+
+
+@pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("B,I,H,lengths", [
+    (1, 1, 1, [1]), (3, 17, 3, [5, 5, 5]), (4, 3, 17, [9, 6, 6, 1]), (2, 64, 129, [4, 2]),
+    (5, 129, 64, [13, 8, 7, 3, 3])])
+def test_kernel_matches_reference_float64(mode, kw, reverse, B, I, H, lengths):
+    x, bs, h0, c0, w = make_case(mode, B, I, H, lengths, torch.float64, **kw)
+    (o1, g1), (o2, g2) = run_both(mode, x, bs, h0, c0, w, reverse)
+    for a, b in zip(o1 + g1, o2 + g2):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
+def test_kernel_float32_within_torch_error(mode, kw):
+    """float32 error against the float64 reference stays within 2x (plus a floor) of the error of
+    the reference itself computed in float32 — i.e. of plain PyTorch in the same dtype."""
+    x, bs, h0, c0, w = make_case(mode, 6, 33, 40, [30, 30, 22, 10, 5, 1], torch.float64, **kw)
+    with seqkern.use_backend("reference"):
+        exact = ops.recurrent_layer(mode, x, bs, h0, c0, w, False)
+        f32 = lambda t: None if t is None else t.float()  # noqa: E731
+        torch32 = ops.recurrent_layer(mode, f32(x), bs, f32(h0), f32(c0),
+                                      {k: f32(v) for k, v in w.items()}, False)
+    with seqkern.use_backend("cpu"):
+        ours = ops.recurrent_layer(mode, f32(x), bs, f32(h0), f32(c0),
+                                   {k: f32(v) for k, v in w.items()}, False)
+    for e, t, o in zip(exact, torch32, ours):
+        if e is None:
+            continue
+        err_t = (t.double() - e).abs().max().item()
+        err_o = (o.double() - e).abs().max().item()
+        assert err_o <= 2 * err_t + 1e-5, (err_o, err_t)
+
+
+@pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
+def test_kernel_bfloat16(mode, kw):
+    x, bs, h0, c0, w = make_case(mode, 4, 24, 20, [12, 9, 9, 2], torch.float64, **kw)
+    bf = lambda t: None if t is None else t.bfloat16()  # noqa: E731
+    with seqkern.use_backend("reference"):
+        exact = ops.recurrent_layer(mode, x, bs, h0, c0, w, False)
+        ref_bf = ops.recurrent_layer(mode, bf(x), bs, bf(h0), bf(c0),
+                                     {k: bf(v) for k, v in w.items()}, False)
+    xb = bf(x).requires_grad_(True)
+    ours = ops.recurrent_layer(mode, xb, bs, bf(h0), bf(c0), {k: bf(v) for k, v in w.items()},
+                               False)
+    assert ours[0].dtype == torch.bfloat16
+    for e, t, o in zip(exact, ref_bf, ours):
+        if e is None:
+            continue
+        err_t = (t.double() - e).abs().max().item()
+        err_o = (o.double() - e).abs().max().item()
+        assert err_o <= 2 * err_t + 1e-2, (err_o, err_t)
+    ours[0].float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
+
+
+@pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_float64(mode, kw, reverse):
+    x, bs, h0, c0, w = make_case(mode, 3, 4, 5, [4, 3, 1], torch.float64, **kw)
+    keys = list(w.keys())
+    inputs = [x, h0] + ([c0] if c0 is not None else []) + [w[k] for k in keys]
+    inputs = [t.requires_grad_(True) for t in inputs]
+
+    def f(*args):
+        xx, hh = args[0], args[1]
+        cc = args[2] if c0 is not None else None
+        ww = dict(zip(keys, args[2 + (c0 is not None):]))
+        out, hn, cn = ops.recurrent_layer(mode, xx, bs, hh, cc, ww, reverse)
+        return (out, hn) + ((cn,) if cn is not None else ())
+
+    with seqkern.use_backend("cpu"):
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
+def test_opcheck(mode, kw):
+    x, bs, h0, c0, w = make_case(mode, 3, 5, 6, [4, 4, 2], torch.float32, **kw)
+    args = [w.get(k) for k in ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr")]
+    # inference form (save=False) on plain tensors, training form on leaves that need grad
+    torch.library.opcheck(ops._recurrent_layer_op, (mode, x, bs, h0, c0, *args, False, False))
+    for t in [x, h0, c0] + args:
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(ops._recurrent_layer_op, (mode, x, bs, h0, c0, *args, True, True))
+
+
+def test_non_contiguous_inputs():
+    x, bs, h0, c0, w = make_case("lstm", 4, 10, 8, [6, 6, 6, 6], torch.float64)
+    xt = torch.randn(24, 20, dtype=torch.float64)[:, ::2]  # strided view
+    w_nc = {k: (v.t().contiguous().t() if v.dim() == 2 else v) for k, v in w.items()}
+    h0_nc = torch.randn(8, 4, dtype=torch.float64).t()
+    (o1, g1), (o2, g2) = run_both("lstm", xt, bs, h0_nc, c0, w_nc, False)
+    for a, b in zip(o1 + g1, o2 + g2):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+def test_double_backward_raises():
+    x, bs, h0, c0, w = make_case("gru", 2, 3, 4, [3, 2], torch.float64)
+    x.requires_grad_(True)
+    out, _, _ = ops.recurrent_layer("gru", x, bs, h0, c0, w)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(out.sum(), x)  # first-order gradients still work
+    assert torch.isfinite(g).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(mode=st.sampled_from(ref.MODES), B=st.integers(1, 6), I=st.integers(1, 20),
+       H=st.integers(1, 20), T=st.integers(1, 12), reverse=st.booleans(), data=st.data())
+def test_random_shapes_property(mode, B, I, H, T, reverse, data):
+    lengths = sorted(data.draw(st.lists(st.integers(1, T), min_size=B, max_size=B)), reverse=True)
+    x, bs, h0, c0, w = make_case(mode, B, I, H, lengths, torch.float64)
+    (o1, g1), (o2, g2) = run_both(mode, x, bs, h0, c0, w, reverse)
+    for a, b in zip(o1 + g1, o2 + g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x, self.bs, self.h0, self.c0, self.w = make_case("lstm", 3, 5, 6, [4, 4, 2],
+                                                              torch.float32)
+
+    def test_wrong_rank(self):
+        with pytest.raises(ValueError, match="x must be packed"):
+            ops.recurrent_layer("lstm", self.x[None], self.bs, self.h0, self.c0, self.w)
+
+    def test_wrong_feature_size(self):
+        with pytest.raises(ValueError, match=r"w_ih must be \(4\*hidden_size, 7\)"):
+            ops.recurrent_layer("lstm", torch.randn(10, 7), self.bs, self.h0, self.c0, self.w)
+
+    def test_wrong_h0(self):
+        with pytest.raises(ValueError, match=r"c0 must be \(2, 6\)"):
+            ops.recurrent_layer("lstm", self.x, self.bs, self.h0[:2], self.c0, self.w)
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="h0 must have x's dtype"):
+            ops.recurrent_layer("lstm", self.x, self.bs, self.h0.double(), self.c0, self.w)
+
+    def test_unknown_mode(self):
+        with pytest.raises(ValueError, match="mode must be one of"):
+            ops.recurrent_layer("lstmx", self.x, self.bs, self.h0, self.c0, self.w)
+
+    def test_cpp_checks_batch_sizes(self):
+        bad = torch.tensor([3, 2, 3, 2])  # increases at t = 2
+        with pytest.raises(RuntimeError, match="non-increasing"):
+            seqkern._ext._C.recurrent_forward("lstm", self.x, bad, self.h0, self.c0,
+                                              self.w["w_ih"], self.w["w_hh"], None, None, None,
+                                              None, False, False)

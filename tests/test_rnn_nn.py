@@ -1,0 +1,234 @@
+"""seqkern.nn recurrent modules as drop-ins for torch.nn: same parameters, outputs, states and
+gradients across configurations; PackedSequence and lengths=; cells; step(); torch.compile."""
+import itertools
+import random
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import seqkern
+import seqkern.nn as snn
+
+PAIRS = {"lstm": (torch.nn.LSTM, snn.LSTM), "gru": (torch.nn.GRU, snn.GRU),
+         "rnn": (torch.nn.RNN, snn.RNN)}
+
+
+def make_pair(kind, I, H, dtype=torch.float64, **kw):
+    tcls, scls = PAIRS[kind]
+    t = tcls(I, H, **kw).to(dtype)
+    s = scls(I, H, **kw).to(dtype)
+    s.load_state_dict(t.state_dict())
+    return t, s
+
+
+def _flat(o):
+    if isinstance(o, torch.nn.utils.rnn.PackedSequence):
+        return [o.data]
+    if isinstance(o, (tuple, list)):
+        return [y for x in o for y in _flat(x)]
+    return [o]
+
+
+CONFIGS = list(itertools.product(["lstm", "gru", "rnn"], [1, 2, 3], [False, True], [False, True]))
+random.Random(0).shuffle(CONFIGS)
+
+
+@pytest.mark.parametrize("kind,layers,bidir,batch_first", CONFIGS[:24])
+def test_module_matches_torch(kind, layers, bidir, batch_first):
+    rng = random.Random(hash((kind, layers, bidir, batch_first)) & 0xFFFF)
+    B, I, H = rng.choice([1, 3, 17]), rng.choice([1, 3, 17, 64]), rng.choice([1, 3, 17, 64])
+    T = rng.choice([1, 2, 7, 40])
+    kw = dict(num_layers=layers, bidirectional=bidir, batch_first=batch_first, dropout=0.3)
+    if kind == "lstm" and H > 1 and rng.random() < 0.5:
+        kw["proj_size"] = max(1, H // 3)
+    if kind == "rnn":
+        kw["nonlinearity"] = rng.choice(["tanh", "relu"])
+    t, s = make_pair(kind, I, H, **kw)
+    t.eval(), s.eval()  # dropout off in eval, as in torch
+    shape = (B, T, I) if batch_first else (T, B, I)
+    x1 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    D = 2 if bidir else 1
+    Hs = kw.get("proj_size", 0) or H
+    h0 = torch.randn(layers * D, B, Hs, dtype=torch.float64)
+    hx = (h0, torch.randn(layers * D, B, H, dtype=torch.float64)) if kind == "lstm" else h0
+    o1, o2 = t(x1, hx), s(x2, hx)
+    for a, b in zip(_flat(o1), _flat(o2)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    g = [torch.randn_like(a) for a in _flat(o1)]
+    sum((a * w).sum() for a, w in zip(_flat(o1), g)).backward()
+    sum((a * w).sum() for a, w in zip(_flat(o2), g)).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-10, rtol=1e-8)
+    for (n1, p1), (n2, p2) in zip(t.named_parameters(), s.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-9, rtol=1e-8, msg=n1)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bidir", [False, True])
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_packed_sequence_matches_torch(kind, bidir, enforce_sorted):
+    t, s = make_pair(kind, 5, 7, num_layers=2, bidirectional=bidir)
+    lengths = torch.tensor([9, 7, 7, 3, 1]) if enforce_sorted else torch.tensor([3, 9, 1, 7, 7])
+    x = torch.randn(9, 5, 5, dtype=torch.float64)
+    p = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    p1 = torch.nn.utils.rnn.PackedSequence(p.data.clone().requires_grad_(True), p.batch_sizes,
+                                           p.sorted_indices, p.unsorted_indices)
+    p2 = torch.nn.utils.rnn.PackedSequence(p.data.clone().requires_grad_(True), p.batch_sizes,
+                                           p.sorted_indices, p.unsorted_indices)
+    o1, o2 = t(p1), s(p2)
+    assert isinstance(o2[0], torch.nn.utils.rnn.PackedSequence)
+    for a, b in zip(_flat(o1), _flat(o2)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    sum(a.sum() for a in _flat(o1)).backward()
+    sum(a.sum() for a in _flat(o2)).backward()
+    torch.testing.assert_close(p1.data.grad, p2.data.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_lengths_keyword_equals_packed():
+    t, s = make_pair("gru", 4, 6, batch_first=True, bidirectional=True)
+    x = torch.randn(3, 8, 4, dtype=torch.float64)
+    lengths = torch.tensor([2, 8, 5])
+    y, h = s(x, lengths=lengths)
+    yt, ht = t(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    yt, _ = pad_packed_sequence(yt, batch_first=True, total_length=8)
+    torch.testing.assert_close(y, yt, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(h, ht, atol=1e-10, rtol=1e-8)
+    assert (y[0, 2:] == 0).all()  # padding gives zeros, never leaks into the state
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_unbatched_input(kind):
+    t, s = make_pair(kind, 3, 4, num_layers=2)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for a, b in zip(_flat(t(x)), _flat(s(x))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_state_dict_both_ways(kind):
+    t, s = make_pair(kind, 3, 4, num_layers=2, bidirectional=True, dtype=torch.float32)
+    assert list(t.state_dict()) == list(s.state_dict())
+    t2 = PAIRS[kind][0](3, 4, num_layers=2, bidirectional=True)
+    t2.load_state_dict(s.state_dict())
+    for a, b in zip(t2.parameters(), s.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_float32_training_matches_torch():
+    t, s = make_pair("lstm", 33, 40, dtype=torch.float32, num_layers=2)
+    x = torch.randn(25, 4, 33)
+    y1, _ = t(x)
+    y2, _ = s(x)
+    torch.testing.assert_close(y1, y2, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cells_match_torch(kind):
+    tcls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}[kind]
+    scls = {"lstm": snn.LSTMCell, "gru": snn.GRUCell, "rnn": snn.RNNCell}[kind]
+    t, s = tcls(5, 7).double(), scls(5, 7).double()
+    s.load_state_dict(t.state_dict())
+    x = torch.randn(3, 5, dtype=torch.float64)
+    h = torch.randn(3, 7, dtype=torch.float64)
+    hx = (h, torch.randn(3, 7, dtype=torch.float64)) if kind == "lstm" else h
+    for a, b in zip(_flat(t(x, hx)), _flat(s(x, hx))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    for a, b in zip(_flat(t(x[0])), _flat(s(x[0]))):  # unbatched, zero state
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("module", [
+    lambda: snn.LSTM(3, 5, num_layers=2, peephole=True), lambda: snn.GRU(3, 5, reset_after=False),
+    lambda: snn.RNN(3, 5, nonlinearity="relu", batch_first=True), lambda: snn.LSTM(3, 5, proj_size=2)])
+def test_step_streaming_equals_forward(module):
+    m = module().double()
+    bf = m.batch_first
+    x = torch.randn(2, 9, 3, dtype=torch.float64) if bf else torch.randn(9, 2, 3, dtype=torch.float64)
+    y, state = m(x)
+    st, ys = None, []
+    for t in range(9):
+        yt, st = m.step(x[:, t] if bf else x[t], st)
+        ys.append(yt)
+    torch.testing.assert_close(torch.stack(ys, 1 if bf else 0), y, atol=1e-12, rtol=1e-10)
+    for a, b in zip(_flat(st), _flat(state)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_peephole_module_uses_reference_semantics():
+    m = snn.LSTM(3, 4, peephole=True).double()
+    assert m.weight_peep_l0.shape == (3, 4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    y, (h, c) = m(x)
+    from seqkern.reference import rnn as ref
+    w = {"w_ih": m.weight_ih_l0, "w_hh": m.weight_hh_l0, "b_ih": m.bias_ih_l0,
+         "b_hh": m.bias_hh_l0, "w_peep": m.weight_peep_l0}
+    r, rh, rc = ref.layer("lstm", x, torch.zeros(2, 4, dtype=torch.float64),
+                          torch.zeros(2, 4, dtype=torch.float64), **w)
+    torch.testing.assert_close(y, r, atol=1e-12, rtol=1e-10)
+
+
+def test_torch_compile_fullgraph():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = snn.LSTM(4, 8, num_layers=2, batch_first=True)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            y, _ = self.rnn(x)
+            return self.head(y[:, -1])
+
+    m = Model()
+    x = torch.randn(2, 6, 4)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-5)
+    compiled(x).sum().backward()
+    assert m.rnn.weight_hh_l0.grad is not None
+
+
+class TestModuleErrors:
+    def test_wrong_rank(self):
+        with pytest.raises(ValueError, match="2-D .* or 3-D"):
+            snn.LSTM(3, 4)(torch.randn(2, 3, 4, 3))
+
+    def test_wrong_feature_size(self):
+        with pytest.raises(ValueError, match="input_size=3"):
+            snn.GRU(3, 4)(torch.randn(5, 2, 7))
+
+    def test_h0_wrong_shape(self):
+        with pytest.raises(ValueError, match=r"hx must have shape \(1, 2, 4\)"):
+            snn.GRU(3, 4)(torch.randn(5, 2, 3), torch.randn(1, 3, 4))
+
+    def test_c0_wrong_shape(self):
+        with pytest.raises(ValueError, match=r"c0 must have shape \(2, 2, 4\)"):
+            snn.LSTM(3, 4, num_layers=2)(torch.randn(5, 2, 3),
+                                          (torch.randn(2, 2, 4), torch.randn(1, 2, 4)))
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="dtype"):
+            snn.LSTM(3, 4)(torch.randn(5, 2, 3, dtype=torch.float64))
+
+    def test_zero_length(self):
+        with pytest.raises(ValueError, match="T = 0"):
+            snn.RNN(3, 4)(torch.randn(0, 2, 3))
+
+    def test_unsorted_lengths_enforce_sorted(self):
+        with pytest.raises(RuntimeError, match="sorted"):
+            pack_padded_sequence(torch.randn(4, 2, 3), torch.tensor([2, 4]), enforce_sorted=True)
+
+    def test_lengths_longer_than_T(self):
+        with pytest.raises(ValueError, match=r"lengths must lie in \[1, T=4\]"):
+            snn.LSTM(3, 4)(torch.randn(4, 2, 3), lengths=torch.tensor([5, 2]))
+
+    def test_bad_constructor(self):
+        with pytest.raises(ValueError, match="nonlinearity"):
+            snn.RNN(3, 4, nonlinearity="sigmoid")
+        with pytest.raises(ValueError, match="proj_size"):
+            snn.LSTM(3, 4, proj_size=4)
+
+    def test_step_bidirectional(self):
+        with pytest.raises(RuntimeError, match="unidirectional"):
+            snn.GRU(3, 4, bidirectional=True).step(torch.randn(2, 3))
