@@ -12,10 +12,24 @@ using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const
                          const double*, const double*, const int*, const double*, const int*,
                          const double*, double*, const int*);
 
+// MKL's CBLAS enums and packed-GEMM entry points (LP64 interface: MKL_INT = int).
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+using spack_size_t = size_t (*)(int, int, int, int);
+using spack_t = void (*)(int, int, int, int, int, int, float, const float*, int, float*);
+using scompute_t = void (*)(int, int, int, int, int, int, const float*, int, const float*, int,
+                            float, float*, int);
+
 struct Blas {
   sgemm_t sgemm = nullptr;
   dgemm_t dgemm = nullptr;
+  spack_size_t spack_size = nullptr;
+  spack_t spack = nullptr;
+  scompute_t scompute = nullptr;
   Blas() {
+    spack_size = reinterpret_cast<spack_size_t>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
+    spack = reinterpret_cast<spack_t>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
+    scompute = reinterpret_cast<scompute_t>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
+    if (!spack_size || !spack || !scompute) spack_size = nullptr, spack = nullptr, scompute = nullptr;
     // Force libtorch_cpu's symbols to be resolved first (it is already loaded by `import torch`).
     sgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
     dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
@@ -106,6 +120,45 @@ template void gemm_tn<float>(int64_t, int64_t, int64_t, float, const float*, int
                              const float*, int64_t, float, float*, int64_t);
 template void gemm_tn<double>(int64_t, int64_t, int64_t, double, const double*, int64_t,
                               const double*, int64_t, double, double*, int64_t);
+
+template <typename T>
+PackedWeight<T>::PackedWeight(const T* W, int64_t ldw, bool w_trans, int64_t N, int64_t K,
+                              int64_t max_m)
+    : W_(W), ldw_(ldw), N_(N), K_(K), w_trans_(w_trans) {
+  if constexpr (std::is_same_v<T, float>) {
+    const auto& b = blas();
+    // Packing pays off only when the weight is used for several products.
+    if (b.spack && max_m > 0 && fits_int(N) && fits_int(K) && fits_int(max_m) && fits_int(ldw) && N > 0 &&
+        K > 0 && max_m > 0) {
+      size_t bytes = b.spack_size(kBMatrix, (int)max_m, (int)N, (int)K);
+      packed_ = static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+      b.spack(kRowMajor, kBMatrix, w_trans ? kTrans : kNoTrans, (int)max_m, (int)N, (int)K, 1.0f,
+              W, (int)ldw, packed_);
+    }
+  }
+}
+
+template <typename T>
+PackedWeight<T>::~PackedWeight() {
+  std::free(packed_);
+}
+
+template <typename T>
+void PackedWeight<T>::multiply(int64_t M, const T* A, int64_t lda, T beta, T* C,
+                               int64_t ldc) const {
+  if (M == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (packed_) {
+      blas().scompute(kRowMajor, kNoTrans, kPacked, (int)M, (int)N_, (int)K_, A, (int)lda,
+                      packed_, (int)ldw_, beta, C, (int)ldc);
+      return;
+    }
+  }
+  dispatch<T>(false, w_trans_, M, N_, K_, T(1), A, lda, W_, ldw_, beta, C, ldc);
+}
+
+template class PackedWeight<float>;
+template class PackedWeight<double>;
 
 const char* blas_name() { return blas().sgemm ? "mkl" : "aten"; }
 

@@ -23,6 +23,27 @@ template <typename T>
 void gemm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
              int64_t ldb, T beta, T* C, int64_t ldc);
 
+// A weight matrix used as the right-hand side of many GEMMs with the same shape (the
+// recurrent matrix, once per time step). With MKL it is packed once into MKL's internal panel
+// layout (cblas_sgemm_pack), so the per-step calls skip re-packing it — the dominant cost of a
+// small-M GEMM. Computes C[M×N] = A[M×K] · op(W) + beta·C, op(W) = Wᵀ (W stored N×K) when
+// w_trans, else W (stored K×N). M may vary between calls up to max_m.
+template <typename T>
+class PackedWeight {
+ public:
+  PackedWeight(const T* W, int64_t ldw, bool w_trans, int64_t N, int64_t K, int64_t max_m);
+  ~PackedWeight();
+  PackedWeight(const PackedWeight&) = delete;
+  PackedWeight& operator=(const PackedWeight&) = delete;
+  void multiply(int64_t M, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
+
+ private:
+  const T* W_;
+  int64_t ldw_, N_, K_;
+  bool w_trans_;
+  T* packed_ = nullptr;
+};
+
 // Name of the BLAS in use ("mkl" or "aten").
 const char* blas_name();
 

@@ -20,61 +20,15 @@
 
 #include "cpu/gemm.h"
 #include "cpu/rnn.h"
+#include "cpu/rnn_common.h"
 #include "cpu/vec_math.h"
+
+#include <memory>
 
 namespace seqkern::cpu {
 namespace {
 
-enum class Cell { RnnTanh, RnnRelu, Lstm, Gru, GruCho };
-
-Cell parse_cell(const std::string& mode) {
-  if (mode == "rnn_tanh") return Cell::RnnTanh;
-  if (mode == "rnn_relu") return Cell::RnnRelu;
-  if (mode == "lstm") return Cell::Lstm;
-  if (mode == "gru") return Cell::Gru;
-  if (mode == "gru_cho") return Cell::GruCho;
-  TORCH_CHECK(false, "seqkern: unknown recurrent mode '", mode,
-              "' (expected rnn_tanh, rnn_relu, lstm, gru or gru_cho)");
-}
-
-int64_t gate_count(Cell c) {
-  switch (c) {
-    case Cell::Lstm: return 4;
-    case Cell::Gru:
-    case Cell::GruCho: return 3;
-    default: return 1;
-  }
-}
-
-// Runs `f(begin, end)` over rows; parallel only when the pointwise work is large enough to pay
-// for waking the thread pool (at small batch the step is latency bound).
-template <typename F>
-void over_rows(int64_t rows, int64_t width, F&& f) {
-  if (rows * width >= 32768) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), f);
-  } else {
-    f(0, rows);
-  }
-}
-
-struct Layout {
-  int64_t T, B, N;
-  std::vector<int64_t> bs, off;
-  Layout(const at::Tensor& batch_sizes) {
-    auto acc = batch_sizes.accessor<int64_t, 1>();
-    T = batch_sizes.size(0);
-    bs.resize(T);
-    off.resize(T);
-    N = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      bs[t] = acc[t];
-      off[t] = N;
-      N += bs[t];
-    }
-    B = T > 0 ? bs[0] : 0;
-  }
-  int64_t step(int64_t s, bool reverse) const { return reverse ? T - 1 - s : s; }
-};
+using namespace rnn_detail;
 
 const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
   static const at::Tensor undefined;
@@ -100,18 +54,18 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
 
   // Input projection of every step in one GEMM, with every bias that sits outside the
   // recurrent matmul folded in (GRU's b_hn multiplies with r, so it stays out).
+  // The summed bias is added in the gate pass rather than pre-filled into xg, which would
+  // cost one more full write of the (N, G·H) buffer.
   at::Tensor xg = at::empty({N, G * H}, x.options());
-  {
-    at::Tensor bias = at::zeros({G * H}, x.options());
-    if (b_ih.defined()) bias.add_(b_ih);
-    if (b_hh.defined()) {
-      if (cell == Cell::Gru) bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
-      else bias.add_(b_hh);
-    }
-    xg.copy_(bias.unsqueeze(0).expand({N, G * H}));
-    gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(1),
-            xg.data_ptr<T>(), G * H);
+  at::Tensor bias = at::zeros({G * H}, x.options());
+  if (b_ih.defined()) bias.add_(b_ih);
+  if (b_hh.defined()) {
+    if (cell == Cell::Gru) bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
+    else bias.add_(b_hh);
   }
+  gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
+          xg.data_ptr<T>(), G * H);
+  const T* bz = bias.data_ptr<T>();
   const T* b_hn = (cell == Cell::Gru && b_hh.defined()) ? b_hh.data_ptr<T>() + 2 * H : nullptr;
 
   at::Tensor rec = at::empty({L.B, G * H}, x.options());
@@ -127,6 +81,21 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   T* csave = save && ws_cells.defined() ? ws_cells.data_ptr<T>() : nullptr;
   T* hsave = save ? ws_hprev.data_ptr<T>() : nullptr;
   const int64_t GH = G * H;
+  if constexpr (std::is_same_v<T, float>) {
+    if (fused_supported(cell, proj, L)) {
+      ForwardArgs fa{cell, &L, H, reverse, xg.data_ptr<float>(), bz, b_hn, whh, peep_p,
+                     h0.data_ptr<float>(), cs, outp, hs, gsave, csave, hsave};
+      fused_forward(fa);
+      return;
+    }
+  }
+  // The recurrent matrices are packed once for all T steps.
+  const bool cho = cell == Cell::GruCho;
+  const int64_t pack_m = L.T >= 4 ? L.B : 0;  // packing is not worth it for a few steps
+  PackedWeight<T> w_rec(whh, Hs, true, cho ? 2 * H : GH, Hs, pack_m);
+  std::unique_ptr<PackedWeight<T>> w_n, w_proj;
+  if (cho) w_n = std::make_unique<PackedWeight<T>>(whh + 2 * H * Hs, Hs, true, H, H, pack_m);
+  if (proj) w_proj = std::make_unique<PackedWeight<T>>(w_hr.data_ptr<T>(), H, true, Hs, H, pack_m);
 
   for (int64_t s = 0; s < L.T; ++s) {
     const int64_t t = L.step(s, reverse);
@@ -135,23 +104,23 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
     if (hsave) std::memcpy(hsave + o * Hs, hs, sizeof(T) * bs * Hs);
 
     if (cell == Cell::GruCho) {
-      gemm<T>(bs, 2 * H, Hs, T(1), hs, Hs, whh, Hs, true, T(0), recp, GH);
+      w_rec.multiply(bs, hs, Hs, T(0), recp, GH);
       over_rows(bs, H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const T* xr = xgt + b * GH;
           T* rr = recp + b * GH;
           for_each_vec<T>(H, [&](int64_t j, int64_t n) {
-            auto r = sigmoid(load(xr + j, n) + load(rr + j, n));
-            auto z = sigmoid(load(xr + H + j, n) + load(rr + H + j, n));
+            auto r = sigmoid(load(xr + j, n) + load(rr + j, n) + load(bz + j, n));
+            auto z = sigmoid(load(xr + H + j, n) + load(rr + H + j, n) + load(bz + H + j, n));
             store(r, rr + j, n);
             store(z, rr + H + j, n);
             store(r * load(hs + b * Hs + j, n), auxp + b * H + j, n);
           });
         }
       });
-      gemm<T>(bs, H, H, T(1), auxp, H, whh + 2 * H * Hs, Hs, true, T(0), recp + 2 * H, GH);
+      w_n->multiply(bs, auxp, H, T(0), recp + 2 * H, GH);
     } else {
-      gemm<T>(bs, GH, Hs, T(1), hs, Hs, whh, Hs, true, T(0), recp, GH);
+      w_rec.multiply(bs, hs, Hs, T(0), recp, GH);
     }
 
     over_rows(bs, GH, [&](int64_t b0, int64_t b1) {
@@ -164,7 +133,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
           case Cell::RnnTanh:
           case Cell::RnnRelu:
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
-              auto a = load(xr + j, n) + load(rr + j, n);
+              auto a = load(xr + j, n) + load(rr + j, n) + load(bz + j, n);
               store(cell == Cell::RnnTanh ? tanh(a) : relu(a), h + j, n);
             });
             break;
@@ -174,10 +143,10 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
             T* cv = csave ? csave + (o + b) * (proj ? 3 * H : 2 * H) : nullptr;
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
               auto cp = load(c + j, n);
-              auto ai = load(xr + j, n) + load(rr + j, n);
-              auto af = load(xr + H + j, n) + load(rr + H + j, n);
-              auto ag = load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n);
-              auto ao = load(xr + 3 * H + j, n) + load(rr + 3 * H + j, n);
+              auto ai = load(xr + j, n) + load(rr + j, n) + load(bz + j, n);
+              auto af = load(xr + H + j, n) + load(rr + H + j, n) + load(bz + H + j, n);
+              auto ag = load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n) + load(bz + 2 * H + j, n);
+              auto ao = load(xr + 3 * H + j, n) + load(rr + 3 * H + j, n) + load(bz + 3 * H + j, n);
               if (peep_p) {
                 ai = ai + load(peep_p + j, n) * cp;
                 af = af + load(peep_p + H + j, n) * cp;
@@ -205,11 +174,11 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
           }
           case Cell::Gru:
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
-              auto r = sigmoid(load(xr + j, n) + load(rr + j, n));
-              auto z = sigmoid(load(xr + H + j, n) + load(rr + H + j, n));
+              auto r = sigmoid(load(xr + j, n) + load(rr + j, n) + load(bz + j, n));
+              auto z = sigmoid(load(xr + H + j, n) + load(rr + H + j, n) + load(bz + H + j, n));
               auto hn = load(rr + 2 * H + j, n);
               if (b_hn) hn = hn + load(b_hn + j, n);
-              auto nn = tanh(load(xr + 2 * H + j, n) + r * hn);
+              auto nn = tanh(load(xr + 2 * H + j, n) + load(bz + 2 * H + j, n) + r * hn);
               auto hp = load(h + j, n);
               store(nn + z * (hp - nn), h + j, n);
               if (gs) {
@@ -224,7 +193,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
               auto r = load(rr + j, n);
               auto z = load(rr + H + j, n);
-              auto nn = tanh(load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n));
+              auto nn = tanh(load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n) + load(bz + 2 * H + j, n));
               auto hp = load(h + j, n);
               store(nn + z * (hp - nn), h + j, n);
               if (gs) {
@@ -239,7 +208,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
     });
 
     if (proj) {
-      gemm<T>(bs, Hs, H, T(1), auxp, H, w_hr.data_ptr<T>(), H, true, T(0), hs, Hs);
+      w_proj->multiply(bs, auxp, H, T(0), hs, Hs);
     }
     std::memcpy(outp + o * Hs, hs, sizeof(T) * bs * Hs);
   }
@@ -290,8 +259,23 @@ std::vector<at::Tensor> backward_impl(
   const T* peep_p = peep ? w_peep.data_ptr<T>() : nullptr;
   const int64_t gstride = cell == Cell::Gru ? 4 * H : GH;
   const int64_t cstride = proj ? 3 * H : 2 * H;
+  const bool cho = cell == Cell::GruCho;
+  bool fused = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (fused_supported(cell, proj, L)) {
+      BackwardArgs ba{cell, &L, H, reverse, gout, whh, peep_p, gsv, csv, hsv, outp,
+                      dhp, dcp, dxgp, drecp};
+      fused_backward(ba);
+      fused = true;
+    }
+  }
+  const int64_t pack_m = fused || L.T < 4 ? 0 : L.B;
+  PackedWeight<T> w_rec(whh, Hs, false, Hs, cho ? 2 * H : GH, pack_m);
+  std::unique_ptr<PackedWeight<T>> w_n, w_proj;
+  if (cho) w_n = std::make_unique<PackedWeight<T>>(whh + 2 * H * Hs, Hs, false, H, H, pack_m);
+  if (proj) w_proj = std::make_unique<PackedWeight<T>>(w_hr.data_ptr<T>(), H, false, H, Hs, pack_m);
 
-  for (int64_t s = L.T - 1; s >= 0; --s) {
+  for (int64_t s = fused ? -1 : L.T - 1; s >= 0; --s) {
     const int64_t t = L.step(s, reverse);
     const int64_t bs = L.bs[t], o = L.off[t];
     if (gout) {
@@ -301,7 +285,7 @@ std::vector<at::Tensor> backward_impl(
     const T* dmp = dhp;
     if (proj) {
       std::memcpy(dh_all.data_ptr<T>() + o * Hs, dhp, sizeof(T) * bs * Hs);
-      gemm<T>(bs, H, Hs, T(1), dhp, Hs, w_hr.data_ptr<T>(), H, false, T(0), dm.data_ptr<T>(), H);
+      w_proj->multiply(bs, dhp, Hs, T(0), dm.data_ptr<T>(), H);
       dmp = dm.data_ptr<T>();
     }
     T* dxt = dxgp + o * GH;
@@ -396,7 +380,7 @@ std::vector<at::Tensor> backward_impl(
     if (cell == Cell::GruCho) {
       // d(r⊙h) = da_n · W_hn, then r's gate gradient and the r-path into dh.
       T* drhp = drh.data_ptr<T>();
-      gemm<T>(bs, H, H, T(1), dxt + 2 * H, GH, whh + 2 * H * Hs, Hs, false, T(0), drhp, H);
+      w_n->multiply(bs, dxt + 2 * H, GH, T(0), drhp, H);
       over_rows(bs, H, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const T* gs = gsv + (o + b) * gstride;
@@ -409,11 +393,9 @@ std::vector<at::Tensor> backward_impl(
           });
         }
       });
-      gemm<T>(bs, Hs, 2 * H, T(1), dxt, GH, whh, Hs, false, T(1), dhp, Hs);
-    } else if (cell == Cell::Gru) {
-      gemm<T>(bs, Hs, GH, T(1), drt, GH, whh, Hs, false, T(1), dhp, Hs);
+      w_rec.multiply(bs, dxt, GH, T(1), dhp, Hs);
     } else {
-      gemm<T>(bs, Hs, GH, T(1), drt, GH, whh, Hs, false, T(0), dhp, Hs);
+      w_rec.multiply(bs, drt, GH, cell == Cell::Gru ? T(1) : T(0), dhp, Hs);
     }
   }
 

@@ -21,9 +21,19 @@ inline Vec<T> sigmoid(const Vec<T>& x) {
   return one / (one + x.neg().exp());
 }
 
+// tanh through one expm1: tanh|x| = (1 − e)/(1 + e), e = exp(−2|x|), sign restored after.
+// Sleef's tanhf (what Vectorized<float>::tanh calls) costs several times an expm1f and
+// dominated the LSTM step. double keeps Sleef's tanh.
 template <typename T>
 inline Vec<T> tanh(const Vec<T>& x) {
-  return x.tanh();
+  if constexpr (std::is_same_v<T, float>) {
+    // expm1 rather than exp keeps 1 − e free of cancellation for small |x|.
+    auto em = (x.abs() * Vec<T>(-2.0f)).expm1();  // e − 1, in (−1, 0]
+    auto t = em.neg() / (em + Vec<T>(2.0f));
+    return Vec<T>::blendv(t, t.neg(), x < Vec<T>(0.0f));
+  } else {
+    return x.tanh();
+  }
 }
 
 template <typename T>

@@ -1,0 +1,681 @@
+// Scaled dot-product attention on the CPU, flash-style: queries are processed in blocks of
+// kBlockQ rows against blocks of kBlockK keys with an online softmax, so nothing of size Lq×Lk
+// is ever allocated (forward or backward). The backward pass recomputes each score tile from
+// the log-sum-exp saved by the forward pass.
+//
+// The tile products use a register-blocked micro-kernel (at::vec) instead of BLAS: a 64×64×64
+// product is ~0.5 MFLOP, small enough that a BLAS call's fixed overhead is a large fraction of
+// it, and the kernel can restrict each row group to the columns a causal/window mask allows,
+// which BLAS cannot.
+#include "isa.h"
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/vec_math.h"
+
+namespace seqkern::cpu {
+namespace {
+
+constexpr int kMR = 6;  // rows per micro-tile: 6 rows × 4 vectors = 24 accumulator registers
+constexpr int kNV = 4;
+// Tiles: kBlockQ queries (whole vectors: the columns of Sᵀ) × kBlockK keys (whole kMR-row
+// groups: the rows of Sᵀ).
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 96;
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// ------------------------------------------------------------------ micro-kernel -----------
+
+// C[MR × n] (+)= A[MR × K] · B[K × n], B row-major (ldb), A addressed as A[r·a_rs + k·a_ks] so a
+// transposed A (Pᵀ, dSᵀ) costs nothing. n ≤ NV·W; FULL means n == NV·W.
+template <typename T, int MR, int NV, bool FULL>
+void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
+                  T* C, int64_t ldc, int64_t n, bool accumulate) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  int64_t cnt[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) cnt[v] = FULL ? W : std::min<int64_t>(W, n - v * W);
+  V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate)
+        acc[r][v] = FULL ? V::loadu(C + r * ldc + v * W) : V::loadu(C + r * ldc + v * W, cnt[v]);
+      else
+        acc[r][v] = V(T(0));
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    const T* a = A + k * a_ks;
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = FULL ? V::loadu(b + v * W) : V::loadu(b + v * W, cnt[v]);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const V av(a[r * a_rs]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if (FULL) acc[r][v].store(C + r * ldc + v * W);
+      else acc[r][v].store(C + r * ldc + v * W, cnt[v]);
+    }
+  }
+}
+
+template <typename T>
+using MicroFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t,
+                         int64_t, bool);
+
+template <typename T, int MR>
+MicroFn<T> pick_nv(int nv, bool full) {
+  switch (nv) {
+    case 1: return full ? micro_kernel<T, MR, 1, true> : micro_kernel<T, MR, 1, false>;
+    case 2: return full ? micro_kernel<T, MR, 2, true> : micro_kernel<T, MR, 2, false>;
+    case 3: return full ? micro_kernel<T, MR, 3, true> : micro_kernel<T, MR, 3, false>;
+    default: return full ? micro_kernel<T, MR, 4, true> : micro_kernel<T, MR, 4, false>;
+  }
+}
+
+template <typename T>
+MicroFn<T> pick_kernel(int mr, int nv, bool full) {
+  switch (mr) {
+    case 1: return pick_nv<T, 1>(nv, full);
+    case 2: return pick_nv<T, 2>(nv, full);
+    case 3: return pick_nv<T, 3>(nv, full);
+    case 4: return pick_nv<T, 4>(nv, full);
+    case 5: return pick_nv<T, 5>(nv, full);
+    default: return pick_nv<T, 6>(nv, full);
+  }
+}
+
+// Half-open column range [lo, hi) of a tile; per row group of kMR rows it bounds the columns of
+// the scores that must be computed and the keys a P·V product must sum over.
+struct Span {
+  int64_t lo = 0, hi = 0;
+  bool empty() const { return hi <= lo; }
+};
+
+// C[M × N] (+)= A[M × K] · B[K × N], row group by row group (kMR rows); `span_of(r0, r1)`
+// gives the columns [n.lo, n.hi) rows r0..r1-1 need (others are left untouched) and the k range
+// they sum over (the caller guarantees A is zero outside it).
+template <typename T, typename SpanOf>
+void tile_gemm_impl(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
+                    int64_t ldb, T* C, int64_t ldc, bool accumulate, SpanOf span_of) {
+  constexpr int64_t W = Vec<T>::size();
+  constexpr int64_t NC = kNV * W;
+  for (int64_t r0 = 0; r0 < M; r0 += kMR) {
+    const int mr = (int)std::min<int64_t>(kMR, M - r0);
+    const auto [n, k] = span_of(r0, r0 + mr);
+    if (n.empty()) continue;
+    if (k.empty()) {
+      if (!accumulate)
+        for (int64_t r = 0; r < mr; ++r) std::fill(C + (r0 + r) * ldc + n.lo, C + (r0 + r) * ldc + n.hi, T(0));
+      continue;
+    }
+    for (int64_t c = n.lo; c < n.hi; c += NC) {
+      const int64_t nn = std::min(NC, n.hi - c);
+      const int nv = (int)((nn + W - 1) / W);
+      pick_kernel<T>(mr, nv, nn == nv * W)(k.hi - k.lo, A + r0 * a_rs + k.lo * a_ks, a_rs, a_ks,
+                                           B + k.lo * ldb + c, ldb, C + r0 * ldc + c, ldc, nn,
+                                           accumulate);
+    }
+  }
+}
+
+// With `n_spans`, row group g only computes columns n_spans[g]; with `k_spans`, it only sums
+// over k in k_spans[g].
+template <typename T>
+void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
+               const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate,
+               const Span* n_spans = nullptr, const Span* k_spans = nullptr) {
+  tile_gemm_impl<T>(M, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate, [&](int64_t r0, int64_t) {
+    const int64_t g = r0 / kMR;
+    return std::pair<Span, Span>{n_spans ? n_spans[g] : Span{0, N}, k_spans ? k_spans[g] : Span{0, K}};
+  });
+}
+
+// Union of per-row ranges over rows [r0, r1); the low end rounded down to a vector boundary
+// when `align` (column ranges), so every computed vector starts aligned within the row.
+inline Span union_rows(const Span* rows, int64_t r0, int64_t r1, int64_t align) {
+  Span u{std::numeric_limits<int64_t>::max(), 0};
+  for (int64_t r = r0; r < r1; ++r) {
+    if (rows[r].empty()) continue;
+    u.lo = std::min(u.lo, rows[r].lo);
+    u.hi = std::max(u.hi, rows[r].hi);
+  }
+  if (u.empty()) return Span{0, 0};
+  u.lo = u.lo / align * align;
+  return u;
+}
+
+// ------------------------------------------------------------------ row helpers ------------
+
+template <typename T>
+inline Vec<T> vexp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) return x.exp_u20();  // ~20 ulp, as torch's SDPA
+  else return x.exp();
+}
+
+template <typename T>
+void scale_row(T* x, int64_t n, T a) {
+  for_each_vec<T>(n, [&](int64_t j, int64_t cnt) { store(load(x + j, cnt) * Vec<T>(a), x + j, cnt); });
+}
+
+
+// ------------------------------------------------------------------ masks ------------------
+
+// Everything that decides whether query i may see key j (SPEC "Causal masked attention").
+template <typename T>
+struct Mask {
+  int64_t Lq = 0, Lk = 0;
+  bool causal = false;
+  int64_t offset = 0;  // δ: 0 top-left, Lk − Lq bottom-right
+  int64_t window = 0;  // 0: none
+  const int64_t* key_len = nullptr;
+  // explicit mask, expanded to (B, Hq, Lq, Lk) by strides (0 where broadcast)
+  const bool* bmask = nullptr;
+  const T* amask = nullptr;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+
+  bool has_explicit() const { return bmask || amask; }
+
+  // Keys [lo, hi) that the structural masks allow for query i of batch b (may be empty).
+  Span range(int64_t b, int64_t i) const {
+    Span s{0, Lk};
+    if (key_len) s.hi = std::min(s.hi, key_len[b]);
+    if (causal) s.hi = std::min(s.hi, i + offset + 1);
+    if (window > 0) s.lo = std::max<int64_t>(0, i + offset - window + 1);
+    return s;
+  }
+
+  int64_t at(int64_t b, int64_t h, int64_t i, int64_t j) const { return b * sb + h * sh + i * sq + j * sk; }
+
+  // Whether the explicit mask allows any key of [j0 + lo_r, j0 + hi_r) for some row; lets a
+  // tile that only the explicit mask rules out be skipped before its scores are computed.
+  bool explicit_any(int64_t b, int64_t h, int64_t i0, int64_t mi, int64_t j0, const Span* rows) const {
+    for (int64_t r = 0; r < mi; ++r) {
+      const int64_t base = at(b, h, i0 + r, j0);
+      for (int64_t c = rows[r].lo; c < rows[r].hi; ++c) {
+        if (bmask ? bmask[base + c * sk] : amask[base + c * sk] != neg_inf<T>()) return true;
+      }
+    }
+    return false;
+  }
+};
+
+// Keys [lo, hi) that some query of rows [i0, i0 + mi) may see (structural masks only).
+template <typename T>
+Span block_keys(const Mask<T>& mask, int64_t b, int64_t i0, int64_t mi) {
+  Span u{mask.Lk, 0};
+  for (int64_t r = 0; r < mi; ++r) {
+    const Span s = mask.range(b, i0 + r);
+    if (s.empty()) continue;
+    u.lo = std::min(u.lo, s.lo);
+    u.hi = std::max(u.hi, s.hi);
+  }
+  return u;
+}
+
+struct Dims {
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+  int64_t group() const { return Hq / Hkv; }
+};
+
+// 4-D strides of a (B, H, L, E) tensor whose last dimension is contiguous.
+struct Strides {
+  int64_t b, h, l;
+  explicit Strides(const at::Tensor& t) : b(t.stride(0)), h(t.stride(1)), l(t.stride(2)) {}
+  int64_t at(int64_t bi, int64_t hi, int64_t li = 0) const { return bi * b + hi * h + li * l; }
+};
+
+// ------------------------------------------------------------------ transposed tiles -------
+//
+// Both passes hold score tiles transposed, keys × queries (Sᵀ = K_j·Qᵢᵀ): K and V are then read
+// in place as broadcast operands (no transposed copies; a KV-cache view works as is), only
+// query-side blocks are transposed, and per-query softmax statistics are reduced down columns,
+// W queries per vector, with no horizontal operations.
+
+// rows[r]: keys of the tile [j0, j0 + nk) that query i0 + r may see; cols[c]: the queries that
+// may see key j0 + c, an interval because both ends of rows[r] are non-decreasing in r.
+// Returns false when the tile can be skipped.
+template <typename T>
+bool tile_setup(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t mi, int64_t j0,
+                int64_t nk, Span* rows, Span* cols) {
+  bool any = false;
+  for (int64_t r = 0; r < mi; ++r) {
+    const Span s = mask.range(b, i0 + r);
+    rows[r] = Span{std::clamp<int64_t>(s.lo - j0, 0, nk), std::clamp<int64_t>(s.hi - j0, 0, nk)};
+    any |= !rows[r].empty();
+  }
+  if (!any) return false;
+  if (mask.has_explicit() && !mask.explicit_any(b, h, i0, mi, j0, rows)) return false;
+  for (int64_t c = 0, first = 0, last = 0; c < nk; ++c) {
+    while (first < mi && rows[first].hi <= c) ++first;
+    while (last < mi && rows[last].lo <= c) ++last;
+    cols[c] = Span{first, std::max(first, last)};
+  }
+  return true;
+}
+
+// Sᵀ rows (keys) over the first mp query columns: disallowed entries get `fill` (-inf for
+// scores, 0 for other tiles computed only on the allowed spans); the explicit mask is applied
+// when `explicit_mask`.
+template <typename T>
+void mask_tile_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t nk,
+                 int64_t mp, const Span* cols, T* st, int64_t ld, T fill, bool explicit_mask) {
+  for (int64_t c = 0; c < nk; ++c) {
+    T* s = st + c * ld;
+    const Span cs = cols[c];
+    if (cs.empty()) {
+      std::fill(s, s + mp, fill);
+      continue;
+    }
+    std::fill(s, s + cs.lo, fill);
+    std::fill(s + cs.hi, s + mp, fill);
+    if (!explicit_mask) continue;
+    const int64_t base = mask.at(b, h, i0, j0 + c);
+    if (mask.bmask) {
+      for (int64_t r = cs.lo; r < cs.hi; ++r)
+        if (!mask.bmask[base + r * mask.sq]) s[r] = neg_inf<T>();
+    } else if (mask.amask) {
+      for (int64_t r = cs.lo; r < cs.hi; ++r) s[r] += mask.amask[base + r * mask.sq];
+    }
+  }
+}
+
+// dst (B, H, ⌈L/BQ⌉, E, BQ): each block of BQ rows of src (B, H, L, E) transposed and
+// multiplied by `scale`, zero-padded, so a block is one contiguous E × BQ operand.
+template <typename T>
+at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
+  const int64_t B = src.size(0), H = src.size(1), L = src.size(2), E = src.size(3);
+  const int64_t nb = (L + BQ - 1) / BQ;
+  at::Tensor dst = at::empty({B, H, nb, E, BQ}, src.options());
+  const Strides ss(src);
+  const T* S = src.data_ptr<T>();
+  T* D = dst.data_ptr<T>();
+  at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t blk = t % nb, h = (t / nb) % H, b = t / (nb * H);
+      const int64_t i0 = blk * BQ, mi = std::min(BQ, L - i0);
+      const T* s = S + ss.at(b, h, i0);
+      T* d = D + t * E * BQ;
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t r = 0; r < mi; ++r) d[e * BQ + r] = s[r * ss.l + e] * scale;
+        std::fill(d + e * BQ + mi, d + (e + 1) * BQ, T(0));
+      }
+    }
+  });
+  return dst;
+}
+
+// ------------------------------------------------------------------ forward ----------------
+
+// q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), last dims contiguous; out (B,Hq,Lq,Dv) and
+// lse (B,Hq,Lq) contiguous, written here. Tasks are (batch, head, query block).
+template <typename T>
+void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
+                    const at::Tensor& v_, T scale, const Mask<T>& mask, at::Tensor& out,
+                    at::Tensor& lse) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  constexpr int64_t BQ = kBlockQ, BK = kBlockK;
+  const int64_t nqb = (d.Lq + BQ - 1) / BQ;
+  const Strides sq(q_), sk(k_), sv(v_);
+  const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  T* LSE = lse.data_ptr<T>();
+  const int64_t g = d.group();
+
+  at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> QT(d.D * BQ), ST(BK * BQ), acc(BQ * d.Dv), mx(BQ), sm(BQ);
+    Span rows[BQ], cols[BK];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
+      const int64_t hk = h / g, i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
+      const int64_t mp = (mi + W - 1) / W * W;  // queries rounded up to whole vectors
+      const T* q = Q + sq.at(b, h, i0);
+      const T* kbase = K + sk.at(b, hk);
+      const T* vbase = Vp + sv.at(b, hk);
+      for (int64_t c = 0; c < d.D; ++c) {  // Qᵢᵀ·scale, zero beyond mi
+        T* dst = QT.data() + c * BQ;
+        for (int64_t r = 0; r < mi; ++r) dst[r] = q[r * sq.l + c] * scale;
+        std::fill(dst + mi, dst + mp, T(0));
+      }
+      std::fill(acc.begin(), acc.begin() + mi * d.Dv, T(0));
+      std::fill(mx.begin(), mx.end(), neg_inf<T>());
+      std::fill(sm.begin(), sm.end(), T(0));
+
+      const Span keys = block_keys(mask, b, i0, mi);
+      for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
+        const int64_t nk = std::min(BK, d.Lk - j0);
+        if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
+        // Sᵀ = K_j · (scale·Qᵢ)ᵀ where some query may see the key, then -inf where none may
+        tile_gemm_impl<T>(nk, d.D, kbase + j0 * sk.l, sk.l, 1, QT.data(), BQ, ST.data(), BQ, false,
+                          [&](int64_t r0, int64_t r1) {
+                            return std::pair<Span, Span>{union_rows(cols, r0, r1, W), Span{0, d.D}};
+                          });
+        mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, ST.data(), BQ, neg_inf<T>(), mask.has_explicit());
+        // online softmax down the columns, W queries at a time
+        for (int64_t r0 = 0; r0 < mp; r0 += W) {
+          V bmax(neg_inf<T>());
+          for (int64_t c = 0; c < nk; ++c) bmax = at::vec::maximum(bmax, V::loadu(ST.data() + c * BQ + r0));
+          OnlineSoftmaxLanes<T> st;
+          st.max = V::loadu(mx.data() + r0);
+          st.sum = V::loadu(sm.data() + r0);
+          V shift;
+          const V alpha = st.update_max(bmax, shift);
+          V colsum(T(0));
+          for (int64_t c = 0; c < nk; ++c) {
+            T* s = ST.data() + c * BQ + r0;
+            const V p = vexp(V::loadu(s) - shift);
+            p.store(s);
+            colsum = colsum + p;
+          }
+          (st.sum + colsum).store(sm.data() + r0);
+          st.max.store(mx.data() + r0);
+          T a[W];
+          alpha.store(a);
+          for (int64_t r = r0; r < std::min(r0 + W, mi); ++r)
+            if (a[r - r0] != T(1)) scale_row(acc.data() + r * d.Dv, d.Dv, a[r - r0]);
+        }
+        // O_i += P·V_j, P read from Sᵀ (row stride 1, k stride BQ)
+        tile_gemm_impl<T>(mi, nk, ST.data(), 1, BQ, vbase + j0 * sv.l, sv.l, acc.data(), d.Dv, true,
+                          [&](int64_t r0, int64_t r1) {
+                            return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
+                          });
+      }
+
+      T* o = O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv;
+      T* l = LSE + (b * d.Hq + h) * d.Lq + i0;
+      for (int64_t r = 0; r < mi; ++r) {
+        const T inv = sm[r] > T(0) ? T(1) / sm[r] : T(0);  // no allowed key → zeros
+        const T* a = acc.data() + r * d.Dv;
+        for_each_vec<T>(d.Dv, [&](int64_t j, int64_t cnt) {
+          store(load(a + j, cnt) * Vec<T>(inv), o + r * d.Dv + j, cnt);
+        });
+        l[r] = sm[r] > T(0) ? mx[r] + std::log(sm[r]) : neg_inf<T>();
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward ---------------
+
+// Gradients for key/value head hk of batch b from query heads [h_begin, h_end) of its group,
+// key block by key block: dK_j, dV_j stay in local buffers while every query tile that may see
+// block j is visited; dQ rows accumulate in dq (each query head belongs to one task).
+//   Sᵀ = K_j·(scale·Qᵢ)ᵀ, Pᵀ = exp(Sᵀ − lse), dPᵀ = V_j·dOᵢᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ),
+//   dV_j += Pᵀ·dOᵢ, dK_j += dSᵀ·Qᵢ (·scale at the end), dQᵢ += dS·K_j (·scale by the caller).
+// qT, doT are query-side blocks packed by pack_blocks_t (qT already scaled).
+template <typename T>
+void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
+                     const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& qT_,
+                     const at::Tensor& doT_, const at::Tensor& lse_, const at::Tensor& delta_,
+                     const Mask<T>& mask, T scale, int64_t chunks, at::Tensor& dq,
+                     at::Tensor& dk, at::Tensor& dv) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  constexpr int64_t BQ = kBlockQ, BK = kBlockK;
+  const int64_t g = d.group(), heads_per_chunk = (g + chunks - 1) / chunks;
+  const int64_t nqb = (d.Lq + BQ - 1) / BQ;
+  const Strides sq(q_), sk(k_), sv(v_), so(do_);
+  const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>(),
+          *DO = do_.data_ptr<T>(), *QT = qT_.data_ptr<T>(), *DOT = doT_.data_ptr<T>(),
+          *LSE = lse_.data_ptr<T>(), *DELTA = delta_.data_ptr<T>();
+  T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
+
+  at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> PT(BK * BQ), dST(BK * BQ), dk_loc(BK * d.D), dv_loc(BK * d.Dv);
+    Span rows[BQ], cols[BK];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, hk = (task / chunks) % d.Hkv, b = task / (chunks * d.Hkv);
+      const int64_t h_begin = hk * g + c * heads_per_chunk;
+      const int64_t h_end = std::min(hk * g + g, h_begin + heads_per_chunk);
+      const T* kbase = K + sk.at(b, hk);
+      const T* vbase = Vp + sv.at(b, hk);
+      const int64_t acc_row = (b * d.Hkv + hk) * chunks + c;  // (B, Hkv, chunks, Lk, ·)
+
+      for (int64_t j0 = 0; j0 < d.Lk; j0 += BK) {
+        const int64_t nk = std::min(BK, d.Lk - j0);
+        std::fill(dk_loc.begin(), dk_loc.end(), T(0));
+        std::fill(dv_loc.begin(), dv_loc.end(), T(0));
+        const T* kj = kbase + j0 * sk.l;
+        const T* vj = vbase + j0 * sv.l;
+        for (int64_t h = h_begin; h < h_end; ++h) {
+          for (int64_t qb = 0; qb < nqb; ++qb) {
+            const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
+            const int64_t mp = (mi + W - 1) / W * W;
+            const Span keys = block_keys(mask, b, i0, mi);
+            if (keys.hi <= j0 || keys.lo >= j0 + nk) continue;
+            if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
+            const int64_t blk = (b * d.Hq + h) * nqb + qb;
+            const T* qT = QT + blk * d.D * BQ;
+            const T* doT = DOT + blk * d.Dv * BQ;
+            const T* l = LSE + (b * d.Hq + h) * d.Lq + i0;
+            const T* dl = DELTA + (b * d.Hq + h) * d.Lq + i0;
+            auto col_spans = [&](int64_t depth) {
+              return [&, depth](int64_t r0, int64_t r1) {
+                return std::pair<Span, Span>{union_rows(cols, r0, r1, W), Span{0, depth}};
+              };
+            };
+            tile_gemm_impl<T>(nk, d.D, kj, sk.l, 1, qT, BQ, PT.data(), BQ, false, col_spans(d.D));
+            tile_gemm_impl<T>(nk, d.Dv, vj, sv.l, 1, doT, BQ, dST.data(), BQ, false, col_spans(d.Dv));
+            mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, PT.data(), BQ, neg_inf<T>(), mask.has_explicit());
+            mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, dST.data(), BQ, T(0), false);
+            for (int64_t r0 = 0; r0 < mp; r0 += W) {
+              // a query with no allowed key at all has lse = -inf: shift by +inf so P = 0
+              const V lv = V::loadu(l + r0, std::min(W, mi - r0));
+              const V shift = V::blendv(lv, V(std::numeric_limits<T>::infinity()), lv == V(neg_inf<T>()));
+              const V dlv = V::loadu(dl + r0, std::min(W, mi - r0));
+              for (int64_t cc = 0; cc < nk; ++cc) {
+                T* p = PT.data() + cc * BQ + r0;
+                T* ds = dST.data() + cc * BQ + r0;
+                const V pv = vexp(V::loadu(p) - shift);
+                pv.store(p);
+                (pv * (V::loadu(ds) - dlv)).store(ds);
+              }
+            }
+            auto row_spans = [&](int64_t r0, int64_t r1) {
+              return std::pair<Span, Span>{Span{0, d.D}, union_rows(rows, r0, r1, 1)};
+            };
+            auto key_spans = [&](int64_t depth) {
+              return [&, depth](int64_t r0, int64_t r1) {
+                return std::pair<Span, Span>{Span{0, depth}, union_rows(cols, r0, r1, 1)};
+              };
+            };
+            // dV_j += Pᵀ·dOᵢ, dK_j += dSᵀ·Qᵢ, dQᵢ += dS·K_j (dS read from dSᵀ: row stride 1)
+            tile_gemm_impl<T>(nk, mi, PT.data(), BQ, 1, DO + so.at(b, h, i0), so.l, dv_loc.data(),
+                              d.Dv, true, key_spans(d.Dv));
+            tile_gemm_impl<T>(nk, mi, dST.data(), BQ, 1, Q + sq.at(b, h, i0), sq.l, dk_loc.data(),
+                              d.D, true, key_spans(d.D));
+            tile_gemm_impl<T>(mi, nk, dST.data(), 1, BQ, kj, sk.l,
+                              DQ + ((b * d.Hq + h) * d.Lq + i0) * d.D, d.D, true, row_spans);
+          }
+        }
+        T* dkd = DK + (acc_row * d.Lk + j0) * d.D;
+        for (int64_t i = 0; i < nk * d.D; ++i) dkd[i] = dk_loc[i] * scale;
+        std::copy(dv_loc.begin(), dv_loc.begin() + nk * d.Dv, DV + (acc_row * d.Lk + j0) * d.Dv);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ entry points -----------
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Last dimension contiguous in the compute dtype (a no-op for the usual layouts, including
+// slices of a packed qkv projection and views into a KV cache).
+at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType ct) {
+  at::Tensor x = t.to(ct);
+  return x.stride(-1) == 1 ? x : x.contiguous();
+}
+
+Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "seqkern attention: q, k, v must be 4-D (B, H, L, D), got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "seqkern attention: the CPU kernel needs CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "seqkern attention: q, k, v dtypes differ: ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
+                  q.scalar_type() == at::kBFloat16,
+              "seqkern attention: dtype must be float32, float64 or bfloat16, got ", q.scalar_type());
+  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == d.B && v.size(0) == d.B, "seqkern attention: batch sizes differ");
+  TORCH_CHECK(k.size(3) == d.D, "seqkern attention: q and k head dims differ: ", d.D, " vs ", k.size(3));
+  TORCH_CHECK(v.size(1) == d.Hkv && v.size(2) == d.Lk, "seqkern attention: k and v shapes differ: ",
+              k.sizes(), " vs ", v.sizes());
+  TORCH_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, "seqkern attention: query heads (", d.Hq,
+              ") must be a multiple of key/value heads (", d.Hkv, ")");
+  return d;
+}
+
+template <typename T>
+Mask<T> make_mask(const Dims& d, const c10::optional<at::Tensor>& attn_mask,
+                  const c10::optional<at::Tensor>& key_lengths, bool is_causal, bool bottom_right,
+                  int64_t window, at::Tensor& mask_hold, at::Tensor& len_hold) {
+  Mask<T> m;
+  m.Lq = d.Lq;
+  m.Lk = d.Lk;
+  m.causal = is_causal;
+  m.offset = bottom_right ? d.Lk - d.Lq : 0;
+  TORCH_CHECK(window >= 0, "seqkern attention: window must be >= 1 (0 for none), got ", window);
+  m.window = window;
+  if (key_lengths.has_value() && key_lengths->defined()) {
+    TORCH_CHECK(key_lengths->dim() == 1 && key_lengths->size(0) == d.B,
+                "seqkern attention: key_lengths must have shape (", d.B, "), got ", key_lengths->sizes());
+    len_hold = key_lengths->to(at::kLong).contiguous();
+    m.key_len = len_hold.data_ptr<int64_t>();
+  }
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    const at::Tensor& am = *attn_mask;
+    TORCH_CHECK(am.dim() <= 4, "seqkern attention: attn_mask must have at most 4 dims, got ", am.sizes());
+    if (am.scalar_type() == at::kBool) {
+      mask_hold = am.expand({d.B, d.Hq, d.Lq, d.Lk});
+      m.bmask = mask_hold.data_ptr<bool>();
+    } else {
+      // convert before expanding so a broadcast mask is not materialised at full size
+      mask_hold = am.to(c10::CppTypeToScalarType<T>::value).expand({d.B, d.Hq, d.Lq, d.Lk});
+      m.amask = mask_hold.data_ptr<T>();
+    }
+    m.sb = mask_hold.stride(0);
+    m.sh = mask_hold.stride(1);
+    m.sq = mask_hold.stride(2);
+    m.sk = mask_hold.stride(3);
+  }
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_lengths,
+    bool is_causal, bool bottom_right, int64_t window, double scale) {
+  const Dims d = check_inputs(q, k, v);
+  const at::ScalarType ct = compute_type(q.scalar_type());
+  at::Tensor out = at::empty({d.B, d.Hq, d.Lq, d.Dv}, q.options().dtype(ct));
+  at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(ct));
+  if (out.numel() == 0 || lse.numel() == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out.to(q.scalar_type()), lse};
+  }
+  at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, ct), vc = rows_contiguous(v, ct);
+  at::Tensor mask_hold, len_hold;
+  AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_attention_forward", [&] {
+    const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
+                                          window, mask_hold, len_hold);
+    forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, out, lse);
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask,
+    const c10::optional<at::Tensor>& key_lengths, bool is_causal, bool bottom_right,
+    int64_t window, double scale) {
+  const Dims d = check_inputs(q, k, v);
+  const at::ScalarType ct = compute_type(q.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({d.B, d.Hq, d.Lq, d.Dv}),
+              "seqkern attention_backward: grad_out/out must have shape (", d.B, ", ", d.Hq,
+              ", ", d.Lq, ", ", d.Dv, "), got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({d.B, d.Hq, d.Lq}) && lse.scalar_type() == ct,
+              "seqkern attention_backward: lse must be ", ct, " of shape (", d.B, ", ", d.Hq,
+              ", ", d.Lq, "), got ", lse.scalar_type(), " ", lse.sizes());
+  const int64_t g = d.Hq / std::max<int64_t>(d.Hkv, 1);
+  // Split a key/value head's query group over several tasks only when there are too few
+  // (batch, kv head) pairs to keep every thread busy; each split needs its own dK/dV buffer.
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (d.B * d.Hkv < 4 * threads) chunks = std::min<int64_t>(g, (4 * threads + d.B * d.Hkv - 1) / std::max<int64_t>(d.B * d.Hkv, 1));
+  chunks = std::max<int64_t>(chunks, 1);
+
+  const bool direct = chunks == 1 && q.scalar_type() == ct;
+  at::Tensor dq = at::zeros({d.B, d.Hq, d.Lq, d.D}, q.options().dtype(ct));
+  at::Tensor dk_acc = at::empty({d.B, d.Hkv, chunks, d.Lk, d.D}, q.options().dtype(ct));
+  at::Tensor dv_acc = at::empty({d.B, d.Hkv, chunks, d.Lk, d.Dv}, q.options().dtype(ct));
+  if (dq.numel() == 0 || dk_acc.numel() == 0 || dv_acc.numel() == 0 || d.Lq == 0 || d.Lk == 0) {
+    dk_acc.zero_();
+    dv_acc.zero_();
+  } else {
+    at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, ct), vc = rows_contiguous(v, ct);
+    at::Tensor go = rows_contiguous(grad_out, ct);
+    at::Tensor delta = (go * out.to(ct)).sum(-1).contiguous();
+    at::Tensor mask_hold, len_hold;
+    AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_attention_backward", [&] {
+      const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
+                                            window, mask_hold, len_hold);
+      at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
+      at::Tensor doT = pack_blocks_t<scalar_t>(go, kBlockQ, scalar_t(1));
+      backward_kernel<scalar_t>(d, qc, kc, vc, go, qT, doT, lse.contiguous(), delta, mask,
+                                (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
+    });
+    dq.mul_(scale);
+  }
+  at::Tensor dk = direct ? dk_acc.squeeze(2) : dk_acc.sum(2);
+  at::Tensor dv = direct ? dv_acc.squeeze(2) : dv_acc.sum(2);
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+}
+
+}  // namespace
+}  // namespace seqkern::cpu
+
+namespace seqkern {
+void register_attention(pybind11::module_& m) {
+  m.def("attention_forward", &cpu::attention_forward,
+        "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "
+        "bottom_right, window, scale) -> (out, lse)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("attn_mask"),
+        pybind11::arg("key_lengths"), pybind11::arg("is_causal"), pybind11::arg("bottom_right"),
+        pybind11::arg("window"), pybind11::arg("scale"));
+  m.def("attention_backward", &cpu::attention_backward,
+        "Attention backward recomputing scores from lse: -> (dq, dk, dv)",
+        pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("attn_mask"),
+        pybind11::arg("key_lengths"), pybind11::arg("is_causal"), pybind11::arg("bottom_right"),
+        pybind11::arg("window"), pybind11::arg("scale"));
+}
+}  // namespace seqkern

@@ -1,0 +1,115 @@
+// What the recurrent kernels share: the cell kinds, the packed-sequence layout, and the fused
+// float32 time loops (rnn_fused.cpp) that rnn.cpp dispatches to.
+#pragma once
+#include "isa.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+#include <vector>
+
+namespace seqkern::cpu::rnn_detail {
+
+enum class Cell { RnnTanh, RnnRelu, Lstm, Gru, GruCho };
+
+inline Cell parse_cell(const std::string& mode) {
+  if (mode == "rnn_tanh") return Cell::RnnTanh;
+  if (mode == "rnn_relu") return Cell::RnnRelu;
+  if (mode == "lstm") return Cell::Lstm;
+  if (mode == "gru") return Cell::Gru;
+  if (mode == "gru_cho") return Cell::GruCho;
+  TORCH_CHECK(false, "seqkern: unknown recurrent mode '", mode,
+              "' (expected rnn_tanh, rnn_relu, lstm, gru or gru_cho)");
+}
+
+constexpr int64_t gate_count(Cell c) {
+  switch (c) {
+    case Cell::Lstm: return 4;
+    case Cell::Gru:
+    case Cell::GruCho: return 3;
+    default: return 1;
+  }
+}
+
+// Runs `f(begin, end)` over rows; parallel only when the pointwise work is large enough to pay
+// for waking the thread pool (at small batch the step is latency bound).
+template <typename F>
+inline void over_rows(int64_t rows, int64_t width, F&& f) {
+  if (rows * width >= 32768) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), f);
+  } else {
+    f(0, rows);
+  }
+}
+
+struct Layout {
+  int64_t T, B, N;
+  std::vector<int64_t> bs, off;
+  Layout(const at::Tensor& batch_sizes) {
+    auto acc = batch_sizes.accessor<int64_t, 1>();
+    T = batch_sizes.size(0);
+    bs.resize(T);
+    off.resize(T);
+    N = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      bs[t] = acc[t];
+      off[t] = N;
+      N += bs[t];
+    }
+    B = T > 0 ? bs[0] : 0;
+  }
+  int64_t step(int64_t s, bool reverse) const { return reverse ? T - 1 - s : s; }
+};
+
+
+// Raw views of one layer's forward, for the fused loop. xg holds x·W_ihᵀ (no bias) for all N
+// rows; bias the summed biases outside the recurrent matmul; b_hn GRU's b_hn (or null).
+struct ForwardArgs {
+  Cell cell;
+  const Layout* L;
+  int64_t H;
+  bool reverse;
+  const float* xg;
+  const float* bias;
+  const float* b_hn;
+  const float* w_hh;   // (G·H, H)
+  const float* peep;   // (3, H) or null
+  const float* h0;     // (B, H)
+  float* c;            // (B, H) in: c0, out: c_n (LSTM only)
+  float* out;          // (N, H)
+  float* h_n;          // (B, H)
+  float* save_gates;   // null unless training
+  float* save_cells;
+  float* save_hprev;
+};
+
+struct BackwardArgs {
+  Cell cell;
+  const Layout* L;
+  int64_t H;
+  bool reverse;
+  const float* grad_out;  // (N, H) or null
+  const float* w_hh;      // (G·H, H)
+  const float* peep;
+  const float* gates;     // saved
+  const float* cells;
+  const float* hprev;
+  const float* out;
+  float* dh;              // (B, H) in: grad of h_n, out: grad of h0
+  float* dc;              // (B, H) LSTM
+  float* dxg;             // (N, G·H)
+  float* drec;            // (N, G·H); == dxg except for GRU
+};
+
+// The fused loops handle float32 RNN/LSTM(peephole)/GRU without projection; everything else
+// takes the MKL-per-step loop in rnn.cpp.
+// Packing W_hh costs about as much as T·B = 8 rows of recurrent GEMM, so very short sequences
+// (cells, streaming steps) go to the per-step loop, which calls the BLAS without packing.
+inline bool fused_supported(Cell c, bool proj, const Layout& L) {
+  return !proj && c != Cell::GruCho && L.N >= 16;
+}
+void fused_forward(const ForwardArgs& a);
+void fused_backward(const BackwardArgs& a);
+
+}  // namespace seqkern::cpu::rnn_detail

@@ -1,0 +1,212 @@
+"""Attention ops: ``scaled_dot_product_attention`` (a drop-in for torch's, plus sliding window,
+key lengths and bottom-right causal alignment) and the custom ops behind it."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from seqkern import _ext, registry
+from seqkern.reference import attention as ref
+
+__all__ = ["scaled_dot_product_attention"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- custom ops (C++ CPU) -----
+
+@torch.library.custom_op("seqkern::attention_forward", mutates_args=(), device_types="cpu")
+def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                          key_lengths: Optional[Tensor], is_causal: bool, bottom_right: bool,
+                          window: int, scale: float) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> (out (B, Hq, Lq, Dv),
+    log-sum-exp (B, Hq, Lq) in the accumulation dtype; -inf for rows with no allowed key)."""
+    out, lse = _ext._C.attention_forward(q, k, v, attn_mask, key_lengths, is_causal,
+                                         bottom_right, window, scale)
+    return out, lse
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale):
+    B, Hq, Lq, _ = q.shape
+    return (q.new_empty((B, Hq, Lq, v.shape[-1])),
+            q.new_empty((B, Hq, Lq), dtype=_lse_dtype(q.dtype)))
+
+
+@torch.library.custom_op("seqkern::attention_backward", mutates_args=(), device_types="cpu")
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                           lse: Tensor, attn_mask: Optional[Tensor],
+                           key_lengths: Optional[Tensor], is_causal: bool, bottom_right: bool,
+                           window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv); scores are recomputed tile by tile from lse."""
+    dq, dk, dv = _ext._C.attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths,
+                                            is_causal, bottom_right, window, scale)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_causal, bottom_right, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale = inputs
+    out, lse = output
+    ctx.args = (is_causal, bottom_right, window, scale)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    if torch.is_grad_enabled():
+        raise RuntimeError("seqkern.scaled_dot_product_attention: double backward (create_graph="
+                           "True) is not supported by the cpu backend; use "
+                           "seqkern.use_backend('reference') for higher-order gradients")
+    q, k, v, out, lse, attn_mask, key_lengths = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask,
+                                        key_lengths, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+if _ext._C is not None:
+    registry.register("attention", "cpu")
+
+
+# ---------------------------------------------------------------- public API ---------------
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, scale, enable_gqa, window,
+           key_lengths, causal_alignment, is_causal) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} must be (B, H, L, D) or (B, L, D), got shape {_shape(t)}")
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"query, key, value must have the same number of dims, got "
+                         f"{_shape(q)}, {_shape(k)}, {_shape(v)}")
+    for name, t in (("key", k), ("value", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype must match query's: expected {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on query's device: expected {q.device}, got {t.device}")
+    if not q.is_floating_point():
+        raise TypeError(f"query must be a floating-point tensor, got {q.dtype}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"key head dim must equal query's: expected {q.shape[-1]}, got "
+                         f"{k.shape[-1]} (query {_shape(q)}, key {_shape(k)})")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"key and value must agree in all but the last dim: key {_shape(k)}, "
+                         f"value {_shape(v)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"key batch size must equal query's: expected {q.shape[0]}, got "
+                         f"{k.shape[0]}")
+    if q.dim() == 4:
+        Hq, Hkv = q.shape[1], k.shape[1]
+        if Hkv == 0 or Hq % Hkv:
+            raise ValueError(f"query heads must be a multiple of key/value heads: Hq={Hq}, "
+                             f"Hkv={Hkv}")
+        if Hq != Hkv and not enable_gqa:
+            raise ValueError(f"query has {Hq} heads but key/value have {Hkv}; pass "
+                             "enable_gqa=True for grouped-query attention")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
+    if dropout_p > 0:
+        raise NotImplementedError("seqkern.scaled_dot_product_attention: dropout_p > 0 is not "
+                                  "implemented (got dropout_p={dropout_p})")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if causal_alignment not in ref.ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {ref.ALIGNMENTS}, got "
+                         f"{causal_alignment!r}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if not is_causal:
+            raise ValueError("window (a sliding window over past keys) requires is_causal=True")
+    B, Lq, Lk = q.shape[0], q.shape[-2], k.shape[-2]
+    if key_lengths is not None:
+        if not isinstance(key_lengths, Tensor) or key_lengths.dtype.is_floating_point \
+                or key_lengths.dtype == torch.bool or key_lengths.dim() != 1 \
+                or key_lengths.shape[0] != B:
+            raise ValueError(f"key_lengths must be a 1-D integer tensor of length {B}, got "
+                             f"{key_lengths!r:.80}")
+        if not torch.compiler.is_compiling() and bool((key_lengths < 0).any()):
+            raise ValueError("key_lengths must be >= 0")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise TypeError(f"attn_mask must be bool or query's dtype ({q.dtype}), got "
+                            f"{attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask must be on query's device: expected {q.device}, got "
+                             f"{attn_mask.device}")
+        target = (B, q.shape[1], Lq, Lk) if q.dim() == 4 else (B, Lq, Lk)
+        try:
+            ok = torch.broadcast_shapes(_shape(attn_mask), target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask of shape {_shape(attn_mask)} is not broadcastable to "
+                             f"{target}")
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, window: Optional[int] = None,
+                                 key_lengths: Optional[Tensor] = None,
+                                 causal_alignment: str = "top_left") -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, L, D) or
+    (B, L, D) tensors; masks combine (SPEC "Causal masked attention"):
+
+    - ``is_causal``: query i sees key j iff j ≤ i + δ, δ = 0 for ``causal_alignment="top_left"``
+      (torch's convention) or Lk − Lq for ``"bottom_right"`` (decoding with a KV cache);
+    - ``window`` (needs ``is_causal``): additionally j > i + δ − window;
+    - ``key_lengths`` (B,): key j of batch b is allowed iff j < key_lengths[b];
+    - ``attn_mask``: bool (True = allowed) or additive, broadcastable to (B, H, Lq, Lk).
+      Unlike torch, it may be combined with ``is_causal``.
+
+    Rows with no allowed key return zeros. ``value`` may have a head dim other than query's.
+    The cpu backend runs float32, float64 and bfloat16; other dtypes use the reference.
+    """
+    _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa, window, key_lengths,
+           causal_alignment, is_causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    backend = registry.select("attention", query.device)
+    if backend == "cpu" and query.dtype in _KERNEL_DTYPES:
+        if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError("seqkern: gradients with respect to attn_mask are not "
+                                      "supported by the cpu backend")
+        squeeze = query.dim() == 3
+        q, k, v, m = query, key, value, attn_mask
+        if squeeze:
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+            if m is not None and m.dim() == 3:
+                m = m.unsqueeze(1)
+        if m is not None and m.dtype != torch.bool:
+            m = m.detach()
+        kl = key_lengths.to(device=q.device, dtype=torch.int64) if key_lengths is not None else None
+        out, _ = _attention_forward_op(q, k, v, m, kl, bool(is_causal),
+                                       causal_alignment == "bottom_right", int(window or 0),
+                                       float(scale))
+        return out.squeeze(1) if squeeze else out
+    return ref.scaled_dot_product_attention(query, key, value, attn_mask, bool(is_causal), scale,
+                                            enable_gqa, window=window, key_lengths=key_lengths,
+                                            causal_alignment=causal_alignment)

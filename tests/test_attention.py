@@ -1,0 +1,366 @@
+"""seqkern.ops.scaled_dot_product_attention on the cpu backend against the float64 reference
+(and torch's SDPA as the yardstick for low-precision error): outputs, dq/dk/dv, every mask kind,
+GQA, layouts, dtypes, custom-op registration and bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import seqkern
+from seqkern import registry
+from seqkern.ops import attention as ops
+from seqkern.ops import scaled_dot_product_attention as sdpa
+from seqkern.reference import attention as ref
+
+pytestmark = pytest.mark.skipif(not registry.availability("cpu")[0],
+                                reason="the C++ extension is not built")
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv): odd sizes, tiles that end mid-block, Lq ≠ Lk both ways,
+# GQA ratios 1, 2, 4, 8, value head dim ≠ query head dim
+SHAPES = [
+    (1, 1, 1, 1, 1, 16, 16),
+    (2, 2, 1, 7, 7, 40, 40),
+    (1, 4, 1, 129, 129, 64, 64),
+    (2, 8, 1, 7, 129, 16, 16),
+    (1, 2, 2, 129, 7, 128, 128),
+    (2, 4, 2, 70, 70, 40, 24),
+]
+MASKS = ["none", "causal", "causal_br", "window", "window_br", "key_lengths", "bool", "additive",
+         "bool_2d", "causal+bool+key_lengths", "window+additive", "causal_br+key_lengths"]
+
+
+def make_inputs(shape, dtype, gen, layout="contiguous"):
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    if layout == "packed":
+        # q, k, v as strided slices of one (B, L, ·) projection, as MultiheadAttention makes them
+        assert Lq == Lk and D == Dv
+        qkv = torch.randn(B, Lq, (Hq + 2 * Hkv) * D, generator=gen, dtype=torch.float64)
+        qkv = qkv.to(dtype).view(B, Lq, Hq + 2 * Hkv, D).transpose(1, 2)
+        return qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    if layout == "transposed":  # (B, L, H, D) memory, as a batch_first projection gives
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    return q, k, v
+
+
+def make_mask_kwargs(kind, B, Hq, Lq, Lk, dtype, gen):
+    kw = {}
+    parts = kind.split("+")
+    if "causal" in parts:
+        kw["is_causal"] = True
+    if "causal_br" in parts or "window_br" in parts:
+        kw.update(is_causal=True, causal_alignment="bottom_right")
+    if "window" in parts or "window_br" in parts:
+        kw.update(is_causal=True, window=3)
+    if "key_lengths" in parts:
+        kw["key_lengths"] = torch.randint(0, Lk + 1, (B,), generator=gen)
+        kw["key_lengths"][0] = Lk
+    if "bool" in parts:
+        kw["attn_mask"] = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
+    if "bool_2d" in parts:
+        kw["attn_mask"] = torch.rand(Lq, Lk, generator=gen) > 0.5
+    if "additive" in parts:
+        m = torch.randn(B, 1, Lq, Lk, generator=gen, dtype=torch.float64)
+        m[torch.rand(B, 1, Lq, Lk, generator=gen) < 0.2] = float("-inf")
+        kw["attn_mask"] = m.to(dtype)
+    return kw
+
+
+def torch_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, window=None,
+               key_lengths=None, causal_alignment="top_left"):
+    """torch's SDPA on the same problem, every mask folded into one; NaN rows (nothing
+    allowed) become 0 as in SPEC."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    allowed = ref.allowed_keys(Lq, Lk, is_causal=is_causal, window=window,
+                               key_lengths=key_lengths, causal_alignment=causal_alignment)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+        attn_mask = None
+    if attn_mask is None:
+        m = allowed
+    else:
+        m = attn_mask.masked_fill(~allowed, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, m, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1]).nan_to_num(0.0)
+
+
+def forward_backward(fn, q, k, v, go, **kw):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), go.to(out.dtype))
+    return [out.detach()] + [g.nan_to_num(0.0) for g in grads]
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 4e-3}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", MASKS)
+def test_float64_matches_reference(shape, kind):
+    gen = torch.Generator().manual_seed(hash((shape, kind)) % 2**31)
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs(shape, torch.float64, gen)
+    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, torch.float64, gen)
+    go = torch.randn(B, Hq, Lq, Dv, generator=gen, dtype=torch.float64)
+    got = forward_backward(sdpa, q, k, v, go, enable_gqa=True, **kw)
+    want = forward_backward(ref.scaled_dot_product_attention, q, k, v, go, enable_gqa=True, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["none", "causal", "window_br", "causal+bool+key_lengths",
+                                  "additive"])
+def test_low_precision_within_torch_error(dtype, shape, kind):
+    """Error vs a float64 reference at most ~2× torch's own SDPA error in that dtype."""
+    gen = torch.Generator().manual_seed(hash((shape, kind, str(dtype))) % 2**31)
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs(shape, dtype, gen)
+    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, dtype, gen)
+    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for n, t in kw.items()}
+    go = torch.randn(B, Hq, Lq, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(),
+                             v.double(), go.double(), enable_gqa=True, **kw64)
+    ours = forward_backward(sdpa, q, k, v, go, enable_gqa=True, **kw)
+    theirs = forward_backward(torch_sdpa, q, k, v, go, **kw)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        assert a.dtype == dtype
+        bound = 2 * max_err(t, e) + FLOOR[dtype] * max(1.0, e.abs().max().item())
+        assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("layout", ["packed", "transposed"])
+@pytest.mark.parametrize("kind", ["causal", "window", "bool"])
+def test_non_contiguous_inputs(layout, kind):
+    gen = torch.Generator().manual_seed(5)
+    shape = (2, 4, 2, 37, 37, 16, 16)
+    q, k, v = make_inputs(shape, torch.float64, gen, layout)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    kw = make_mask_kwargs(kind, 2, 4, 37, 37, torch.float64, gen)
+    go = torch.randn(2, 4, 37, 16, generator=gen, dtype=torch.float64)
+    got = forward_backward(sdpa, q, k, v, go, enable_gqa=True, **kw)
+    want = forward_backward(ref.scaled_dot_product_attention, q.contiguous(), k.contiguous(),
+                            v.contiguous(), go, enable_gqa=True, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("Lq,Lk,kw", [
+    (1000, 1000, dict(is_causal=True)),
+    (1000, 1000, dict(is_causal=True, window=100)),
+    (64, 1000, dict(is_causal=True, causal_alignment="bottom_right")),
+])
+def test_long_sequences_float32(Lq, Lk, kw):
+    gen = torch.Generator().manual_seed(Lq + Lk)
+    shape = (1, 2, 1, Lq, Lk, 64, 64)
+    q, k, v = make_inputs(shape, torch.float32, gen)
+    go = torch.randn(1, 2, Lq, 64, generator=gen)
+    exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(),
+                             v.double(), go.double(), enable_gqa=True, **kw)
+    ours = forward_backward(sdpa, q, k, v, go, enable_gqa=True, **kw)
+    theirs = forward_backward(torch_sdpa, q, k, v, go, **kw)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        bound = 2 * max_err(t, e) + 2e-6 * max(1.0, e.abs().max().item())
+        assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("Lq,Lk", [(5, 5), (3, 9), (9, 3)])
+def test_drop_in_for_torch_including_top_left_causal(Lq, Lk):
+    """Same call, same answer as torch (its causal mask is top-left aligned when Lq ≠ Lk)."""
+    gen = torch.Generator().manual_seed(Lq * 10 + Lk)
+    q, k, v = make_inputs((2, 3, 3, Lq, Lk, 16, 16), torch.float64, gen)
+    for kw in (dict(), dict(is_causal=True), dict(scale=0.1), dict(attn_mask=torch.randn(Lq, Lk, dtype=torch.float64))):
+        torch.testing.assert_close(sdpa(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw),
+                                   atol=1e-10, rtol=1e-10)
+    # 3-D (B, L, D) inputs, as torch accepts
+    torch.testing.assert_close(sdpa(q[:, 0], k[:, 0], v[:, 0], is_causal=True),
+                               F.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], is_causal=True),
+                               atol=1e-10, rtol=1e-10)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_grads():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = make_inputs((2, 2, 2, 9, 9, 16, 16), torch.float32, gen)
+    m = torch.ones(2, 2, 9, 9, dtype=torch.bool)
+    m[0, 1, 4] = False
+    lengths = torch.tensor([9, 0])  # batch 1: no keys at all
+    for kw in (dict(attn_mask=m), dict(key_lengths=lengths),
+               dict(attn_mask=torch.full((9, 9), float("-inf")).triu(1)),
+               dict(is_causal=True, causal_alignment="bottom_right")):
+        qq = q.clone().requires_grad_()
+        out = sdpa(qq, k[:, :, :5] if "causal_alignment" in kw else k,
+                   v[:, :, :5] if "causal_alignment" in kw else v, **kw)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(qq.grad).all()
+    out = sdpa(q, k, v, attn_mask=m)
+    assert torch.all(out[0, 1, 4] == 0)
+    out = sdpa(q, k, v, key_lengths=lengths)
+    assert torch.all(out[1] == 0) and torch.all(out[0] != 0)
+    out = sdpa(q, k[:, :, :5], v[:, :, :5], is_causal=True, causal_alignment="bottom_right")
+    assert torch.all(out[:, :, :4] == 0) and torch.all(out[:, :, 4:] != 0)
+
+
+@pytest.mark.parametrize("kind", ["causal", "causal_br", "window", "bool", "additive",
+                                  "key_lengths"])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 1)])
+def test_gradcheck_float64(kind, Hq, Hkv):
+    gen = torch.Generator().manual_seed(Hq + Hkv)
+    shape = (2, Hq, Hkv, 6, 8, 8, 4)
+    q, k, v = make_inputs(shape, torch.float64, gen)
+    kw = make_mask_kwargs(kind, 2, Hq, 6, 8, torch.float64, gen)
+    fn = lambda q, k, v: sdpa(q, k, v, enable_gqa=True, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, v)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["none", "causal+bool+key_lengths", "window_br", "additive"])
+def test_opcheck(dtype, kind):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make_inputs((2, 4, 2, 9, 11, 16, 8), dtype, gen)
+    kw = make_mask_kwargs(kind, 2, 4, 9, 11, dtype, gen)
+    args = (q, k, v, kw.get("attn_mask"), kw.get("key_lengths"), kw.get("is_causal", False),
+            kw.get("causal_alignment") == "bottom_right", kw.get("window", 0), 0.25)
+    torch.library.opcheck(ops._attention_forward_op, args)
+    out, lse = ops._attention_forward_op(*args)
+    go = torch.randn(out.shape, generator=gen).to(dtype)
+    torch.library.opcheck(ops._attention_backward_op, (go, q, k, v, out, lse) + args[3:])
+
+
+def test_double_backward_raises():
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64, requires_grad=True)
+    out = sdpa(q, q, q, is_causal=True)
+    # create_graph=True runs the backward with grad mode on, which is where it must refuse
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    (g,) = torch.autograd.grad(sdpa(q, q, q, is_causal=True).sum(), q)
+    assert torch.isfinite(g).all()
+
+
+def test_cpu_and_reference_backends_agree():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = make_inputs((2, 4, 2, 20, 20, 16, 16), torch.float64, gen)
+    assert registry.select("attention", "cpu") == "cpu"
+    a = sdpa(q, k, v, is_causal=True, enable_gqa=True, window=5)
+    with seqkern.use_backend("reference"):
+        assert registry.select("attention", "cpu") == "reference"
+        b = sdpa(q, k, v, is_causal=True, enable_gqa=True, window=5)
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("B,Hkv,g", [(1, 1, 8), (4, 4, 2), (1, 2, 4)])
+def test_grouped_backward_split_and_thread_count_agree(B, Hkv, g):
+    """The backward splits a query group across tasks when there are few (batch, kv-head)
+    pairs; the split and the thread count must not change the result."""
+    gen = torch.Generator().manual_seed(B * 100 + Hkv * 10 + g)
+    shape = (B, Hkv * g, Hkv, 33, 33, 16, 16)
+    q, k, v = make_inputs(shape, torch.float64, gen)
+    go = torch.randn(B, Hkv * g, 33, 16, generator=gen, dtype=torch.float64)
+    want = forward_backward(ref.scaled_dot_product_attention, q, k, v, go, is_causal=True,
+                            enable_gqa=True)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = forward_backward(sdpa, q, k, v, go, is_causal=True, enable_gqa=True)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 10, [4, 1, 5], [10]])
+@pytest.mark.parametrize("window", [None, 4])
+def test_decode_with_cache_equals_full(chunks, window):
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = make_inputs((2, 8, 2, 10, 10, 16, 16), torch.float32, gen)
+    full = sdpa(q, k, v, is_causal=True, enable_gqa=True, window=window)
+    outs, t = [], 0
+    for n in chunks:
+        outs.append(sdpa(q[:, :, t:t + n], k[:, :, :t + n], v[:, :, :t + n], is_causal=True,
+                         enable_gqa=True, window=window, causal_alignment="bottom_right"))
+        t += n
+    torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=2e-6, rtol=2e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), g=st.sampled_from([1, 2, 4]),
+       Lq=st.integers(1, 80), Lk=st.integers(1, 80), D=st.sampled_from([8, 16, 40, 64]),
+       causal=st.booleans(), br=st.booleans(), window=st.one_of(st.none(), st.integers(1, 20)),
+       lengths=st.booleans(), mask=st.sampled_from([None, "bool", "additive"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_random_problems_match_reference(B, Hkv, g, Lq, Lk, D, causal, br, window, lengths,
+                                         mask, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_inputs((B, Hkv * g, Hkv, Lq, Lk, D, D), torch.float64, gen)
+    kw = dict(is_causal=causal or window is not None, window=window,
+              causal_alignment="bottom_right" if br else "top_left")
+    if lengths:
+        kw["key_lengths"] = torch.randint(0, Lk + 1, (B,), generator=gen)
+    if mask == "bool":
+        kw["attn_mask"] = torch.rand(B, 1, Lq, Lk, generator=gen) > 0.3
+    elif mask == "additive":
+        kw["attn_mask"] = torch.randn(1, Hkv * g, Lq, Lk, generator=gen, dtype=torch.float64)
+    go = torch.randn(B, Hkv * g, Lq, D, generator=gen, dtype=torch.float64)
+    got = forward_backward(sdpa, q, k, v, go, enable_gqa=True, **kw)
+    want = forward_backward(ref.scaled_dot_product_attention, q, k, v, go, enable_gqa=True, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- bad input ----------------
+
+def _qkv(Hq=4, Hkv=4, D=16, Dk=None, dtype=torch.float32):
+    return (torch.randn(2, Hq, 5, D, dtype=dtype), torch.randn(2, Hkv, 6, Dk or D, dtype=dtype),
+            torch.randn(2, Hkv, 6, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("make,kw,exc,match", [
+    (lambda: _qkv(D=16, Dk=8), {}, ValueError, "key head dim must equal query's: expected 16, got 8"),
+    (lambda: _qkv(Hq=6, Hkv=4), dict(enable_gqa=True), ValueError, "multiple of key/value heads: Hq=6, Hkv=4"),
+    (lambda: _qkv(Hq=4, Hkv=2), {}, ValueError, "enable_gqa=True"),
+    (lambda: _qkv(), dict(attn_mask=torch.ones(3, 5, 6, dtype=torch.bool)), ValueError,
+     r"attn_mask of shape \(3, 5, 6\) is not broadcastable to \(2, 4, 5, 6\)"),
+    (lambda: _qkv(), dict(attn_mask=torch.ones(5, 6, dtype=torch.float64)), TypeError,
+     "attn_mask must be bool or query's dtype"),
+    (lambda: _qkv(), dict(is_causal=True, window=0), ValueError, "window must be >= 1, got 0"),
+    (lambda: _qkv(), dict(window=2), ValueError, "requires is_causal=True"),
+    (lambda: _qkv(), dict(key_lengths=torch.tensor([1, 2, 3])), ValueError, "key_lengths must be a 1-D integer tensor of length 2"),
+    (lambda: _qkv(), dict(key_lengths=torch.tensor([1, -2])), ValueError, "key_lengths must be >= 0"),
+    (lambda: _qkv(), dict(dropout_p=0.1), NotImplementedError, "dropout_p > 0"),
+    (lambda: _qkv(), dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
+    (lambda: _qkv(), dict(is_causal=True, causal_alignment="center"), ValueError, "causal_alignment must be one of"),
+    (lambda: (torch.randn(2, 4, 5, 16), torch.randn(2, 4, 6, 16, dtype=torch.float64),
+              torch.randn(2, 4, 6, 16)), {}, TypeError, "key dtype must match query's: expected torch.float32, got torch.float64"),
+    (lambda: (torch.randn(2, 4, 5, 16), torch.randn(2, 4, 6, 16), torch.randn(2, 4, 7, 16)), {},
+     ValueError, "key and value must agree"),
+    (lambda: (torch.randn(5, 16), torch.randn(6, 16), torch.randn(6, 16)), {}, ValueError,
+     r"query must be \(B, H, L, D\) or \(B, L, D\)"),
+    (lambda: (torch.randn(3, 4, 5, 16), torch.randn(2, 4, 6, 16), torch.randn(2, 4, 6, 16)), {},
+     ValueError, "key batch size must equal query's: expected 3, got 2"),
+])
+def test_bad_input_raises_clear_error(make, kw, exc, match):
+    q, k, v = make()
+    with pytest.raises(exc, match=match):
+        sdpa(q, k, v, **kw)
+
+
+def test_cpp_checks_reject_bad_shapes_directly():
+    from seqkern import _ext
+
+    q = torch.randn(1, 3, 4, 8)
+    k = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"query heads \(3\) must be a multiple"):
+        _ext._C.attention_forward(q, k, k, None, None, False, False, 0, 1.0)
+    with pytest.raises(RuntimeError, match="head dims differ"):
+        _ext._C.attention_forward(q, torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 8), None,
+                                  None, False, False, 0, 1.0)

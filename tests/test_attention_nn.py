@@ -1,0 +1,158 @@
+"""seqkern.nn.MultiheadAttention against torch.nn.MultiheadAttention (shared state_dict), and
+CausalSelfAttention's KV cache (token-by-token and chunked prefill equal the full forward)."""
+import pytest
+import torch
+
+import seqkern
+from seqkern import registry
+from seqkern.nn import CausalSelfAttention, KVCache, MultiheadAttention
+
+pytestmark = pytest.mark.skipif(not registry.availability("cpu")[0],
+                                reason="the C++ extension is not built")
+TOL = dict(atol=1e-10, rtol=1e-10)
+
+
+def pair(seed=0, **kw):
+    torch.manual_seed(seed)
+    theirs = torch.nn.MultiheadAttention(16, 4, **kw).double()
+    ours = MultiheadAttention(16, 4, **kw).double()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's, for "mixed"
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kw", [{}, dict(bias=False), dict(add_bias_kv=True),
+                                dict(add_zero_attn=True), dict(kdim=5, vdim=7)],
+                         ids=["plain", "nobias", "bias_kv", "zero_attn", "kdim_vdim"])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("masks", ["none", "bool", "float", "mixed", "per_head"])
+def test_mha_matches_torch(batch_first, kw, need_weights, masks):
+    ours, theirs = pair(batch_first=batch_first, **kw)
+    N, L, S = 3, 6, 9
+    gen = torch.Generator().manual_seed(1)
+
+    def lay(t):
+        return t if batch_first else t.transpose(0, 1)
+
+    x = lay(torch.randn(N, L, 16, generator=gen, dtype=torch.float64))
+    key = lay(torch.randn(N, S, kw.get("kdim", 16), generator=gen, dtype=torch.float64))
+    val = lay(torch.randn(N, S, kw.get("vdim", 16), generator=gen, dtype=torch.float64))
+    kpm = am = None
+    if masks in ("bool", "mixed"):
+        kpm = torch.zeros(N, S, dtype=torch.bool)
+        kpm[1, 5:] = True
+    if masks == "bool":
+        am = torch.rand(L, S, generator=gen) < 0.3
+        am[:, 0] = False
+    if masks in ("float", "mixed"):
+        am = torch.randn(L, S, generator=gen, dtype=torch.float64)
+    if masks == "per_head":
+        am = torch.randn(N * 4, L, S, generator=gen, dtype=torch.float64)
+    a, wa = ours(x, key, val, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights)
+    b, wb = theirs(x, key, val, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights)
+    torch.testing.assert_close(a, b, **TOL)
+    if need_weights:
+        torch.testing.assert_close(wa, wb, **TOL)
+    else:
+        assert wa is None
+
+
+def test_mha_state_dict_round_trip_and_gradients():
+    ours, theirs = pair(batch_first=True)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    back = torch.nn.MultiheadAttention(16, 4, batch_first=True).double()
+    back.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    causal = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    a, _ = ours(x, x, x, attn_mask=causal, need_weights=False, is_causal=True)
+    b, _ = back(x, x, x, attn_mask=causal, need_weights=False, is_causal=True)
+    torch.testing.assert_close(a, b, **TOL)
+    ga = torch.autograd.grad(a.sum(), [x] + list(ours.parameters()))
+    gb = torch.autograd.grad(b.sum(), [x] + list(back.parameters()))
+    for u, w in zip(ga, gb):
+        torch.testing.assert_close(u, w, **TOL)
+
+
+def test_mha_unbatched_and_self_attention_layout():
+    ours, theirs = pair()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    a, wa = ours(x, x, x, average_attn_weights=False)
+    b, wb = theirs(x, x, x, average_attn_weights=False)
+    torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(wa, wb, **TOL)
+
+
+def test_mha_dropout_in_training_uses_reference_path_and_eval_is_exact():
+    ours, theirs = pair(dropout=0.5, batch_first=True)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    torch.manual_seed(3)
+    a, _ = ours(x, x, x, need_weights=False)
+    torch.manual_seed(4)
+    b, _ = ours(x, x, x, need_weights=False)
+    assert not torch.allclose(a, b)  # dropout is active in training mode
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0],
+                               theirs(x, x, x, need_weights=False)[0], **TOL)
+
+
+def test_mha_errors():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        MultiheadAttention(10, 3)
+    m = MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(2, 5\)"):
+        m(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        m(x, x, x, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="embed_dim=16"):
+        m(torch.randn(2, 5, 8), x, x)
+
+
+# ---------------------------------------------------------------- CausalSelfAttention --------
+
+@pytest.mark.parametrize("num_kv_heads", [8, 2, 1])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("chunks", [[1] * 24, [7, 1, 1, 15], [24]], ids=["tokens", "mixed", "one"])
+def test_cache_decoding_equals_full_forward(num_kv_heads, window, chunks):
+    torch.manual_seed(0)
+    m = CausalSelfAttention(32, 8, num_kv_heads=num_kv_heads, window=window).double()
+    x = torch.randn(2, 24, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2)
+        outs, t = [], 0
+        for n in chunks:
+            outs.append(m.step(x[:, t], cache)[:, None] if n == 1 else m(x[:, t:t + n], cache))
+            t += n
+        torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+        with seqkern.use_backend("reference"):
+            torch.testing.assert_close(m(x), full, **TOL)
+    assert cache.length == 24
+
+
+def test_cache_grows_geometrically():
+    cache = KVCache(1, 2, 4)
+    reallocations, last = 0, None
+    for t in range(1000):
+        k, v = cache.append(torch.full((1, 2, 1, 4), float(t)), torch.full((1, 2, 1, 4), -float(t)))
+        if cache.k is not last:
+            reallocations, last = reallocations + 1, cache.k
+    assert cache.length == 1000 and k.shape == (1, 2, 1000, 4)
+    assert reallocations <= 8  # 16, 32, ..., 1024
+    assert torch.equal(k[0, 0, :, 0], torch.arange(1000.0)) and torch.equal(v, -k)
+    with pytest.raises(ValueError, match="cache holds"):
+        cache.append(torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, 4))
+
+
+def test_causal_self_attention_trains_and_rejects_bad_config():
+    m = CausalSelfAttention(16, 4, num_kv_heads=2, window=3)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in m.parameters())
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        CausalSelfAttention(16, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        CausalSelfAttention(16, 4, window=0)
+    with pytest.raises(ValueError, match=r"x must be \(B, L, 16\)"):
+        m(torch.randn(9, 16))
