@@ -5,18 +5,22 @@ PY_BOOT ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.seqkern-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: setup build test bench bench-full info clean
+.PHONY: setup test bench bench-full info clean
 
 $(PY):
 	$(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 
-setup: $(PY)
+# Rebuilds the extension only when a C++ source or the build files changed.
+$(STAMP): $(SOURCES) | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,gpu]"
+	@touch $@
 
-build: setup
+setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -31,4 +35,4 @@ info: setup
 	$(VENV)/bin/seqkern info
 
 clean:
-	rm -rf build seqkern/_C*.so *.egg-info
+	rm -rf build seqkern/_C*.so *.egg-info $(STAMP)
