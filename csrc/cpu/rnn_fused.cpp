@@ -78,11 +78,14 @@ int64_t panels(int64_t H) { return (H + kW - 1) / kW; }
 std::vector<float> pack_gate_panels(const float* w, int64_t G, int64_t H) {
   const int64_t P = panels(H);
   std::vector<float> out(P * H * G * kW, 0.0f);
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t k = 0; k < H; ++k)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t l = 0; l < kW && p * kW + l < H; ++l)
-          out[((p * H + k) * G + g) * kW + l] = w[(g * H + p * kW + l) * H + k];
+  // Source rows are read contiguously; the writes of one (panel, gate) stay within one panel
+  // (H·G·W floats), which is cache resident.
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t u = 0; u < H; ++u) {
+      const float* src = w + (g * H + u) * H;
+      float* dst = out.data() + ((u / kW) * H * G + g) * kW + u % kW;
+      for (int64_t k = 0; k < H; ++k) dst[k * G * kW] = src[k];
+    }
   return out;
 }
 
@@ -91,10 +94,11 @@ std::vector<float> pack_gate_panels(const float* w, int64_t G, int64_t H) {
 std::vector<float> pack_column_panels(const float* w, int64_t GH, int64_t H) {
   const int64_t P = panels(H);
   std::vector<float> out(P * GH * kW, 0.0f);
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t k = 0; k < GH; ++k)
-      for (int64_t l = 0; l < kW && p * kW + l < H; ++l)
-        out[(p * GH + k) * kW + l] = w[k * H + p * kW + l];
+  for (int64_t k = 0; k < GH; ++k)
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t n = std::min<int64_t>(kW, H - p * kW);
+      std::copy(w + k * H + p * kW, w + k * H + p * kW + n, out.data() + (p * GH + k) * kW);
+    }
   return out;
 }
 
