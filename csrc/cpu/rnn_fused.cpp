@@ -38,28 +38,52 @@ constexpr int mr_max(int nv) {
 }
 
 // acc[m·NV + j] = Σ_k A[m, k] · P[k, j·W .. (j+1)·W), P a panel of K rows of NV vectors.
+// With few accumulators (B = 1 is a GEMV) the FMA latency, not throughput, would bound the
+// loop, so the k range is split over S independent banks that are summed at the end: about
+// 8 FMA chains are needed to keep both FMA ports busy.
 template <int MR, int NV>
 inline void panel_gemm(const float* A, int64_t lda, const float* P, int64_t K, V* acc) {
-  V c[MR][NV];
+  constexpr int S = MR * NV >= 8 ? 1 : (8 / (MR * NV) >= 4 ? 4 : 8 / (MR * NV));
+  V c[S][MR][NV];
+#pragma GCC unroll 4
+  for (int q = 0; q < S; ++q)
 #pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
+    for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) c[m][j] = V(0.0f);
-  for (int64_t k = 0; k < K; ++k) {
-    V b[NV];
+      for (int j = 0; j < NV; ++j) c[q][m][j] = V(0.0f);
+  int64_t k = 0;
+  for (; k + S <= K; k += S) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) b[j] = V::loadu(P + (k * NV + j) * kW);
+    for (int q = 0; q < S; ++q) {
+      V b[NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) b[j] = V::loadu(P + ((k + q) * NV + j) * kW);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const V a(A[m * lda + k + q]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) c[q][m][j] = at::vec::fmadd(a, b[j], c[q][m][j]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const V a(A[m * lda + k]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) c[m][j] = at::vec::fmadd(a, b[j], c[m][j]);
+      for (int j = 0; j < NV; ++j)
+        c[0][m][j] = at::vec::fmadd(a, V::loadu(P + (k * NV + j) * kW), c[0][m][j]);
     }
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[m * NV + j] = c[m][j];
+    for (int j = 0; j < NV; ++j) {
+      V sum = c[0][m][j];
+#pragma GCC unroll 4
+      for (int q = 1; q < S; ++q) sum = sum + c[q][m][j];
+      acc[m * NV + j] = sum;
+    }
 }
 
 // panel_gemm with the row count chosen at run time (1..MR).

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from seqkern import _ext, registry
+from seqkern import triton as _triton_backend  # does not import triton itself
 from seqkern.reference import attention as ref
 
 __all__ = ["scaled_dot_product_attention"]
@@ -79,6 +80,9 @@ _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 if _ext._C is not None:
     registry.register("attention", "cpu")
+
+# triton backend: registered (and the CUDA kernels of the two ops above) only if installed.
+_triton_backend.install("attention", _attention_forward_op, _attention_backward_op)
 
 
 # ---------------------------------------------------------------- public API ---------------
@@ -190,6 +194,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     backend = registry.select("attention", query.device)
+    if backend == "triton":
+        from seqkern.triton import attention as triton_attention
+
+        return triton_attention.scaled_dot_product_attention(
+            query, key, value, attn_mask, is_causal, scale, window, key_lengths, causal_alignment)
     if backend == "cpu" and query.dtype in _KERNEL_DTYPES:
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError("seqkern: gradients with respect to attn_mask are not "

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from seqkern import _ext, registry
+from seqkern import triton as _triton_backend  # does not import triton itself
 from seqkern.reference import rnn as ref
 
 __all__ = ["recurrent_layer", "recurrence", "MODES"]
@@ -132,6 +133,9 @@ _recurrent_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 if _ext._C is not None:
     registry.register("rnn", "cpu")
+
+# triton backend: registered (and the CUDA kernels of the two ops above) only if installed.
+_triton_backend.install("rnn", _recurrent_layer_op, _recurrent_layer_backward_op)
 
 
 # ---------------------------------------------------------------- packing helpers ----------
