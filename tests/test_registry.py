@@ -93,3 +93,27 @@ def test_bench_runs_one_small_case(tmp_path):
     rows = harness.run([case], full=False)
     assert rows[0]["seqkern_ms"] > 0 and rows[0]["torch_ms"] > 0 and rows[0]["speedup"] > 0
     assert "gru" in harness.table(rows)
+
+
+def test_extension_refused_on_cpu_without_its_isa(monkeypatch):
+    """A build that uses CPU features the running CPU lacks must not be loaded (it would die
+    with SIGILL); the loader reports why and the registry falls back to the reference."""
+    from seqkern import _ext
+
+    if _ext._C is None:
+        pytest.skip("extension not built")
+    required = set(_ext._C.required_cpu_flags().split())
+    if not required:
+        pytest.skip("generic build: uses no optional CPU features")
+    ext = _ext._C
+    monkeypatch.setattr(_ext, "_cpu_flags", lambda: {"sse2"})
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "load_error", None)
+    _ext._load()
+    assert _ext._C is None
+    assert "CPU features this CPU lacks" in _ext.load_error
+    assert sorted(required)[0] in _ext.load_error
+    assert registry.availability("cpu")[0] is False
+    monkeypatch.setattr(_ext, "_cpu_flags", lambda: required | {"sse2"})
+    _ext._load()
+    assert _ext._C is ext
