@@ -20,6 +20,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/rnn.h"
+#include "cpu/rnn_cells.h"
 #include "cpu/rnn_common.h"
 #include "cpu/vec_math.h"
 
@@ -134,40 +135,32 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
           case Cell::RnnRelu:
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
               auto a = load(xr + j, n) + load(rr + j, n) + load(bz + j, n);
-              store(cell == Cell::RnnTanh ? tanh(a) : relu(a), h + j, n);
+              store(rnn_activation(a, cell == Cell::RnnRelu), h + j, n);
             });
             break;
           case Cell::Lstm: {
             T* c = cs + b * H;
             T* m = proj ? auxp + b * H : h;
             T* cv = csave ? csave + (o + b) * (proj ? 3 * H : 2 * H) : nullptr;
+            auto pre = [&](int64_t g, int64_t j, int64_t n) {
+              return load(xr + g * H + j, n) + load(rr + g * H + j, n) + load(bz + g * H + j, n);
+            };
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
               auto cp = load(c + j, n);
-              auto ai = load(xr + j, n) + load(rr + j, n) + load(bz + j, n);
-              auto af = load(xr + H + j, n) + load(rr + H + j, n) + load(bz + H + j, n);
-              auto ag = load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n) + load(bz + 2 * H + j, n);
-              auto ao = load(xr + 3 * H + j, n) + load(rr + 3 * H + j, n) + load(bz + 3 * H + j, n);
-              if (peep_p) {
-                ai = ai + load(peep_p + j, n) * cp;
-                af = af + load(peep_p + H + j, n) * cp;
-              }
-              auto i = sigmoid(ai), f = sigmoid(af), g = tanh(ag);
-              auto cn = f * cp + i * g;
-              if (peep_p) ao = ao + load(peep_p + 2 * H + j, n) * cn;
-              auto og = sigmoid(ao);
-              auto mv = og * tanh(cn);
-              store(cn, c + j, n);
-              store(mv, m + j, n);
+              auto st = lstm_step(pre(0, j, n), pre(1, j, n), pre(2, j, n), pre(3, j, n), cp,
+                                  peep_p, H, j, n);
+              store(st.c, c + j, n);
+              store(st.m, m + j, n);
               if (gs) {
-                store(i, gs + j, n);
-                store(f, gs + H + j, n);
-                store(g, gs + 2 * H + j, n);
-                store(og, gs + 3 * H + j, n);
+                store(st.i, gs + j, n);
+                store(st.f, gs + H + j, n);
+                store(st.g, gs + 2 * H + j, n);
+                store(st.o, gs + 3 * H + j, n);
               }
               if (cv) {
                 store(cp, cv + j, n);
-                store(cn, cv + H + j, n);
-                if (proj) store(mv, cv + 2 * H + j, n);
+                store(st.c, cv + H + j, n);
+                if (proj) store(st.m, cv + 2 * H + j, n);
               }
             });
             break;
@@ -179,8 +172,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
               auto hn = load(rr + 2 * H + j, n);
               if (b_hn) hn = hn + load(b_hn + j, n);
               auto nn = tanh(load(xr + 2 * H + j, n) + load(bz + 2 * H + j, n) + r * hn);
-              auto hp = load(h + j, n);
-              store(nn + z * (hp - nn), h + j, n);
+              store(gru_mix(nn, z, load(h + j, n)), h + j, n);
               if (gs) {
                 store(r, gs + j, n);
                 store(z, gs + H + j, n);
@@ -193,9 +185,9 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
               auto r = load(rr + j, n);
               auto z = load(rr + H + j, n);
-              auto nn = tanh(load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n) + load(bz + 2 * H + j, n));
-              auto hp = load(h + j, n);
-              store(nn + z * (hp - nn), h + j, n);
+              auto nn = tanh(load(xr + 2 * H + j, n) + load(rr + 2 * H + j, n) +
+                             load(bz + 2 * H + j, n));
+              store(gru_mix(nn, z, load(h + j, n)), h + j, n);
               if (gs) {
                 store(r, gs + j, n);
                 store(z, gs + H + j, n);
@@ -302,12 +294,8 @@ std::vector<at::Tensor> backward_impl(
           case Cell::RnnRelu: {
             const T* y = outp + (o + b) * Hs;
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
-              auto yv = load(y + j, n);
-              auto d = load(dh_r + j, n);
-              Vec<T> da = cell == Cell::RnnTanh
-                              ? d * (Vec<T>(T(1)) - yv * yv)
-                              : Vec<T>::blendv(Vec<T>(T(0)), d, yv > Vec<T>(T(0)));
-              store(da, dx_r + j, n);
+              store(rnn_activation_backward(load(dh_r + j, n), load(y + j, n),
+                                            cell == Cell::RnnRelu), dx_r + j, n);
             });
             break;
           }
@@ -316,60 +304,42 @@ std::vector<at::Tensor> backward_impl(
             const T* dm_r = dmp + b * (proj ? H : Hs);
             T* dc_r = dcp + b * H;
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
-              const Vec<T> one(T(1));
-              auto i = load(gs + j, n), f = load(gs + H + j, n);
-              auto g = load(gs + 2 * H + j, n), og = load(gs + 3 * H + j, n);
-              auto cp = load(cv + j, n), cn = load(cv + H + j, n);
-              auto tc = tanh(cn);
-              auto dmv = load(dm_r + j, n);
-              auto dao = dmv * tc * og * (one - og);
-              auto dct = load(dc_r + j, n) + dmv * og * (one - tc * tc);
-              if (peep_p) dct = dct + dao * load(peep_p + 2 * H + j, n);
-              auto dai = dct * g * i * (one - i);
-              auto daf = dct * cp * f * (one - f);
-              auto dag = dct * i * (one - g * g);
-              auto dcp_ = dct * f;
-              if (peep_p) {
-                dcp_ = dcp_ + dai * load(peep_p + j, n) + daf * load(peep_p + H + j, n);
-              }
-              store(dcp_, dc_r + j, n);
-              store(dai, dx_r + j, n);
-              store(daf, dx_r + H + j, n);
-              store(dag, dx_r + 2 * H + j, n);
-              store(dao, dx_r + 3 * H + j, n);
+              auto gr = lstm_step_backward(load(dm_r + j, n), load(dc_r + j, n), load(gs + j, n),
+                                           load(gs + H + j, n), load(gs + 2 * H + j, n),
+                                           load(gs + 3 * H + j, n), load(cv + j, n),
+                                           load(cv + H + j, n), peep_p, H, j, n);
+              store(gr.dc_prev, dc_r + j, n);
+              store(gr.di, dx_r + j, n);
+              store(gr.df, dx_r + H + j, n);
+              store(gr.dg, dx_r + 2 * H + j, n);
+              store(gr.do_, dx_r + 3 * H + j, n);
             });
             break;
           }
           case Cell::Gru: {
             T* dr_r = drt + b * GH;
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
-              const Vec<T> one(T(1));
-              auto r = load(gs + j, n), z = load(gs + H + j, n);
-              auto nn = load(gs + 2 * H + j, n), hn = load(gs + 3 * H + j, n);
-              auto d = load(dh_r + j, n);
-              auto hpv = load(hp + j, n);
-              auto dan = d * (one - z) * (one - nn * nn);
-              auto daz = d * (hpv - nn) * z * (one - z);
-              auto dar = dan * hn * r * (one - r);
+              auto r = load(gs + j, n), hn = load(gs + 3 * H + j, n);
+              auto gr = gru_mix_backward(load(dh_r + j, n), load(gs + 2 * H + j, n),
+                                         load(gs + H + j, n), load(hp + j, n));
+              auto dar = gr.dn_pre * hn * r * (Vec<T>(T(1)) - r);
               store(dar, dx_r + j, n);
-              store(daz, dx_r + H + j, n);
-              store(dan, dx_r + 2 * H + j, n);
+              store(gr.dz_pre, dx_r + H + j, n);
+              store(gr.dn_pre, dx_r + 2 * H + j, n);
               store(dar, dr_r + j, n);
-              store(daz, dr_r + H + j, n);
-              store(dan * r, dr_r + 2 * H + j, n);
-              store(d * z, dh_r + j, n);  // direct path h → h'; the GEMM adds the rest
+              store(gr.dz_pre, dr_r + H + j, n);
+              store(gr.dn_pre * r, dr_r + 2 * H + j, n);
+              store(gr.dh_direct, dh_r + j, n);  // the GEMM adds the W_hh path
             });
             break;
           }
           case Cell::GruCho: {
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
-              const Vec<T> one(T(1));
-              auto z = load(gs + H + j, n), nn = load(gs + 2 * H + j, n);
-              auto d = load(dh_r + j, n);
-              auto hpv = load(hp + j, n);
-              store(d * (one - z) * (one - nn * nn), dx_r + 2 * H + j, n);
-              store(d * (hpv - nn) * z * (one - z), dx_r + H + j, n);
-              store(d * z, dh_r + j, n);
+              auto gr = gru_mix_backward(load(dh_r + j, n), load(gs + 2 * H + j, n),
+                                         load(gs + H + j, n), load(hp + j, n));
+              store(gr.dn_pre, dx_r + 2 * H + j, n);
+              store(gr.dz_pre, dx_r + H + j, n);
+              store(gr.dh_direct, dh_r + j, n);
             });
             break;
           }

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/rnn_cells.h"
 #include "cpu/rnn_common.h"
 #include "cpu/vec_math.h"
 
@@ -145,41 +146,29 @@ inline void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int64_t u0,
   };
   float* gs = a.save_gates ? a.save_gates + (o + m) * (C == Cell::Gru ? 4 * H : GH) : nullptr;
   V h;
-  if constexpr (C == Cell::RnnTanh) {
-    h = tanh(pre(0));
-  } else if constexpr (C == Cell::RnnRelu) {
-    h = relu(pre(0));
+  if constexpr (C == Cell::RnnTanh || C == Cell::RnnRelu) {
+    h = rnn_activation(pre(0), C == Cell::RnnRelu);
   } else if constexpr (C == Cell::Lstm) {
     float* c = a.c + m * H + u0;
     auto cp = load(c, n);
-    auto ai = pre(0), af = pre(1), ag = pre(2), ao = pre(3);
-    if (a.peep) {
-      ai = ai + load(a.peep + u0, n) * cp;
-      af = af + load(a.peep + H + u0, n) * cp;
-    }
-    auto i = sigmoid(ai), f = sigmoid(af), g = tanh(ag);
-    auto cn = f * cp + i * g;
-    if (a.peep) ao = ao + load(a.peep + 2 * H + u0, n) * cn;
-    auto og = sigmoid(ao);
-    h = og * tanh(cn);
-    store(cn, c, n);
+    auto st = lstm_step(pre(0), pre(1), pre(2), pre(3), cp, a.peep, H, u0, n);
+    h = st.m;
+    store(st.c, c, n);
     if (gs) {
-      store(i, gs + u0, n);
-      store(f, gs + H + u0, n);
-      store(g, gs + 2 * H + u0, n);
-      store(og, gs + 3 * H + u0, n);
+      store(st.i, gs + u0, n);
+      store(st.f, gs + H + u0, n);
+      store(st.g, gs + 2 * H + u0, n);
+      store(st.o, gs + 3 * H + u0, n);
       float* cv = a.save_cells + (o + m) * 2 * H;
       store(cp, cv + u0, n);
-      store(cn, cv + H + u0, n);
+      store(st.c, cv + H + u0, n);
     }
   } else {  // GRU, PyTorch convention
     auto r = sigmoid(pre(0));
     auto z = sigmoid(pre(1));
-    auto hlin = acc[2];
-    if (a.b_hn) hlin = hlin + load(a.b_hn + u0, n);
+    auto hlin = a.b_hn ? acc[2] + load(a.b_hn + u0, n) : acc[2];
     auto nn = tanh(load(xr + 2 * H + u0, n) + load(a.bias + 2 * H + u0, n) + r * hlin);
-    auto hpv = load(hp + m * H + u0, n);
-    h = nn + z * (hpv - nn);
+    h = gru_mix(nn, z, load(hp + m * H + u0, n));
     if (gs) {
       store(r, gs + u0, n);
       store(z, gs + H + u0, n);
@@ -240,52 +229,39 @@ void forward_loop(const ForwardArgs& a) {
 template <Cell C>
 inline void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
-  const V one(1.0f);
   float* dh = a.dh + m * H + u0;
   auto d = load(dh, n);
   if (a.grad_out) d = d + load(a.grad_out + (o + m) * H + u0, n);
   float* dx = a.dxg + (o + m) * GH;
   if constexpr (C == Cell::RnnTanh || C == Cell::RnnRelu) {
     auto y = load(a.out + (o + m) * H + u0, n);
-    V da = C == Cell::RnnTanh ? d * (one - y * y) : V::blendv(V(0.0f), d, y > V(0.0f));
-    store(da, dx + u0, n);
+    store(rnn_activation_backward(d, y, C == Cell::RnnRelu), dx + u0, n);
   } else if constexpr (C == Cell::Lstm) {
     const float* gs = a.gates + (o + m) * GH;
     const float* cv = a.cells + (o + m) * 2 * H;
-    auto i = load(gs + u0, n), f = load(gs + H + u0, n);
-    auto g = load(gs + 2 * H + u0, n), og = load(gs + 3 * H + u0, n);
-    auto cp = load(cv + u0, n), cn = load(cv + H + u0, n);
-    auto tc = tanh(cn);
     float* dc = a.dc + m * H + u0;
-    auto dao = d * tc * og * (one - og);
-    auto dct = load(dc, n) + d * og * (one - tc * tc);
-    if (a.peep) dct = dct + dao * load(a.peep + 2 * H + u0, n);
-    auto dai = dct * g * i * (one - i);
-    auto daf = dct * cp * f * (one - f);
-    auto dag = dct * i * (one - g * g);
-    auto dcp = dct * f;
-    if (a.peep) dcp = dcp + dai * load(a.peep + u0, n) + daf * load(a.peep + H + u0, n);
-    store(dcp, dc, n);
-    store(dai, dx + u0, n);
-    store(daf, dx + H + u0, n);
-    store(dag, dx + 2 * H + u0, n);
-    store(dao, dx + 3 * H + u0, n);
+    auto gr = lstm_step_backward(d, load(dc, n), load(gs + u0, n), load(gs + H + u0, n),
+                                 load(gs + 2 * H + u0, n), load(gs + 3 * H + u0, n),
+                                 load(cv + u0, n), load(cv + H + u0, n), a.peep, H, u0, n);
+    store(gr.dc_prev, dc, n);
+    store(gr.di, dx + u0, n);
+    store(gr.df, dx + H + u0, n);
+    store(gr.dg, dx + 2 * H + u0, n);
+    store(gr.do_, dx + 3 * H + u0, n);
   } else {  // GRU
     const float* gs = a.gates + (o + m) * 4 * H;
-    auto r = load(gs + u0, n), z = load(gs + H + u0, n);
-    auto nn = load(gs + 2 * H + u0, n), hlin = load(gs + 3 * H + u0, n);
-    auto hpv = load(a.hprev + (o + m) * H + u0, n);
-    auto dan = d * (one - z) * (one - nn * nn);
-    auto daz = d * (hpv - nn) * z * (one - z);
-    auto dar = dan * hlin * r * (one - r);
+    auto r = load(gs + u0, n), hlin = load(gs + 3 * H + u0, n);
+    auto gr = gru_mix_backward(d, load(gs + 2 * H + u0, n), load(gs + H + u0, n),
+                               load(a.hprev + (o + m) * H + u0, n));
+    auto dar = gr.dn_pre * hlin * r * (V(1.0f) - r);
     float* dr = a.drec + (o + m) * GH;
     store(dar, dx + u0, n);
-    store(daz, dx + H + u0, n);
-    store(dan, dx + 2 * H + u0, n);
+    store(gr.dz_pre, dx + H + u0, n);
+    store(gr.dn_pre, dx + 2 * H + u0, n);
     store(dar, dr + u0, n);
-    store(daz, dr + H + u0, n);
-    store(dan * r, dr + 2 * H + u0, n);
-    store(d * z, dh, n);  // the direct h → h' path; phase 2 adds the matmul path
+    store(gr.dz_pre, dr + H + u0, n);
+    store(gr.dn_pre * r, dr + 2 * H + u0, n);
+    store(gr.dh_direct, dh, n);  // phase 2 adds the matmul path
   }
 }
 
