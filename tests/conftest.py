@@ -1,9 +1,16 @@
 import os
 
-import pytest
 import torch
 
-import seqkern
+if not torch.cuda.is_available():
+    # Triton decides interpreted-vs-compiled at its first import, which `import seqkern` already
+    # triggers (through torch._dynamo); the Triton tests run on CPU tensors under the
+    # interpreter, so the variable must be set before that import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import seqkern  # noqa: E402
 
 
 def pytest_report_header(config):

@@ -1,0 +1,146 @@
+"""Triton recurrences under the interpreter (TRITON_INTERPRET=1, CPU tensors) against the
+reference: outputs, final states and every gradient, packed variable lengths, both directions.
+
+Shapes are tiny on purpose (the interpreter runs each Triton op through numpy) but not
+block-aligned: B=3 (< BLOCK_B), H=33 (one full + one partial 32-column block), I=5.
+"""
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    # With a GPU the session compiles the kernels (conftest sets TRITON_INTERPRET only on
+    # CPU-only machines); tests/test_gpu.py runs the same checks on CUDA tensors there.
+    pytest.skip("interpreter tests run on CPU-only machines", allow_module_level=True)
+# triton fixes interpreted-vs-compiled when it is first imported, which `import seqkern` (via
+# torch._dynamo) already did in conftest: the variable has to come from the environment or
+# the top of conftest. A wrong setup fails here, loudly, rather than skipping.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+from seqkern.triton import rnn as trnn  # noqa: E402
+from seqkern.triton.common import interpreter_ready  # noqa: E402
+
+assert interpreter_ready(), ("triton was imported before TRITON_INTERPRET=1 was set; set it in "
+                             "tests/conftest.py before importing seqkern, or in the environment")
+
+import seqkern  # noqa: E402
+from seqkern.ops import rnn as ops  # noqa: E402
+from seqkern.reference import rnn as ref  # noqa: E402
+
+pytestmark = pytest.mark.triton
+# fp32 throughout; a wrong index or gate gives O(1) errors, roundoff here is ~1e-5 (relu
+# lets values grow, so its long weight-gradient sums are the loosest).
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_case(mode, lengths, I=5, H=33, proj=None, peep=False, bias=True, scale=0.4):
+    G = ref.gate_count(mode)
+    Hs = proj or H
+    w = {"w_ih": torch.randn(G * H, I) * scale, "w_hh": torch.randn(G * H, Hs) * scale}
+    if bias:
+        w["b_ih"] = torch.randn(G * H) * scale
+        w["b_hh"] = torch.randn(G * H) * scale
+    if peep:
+        w["w_peep"] = torch.randn(3, H) * scale
+    if proj:
+        w["w_hr"] = torch.randn(proj, H) * scale
+    x = torch.randn(max(lengths), len(lengths), I)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=True)
+    h0 = torch.randn(len(lengths), Hs)
+    c0 = torch.randn(len(lengths), H) if mode == "lstm" else None
+    return packed.data, packed.batch_sizes, h0, c0, w
+
+
+def run_and_grad(fn, mode, x, batch_sizes, h0, c0, w):
+    leaves = [x, h0] + ([c0] if c0 is not None else []) + list(w.values())
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    x_, h0_ = leaves[0], leaves[1]
+    c0_ = leaves[2] if c0 is not None else None
+    w_ = dict(zip(w.keys(), leaves[3 if c0 is not None else 2:]))
+    out, hn, cn = fn(mode, x_, batch_sizes, h0_, c0_, w_)
+    # Weighted loss touching every output, so each gradient path is exercised.
+    loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + (hn ** 2).sum()
+    if cn is not None:
+        loss = loss + (cn * 0.7).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return [out, hn] + ([cn] if cn is not None else []) + list(grads)
+
+
+def check(mode, lengths, reverse=False, **kw):
+    case = make_case(mode, lengths, **kw)
+    got = run_and_grad(lambda *a: trnn.recurrent_layer(*a, reverse=reverse), mode, *case)
+    want = run_and_grad(lambda *a: ops._reference_layer(*a, reverse=reverse), mode, *case)
+    names = ["out", "h_n"] + (["c_n"] if mode == "lstm" else []) + ["dx", "dh0"] + \
+        (["dc0"] if mode == "lstm" else []) + ["d" + k for k in case[4]]
+    for name, g, r in zip(names, got, want):
+        torch.testing.assert_close(g, r, **TOL, msg=lambda m: f"{mode} {name}: {m}")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("mode", ref.MODES)
+def test_layer_variable_lengths(mode, reverse):
+    check(mode, [4, 3, 1], reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_lstm_peephole_projection(reverse):
+    check("lstm", [4, 2, 2], reverse=reverse, proj=7, peep=True)
+
+
+def test_single_step_and_no_bias():
+    check("gru_cho", [1, 1, 1], bias=False)
+    check("lstm", [1], bias=False, peep=True)
+
+
+@pytest.mark.slow
+def test_batch_larger_than_a_tile():
+    # 17 rows = one full 16-row program + a second program with one row.
+    check("gru", [3] * 9 + [2] * 8, H=17)
+
+
+def test_public_api_bidirectional_stack_under_triton_backend():
+    # ops.recurrence → registry → triton for CPU tensors when forced (interpreter on).
+    torch.manual_seed(1)
+    mode, B, I, H, L = "lstm", 3, 4, 9, 2
+    lengths = torch.tensor([3, 2, 1])
+    x = torch.randn(3, B, I)
+    data = torch.nn.utils.rnn.pack_padded_sequence(x, lengths).data
+    bsz = torch.nn.utils.rnn.pack_padded_sequence(x, lengths).batch_sizes
+    weights = []
+    for k in range(L * 2):
+        inp = I if k < 2 else 2 * H
+        weights.append({"w_ih": torch.randn(4 * H, inp) * 0.4, "w_hh": torch.randn(4 * H, H) * 0.4,
+                        "b_ih": torch.randn(4 * H) * 0.4, "b_hh": torch.randn(4 * H) * 0.4})
+    h0, c0 = torch.randn(L * 2, B, H), torch.randn(L * 2, B, H)
+    with seqkern.use_backend("triton"):
+        assert seqkern.select("rnn", "cpu") == "triton"
+        got = ops.recurrence(mode, data, bsz, h0, c0, weights, num_layers=L, bidirectional=True)
+    with seqkern.use_backend("reference"):
+        want = ops.recurrence(mode, data, bsz, h0, c0, weights, num_layers=L, bidirectional=True)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+def test_streaming_chunks_equal_whole_sequence():
+    # Carrying (h, c) across calls: 5 steps at once == 2 steps then 3 steps.
+    x, bsz, h0, c0, w = make_case("lstm", [5, 5], H=10)
+    out, hn, cn = trnn.recurrent_layer("lstm", x, bsz, h0, c0, w)
+    o1, h1, c1 = trnn.recurrent_layer("lstm", x[:4], bsz[:2], h0, c0, w)
+    o2, h2, c2 = trnn.recurrent_layer("lstm", x[4:], bsz[2:], h1, c1, w)
+    torch.testing.assert_close(torch.cat([o1, o2]), out, **TOL)
+    torch.testing.assert_close(h2, hn, **TOL)
+    torch.testing.assert_close(c2, cn, **TOL)
+
+
+def test_forward_without_grad_saves_nothing():
+    x, bsz, h0, c0, w = make_case("gru", [3, 2], H=6)
+    res = trnn.recurrent_forward("gru", x, bsz, h0, c0, *[w.get(k) for k in trnn._WEIGHT_KEYS],
+                                 False, False)
+    assert all(t.numel() == 0 for t in res[3:])
+    torch.testing.assert_close(res[0], ops._reference_layer("gru", x, bsz, h0, c0, w, False)[0],
+                               **TOL)
