@@ -1,0 +1,211 @@
+"""Modules: state_dict compatibility with nn.Conv1d, agreement with the same networks written
+with torch modules, and streaming (step by step and random chunks) equal to the whole sequence."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqkern
+from seqkern.nn import TCN, CausalConv1d, WaveNet, WaveNetBlock
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+BACKENDS = ["cpu", "reference"] if seqkern.availability("cpu")[0] else ["reference"]
+
+
+def padded_conv(conv: torch.nn.Conv1d, x):
+    return conv(F.pad(x, ((conv.kernel_size[0] - 1) * conv.dilation[0], 0)))
+
+
+def chunks(L, seed):
+    rng, out, t = random.Random(seed), [], 0
+    while t < L:
+        n = rng.randint(1, max(1, L // 4))
+        out.append((t, min(L, t + n)))
+        t += n
+    return out
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with seqkern.use_backend(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("cin,cout,k,d,groups,bias", [(4, 6, 3, 2, 1, True), (8, 8, 4, 5, 8, False),
+                                                       (6, 4, 2, 1, 2, True)])
+def test_causal_conv1d_loads_nn_conv1d_state_dict(backend, cin, cout, k, d, groups, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(cin, cout, k, dilation=d, groups=groups, bias=bias, dtype=torch.float64)
+    ours = CausalConv1d(cin, cout, k, dilation=d, groups=groups, bias=bias, dtype=torch.float64)
+    ours.load_state_dict(conv.state_dict())
+    x = torch.randn(3, cin, 40, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), padded_conv(conv, x), **TOL)
+    back = torch.nn.Conv1d(cin, cout, k, dilation=d, groups=groups, bias=bias, dtype=torch.float64)
+    back.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(back.weight, conv.weight, rtol=0, atol=0)
+
+
+def test_causal_conv1d_initialisation_matches_nn_conv1d():
+    torch.manual_seed(1)
+    a = torch.nn.Conv1d(16, 32, 3)
+    torch.manual_seed(1)
+    b = CausalConv1d(16, 32, 3)
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+    torch.testing.assert_close(a.bias, b.bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k,d,groups,activation", [(2, 4, 1, None), (3, 2, 6, "silu"), (1, 1, 1, "relu")])
+def test_causal_conv1d_streaming(backend, k, d, groups, activation):
+    torch.manual_seed(2)
+    m = CausalConv1d(6, 6, k, d, groups, activation=activation, dtype=torch.float64)
+    x = torch.randn(2, 6, 50, dtype=torch.float64)
+    whole, final = m(x, return_state=True)
+    state, ys = None, []
+    for t in range(50):
+        y, state = m.step(x[:, :, t], state)
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, 2), whole, **TOL)
+    torch.testing.assert_close(state, final, rtol=0, atol=0)
+    state, ys = None, []
+    for t0, t1 in chunks(50, k):
+        y, state = m(x[:, :, t0:t1], state, return_state=True)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 2), whole, **TOL)
+
+
+def torch_wavenet_block(block: WaveNetBlock, x):
+    """The block written with torch modules (what the benchmark compares against)."""
+    conv = torch.nn.Conv1d(block.residual_channels, 2 * block.gate_channels,
+                           block.conv.kernel_size, dilation=block.dilation, dtype=x.dtype)
+    conv.load_state_dict(block.conv.state_dict())
+    h = padded_conv(conv, x)
+    G = block.gate_channels
+    z = torch.tanh(h[:, :G]) * torch.sigmoid(h[:, G:])
+    return x + block.res(z), block.skip(z)
+
+
+def test_wavenet_block_matches_torch_modules(backend):
+    torch.manual_seed(3)
+    block = WaveNetBlock(8, 12, 10, kernel_size=3, dilation=4, dtype=torch.float64)
+    x = torch.randn(2, 8, 60, dtype=torch.float64, requires_grad=True)
+    res, skip = block(x)
+    res_t, skip_t = torch_wavenet_block(block, x)
+    torch.testing.assert_close(res, res_t, **TOL)
+    torch.testing.assert_close(skip, skip_t, **TOL)
+    g = torch.autograd.grad((res * 1.5).sum() + (skip ** 2).sum(), [x] + list(block.parameters()))
+    g_t = torch.autograd.grad((res_t * 1.5).sum() + (skip_t ** 2).sum(), [x] + list(block.parameters()),
+                              allow_unused=True)
+    for a, b in zip(g[:1] + g[3:], g_t[:1] + g_t[3:]):   # conv params of the torch copy are separate
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_wavenet_structure():
+    net = WaveNet(layers=25, residual_channels=4, gate_channels=4, skip_channels=4,
+                  kernel_size=2, dilation_cycle=10)
+    assert net.dilations == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] * 2 + [1, 2, 4, 8, 16]
+    assert net.receptive_field == 1 + 2 * 1023 + 31
+    assert set(net.state_dict()) >= {"blocks.0.conv.weight", "blocks.0.skip.weight", "blocks.24.res.bias"}
+
+
+def test_wavenet_streaming_and_gradients_agree_across_backends():
+    torch.manual_seed(4)
+    net = WaveNet(layers=6, residual_channels=4, gate_channels=6, skip_channels=5, kernel_size=2,
+                  dilation_cycle=3, dtype=torch.float64)
+    x = torch.randn(2, 4, 40, dtype=torch.float64)
+    whole, final = net(x, return_state=True)
+    # with grad enabled the stack steps block by block; under no_grad it is one fused call
+    for grad_mode in (True, False):
+        state, ys = None, []
+        with torch.set_grad_enabled(grad_mode):
+            for t in range(40):
+                y, state = net.step(x[:, :, t], state)
+                ys.append(y)
+        torch.testing.assert_close(torch.stack(ys, 2), whole, **TOL)
+        for a, b in zip(state, final):   # deeper layers' queues hold computed residuals
+            torch.testing.assert_close(a, b, **TOL)
+    state, ys = None, []
+    for t0, t1 in chunks(40, 5):
+        y, state = net(x[:, :, t0:t1], state, return_state=True)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 2), whole, **TOL)
+    grads = {}
+    for be in BACKENDS:
+        with seqkern.use_backend(be):
+            xr = x.clone().requires_grad_()
+            out = net(xr)
+            params = [xr] + list(net.parameters())
+            # the last block's residual output feeds nothing: its grads are None or zeros
+            g = torch.autograd.grad((out ** 2).sum(), params, allow_unused=True)
+            grads[be] = [torch.zeros_like(p) if d is None else d for p, d in zip(params, g)]
+    for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+class ChompTCNBlock(torch.nn.Module):
+    """Bai et al.'s TemporalBlock as published: symmetric padding then chomping the future."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.ours = ours
+
+    def forward(self, x):
+        def conv(m, x):
+            w, b, d = m.weight, m.bias, m.dilation
+            pad = (m.kernel_size - 1) * d
+            y = F.conv1d(x, w, b, padding=pad, dilation=d)
+            return y[:, :, :-pad] if pad else y
+        h = torch.relu(conv(self.ours.conv1, x))
+        h = torch.relu(conv(self.ours.conv2, h))
+        res = x if self.ours.downsample is None else self.ours.downsample(x)
+        return torch.relu(h + res)
+
+
+def test_tcn_matches_published_block_and_streams(backend):
+    torch.manual_seed(6)
+    tcn = TCN(3, [8, 8, 5], kernel_size=3, dtype=torch.float64).eval()
+    assert [b.conv1.dilation for b in tcn.blocks] == [1, 2, 4]
+    assert tcn.receptive_field == 1 + 2 * 2 * (1 + 2 + 4)
+    x = torch.randn(2, 3, 45, dtype=torch.float64)
+    want = x
+    for b in tcn.blocks:
+        want = ChompTCNBlock(b)(want)
+    whole, final = tcn(x, return_state=True)
+    torch.testing.assert_close(whole, want, **TOL)
+    state, ys = None, []
+    for t in range(45):
+        y, state = tcn.step(x[:, :, t], state)
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, 2), whole, **TOL)
+    state, ys = None, []
+    for t0, t1 in chunks(45, 7):
+        y, state = tcn(x[:, :, t0:t1], state, return_state=True)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 2), whole, **TOL)
+
+
+def test_module_argument_errors():
+    with pytest.raises(ValueError, match=r"kernel_size must be a positive int, got 0"):
+        CausalConv1d(4, 4, 0)
+    with pytest.raises(ValueError, match=r"in_channels \(4\) and out_channels \(6\) must be divisible by groups \(4\)"):
+        CausalConv1d(4, 6, 2, groups=4)
+    m = CausalConv1d(4, 4, 3, dilation=2)
+    with pytest.raises(ValueError, match=r"initial_state must be \(B, C_in, \(K-1\)\*dilation\) = \(1, 4, 4\)"):
+        m(torch.randn(1, 4, 10), torch.zeros(1, 4, 3))
+
+
+def test_modules_compile_fullgraph(backend):
+    torch.manual_seed(9)
+    conv = CausalConv1d(8, 8, 3, dilation=2, activation="silu", dtype=torch.float64)
+    block = WaveNetBlock(8, 6, 5, kernel_size=2, dilation=4, dtype=torch.float64)
+    x = torch.randn(2, 8, 30, dtype=torch.float64, requires_grad=True)
+    for mod in (conv, block):
+        eager = mod(x)
+        compiled = torch.compile(mod, fullgraph=True)(x)
+        eager, compiled = (eager,) if isinstance(eager, torch.Tensor) else eager, \
+            (compiled,) if isinstance(compiled, torch.Tensor) else compiled
+        for e, c in zip(eager, compiled):
+            torch.testing.assert_close(c, e, **TOL)
+        g_e = torch.autograd.grad(sum(o.sum() for o in eager), x)
+        g_c = torch.autograd.grad(sum(o.sum() for o in compiled), x)
+        torch.testing.assert_close(g_c[0], g_e[0], **TOL)
