@@ -14,23 +14,64 @@ namespace seqkern::cpu {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// σ(x) = 1 / (1 + e^{-x}); e^{-x} overflows to +inf for x < -88 (float), giving exactly 0.
+// exp for float vectors to about 2 ulp, inlined. Sleef's expf (Vectorized::exp) is as accurate
+// but is an out-of-line call that spills the caller's registers, and the gate epilogues of the
+// recurrent kernels call it several times per tile; Vectorized::exp_u20 is inline but 20 ulp,
+// which a recurrence amplifies step after step. Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2,
+// then the degree-7 Taylor polynomial of e^r (truncation below 1e-8 relative) and a 2^n scale.
+inline Vec<float> exp_accurate(Vec<float> x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using V = Vec<float>;
+  x = at::vec::minimum(at::vec::maximum(x, V(-87.3f)), V(88.3f));  // 2^n stays a normal float
+  const V n = (x * V(1.4426950408889634f)).round();
+  V r = at::vec::fmadd(n, V(-0.693359375f), x);  // ln2 split so that n·hi is exact
+  r = at::vec::fmadd(n, V(2.12194440e-4f), r);
+  V p(1.0f / 5040.0f);
+  p = at::vec::fmadd(p, r, V(1.0f / 720.0f));
+  p = at::vec::fmadd(p, r, V(1.0f / 120.0f));
+  p = at::vec::fmadd(p, r, V(1.0f / 24.0f));
+  p = at::vec::fmadd(p, r, V(1.0f / 6.0f));
+  p = at::vec::fmadd(p, r, V(0.5f));
+  p = at::vec::fmadd(p, r, V(1.0f));
+  p = at::vec::fmadd(p, r, V(1.0f));
+#if defined(CPU_CAPABILITY_AVX512)
+  return V(_mm512_scalef_ps(p, n));
+#else
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                          _mm256_set1_epi32(127)), 23);
+  return p * V(_mm256_castsi256_ps(bits));
+#endif
+#else
+  return x.exp();
+#endif
+}
+
+// σ(x) = 1 / (1 + e^{-x}); e^{-x} saturates for very negative x, giving 0 to float precision.
 template <typename T>
 inline Vec<T> sigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
-  return one / (one + x.neg().exp());
+  if constexpr (std::is_same_v<T, float>) return one / (one + exp_accurate(x.neg()));
+  else return one / (one + x.neg().exp());
 }
 
-// tanh through one expm1: tanh|x| = (1 − e)/(1 + e), e = exp(−2|x|), sign restored after.
-// Sleef's tanhf (what Vectorized<float>::tanh calls) costs several times an expm1f and
-// dominated the LSTM step. double keeps Sleef's tanh.
+// tanh|x| = (1 − e)/(1 + e), e = exp(−2|x|), which has no cancellation for |x| ≥ 1/4 (e ≤ 0.61);
+// below that the odd Taylor series to x⁹ (truncation ~2e-9 relative). double uses Sleef.
 template <typename T>
 inline Vec<T> tanh(const Vec<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
-    // expm1 rather than exp keeps 1 − e free of cancellation for small |x|.
-    auto em = (x.abs() * Vec<T>(-2.0f)).expm1();  // e − 1, in (−1, 0]
-    auto t = em.neg() / (em + Vec<T>(2.0f));
-    return Vec<T>::blendv(t, t.neg(), x < Vec<T>(0.0f));
+    using V = Vec<float>;
+    const V one(1.0f);
+    const V ax = x.abs();
+    const V e = exp_accurate(ax * V(-2.0f));
+    const V big = (one - e) / (one + e);
+    const V x2 = x * x;
+    V q(62.0f / 2835.0f);
+    q = at::vec::fmadd(q, x2, V(-17.0f / 315.0f));
+    q = at::vec::fmadd(q, x2, V(2.0f / 15.0f));
+    q = at::vec::fmadd(q, x2, V(-1.0f / 3.0f));
+    const V small = at::vec::fmadd(q * x2, ax, ax);
+    const V t = V::blendv(big, small, ax < V(0.25f));
+    return V::blendv(t, t.neg(), x < V(0.0f));
   } else {
     return x.tanh();
   }
