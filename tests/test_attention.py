@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not registry.availability("cpu")[0],
                                 reason="the C++ extension is not built")
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv): odd sizes, tiles that end mid-block, Lq ≠ Lk both ways,
-# GQA ratios 1, 2, 4, 8, value head dim ≠ query head dim
+# GQA ratios 1, 2, 4, 8, value head dim ≠ query head dim, and few query rows (decode path)
 SHAPES = [
     (1, 1, 1, 1, 1, 16, 16),
     (2, 2, 1, 7, 7, 40, 40),
@@ -26,6 +26,7 @@ SHAPES = [
     (2, 8, 1, 7, 129, 16, 16),
     (1, 2, 2, 129, 7, 128, 128),
     (2, 4, 2, 70, 70, 40, 24),
+    (2, 8, 2, 3, 150, 40, 24),  # ≤ 4 query rows: the row-wise decode kernel
 ]
 MASKS = ["none", "causal", "causal_br", "window", "window_br", "key_lengths", "bool", "additive",
          "bool_2d", "causal+bool+key_lengths", "window+additive", "causal_br+key_lengths"]

@@ -28,6 +28,8 @@ constexpr int kNV = 4;
 // groups: the rows of Sᵀ).
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 96;
+// Up to this many query rows the row-wise decode kernel beats a mostly empty query tile.
+constexpr int64_t kDecodeRows = 4;
 
 template <typename T>
 constexpr T neg_inf() {
@@ -417,6 +419,72 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   });
 }
 
+// Few query rows (decoding against a KV cache): the tiled kernel keeps W queries per vector and
+// would use one lane of each; here a task is one query row, its scores are dot products along
+// D and the P·V sum runs along Dv, both vectorised. Same outputs (O, log-sum-exp) as the tiled
+// kernel, so the backward is shared.
+template <typename T>
+void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
+                           const at::Tensor& v_, T scale, const Mask<T>& mask, at::Tensor& out,
+                           at::Tensor& lse) {
+  using V = Vec<T>;
+  const Strides sq(q_), sk(k_), sv(v_);
+  const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  T* LSE = lse.data_ptr<T>();
+  const int64_t g = d.group();
+  at::parallel_for(0, d.B * d.Hq * d.Lq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(d.Lk), acc(d.Dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task % d.Lq, h = (task / d.Lq) % d.Hq, b = task / (d.Lq * d.Hq);
+      const T* q = Q + sq.at(b, h, i);
+      const T* kbase = K + sk.at(b, h / g);
+      const T* vbase = Vp + sv.at(b, h / g);
+      T* o = O + ((b * d.Hq + h) * d.Lq + i) * d.Dv;
+      T* l = LSE + (b * d.Hq + h) * d.Lq + i;
+      const Span keys = mask.range(b, i);
+      T mx = neg_inf<T>();
+      for (int64_t j = keys.lo; j < keys.hi; ++j) {
+        const T* kr = kbase + j * sk.l;
+        V a(T(0));
+        for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { a = at::vec::fmadd(load(q + c, n), load(kr + c, n), a); });
+        T sc = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, a) * scale;
+        if (mask.has_explicit()) {
+          const int64_t idx = mask.at(b, h, i, j);
+          if (mask.bmask) sc = mask.bmask[idx] ? sc : neg_inf<T>();
+          else sc += mask.amask[idx];
+        }
+        s[j - keys.lo] = sc;
+        mx = std::max(mx, sc);
+      }
+      if (keys.empty() || mx == neg_inf<T>()) {  // no allowed key: zeros, not NaN
+        std::fill(o, o + d.Dv, T(0));
+        *l = neg_inf<T>();
+        continue;
+      }
+      const int64_t nk = keys.hi - keys.lo;
+      V sumv(T(0));
+      for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
+        store(vexp(load(s.data() + j, n) - V(mx)), s.data() + j, n);
+        sumv = sumv + load(s.data() + j, n);  // reload: lanes past n are zero
+      });
+      const T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, sumv);
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t j = 0; j < nk; ++j) {
+        const T p = s[j];
+        if (p == T(0)) continue;
+        const T* vr = vbase + (keys.lo + j) * sv.l;
+        for_each_vec<T>(d.Dv, [&](int64_t c, int64_t n) {
+          store(at::vec::fmadd(V(p), load(vr + c, n), load(acc.data() + c, n)), acc.data() + c, n);
+        });
+      }
+      const V inv(T(1) / sum);
+      for_each_vec<T>(d.Dv, [&](int64_t c, int64_t n) { store(load(acc.data() + c, n) * inv, o + c, n); });
+      *l = mx + std::log(sum);
+    }
+  });
+}
+
 // ------------------------------------------------------------------ backward ---------------
 
 // Gradients for key/value head hk of batch b from query heads [h_begin, h_end) of its group,
@@ -607,7 +675,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_attention_forward", [&] {
     const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                           window, mask_hold, len_hold);
-    forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, out, lse);
+    if (d.Lq <= kDecodeRows) {
+      decode_forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, out, lse);
+    } else {
+      forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, out, lse);
+    }
   });
   return {out.to(q.scalar_type()), lse};
 }
