@@ -19,13 +19,18 @@ using spack_t = void (*)(int, int, int, int, int, int, float, const float*, int,
 using scompute_t = void (*)(int, int, int, int, int, int, const float*, int, const float*, int,
                             float, float*, int);
 
+using gemm_bf16_t = void (*)(int, int, int, int, int, int, float, const uint16_t*, int,
+                            const uint16_t*, int, float, float*, int);
+
 struct Blas {
+  gemm_bf16_t gemm_bf16 = nullptr;
   sgemm_t sgemm = nullptr;
   dgemm_t dgemm = nullptr;
   spack_size_t spack_size = nullptr;
   spack_t spack = nullptr;
   scompute_t scompute = nullptr;
   Blas() {
+    gemm_bf16 = reinterpret_cast<gemm_bf16_t>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
     spack_size = reinterpret_cast<spack_size_t>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
     spack = reinterpret_cast<spack_t>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
     scompute = reinterpret_cast<scompute_t>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
@@ -159,6 +164,19 @@ void PackedWeight<T>::multiply(int64_t M, const T* A, int64_t lda, T beta, T* C,
 
 template class PackedWeight<float>;
 template class PackedWeight<double>;
+
+bool gemm_bf16_nt(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                  const at::BFloat16* B, int64_t ldb, float* C, int64_t ldc) {
+  const auto& b = blas();
+  if (!b.gemm_bf16 || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) ||
+      !fits_int(ldb) || !fits_int(ldc))
+    return false;
+  if (M == 0 || N == 0) return true;
+  b.gemm_bf16(kRowMajor, kNoTrans, kTrans, (int)M, (int)N, (int)K, 1.0f,
+              reinterpret_cast<const uint16_t*>(A), (int)lda, reinterpret_cast<const uint16_t*>(B),
+              (int)ldb, 0.0f, C, (int)ldc);
+  return true;
+}
 
 const char* blas_name() { return blas().sgemm ? "mkl" : "aten"; }
 

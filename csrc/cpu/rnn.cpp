@@ -44,7 +44,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
                   const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& w_peep,
                   const at::Tensor& w_hr, bool reverse, at::Tensor& out, at::Tensor& h_state,
                   at::Tensor& c_state, at::Tensor& ws_gates, at::Tensor& ws_cells,
-                  at::Tensor& ws_hprev, bool save) {
+                  at::Tensor& ws_hprev, bool save, const at::Tensor& xg_given) {
   const int64_t G = gate_count(cell);
   const int64_t H = w_hh.size(0) / G;
   const int64_t Hs = h0.size(1);  // state width: H, or proj_size
@@ -57,15 +57,17 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // recurrent matmul folded in (GRU's b_hn multiplies with r, so it stays out).
   // The summed bias is added in the gate pass rather than pre-filled into xg, which would
   // cost one more full write of the (N, G·H) buffer.
-  at::Tensor xg = at::empty({N, G * H}, x.options());
+  at::Tensor xg = xg_given.defined() ? xg_given : at::empty({N, G * H}, x.options());
   at::Tensor bias = at::zeros({G * H}, x.options());
   if (b_ih.defined()) bias.add_(b_ih);
   if (b_hh.defined()) {
     if (cell == Cell::Gru) bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
     else bias.add_(b_hh);
   }
-  gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
-          xg.data_ptr<T>(), G * H);
+  if (!xg_given.defined()) {
+    gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
+            xg.data_ptr<T>(), G * H);
+  }
   const T* bz = bias.data_ptr<T>();
   const T* b_hn = (cell == Cell::Gru && b_hh.defined()) ? b_hh.data_ptr<T>() + 2 * H : nullptr;
 
@@ -485,10 +487,21 @@ std::vector<at::Tensor> recurrent_forward(
                                    cell == Cell::Gru ? 4 * H : G * H}, opts);
   at::Tensor ws_cells = at::empty({save && lstm ? L.N : 0, w_hr.defined() ? 3 * H : 2 * H}, opts);
   at::Tensor ws_hprev = at::empty({save ? L.N : 0, Hs}, opts);
+  // bfloat16: the input projection, half of the FLOPs, runs as a bf16 GEMM with fp32 output
+  // (exact products, fp32 sums); the recurrence itself keeps its state in fp32.
+  at::Tensor xg_bf16;
+  if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 && L.N > 0) {
+    auto xb = x_.contiguous(), wb = w_ih_.contiguous();
+    at::Tensor xg = at::empty({L.N, G * H}, opts);
+    if (gemm_bf16_nt(L.N, G * H, x.size(1), xb.data_ptr<at::BFloat16>(), xb.size(1),
+                     wb.data_ptr<at::BFloat16>(), wb.size(1), xg.data_ptr<float>(), G * H)) {
+      xg_bf16 = xg;
+    }
+  }
   if (L.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_forward", [&] {
       forward_impl<scalar_t>(cell, L, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, reverse,
-                             out, h_state, c_state, ws_gates, ws_cells, ws_hprev, save);
+                             out, h_state, c_state, ws_gates, ws_cells, ws_hprev, save, xg_bf16);
     });
   }
   // h_n rows beyond batch_sizes[0] do not exist: the batch is batch_sizes[0] == h0.size(0).
