@@ -194,15 +194,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     backend = registry.select("attention", query.device)
-    if backend == "triton":
-        from seqkern.triton import attention as triton_attention
-
-        return triton_attention.scaled_dot_product_attention(
-            query, key, value, attn_mask, is_causal, scale, window, key_lengths, causal_alignment)
-    if backend == "cpu" and query.dtype in _KERNEL_DTYPES:
+    if backend == "triton" or (backend == "cpu" and query.dtype in _KERNEL_DTYPES):
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError("seqkern: gradients with respect to attn_mask are not "
-                                      "supported by the cpu backend")
+                                      f"supported by the {backend} backend")
+        # Both kernels take (B, H, L, D) operands, a detached additive mask, int64 key lengths
+        # and the mask flags as plain values.
         squeeze = query.dim() == 3
         q, k, v, m = query, key, value, attn_mask
         if squeeze:
@@ -212,9 +209,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         if m is not None and m.dtype != torch.bool:
             m = m.detach()
         kl = key_lengths.to(device=q.device, dtype=torch.int64) if key_lengths is not None else None
-        out, _ = _attention_forward_op(q, k, v, m, kl, bool(is_causal),
-                                       causal_alignment == "bottom_right", int(window or 0),
-                                       float(scale))
+        flags = (bool(is_causal), causal_alignment == "bottom_right", int(window or 0), float(scale))
+        if backend == "triton":
+            from seqkern.triton import attention as triton_attention
+
+            out = triton_attention.attention(q, k, v, m, kl, *flags)
+        else:
+            out, _ = _attention_forward_op(q, k, v, m, kl, *flags)
         return out.squeeze(1) if squeeze else out
     return ref.scaled_dot_product_attention(query, key, value, attn_mask, bool(is_causal), scale,
                                             enable_gqa, window=window, key_lengths=key_lengths,

@@ -512,25 +512,11 @@ DECODE_MAX_ROWS = 64
 DECODE_MIN_KEYS = 256
 
 
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
-                                 is_causal: bool = False, scale: float = 1.0,
-                                 window=None, key_lengths=None,
-                                 causal_alignment: str = "top_left") -> Tensor:
-    """The triton backend of ``seqkern.ops.scaled_dot_product_attention`` (arguments checked,
-    scale resolved)."""
-    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError("seqkern: gradients with respect to attn_mask are not "
-                                  "supported by the triton backend")
-    squeeze = query.dim() == 3
-    q, k, v, m = query, key, value, attn_mask
-    if squeeze:
-        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-        if m is not None and m.dim() == 3:
-            m = m.unsqueeze(1)
-    if m is not None and m.dtype != torch.bool:
-        m = m.detach()
-    kl = key_lengths.to(device=q.device, dtype=torch.int64) if key_lengths is not None else None
-    flags = (bool(is_causal), causal_alignment == "bottom_right", int(window or 0), float(scale))
+def attention(q: Tensor, k: Tensor, v: Tensor, m, kl, is_causal: bool, bottom_right: bool,
+              window: int, scale: float) -> Tensor:
+    """The triton backend of ``seqkern.ops.scaled_dot_product_attention``: (B, H, L, D) operands
+    and mask flags as ``seqkern.ops.attention`` prepares them (arguments already checked)."""
+    flags = (is_causal, bottom_right, window, scale)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     rows = (q.shape[1] // k.shape[1]) * q.shape[2]
     if not needs_grad and rows <= DECODE_MAX_ROWS and k.shape[2] >= DECODE_MIN_KEYS:
@@ -541,4 +527,4 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out, _ = _attention_forward_op(q, k, v, m, kl, *flags)
     else:
         out = _Attention.apply(q, k, v, m, kl, *flags)
-    return out.squeeze(1) if squeeze else out
+    return out
