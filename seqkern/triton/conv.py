@@ -63,6 +63,20 @@ def _load_ext(x_ptr, sxc, sxl, st_ptr, ssc, ssl, ch, cm, u, L, P, HAS_STATE: tl.
 
 
 @triton.jit
+def _finish_rows(acc, rows, rmask, row_base, offs_t, L, b_ptr, pre_ptr, y_ptr,
+                 HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr, ACT: tl.constexpr):
+    """Adds the bias, stores the pre-activation (when the backward needs it) and the activated
+    output of a (rows × time) tile; output row r of this batch entry is at (row_base + r) · L."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    ok = rmask[:, None] & (offs_t[None, :] < L)
+    out_off = (row_base + rows[:, None]) * L + offs_t[None, :]
+    if SAVE_PRE:
+        tl.store(pre_ptr + out_off, acc.to(pre_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + out_off, _activate(acc, ACT).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _conv_forward_kernel(x_ptr, w_ptr, b_ptr, st_ptr, y_ptr, pre_ptr,
                          sxb, sxc, sxl, ssb, ssc, ssl,
                          L, C_OUT, CIG, COG, K, dil, P,
@@ -89,13 +103,8 @@ def _conv_forward_kernel(x_ptr, w_ptr, b_ptr, st_ptr, y_ptr, pre_ptr,
             w = tl.load(w_ptr + offs_o[:, None] * (CIG * K) + cc[None, :] * K + k,
                         mask=om[:, None] & cm[None, :], other=0.0)
             acc += tl.dot(w, xv.to(w.dtype), input_precision=PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_o, mask=om, other=0.0).to(tl.float32)[:, None]
-    ok = om[:, None] & (offs_t[None, :] < L)
-    out_off = (b * C_OUT + offs_o[:, None]) * L + offs_t[None, :]
-    if SAVE_PRE:
-        tl.store(pre_ptr + out_off, acc.to(pre_ptr.dtype.element_ty), mask=ok)
-    tl.store(y_ptr + out_off, _activate(acc, ACT).to(y_ptr.dtype.element_ty), mask=ok)
+    _finish_rows(acc, offs_o, om, b * C_OUT, offs_t, L, b_ptr, pre_ptr, y_ptr, HAS_BIAS,
+                 SAVE_PRE, ACT)
 
 
 @triton.jit
@@ -175,13 +184,7 @@ def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, st_ptr, y_ptr, pre_ptr,
                        offs_t - (K - 1 - k) * dil, L, P, HAS_STATE)
         w = tl.load(w_ptr + cc * K + k, mask=cm, other=0.0).to(tl.float32)
         acc += w[:, None] * xv.to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cc, mask=cm, other=0.0).to(tl.float32)[:, None]
-    ok = cm[:, None] & (offs_t[None, :] < L)
-    out_off = (b * C + cc[:, None]) * L + offs_t[None, :]
-    if SAVE_PRE:
-        tl.store(pre_ptr + out_off, acc.to(pre_ptr.dtype.element_ty), mask=ok)
-    tl.store(y_ptr + out_off, _activate(acc, ACT).to(y_ptr.dtype.element_ty), mask=ok)
+    _finish_rows(acc, cc, cm, b * C, offs_t, L, b_ptr, pre_ptr, y_ptr, HAS_BIAS, SAVE_PRE, ACT)
 
 
 @triton.jit
