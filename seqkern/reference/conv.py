@@ -45,6 +45,16 @@ def final_state(x: Tensor, initial_state: Tensor | None, P: int) -> Tensor:
     return history(x, initial_state, P)[:, :, L:]
 
 
+def _finish(y, bias, activation, x_ext, P, return_final_state):
+    """Bias, activation, and (optionally) the final state: the last P columns of x_ext."""
+    if bias is not None:
+        y = y + bias[None, :, None]
+    y = activate(y, activation)
+    if return_final_state:
+        return y, x_ext[:, :, x_ext.shape[2] - P:]
+    return y
+
+
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilation: int = 1,
                   groups: int = 1, activation: str | None = None,
                   initial_state: Tensor | None = None, return_final_state: bool = False):
@@ -64,12 +74,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilatio
         window = xg[..., P - shift:P - shift + L]               # x_ext[t − shift], t in [0, L)
         y = y + torch.einsum("goc,bgcl->bgol", wg[..., k], window)
     y = y.reshape(B, C_out, L)
-    if bias is not None:
-        y = y + bias[None, :, None]
-    y = activate(y, activation)
-    if return_final_state:
-        return y, x_ext[:, :, x_ext.shape[2] - P:]
-    return y
+    return _finish(y, bias, activation, x_ext, P, return_final_state)
 
 
 def depthwise_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -85,12 +90,7 @@ def depthwise_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = Non
     for k in range(K):
         shift = (K - 1 - k) * dilation
         y = y + weight[None, :, 0, k, None] * x_ext[:, :, P - shift:P - shift + L]
-    if bias is not None:
-        y = y + bias[None, :, None]
-    y = activate(y, activation)
-    if return_final_state:
-        return y, x_ext[:, :, x_ext.shape[2] - P:]
-    return y
+    return _finish(y, bias, activation, x_ext, P, return_final_state)
 
 
 def _pointwise(z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -290,6 +290,22 @@ def _wavenet_forward_kernel(x_ptr, cw_ptr, cb_ptr, st_ptr, sw_ptr, sb_ptr, rw_pt
 
 
 @triton.jit
+def _add_projection_grad(dz, w_ptr, d_ptr, N, G, gg, gm, b, offs_t, tm, L, PREC: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """dz += Wᵀ · d for a 1×1 projection W (N, G) and its output gradient d (B, N, L), on the
+    tile of gate channels gg × time offs_t; used for both the skip and the residual paths."""
+    for n0 in range(0, N, BLOCK_C):
+        nn = n0 + tl.arange(0, BLOCK_C)
+        nm = nn < N
+        wt = tl.load(w_ptr + nn[None, :] * G + gg[:, None], mask=gm[:, None] & nm[None, :],
+                     other=0.0)
+        d = tl.load(d_ptr + (b * N + nn[:, None]) * L + offs_t[None, :],
+                    mask=nm[:, None] & tm[None, :], other=0.0)
+        dz += tl.dot(wt, d.to(wt.dtype), input_precision=PREC)
+    return dz
+
+
+@triton.jit
 def _wavenet_gate_backward_kernel(dres_ptr, dskip_ptr, sw_ptr, rw_ptr, h_ptr, cb_ptr,
                                   dh_ptr, z_ptr, L, R, G, S,
                                   HAS_CB: tl.constexpr, PREC: tl.constexpr,
@@ -305,22 +321,8 @@ def _wavenet_gate_backward_kernel(dres_ptr, dskip_ptr, sw_ptr, rw_ptr, h_ptr, cb
     tm = offs_t < L
     ok = gm[:, None] & tm[None, :]
     dz = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_C):
-        ss = s0 + tl.arange(0, BLOCK_C)
-        sm = ss < S
-        wt = tl.load(sw_ptr + ss[None, :] * G + gg[:, None], mask=gm[:, None] & sm[None, :],
-                     other=0.0)
-        d = tl.load(dskip_ptr + (b * S + ss[:, None]) * L + offs_t[None, :],
-                    mask=sm[:, None] & tm[None, :], other=0.0)
-        dz += tl.dot(wt, d.to(wt.dtype), input_precision=PREC)
-    for r0 in range(0, R, BLOCK_C):
-        rr = r0 + tl.arange(0, BLOCK_C)
-        rm = rr < R
-        wt = tl.load(rw_ptr + rr[None, :] * G + gg[:, None], mask=gm[:, None] & rm[None, :],
-                     other=0.0)
-        d = tl.load(dres_ptr + (b * R + rr[:, None]) * L + offs_t[None, :],
-                    mask=rm[:, None] & tm[None, :], other=0.0)
-        dz += tl.dot(wt, d.to(wt.dtype), input_precision=PREC)
+    dz = _add_projection_grad(dz, sw_ptr, dskip_ptr, S, G, gg, gm, b, offs_t, tm, L, PREC, BLOCK_C)
+    dz = _add_projection_grad(dz, rw_ptr, dres_ptr, R, G, gg, gm, b, offs_t, tm, L, PREC, BLOCK_C)
     a = tl.load(h_ptr + (b * 2 * G + gg[:, None]) * L + offs_t[None, :], mask=ok, other=0.0)
     bg = tl.load(h_ptr + (b * 2 * G + G + gg[:, None]) * L + offs_t[None, :], mask=ok, other=0.0)
     if HAS_CB:
