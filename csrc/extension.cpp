@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cpu/gemm.h"
+#include "cpu/large_alloc.h"
 #include "cpu/rnn.h"
 
 namespace seqkern {
@@ -22,6 +23,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The BLAS the kernels call (mkl, resolved from torch, or aten)");
   m.def("recurrent_forward", &seqkern::cpu::recurrent_forward);
   m.def("recurrent_backward", &seqkern::cpu::recurrent_backward);
+  m.def("alloc_cached_bytes", &seqkern::cpu::large_alloc_cached_bytes,
+        "Bytes of freed large output blocks kept for reuse");
+  m.def("alloc_release_cache", &seqkern::cpu::large_alloc_release_cache,
+        "Return the cached large output blocks to the OS");
   seqkern::register_attention(m);
   seqkern::register_conv(m);
 }

@@ -17,6 +17,7 @@ import seqkern
 from seqkern import registry
 from seqkern.ops import conv as ops
 from seqkern.reference import conv as ref
+from conftest import stable_seed
 
 pytestmark = pytest.mark.skipif(not registry.availability("cpu")[0],
                                 reason="the C++ extension is not built")
@@ -264,6 +265,58 @@ def test_double_backward_raises():
     res, skip = ops.wavenet_block(*tensors, 1)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         torch.autograd.grad(res.sum() + skip.sum(), tensors[0], create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["expanded_scalar", "expanded_row", "transposed", "sliced"])
+@pytest.mark.parametrize("C,L,K,d", [(16, 37, 3, 2), (5, 1000, 4, 1), (3, 7, 2, 16)])
+def test_depthwise_backward_reads_strided_gradients(layout, C, L, K, d, dtype):
+    """The depthwise backward reads a non-contiguous grad_output in place (y.sum()'s gradient
+    is stride 0 everywhere); it must give what the same gradient made contiguous gives."""
+    B = 3
+    gen = torch.Generator().manual_seed(stable_seed(layout, C, L))
+    x = torch.randn(B, C, L, generator=gen, dtype=dtype)
+    w = torch.randn(C, 1, K, generator=gen, dtype=dtype)
+    b = torch.randn(C, generator=gen, dtype=dtype)
+    g = {"expanded_scalar": lambda: torch.tensor(0.7, dtype=dtype).expand(B, C, L),
+         "expanded_row": lambda: torch.randn(B, C, 1, generator=gen, dtype=dtype).expand(B, C, L),
+         "transposed": lambda: torch.randn(B, L, C, generator=gen, dtype=dtype).transpose(1, 2),
+         "sliced": lambda: torch.randn(B, 2 * C, L + 3, generator=gen, dtype=dtype)[:, ::2, 1:L + 1],
+         }[layout]()
+    assert not g.is_contiguous()
+
+    def grads(grad):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = ops.causal_conv1d(*leaves, dilation=d, groups=C)
+        return torch.autograd.grad(y, leaves, grad)
+
+    got, want = grads(g), grads(g.contiguous())
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-12, msg=name)
+
+
+def test_large_output_blocks_are_cached_and_reused():
+    """Outputs of 8 MB and more come from a block cache; a reused block must not leak the old
+    contents into a new result, and the cache can be emptied."""
+    from seqkern import _ext
+
+    C, L = 64, 40000  # 10 MB per output
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(C, 1, 3, generator=gen)
+    x1, x2 = torch.randn(2, C, L, generator=gen), torch.randn(2, C, L, generator=gen)
+    _ext._C.alloc_release_cache()
+    y1 = ops.causal_conv1d(x1, w, groups=C)
+    expected1 = ref.depthwise_causal_conv1d(x1, w, None, 1)
+    torch.testing.assert_close(y1, expected1, rtol=1e-5, atol=1e-5)
+    del y1
+    assert _ext._C.alloc_cached_bytes() >= x1.numel() * 4
+    y2 = ops.causal_conv1d(x2, w, groups=C)  # reuses the block y1 had
+    assert _ext._C.alloc_cached_bytes() == 0
+    torch.testing.assert_close(y2, ref.depthwise_causal_conv1d(x2, w, None, 1), rtol=1e-5, atol=1e-5)
+    del y2
+    _ext._C.alloc_release_cache()
+    assert _ext._C.alloc_cached_bytes() == 0
 
 
 # ---------------------------------------------------------------- streaming ---------------

@@ -29,17 +29,15 @@
 #include "isa.h"
 
 #include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
-#include <sys/mman.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdlib>
-#include <new>
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/large_alloc.h"
 #include "cpu/vec_math.h"
 
 namespace seqkern::cpu {
@@ -91,36 +89,8 @@ const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : undefined;
 }
 
-// Large outputs are backed by transparent huge pages. A freshly allocated tensor is otherwise
-// mapped one 4 KiB page fault at a time, and for the memory-bound kernels here (depthwise conv
-// streams at memory speed) the faults cost as much as the work: measured on this VM, a 67 MB
-// depthwise output spent ~46 ms faulting vs ~40 ms computing; with 2 MiB pages the faults are
-// 512x fewer. This is what torch's own THP_MEM_ALLOC_ENABLE does, applied to our outputs only.
-class HugePageAllocator final : public c10::Allocator {
- public:
-  static constexpr size_t kPage = size_t(2) << 20;
-  c10::DataPtr allocate(size_t n) override {
-    const c10::Device cpu(c10::DeviceType::CPU);
-    if (n == 0) return {nullptr, nullptr, &release, cpu};
-    const size_t bytes = (n + kPage - 1) / kPage * kPage;
-    void* p = nullptr;
-    if (posix_memalign(&p, kPage, bytes) != 0) throw std::bad_alloc();
-    madvise(p, bytes, MADV_HUGEPAGE);  // advisory: without THP it is plain memory
-    return {p, p, &release, cpu};
-  }
-  static void release(void* p) { std::free(p); }
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
-  void copy_data(void* dest, const void* src, size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const int64_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (bytes < (int64_t(8) << 20)) return at::empty(sizes, options);
-  static HugePageAllocator alloc;
-  return at::detail::empty_generic(sizes, &alloc, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), c10::nullopt);
+  return empty_large(sizes, options);
 }
 
 // t in dtype ct and contiguous; a copy, when one is needed, goes to huge pages too (incoming
@@ -468,18 +438,28 @@ void depthwise_backward_interior(const Geom& g, const T* dz, const T* x, const T
 // Per channel (so the weight and bias gradients need no reduction across threads), over the
 // batch: dx[t] = Σ_k w_k dz[t + s_k], dw_k = Σ_t dz[t] x_ext[t − s_k], db = Σ_t dz[t], and
 // dinit[P − s_k + t] += w_k dz[t] for t < s_k.
+//
+// dz may be strided (ds = its strides): a row whose time stride is not 1 (typically the
+// expanded gradient of y.sum(), stride 0) is gathered into an L-column scratch row, which is
+// cheaper than materialising the whole tensor first.
 template <typename T>
-void depthwise_backward(const Geom& g, const T* dz, const T* x, const T* init, const T* w, T* dx,
-                        T* dinit, T* dw, T* db) {
+void depthwise_backward(const Geom& g, const T* dz, const int64_t* ds, const T* x,
+                        const T* init, const T* w, T* dx, T* dinit, T* dw, T* db) {
   at::parallel_for(0, g.Cin, 1, [&](int64_t c0, int64_t c1) {
     alignas(64) T acc[kRowChunk];
+    std::vector<T> row(ds[2] == 1 ? 0 : g.L);
     for (int64_t c = c0; c < c1; ++c) {
       const T* wc = w + c * g.K;
       std::vector<T> dwc(g.K, T(0));
       T dbc = T(0);
       for (int64_t b = 0; b < g.B; ++b) {
         const int64_t r = b * g.Cin + c;
-        const T* dzr = dz + r * g.L;
+        const T* dzr = dz + b * ds[0] + c * ds[1];
+        if (ds[2] != 1) {
+          if (ds[2] == 0) std::fill(row.begin(), row.end(), *dzr);
+          else for (int64_t t = 0; t < g.L; ++t) row[t] = dzr[t * ds[2]];
+          dzr = row.data();
+        }
         const T* xr = x + r * g.L;
         const T* ir = init ? init + r * g.P : nullptr;
         T* dxr = dx + r * g.L;
@@ -585,9 +565,11 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   const auto ct = compute_type(x_in);
   at::Tensor x = as_compute(x_in, ct), w = as_compute(w_in, ct);
   at::Tensor init = as_compute(opt(init_in), ct);
-  at::Tensor gy = contiguous_as(grad_in, ct);
-  TORCH_CHECK(gy.sizes() == at::IntArrayRef({g.B, g.Cout, g.L}),
-              "seqkern conv: grad_output has shape ", gy.sizes());
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({g.B, g.Cout, g.L}),
+              "seqkern conv: grad_output has shape ", grad_in.sizes());
+  // The depthwise kernel reads a strided gradient directly (see depthwise_backward).
+  const bool strided_ok = is_depthwise(g) && act == kNone && grad_in.scalar_type() == ct;
+  at::Tensor gy = strided_ok ? grad_in : contiguous_as(grad_in, ct);
   at::Tensor dz = gy;
   if (act != kNone) {
     at::Tensor y = act == kSilu ? at::Tensor() : as_compute(y_in, ct);
@@ -611,7 +593,8 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
     scalar_t* dbp = has_bias ? db.data_ptr<scalar_t>() : nullptr;
     if (g.L == 0) return;
     if (is_depthwise(g)) {
-      depthwise_backward<scalar_t>(g, dz.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ip,
+      depthwise_backward<scalar_t>(g, dz.data_ptr<scalar_t>(), dz.strides().data(),
+                                   x.data_ptr<scalar_t>(), ip,
                                    w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dip,
                                    dw.data_ptr<scalar_t>(), dbp);
     } else {

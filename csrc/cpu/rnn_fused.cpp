@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/rnn_cells.h"
@@ -130,7 +131,8 @@ std::vector<float> pack_column_panels(const float* w, int64_t GH, int64_t H) {
 // One thread when a step is too small to pay for a barrier.
 int thread_count(int64_t B, int64_t GH, int64_t H) {
   const int64_t work = B * GH * H;
-  int nt = work < (1 << 17) ? 1 : at::get_num_threads();
+  static const int64_t min_work = [] { const char* e = std::getenv("SEQKERN_RNN_MIN_WORK"); return e ? std::atoll(e) : (1 << 17); }();
+  int nt = work < min_work ? 1 : at::get_num_threads();
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, panels(H))));
 }
 
