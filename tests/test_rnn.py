@@ -76,8 +76,13 @@ def test_kernel_matches_reference_float64(mode, kw, reverse, B, I, H, lengths):
 @pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
 def test_kernel_float32_within_torch_error(mode, kw):
     """float32 error against the float64 reference stays within 2x (plus a floor) of the error of
-    the reference itself computed in float32 — i.e. of plain PyTorch in the same dtype."""
-    x, bs, h0, c0, w = make_case(mode, 6, 33, 40, [30, 30, 22, 10, 5, 1], torch.float64, **kw)
+    the reference itself computed in float32 — i.e. of plain PyTorch in the same dtype.
+
+    Weights at torch.nn's scale (~1/√H). With make_case's default (0.5, spectral norm ≈ 6 at
+    H = 40) a tanh RNN is chaotic: any rounding difference grows ~1.3× per step, torch's own
+    float32 error reaches 1e-3 after 30 steps, and comparing two such errors measures luck."""
+    x, bs, h0, c0, w = make_case(mode, 6, 33, 40, [30, 30, 22, 10, 5, 1], torch.float64,
+                                 scale=40 ** -0.5, **kw)
     with seqkern.use_backend("reference"):
         exact = ops.recurrent_layer(mode, x, bs, h0, c0, w, False)
         f32 = lambda t: None if t is None else t.float()  # noqa: E731

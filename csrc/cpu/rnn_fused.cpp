@@ -21,7 +21,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 #include "cpu/rnn_cells.h"
@@ -36,15 +35,18 @@ constexpr int64_t kW = V::size();
 
 // Registers available for accumulators: MR rows × NV vectors, plus NV loads and 1 broadcast.
 constexpr int mr_max(int nv) {
-  return kW >= 16 ? (nv >= 4 ? 6 : nv == 3 ? 7 : 12) : (nv >= 4 ? 2 : nv == 3 ? 3 : 8);
+  return kW >= 16 ? (nv >= 4 ? 6 : nv == 3 ? 7 : 12)
+                  : (nv >= 4 ? 2 : nv == 3 ? 3 : nv == 2 ? 6 : 8);
 }
 
-// acc[m·NV + j] = Σ_k A[m, k] · P[k, j·W .. (j+1)·W), P a panel of K rows of NV vectors.
+// acc[m·NV + j] = Σ_k A[m, k] · P[k, j·W .. (j+1)·W), P a panel of K rows of NV vectors;
+// with `init`, the sum starts from init[m·NV + j] (a partial sum over earlier k).
 // With few accumulators (B = 1 is a GEMV) the FMA latency, not throughput, would bound the
 // loop, so the k range is split over S independent banks that are summed at the end: about
 // 8 FMA chains are needed to keep both FMA ports busy.
 template <int MR, int NV>
-inline void panel_gemm(const float* A, int64_t lda, const float* P, int64_t K, V* acc) {
+inline void panel_gemm(const float* A, int64_t lda, const float* P, int64_t K, V* acc,
+                       const V* init = nullptr) {
   constexpr int S = MR * NV >= 8 ? 1 : (8 / (MR * NV) >= 4 ? 4 : 8 / (MR * NV));
   V c[S][MR][NV];
 #pragma GCC unroll 4
@@ -52,7 +54,7 @@ inline void panel_gemm(const float* A, int64_t lda, const float* P, int64_t K, V
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) c[q][m][j] = V(0.0f);
+      for (int j = 0; j < NV; ++j) c[q][m][j] = q == 0 && init ? init[m * NV + j] : V(0.0f);
   int64_t k = 0;
   for (; k + S <= K; k += S) {
 #pragma GCC unroll 4
@@ -91,55 +93,93 @@ inline void panel_gemm(const float* A, int64_t lda, const float* P, int64_t K, V
 // panel_gemm with the row count chosen at run time (1..MR).
 template <int NV, int MR>
 inline void panel_gemm_rows(int mr, const float* A, int64_t lda, const float* P, int64_t K,
-                            V* acc) {
+                            V* acc, const V* init = nullptr) {
   if constexpr (MR >= 1) {
-    if (mr == MR) return panel_gemm<MR, NV>(A, lda, P, K, acc);
-    panel_gemm_rows<NV, MR - 1>(mr, A, lda, P, K, acc);
+    if (mr == MR) return panel_gemm<MR, NV>(A, lda, P, K, acc, init);
+    panel_gemm_rows<NV, MR - 1>(mr, A, lda, P, K, acc, init);
   }
 }
 
-int64_t panels(int64_t H) { return (H + kW - 1) / kW; }
+// Splits `rows` into the fewest blocks of at most MR rows, of near-equal size (8 rows with
+// MR = 6 become 4 + 4, not 6 + 2: a 2-row block streams the panel for few FMAs).
+template <int MR, typename F>
+inline void for_row_blocks(int64_t rows, F&& f) {
+  const int64_t nb = (rows + MR - 1) / MR;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t m0 = rows * b / nb, m1 = rows * (b + 1) / nb;
+    f(m0, static_cast<int>(m1 - m0));
+  }
+}
 
-// Forward: W_hh (G·H, H) → [panel p][k][gate g][lane l] = W_hh[g·H + p·W + l, k] (0 past H).
-std::vector<float> pack_gate_panels(const float* w, int64_t G, int64_t H) {
-  const int64_t P = panels(H);
-  std::vector<float> out(P * H * G * kW, 0.0f);
+// k rows of a panel that fit in about half of L1 with the rows of A they meet.
+template <int NV>
+constexpr int64_t k_block() {
+  return std::max<int64_t>(64, (int64_t(24) << 10) / (NV * kW * int64_t(sizeof(float))) / 8 * 8);
+}
+
+// Σ_k A[m, k] · P[k, :] for all `rows` rows of A against one panel, into acc (rows × NV
+// vectors). When the panel is larger than L1 (H ≳ 100 for LSTM) the rows are swept once per
+// k block, so each panel block is loaded from L2 once per step rather than once per MR rows:
+// the plain loop is L2-bandwidth bound at large H.
+template <int NV, int MR>
+inline void panel_gemm_all_rows(int64_t rows, const float* A, int64_t lda, const float* P,
+                                int64_t K, V* acc) {
+  constexpr int64_t KB = k_block<NV>();
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int64_t kb = std::min(KB, K - k0);
+    for_row_blocks<MR>(rows, [&](int64_t m0, int mr) {
+      V* out = acc + m0 * NV;
+      panel_gemm_rows<NV, MR>(mr, A + m0 * lda + k0, lda, P + k0 * NV * kW, kb, out,
+                              k0 ? out : nullptr);
+    });
+  }
+}
+
+// A panel covers U vectors (U·W units) of every gate. U = 2 where there is one gate per panel
+// row (RNN forward, every backward): a tile of MR rows × 1 vector needs one broadcast load per
+// FMA and is load-port bound, while MR × 2 halves the loads per FMA.
+int64_t panels(int64_t H, int64_t U) { return (H + U * kW - 1) / (U * kW); }
+
+// Forward: W_hh (G·H, H) → [panel p][k][gate g][vector j][lane l] = W_hh[g·H + p·U·W + j·W + l, k]
+// (0 past H).
+std::vector<float> pack_gate_panels(const float* w, int64_t G, int64_t H, int64_t U) {
+  const int64_t P = panels(H, U), PW = U * kW;
+  std::vector<float> out(P * H * G * PW, 0.0f);
   // Source rows are read contiguously; the writes of one (panel, gate) stay within one panel
-  // (H·G·W floats), which is cache resident.
+  // (H·G·U·W floats), which is cache resident.
   for (int64_t g = 0; g < G; ++g)
     for (int64_t u = 0; u < H; ++u) {
       const float* src = w + (g * H + u) * H;
-      float* dst = out.data() + ((u / kW) * H * G + g) * kW + u % kW;
-      for (int64_t k = 0; k < H; ++k) dst[k * G * kW] = src[k];
+      float* dst = out.data() + (u / PW) * H * G * PW + g * PW + u % PW;
+      for (int64_t k = 0; k < H; ++k) dst[k * G * PW] = src[k];
     }
   return out;
 }
 
 // Backward: W_hh (G·H, H) as the right operand of dgates · W_hh → [panel p][k][lane l] =
-// W_hh[k, p·W + l] for k < G·H.
-std::vector<float> pack_column_panels(const float* w, int64_t GH, int64_t H) {
-  const int64_t P = panels(H);
-  std::vector<float> out(P * GH * kW, 0.0f);
+// W_hh[k, p·U·W + l] for k < G·H, l < U·W.
+std::vector<float> pack_column_panels(const float* w, int64_t GH, int64_t H, int64_t U) {
+  const int64_t P = panels(H, U), PW = U * kW;
+  std::vector<float> out(P * GH * PW, 0.0f);
   for (int64_t k = 0; k < GH; ++k)
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t n = std::min<int64_t>(kW, H - p * kW);
-      std::copy(w + k * H + p * kW, w + k * H + p * kW + n, out.data() + (p * GH + k) * kW);
+      const int64_t n = std::min<int64_t>(PW, H - p * PW);
+      std::copy(w + k * H + p * PW, w + k * H + p * PW + n, out.data() + (p * GH + k) * PW);
     }
   return out;
 }
 
 // One thread when a step is too small to pay for a barrier.
-int thread_count(int64_t B, int64_t GH, int64_t H) {
+int thread_count(int64_t B, int64_t GH, int64_t H, int64_t P) {
   const int64_t work = B * GH * H;
-  static const int64_t min_work = [] { const char* e = std::getenv("SEQKERN_RNN_MIN_WORK"); return e ? std::atoll(e) : (1 << 17); }();
-  int nt = work < min_work ? 1 : at::get_num_threads();
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, panels(H))));
+  int nt = work < (1 << 17) ? 1 : at::get_num_threads();
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, P)));
 }
 
 // ------------------------------------------------------------------ forward ----------------
 
 template <Cell C>
-inline void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n,
+inline __attribute__((always_inline)) void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n,
                          const V* acc, const float* hp, float* hn) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
   const float* xr = a.xg + (o + m) * GH;
@@ -185,33 +225,49 @@ inline void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int64_t u0,
 
 template <Cell C>
 void forward_loop(const ForwardArgs& a) {
-  constexpr int NV = static_cast<int>(gate_count(C));
+  constexpr int G = static_cast<int>(gate_count(C));
+  constexpr int U = G == 1 ? 2 : 1;  // vectors per gate in a panel
+  constexpr int NV = G * U;
   constexpr int MR = mr_max(NV);
   const Layout& L = *a.L;
-  const int64_t H = a.H, B = L.B, P = panels(H);
-  const std::vector<float> wp = pack_gate_panels(a.w_hh, NV, H);
+  const int64_t H = a.H, B = L.B, P = panels(H, U);
+  const std::vector<float> wp = pack_gate_panels(a.w_hh, G, H, U);
   std::vector<float> hbuf(2 * B * H);
   std::copy(a.h0, a.h0 + B * H, hbuf.begin());
   std::copy(a.h0, a.h0 + B * H, hbuf.begin() + B * H);
-  const int nt = thread_count(B, NV * H, H);
+  const int nt = thread_count(B, G * H, H, P);
 
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), n_threads = omp_get_num_threads();
     const int64_t p0 = P * tid / n_threads, p1 = P * (tid + 1) / n_threads;
     V acc[MR * NV];
+    const bool blocked = H > k_block<NV>() && B > MR;
+    std::vector<V> accs(blocked ? B * NV : 0);
     for (int64_t s = 0; s < L.T; ++s) {
       const int64_t t = L.step(s, a.reverse), bs = L.bs[t], o = L.off[t];
       const float* hp = hbuf.data() + (s & 1) * B * H;
       float* hn = hbuf.data() + ((s + 1) & 1) * B * H;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t u0 = p * kW, n = std::min<int64_t>(kW, H - u0);
-        const float* panel = wp.data() + p * H * NV * kW;
-        for (int64_t m0 = 0; m0 < bs; m0 += MR) {
-          const int mr = static_cast<int>(std::min<int64_t>(MR, bs - m0));
-          panel_gemm_rows<NV, MR>(mr, hp + m0 * H, H, panel, H, acc);
-          for (int mi = 0; mi < mr; ++mi) forward_tile<C>(a, m0 + mi, o, u0, n, acc + mi * NV, hp, hn);
+      // The gate math of row m of a tile whose accumulators start at v (gate g, vector j at
+      // v[g·U + j]; U > 1 only with one gate).
+      auto finish = [&](int64_t p, int64_t m, const V* v) {
+        for (int j = 0; j < U; ++j) {
+          const int64_t u0 = (p * U + j) * kW;
+          if (u0 >= H) break;
+          forward_tile<C>(a, m, o, u0, std::min<int64_t>(kW, H - u0), v + j, hp, hn);
         }
+      };
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* panel = wp.data() + p * H * NV * kW;
+        if (blocked) {
+          panel_gemm_all_rows<NV, MR>(bs, hp, H, panel, H, accs.data());
+          for (int64_t m = 0; m < bs; ++m) finish(p, m, accs.data() + m * NV);
+          continue;
+        }
+        for_row_blocks<MR>(bs, [&](int64_t m0, int mr) {
+          panel_gemm_rows<NV, MR>(mr, hp + m0 * H, H, panel, H, acc);
+          for (int mi = 0; mi < mr; ++mi) finish(p, m0 + mi, acc + mi * NV);
+        });
       }
 #pragma omp barrier
     }
@@ -229,7 +285,7 @@ void forward_loop(const ForwardArgs& a) {
 // ------------------------------------------------------------------ backward ---------------
 
 template <Cell C>
-inline void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n) {
+inline __attribute__((always_inline)) void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
   float* dh = a.dh + m * H + u0;
   auto d = load(dh, n);
@@ -270,36 +326,52 @@ inline void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, int64_t u
 template <Cell C>
 void backward_loop(const BackwardArgs& a) {
   constexpr int G = static_cast<int>(gate_count(C));
-  constexpr int MR = mr_max(1);
+  constexpr int U = 2;
+  constexpr int MR = mr_max(U);
   const Layout& L = *a.L;
-  const int64_t H = a.H, GH = G * H, B = L.B, P = panels(H);
-  const std::vector<float> wb = pack_column_panels(a.w_hh, GH, H);
-  const int nt = thread_count(B, GH, H);
+  const int64_t H = a.H, GH = G * H, B = L.B, P = panels(H, U);
+  const std::vector<float> wb = pack_column_panels(a.w_hh, GH, H, U);
+  const int nt = thread_count(B, GH, H, P);
   constexpr bool accumulate = C == Cell::Gru;
 
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), n_threads = omp_get_num_threads();
     const int64_t p0 = P * tid / n_threads, p1 = P * (tid + 1) / n_threads;
-    V acc[MR];
+    V acc[MR * U];
+    const bool blocked = GH > k_block<U>() && B > MR;
+    std::vector<V> accs(blocked ? B * U : 0);
+    // dh_prev of row m for the units of panel p, from its accumulators v
+    auto finish = [&](int64_t p, int64_t m, const V* v) {
+      for (int j = 0; j < U; ++j) {
+        const int64_t u0 = (p * U + j) * kW;
+        if (u0 >= H) break;
+        const int64_t n = std::min<int64_t>(kW, H - u0);
+        float* dh = a.dh + m * H + u0;
+        store(accumulate ? v[j] + load(dh, n) : v[j], dh, n);
+      }
+    };
     for (int64_t s = L.T - 1; s >= 0; --s) {
       const int64_t t = L.step(s, a.reverse), bs = L.bs[t], o = L.off[t];
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t u0 = p * kW, n = std::min<int64_t>(kW, H - u0);
-        for (int64_t m = 0; m < bs; ++m) backward_tile<C>(a, m, o, u0, n);
-      }
+      for (int64_t p = p0; p < p1; ++p)
+        for (int j = 0; j < U; ++j) {
+          const int64_t u0 = (p * U + j) * kW;
+          if (u0 >= H) break;
+          const int64_t n = std::min<int64_t>(kW, H - u0);
+          for (int64_t m = 0; m < bs; ++m) backward_tile<C>(a, m, o, u0, n);
+        }
 #pragma omp barrier
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t u0 = p * kW, n = std::min<int64_t>(kW, H - u0);
-        const float* panel = wb.data() + p * GH * kW;
-        for (int64_t m0 = 0; m0 < bs; m0 += MR) {
-          const int mr = static_cast<int>(std::min<int64_t>(MR, bs - m0));
-          panel_gemm_rows<1, MR>(mr, a.drec + (o + m0) * GH, GH, panel, GH, acc);
-          for (int mi = 0; mi < mr; ++mi) {
-            float* dh = a.dh + (m0 + mi) * H + u0;
-            store(accumulate ? acc[mi] + load(dh, n) : acc[mi], dh, n);
-          }
+        const float* panel = wb.data() + p * GH * U * kW;
+        if (blocked) {
+          panel_gemm_all_rows<U, MR>(bs, a.drec + o * GH, GH, panel, GH, accs.data());
+          for (int64_t m = 0; m < bs; ++m) finish(p, m, accs.data() + m * U);
+          continue;
         }
+        for_row_blocks<MR>(bs, [&](int64_t m0, int mr) {
+          panel_gemm_rows<U, MR>(mr, a.drec + (o + m0) * GH, GH, panel, GH, acc);
+          for (int mi = 0; mi < mr; ++mi) finish(p, m0 + mi, acc + mi * U);
+        });
       }
     }
   }

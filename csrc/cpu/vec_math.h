@@ -19,7 +19,7 @@ using Vec = at::vec::Vectorized<T>;
 // recurrent kernels call it several times per tile; Vectorized::exp_u20 is inline but 20 ulp,
 // which a recurrence amplifies step after step. Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2,
 // then the degree-7 Taylor polynomial of e^r (truncation below 1e-8 relative) and a 2^n scale.
-inline Vec<float> exp_accurate(Vec<float> x) {
+inline __attribute__((always_inline)) Vec<float> exp_accurate(Vec<float> x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   using V = Vec<float>;
   x = at::vec::minimum(at::vec::maximum(x, V(-87.3f)), V(88.3f));  // 2^n stays a normal float
@@ -46,24 +46,40 @@ inline Vec<float> exp_accurate(Vec<float> x) {
 #endif
 }
 
+// a / b for the gate functions, where b ≥ 1. A 512-bit division issues once per ~10 cycles and
+// sits on the dependency chain of every gate, so with AVX-512 it is the 14-bit reciprocal
+// estimate refined by one Newton step (relative error ~2⁻²⁸ before rounding, ≤ 1 ulp more
+// than a true division).
+template <typename T>
+inline __attribute__((always_inline)) Vec<T> gate_div(const Vec<T>& a, const Vec<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec<float> r0(_mm512_rcp14_ps(b));
+    const Vec<float> r = at::vec::fmadd(at::vec::fnmadd(b, r0, Vec<float>(1.0f)), r0, r0);
+    return a * r;
+  }
+#endif
+  return a / b;
+}
+
 // σ(x) = 1 / (1 + e^{-x}); e^{-x} saturates for very negative x, giving 0 to float precision.
 template <typename T>
-inline Vec<T> sigmoid(const Vec<T>& x) {
+inline __attribute__((always_inline)) Vec<T> sigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
-  if constexpr (std::is_same_v<T, float>) return one / (one + exp_accurate(x.neg()));
+  if constexpr (std::is_same_v<T, float>) return gate_div(one, one + exp_accurate(x.neg()));
   else return one / (one + x.neg().exp());
 }
 
 // tanh|x| = (1 − e)/(1 + e), e = exp(−2|x|), which has no cancellation for |x| ≥ 1/4 (e ≤ 0.61);
 // below that the odd Taylor series to x⁹ (truncation ~2e-9 relative). double uses Sleef.
 template <typename T>
-inline Vec<T> tanh(const Vec<T>& x) {
+inline __attribute__((always_inline)) Vec<T> tanh(const Vec<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
     using V = Vec<float>;
     const V one(1.0f);
     const V ax = x.abs();
     const V e = exp_accurate(ax * V(-2.0f));
-    const V big = (one - e) / (one + e);
+    const V big = gate_div(one - e, one + e);
     const V x2 = x * x;
     V q(62.0f / 2835.0f);
     q = at::vec::fmadd(q, x2, V(-17.0f / 315.0f));
