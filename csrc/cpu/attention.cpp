@@ -422,14 +422,16 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
 // Few query rows (decoding against a KV cache): the tiled kernel keeps W queries per vector and
 // would use one lane of each; here a task is one query row, its scores are dot products along
 // D and the P·V sum runs along Dv, both vectorised. Same outputs (O, log-sum-exp) as the tiled
-// kernel, so the backward is shared.
-template <typename T>
+// kernel, so the backward is shared. Decoding streams the whole cache once per token, so K and
+// V are read in their storage type S (bf16 caches are widened in registers, not copied).
+template <typename T, typename S = T>
 void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                            const at::Tensor& v_, T scale, const Mask<T>& mask, at::Tensor& out,
                            at::Tensor& lse) {
   using V = Vec<T>;
   const Strides sq(q_), sk(k_), sv(v_);
-  const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>();
+  const T* Q = q_.data_ptr<T>();
+  const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
   T* O = out.data_ptr<T>();
   T* LSE = lse.data_ptr<T>();
   const int64_t g = d.group();
@@ -438,14 +440,14 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task % d.Lq, h = (task / d.Lq) % d.Hq, b = task / (d.Lq * d.Hq);
       const T* q = Q + sq.at(b, h, i);
-      const T* kbase = K + sk.at(b, h / g);
-      const T* vbase = Vp + sv.at(b, h / g);
+      const S* kbase = K + sk.at(b, h / g);
+      const S* vbase = Vp + sv.at(b, h / g);
       T* o = O + ((b * d.Hq + h) * d.Lq + i) * d.Dv;
       T* l = LSE + (b * d.Hq + h) * d.Lq + i;
       const Span keys = mask.range(b, i);
       T mx = neg_inf<T>();
       for (int64_t j = keys.lo; j < keys.hi; ++j) {
-        const T* kr = kbase + j * sk.l;
+        const S* kr = kbase + j * sk.l;
         V a(T(0));
         for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { a = at::vec::fmadd(load(q + c, n), load(kr + c, n), a); });
         T sc = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, a) * scale;
@@ -473,7 +475,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
       for (int64_t j = 0; j < nk; ++j) {
         const T p = s[j];
         if (p == T(0)) continue;
-        const T* vr = vbase + (keys.lo + j) * sv.l;
+        const S* vr = vbase + (keys.lo + j) * sv.l;
         for_each_vec<T>(d.Dv, [&](int64_t c, int64_t n) {
           store(at::vec::fmadd(V(p), load(vr + c, n), load(acc.data() + c, n)), acc.data() + c, n);
         });
@@ -670,8 +672,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out.to(q.scalar_type()), lse};
   }
-  at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, ct), vc = rows_contiguous(v, ct);
   at::Tensor mask_hold, len_hold;
+  if (d.Lq <= kDecodeRows && q.scalar_type() == at::kBFloat16) {
+    at::Tensor qc = rows_contiguous(q, ct);
+    at::Tensor kc = rows_contiguous(k, at::kBFloat16), vc = rows_contiguous(v, at::kBFloat16);
+    const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right,
+                                       window, mask_hold, len_hold);
+    decode_forward_kernel<float, c10::BFloat16>(d, qc, kc, vc, (float)scale, mask, out, lse);
+    return {out.to(q.scalar_type()), lse};
+  }
+  at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, ct), vc = rows_contiguous(v, ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_attention_forward", [&] {
     const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                           window, mask_hold, len_hold);

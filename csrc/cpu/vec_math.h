@@ -119,6 +119,17 @@ inline Vec<T> load(const T* p, int64_t count) {
   return count == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, count);
 }
 
+// count bfloat16 values widened to a float vector (lanes past count are zero), so kernels can
+// read bf16 storage directly and compute in fp32.
+inline Vec<float> load(const c10::BFloat16* p, int64_t count) {
+  if (count == Vec<float>::size()) {
+    Vec<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+  return std::get<0>(at::vec::convert_to_float<c10::BFloat16>(Vec<c10::BFloat16>::loadu(p, count)));
+}
+
 template <typename T>
 inline void store(const Vec<T>& v, T* p, int64_t count) {
   if (count == Vec<T>::size()) v.store(p);

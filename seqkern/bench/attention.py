@@ -91,7 +91,8 @@ def _decode_case(dtype):
                       {}, True)
     return Case(suite="attention", op="attention decode",
                 shape={"B": B, "H": H, "cache": L, "D": D}, dtype=dtype, make=make,
-                flops=4.0 * B * H * (L + 1) * D, bytes=2.0 * B * H * (L + 1) * D * 4,
+                flops=4.0 * B * H * (L + 1) * D,
+                bytes=2.0 * B * H * (L + 1) * D * dtype.itemsize,
                 quick=True)
 
 
