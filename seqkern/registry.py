@@ -63,6 +63,15 @@ def availability(backend: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def _is_available(backend: str) -> bool:
+    """availability(backend)[0] without building the reason (select() runs on every op call)."""
+    if backend == "cpu":
+        from seqkern import _ext
+
+        return _ext._C is not None
+    return availability(backend)[0]
+
+
 def _check_name(name: str, source: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
@@ -99,7 +108,8 @@ def select(family: str, device: torch.device | str) -> str:
     """The backend that runs `family` for tensors on `device`.
 
     Under torch.compile the choice is made once, at trace time, and baked into the graph."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     forced = requested()
     if forced is not None:
         ok, why = availability(forced)
@@ -112,7 +122,7 @@ def select(family: str, device: torch.device | str) -> str:
             raise BackendUnavailableError(f"seqkern backend 'cpu' cannot run {device} tensors")
         return forced
     preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
-    if preferred is not None and preferred in _implemented[family] and availability(preferred)[0]:
+    if preferred is not None and preferred in _implemented[family] and _is_available(preferred):
         return preferred
     if preferred == "cpu":
         from seqkern import _ext
