@@ -14,7 +14,7 @@ struct LstmStep {
 // ai..ao: pre-activations without the peephole terms; cp: previous cell; peep: (3, H) at
 // unit u (or null).
 template <typename T>
-inline LstmStep<T> lstm_step(Vec<T> ai, Vec<T> af, Vec<T> ag, Vec<T> ao, Vec<T> cp,
+SEQKERN_INLINE LstmStep<T> lstm_step(Vec<T> ai, Vec<T> af, Vec<T> ag, Vec<T> ao, Vec<T> cp,
                              const T* peep, int64_t H, int64_t u, int64_t n) {
   if (peep) {
     ai = ai + load(peep + u, n) * cp;
@@ -38,7 +38,7 @@ struct LstmGrad {
 
 // dm: gradient reaching o ⊙ tanh(c); dc: gradient reaching c from the next step.
 template <typename T>
-inline LstmGrad<T> lstm_step_backward(Vec<T> dm, Vec<T> dc, Vec<T> i, Vec<T> f, Vec<T> g,
+SEQKERN_INLINE LstmGrad<T> lstm_step_backward(Vec<T> dm, Vec<T> dc, Vec<T> i, Vec<T> f, Vec<T> g,
                                       Vec<T> o, Vec<T> cp, Vec<T> cn, const T* peep, int64_t H,
                                       int64_t u, int64_t n) {
   const Vec<T> one(T(1));
@@ -57,7 +57,7 @@ inline LstmGrad<T> lstm_step_backward(Vec<T> dm, Vec<T> dc, Vec<T> i, Vec<T> f, 
 
 // h' = n + z ⊙ (h − n), shared by both GRU conventions once n is known.
 template <typename T>
-inline Vec<T> gru_mix(Vec<T> n, Vec<T> z, Vec<T> hp) {
+SEQKERN_INLINE Vec<T> gru_mix(Vec<T> n, Vec<T> z, Vec<T> hp) {
   return n + z * (hp - n);
 }
 
@@ -67,19 +67,19 @@ struct GruGrad {
 };
 
 template <typename T>
-inline GruGrad<T> gru_mix_backward(Vec<T> dh, Vec<T> n, Vec<T> z, Vec<T> hp) {
+SEQKERN_INLINE GruGrad<T> gru_mix_backward(Vec<T> dh, Vec<T> n, Vec<T> z, Vec<T> hp) {
   const Vec<T> one(T(1));
   return {dh * (one - z) * (one - n * n), dh * (hp - n) * z * (one - z), dh * z};
 }
 
 template <typename T>
-inline Vec<T> rnn_activation(Vec<T> a, bool relu_act) {
+SEQKERN_INLINE Vec<T> rnn_activation(Vec<T> a, bool relu_act) {
   return relu_act ? relu(a) : tanh(a);
 }
 
 // Gradient through the activation from its output y.
 template <typename T>
-inline Vec<T> rnn_activation_backward(Vec<T> dh, Vec<T> y, bool relu_act) {
+SEQKERN_INLINE Vec<T> rnn_activation_backward(Vec<T> dh, Vec<T> y, bool relu_act) {
   if (relu_act) return Vec<T>::blendv(Vec<T>(T(0)), dh, y > Vec<T>(T(0)));
   return dh * (Vec<T>(T(1)) - y * y);
 }

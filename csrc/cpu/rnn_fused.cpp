@@ -179,11 +179,11 @@ int thread_count(int64_t B, int64_t GH, int64_t H, int64_t P) {
 // ------------------------------------------------------------------ forward ----------------
 
 template <Cell C>
-inline __attribute__((always_inline)) void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n,
+SEQKERN_INLINE void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n,
                          const V* acc, const float* hp, float* hn) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
   const float* xr = a.xg + (o + m) * GH;
-  auto pre = [&](int64_t g) {
+  auto pre = [&](int64_t g) __attribute__((always_inline)) {
     return acc[g] + load(xr + g * H + u0, n) + load(a.bias + g * H + u0, n);
   };
   float* gs = a.save_gates ? a.save_gates + (o + m) * (C == Cell::Gru ? 4 * H : GH) : nullptr;
@@ -285,7 +285,7 @@ void forward_loop(const ForwardArgs& a) {
 // ------------------------------------------------------------------ backward ---------------
 
 template <Cell C>
-inline __attribute__((always_inline)) void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n) {
+SEQKERN_INLINE void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
   float* dh = a.dh + m * H + u0;
   auto d = load(dh, n);
