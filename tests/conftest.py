@@ -34,5 +34,29 @@ def _seed():
     torch.manual_seed(0)
 
 
+def triton_interpreter_or_skip():
+    """Called at the top of each Triton interpreter test module, before it imports kernels.
+
+    With a GPU the session compiles the kernels (TRITON_INTERPRET is set above only on CPU-only
+    machines) and tests/test_gpu.py runs the same checks on CUDA tensors, so these modules
+    skip. Triton fixes interpreted-vs-compiled at its first import, which `import seqkern`
+    (via torch._dynamo) already did: a wrong setup fails here, loudly, rather than skipping."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter tests run on CPU-only machines", allow_module_level=True)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from seqkern.triton.common import interpreter_ready
+
+    assert interpreter_ready(), ("triton was imported before TRITON_INTERPRET=1 was set; set it "
+                                 "in tests/conftest.py before importing seqkern, or in the "
+                                 "environment")
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(request, monkeypatch):
+    # a test may have cleared the variable; the interpreter tests need it at launch time
+    if request.node.get_closest_marker("triton") is not None and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 requires_cpu_ext = pytest.mark.skipif(
     not seqkern.availability("cpu")[0], reason="C++ extension not built")

@@ -2,32 +2,20 @@
 reference: flash forward, dQ/dK/dV, every mask kind, GQA, the split-key decode kernel, and
 the KV-cache streaming form. L=37, D=40: not multiples of the 32-wide interpreter tiles."""
 import math
-import os
 
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    # With a GPU the session compiles the kernels (conftest sets TRITON_INTERPRET only on
-    # CPU-only machines); tests/test_gpu.py runs the same checks on CUDA tensors there.
-    pytest.skip("interpreter tests run on CPU-only machines", allow_module_level=True)
-os.environ.setdefault("TRITON_INTERPRET", "1")     # see tests/test_triton_rnn.py
-from seqkern.triton import attention as tattn  # noqa: E402
-from seqkern.triton.common import interpreter_ready  # noqa: E402
+from conftest import triton_interpreter_or_skip
 
-assert interpreter_ready(), ("triton was imported before TRITON_INTERPRET=1 was set; set it in "
-                             "tests/conftest.py before importing seqkern, or in the environment")
+triton_interpreter_or_skip()
+from seqkern.triton import attention as tattn  # noqa: E402
 
 import seqkern  # noqa: E402
 from seqkern.reference import attention as ref  # noqa: E402
 
 pytestmark = pytest.mark.triton
 TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def qkv(B=1, Hq=2, Hkv=2, Lq=37, Lk=37, D=40, DV=None):

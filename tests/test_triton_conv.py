@@ -1,21 +1,14 @@
 """Triton causal dilated convolutions under the interpreter (TRITON_INTERPRET=1, CPU tensors)
 against the reference: grouped and depthwise conv forward + every gradient (incl. the initial
 state), dilation larger than L, the fused WaveNet block, and the streaming step."""
-import os
 
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    # With a GPU the session compiles the kernels (conftest sets TRITON_INTERPRET only on
-    # CPU-only machines); tests/test_gpu.py runs the same checks on CUDA tensors there.
-    pytest.skip("interpreter tests run on CPU-only machines", allow_module_level=True)
-os.environ.setdefault("TRITON_INTERPRET", "1")     # see tests/test_triton_rnn.py
-from seqkern.triton import conv as tconv  # noqa: E402
-from seqkern.triton.common import interpreter_ready  # noqa: E402
+from conftest import triton_interpreter_or_skip
 
-assert interpreter_ready(), ("triton was imported before TRITON_INTERPRET=1 was set; set it in "
-                             "tests/conftest.py before importing seqkern, or in the environment")
+triton_interpreter_or_skip()
+from seqkern.triton import conv as tconv  # noqa: E402
 
 import seqkern  # noqa: E402
 from seqkern.ops import conv as ops  # noqa: E402
@@ -23,11 +16,6 @@ from seqkern.reference import conv as ref  # noqa: E402
 
 pytestmark = pytest.mark.triton
 TOL = dict(atol=5e-5, rtol=5e-5)
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def leaves(*ts):

@@ -4,24 +4,13 @@ reference: outputs, final states and every gradient, packed variable lengths, bo
 Shapes are tiny on purpose (the interpreter runs each Triton op through numpy) but not
 block-aligned: B=3 (< BLOCK_B), H=33 (one full + one partial 32-column block), I=5.
 """
-import os
-
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    # With a GPU the session compiles the kernels (conftest sets TRITON_INTERPRET only on
-    # CPU-only machines); tests/test_gpu.py runs the same checks on CUDA tensors there.
-    pytest.skip("interpreter tests run on CPU-only machines", allow_module_level=True)
-# triton fixes interpreted-vs-compiled when it is first imported, which `import seqkern` (via
-# torch._dynamo) already did in conftest: the variable has to come from the environment or
-# the top of conftest. A wrong setup fails here, loudly, rather than skipping.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-from seqkern.triton import rnn as trnn  # noqa: E402
-from seqkern.triton.common import interpreter_ready  # noqa: E402
+from conftest import triton_interpreter_or_skip
 
-assert interpreter_ready(), ("triton was imported before TRITON_INTERPRET=1 was set; set it in "
-                             "tests/conftest.py before importing seqkern, or in the environment")
+triton_interpreter_or_skip()
+from seqkern.triton import rnn as trnn  # noqa: E402
 
 import seqkern  # noqa: E402
 from seqkern.ops import rnn as ops  # noqa: E402
@@ -31,11 +20,6 @@ pytestmark = pytest.mark.triton
 # fp32 throughout; a wrong index or gate gives O(1) errors, roundoff here is ~1e-5 (relu
 # lets values grow, so its long weight-gradient sums are the loosest).
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def make_case(mode, lengths, I=5, H=33, proj=None, peep=False, bias=True, scale=0.4):
