@@ -487,6 +487,18 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   });
 }
 
+// decode_forward_kernel with K and V in the compute type, or (float only) in bf16.
+template <typename T>
+void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, T scale, const Mask<T>& mask, at::Tensor& out,
+                    at::Tensor& lse) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16_kv) return decode_forward_kernel<float, c10::BFloat16>(d, q, k, v, scale, mask, out, lse);
+  }
+  TORCH_CHECK(!bf16_kv, "seqkern attention: a bf16 KV cache needs float32 compute");
+  decode_forward_kernel<T>(d, q, k, v, scale, mask, out, lse);
+}
+
 // ------------------------------------------------------------------ backward ---------------
 
 // Gradients for key/value head hk of batch b from query heads [h_begin, h_end) of its group,
@@ -672,23 +684,20 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out.to(q.scalar_type()), lse};
   }
+  const bool decode = d.Lq <= kDecodeRows;
+  // decoding reads a bf16 cache as it is stored (see decode_forward_kernel)
+  const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
+  const at::ScalarType kv_type = bf16_kv ? at::kBFloat16 : ct;
+  at::Tensor qc = rows_contiguous(q, ct);
+  at::Tensor kc = rows_contiguous(k, kv_type), vc = rows_contiguous(v, kv_type);
   at::Tensor mask_hold, len_hold;
-  if (d.Lq <= kDecodeRows && q.scalar_type() == at::kBFloat16) {
-    at::Tensor qc = rows_contiguous(q, ct);
-    at::Tensor kc = rows_contiguous(k, at::kBFloat16), vc = rows_contiguous(v, at::kBFloat16);
-    const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right,
-                                       window, mask_hold, len_hold);
-    decode_forward_kernel<float, c10::BFloat16>(d, qc, kc, vc, (float)scale, mask, out, lse);
-    return {out.to(q.scalar_type()), lse};
-  }
-  at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, ct), vc = rows_contiguous(v, ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_attention_forward", [&] {
     const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                           window, mask_hold, len_hold);
-    if (d.Lq <= kDecodeRows) {
-      decode_forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, out, lse);
-    } else {
+    if (!decode) {
       forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, out, lse);
+    } else {
+      decode_forward<scalar_t>(d, bf16_kv, qc, kc, vc, (scalar_t)scale, mask, out, lse);
     }
   });
   return {out.to(q.scalar_type()), lse};

@@ -89,15 +89,11 @@ const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : undefined;
 }
 
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return empty_large(sizes, options);
-}
-
 // t in dtype ct and contiguous; a copy, when one is needed, goes to huge pages too (incoming
 // gradients are often expanded, e.g. the gradient of y.sum()).
 at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct) {
   if (!t.defined() || (t.scalar_type() == ct && t.is_contiguous())) return t;
-  at::Tensor out = empty_output(t.sizes(), t.options().dtype(ct));
+  at::Tensor out = empty_large(t.sizes(), t.options().dtype(ct));
   const auto strides = t.strides();
   if (t.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t v) { return v == 0; })) {
     out.fill_(t.reshape(-1)[0].item());  // a broadcast scalar: copy_ would crawl through it
@@ -533,9 +529,9 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
     TORCH_CHECK(init.dim() == 3 && init.size(0) == g.B && init.size(1) == g.Cin &&
                     init.size(2) == g.P,
                 "seqkern conv: initial_state must be (B, C_in, (K-1)*dilation)");
-  at::Tensor y = empty_output({g.B, g.Cout, g.L}, x.options());
+  at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());
   const bool keep = save_preact && act == kSilu;
-  at::Tensor pre = keep ? empty_output({g.B, g.Cout, g.L}, x.options()) : at::empty({0}, x.options());
+  at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_conv_forward", [&] {
     const scalar_t* ip = ptr_or_null<scalar_t>(init);
     const scalar_t* bp = ptr_or_null<scalar_t>(bias);
@@ -576,14 +572,14 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
     at::Tensor pre = act == kSilu ? as_compute(pre_in, ct) : at::Tensor();
     TORCH_CHECK(act != kSilu || pre.numel() == gy.numel(),
                 "seqkern conv: silu backward needs the saved pre-activation");
-    dz = empty_output(gy.sizes(), gy.options());
+    dz = empty_large(gy.sizes(), gy.options());
     AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_conv_act_backward", [&] {
       activation_backward<scalar_t>(gy.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(y),
                                     ptr_or_null<scalar_t>(pre), dz.data_ptr<scalar_t>(),
                                     gy.numel(), act);
     });
   }
-  at::Tensor dx = empty_output({g.B, g.Cin, g.L}, x.options());
+  at::Tensor dx = empty_large({g.B, g.Cin, g.L}, x.options());
   at::Tensor dw = at::zeros_like(w);
   at::Tensor db = has_bias ? at::zeros({g.Cout}, x.options()) : at::empty({0}, x.options());
   at::Tensor dinit = init.defined() ? at::zeros_like(init) : at::empty({0}, x.options());
@@ -771,9 +767,9 @@ std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor
   if (init.defined())
     TORCH_CHECK(init.sizes() == at::IntArrayRef({k.g.B, k.R, k.g.P}),
                 "seqkern wavenet: initial_state must be (B, R, (K-1)*dilation)");
-  at::Tensor res = empty_output({k.g.B, k.R, k.g.L}, x.options());
-  at::Tensor skip = empty_output({k.g.B, k.S, k.g.L}, x.options());
-  at::Tensor h = save ? empty_output({k.g.B, 2 * k.G, k.g.L}, x.options()) : at::empty({0}, x.options());
+  at::Tensor res = empty_large({k.g.B, k.R, k.g.L}, x.options());
+  at::Tensor skip = empty_large({k.g.B, k.S, k.g.L}, x.options());
+  at::Tensor h = save ? empty_large({k.g.B, 2 * k.G, k.g.L}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_wavenet_forward", [&] {
     if (k.g.L == 0) return;
     wavenet_forward_impl<scalar_t>(
@@ -805,9 +801,9 @@ std::vector<at::Tensor> wavenet_backward(
               "seqkern wavenet: backward needs the saved conv output h");
   at::Tensor gres = contiguous_as(grad_res, ct), gskip = contiguous_as(grad_skip, ct);
   auto o = x.options();
-  at::Tensor dx = empty_output(gres.sizes(), o);
+  at::Tensor dx = empty_large(gres.sizes(), o);
   dx.copy_(gres);
-  at::Tensor dh = empty_output({g.B, 2 * k.G, g.L}, o);
+  at::Tensor dh = empty_large({g.B, 2 * k.G, g.L}, o);
   at::Tensor dwp = at::zeros_like(wp);
   at::Tensor dcb = cb.defined() ? at::zeros({2 * k.G}, o) : at::empty({0}, o);
   at::Tensor dws = at::zeros({k.S, k.G}, o), dwr = at::zeros({k.R, k.G}, o);

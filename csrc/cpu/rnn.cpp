@@ -311,27 +311,14 @@ std::vector<at::Tensor> backward_impl(
                                            load(gs + 3 * H + j, n), load(cv + j, n),
                                            load(cv + H + j, n), peep_p, H, j, n);
               store(gr.dc_prev, dc_r + j, n);
-              store(gr.di, dx_r + j, n);
-              store(gr.df, dx_r + H + j, n);
-              store(gr.dg, dx_r + 2 * H + j, n);
-              store(gr.do_, dx_r + 3 * H + j, n);
+              store_lstm_grads(gr, dx_r, H, j, n);
             });
             break;
           }
           case Cell::Gru: {
             T* dr_r = drt + b * GH;
-            for_each_vec<T>(H, [&](int64_t j, int64_t n) {
-              auto r = load(gs + j, n), hn = load(gs + 3 * H + j, n);
-              auto gr = gru_mix_backward(load(dh_r + j, n), load(gs + 2 * H + j, n),
-                                         load(gs + H + j, n), load(hp + j, n));
-              auto dar = gr.dn_pre * hn * r * (Vec<T>(T(1)) - r);
-              store(dar, dx_r + j, n);
-              store(gr.dz_pre, dx_r + H + j, n);
-              store(gr.dn_pre, dx_r + 2 * H + j, n);
-              store(dar, dr_r + j, n);
-              store(gr.dz_pre, dr_r + H + j, n);
-              store(gr.dn_pre * r, dr_r + 2 * H + j, n);
-              store(gr.dh_direct, dh_r + j, n);  // the GEMM adds the W_hh path
+            for_each_vec<T>(H, [&](int64_t j, int64_t n) {  // the GEMM adds the W_hh path
+              gru_step_backward(load(dh_r + j, n), gs, hp, dx_r, dr_r, dh_r, H, j, n);
             });
             break;
           }

@@ -72,6 +72,36 @@ SEQKERN_INLINE GruGrad<T> gru_mix_backward(Vec<T> dh, Vec<T> n, Vec<T> z, Vec<T>
   return {dh * (one - z) * (one - n * n), dh * (hp - n) * z * (one - z), dh * z};
 }
 
+// PyTorch-convention GRU, the gate gradients of one step. The saved gates at unit u are r, z,
+// n (activated) and hlin = W_hn·h + b_hn (4·H wide). Writes the input-side pre-activation
+// gradients to dx (r, z, n; G·H wide), the recurrent-side ones to drec (r, z, and n·r, which is
+// what reaches W_hn·h), and the direct z ⊙ h path to dh; the W_hh path is added by a GEMM.
+template <typename T>
+SEQKERN_INLINE void gru_step_backward(Vec<T> dh_in, const T* gates, const T* hp, T* dx, T* drec,
+                                      T* dh, int64_t H, int64_t u, int64_t n) {
+  const auto r = load(gates + u, n), hlin = load(gates + 3 * H + u, n);
+  const auto g = gru_mix_backward(dh_in, load(gates + 2 * H + u, n), load(gates + H + u, n),
+                                  load(hp + u, n));
+  const auto dr = g.dn_pre * hlin * r * (Vec<T>(T(1)) - r);
+  store(dr, dx + u, n);
+  store(g.dz_pre, dx + H + u, n);
+  store(g.dn_pre, dx + 2 * H + u, n);
+  store(dr, drec + u, n);
+  store(g.dz_pre, drec + H + u, n);
+  store(g.dn_pre * r, drec + 2 * H + u, n);
+  store(g.dh_direct, dh + u, n);
+}
+
+// The four LSTM pre-activation gradients into dgates (G·H wide) at unit u.
+template <typename T>
+SEQKERN_INLINE void store_lstm_grads(const LstmGrad<T>& g, T* dgates, int64_t H, int64_t u,
+                                     int64_t n) {
+  store(g.di, dgates + u, n);
+  store(g.df, dgates + H + u, n);
+  store(g.dg, dgates + 2 * H + u, n);
+  store(g.do_, dgates + 3 * H + u, n);
+}
+
 template <typename T>
 SEQKERN_INLINE Vec<T> rnn_activation(Vec<T> a, bool relu_act) {
   return relu_act ? relu(a) : tanh(a);

@@ -140,6 +140,16 @@ inline void panel_gemm_all_rows(int64_t rows, const float* A, int64_t lda, const
 // FMA and is load-port bound, while MR × 2 halves the loads per FMA.
 int64_t panels(int64_t H, int64_t U) { return (H + U * kW - 1) / (U * kW); }
 
+// f(j, u0, n) for the vectors j of panel p that hold units: u0 = first unit, n = units (≤ W).
+template <int U, typename F>
+SEQKERN_INLINE void for_panel_vectors(int64_t p, int64_t H, F&& f) {
+  for (int j = 0; j < U; ++j) {
+    const int64_t u0 = (p * U + j) * kW;
+    if (u0 >= H) break;
+    f(j, u0, std::min<int64_t>(kW, H - u0));
+  }
+}
+
 // Forward: W_hh (G·H, H) → [panel p][k][gate g][vector j][lane l] = W_hh[g·H + p·U·W + j·W + l, k]
 // (0 past H).
 std::vector<float> pack_gate_panels(const float* w, int64_t G, int64_t H, int64_t U) {
@@ -251,11 +261,9 @@ void forward_loop(const ForwardArgs& a) {
       // The gate math of row m of a tile whose accumulators start at v (gate g, vector j at
       // v[g·U + j]; U > 1 only with one gate).
       auto finish = [&](int64_t p, int64_t m, const V* v) {
-        for (int j = 0; j < U; ++j) {
-          const int64_t u0 = (p * U + j) * kW;
-          if (u0 >= H) break;
-          forward_tile<C>(a, m, o, u0, std::min<int64_t>(kW, H - u0), v + j, hp, hn);
-        }
+        for_panel_vectors<U>(p, H, [&](int j, int64_t u0, int64_t n) {
+          forward_tile<C>(a, m, o, u0, n, v + j, hp, hn);
+        });
       };
       for (int64_t p = p0; p < p1; ++p) {
         const float* panel = wp.data() + p * H * NV * kW;
@@ -302,24 +310,10 @@ SEQKERN_INLINE void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, i
                                  load(gs + 2 * H + u0, n), load(gs + 3 * H + u0, n),
                                  load(cv + u0, n), load(cv + H + u0, n), a.peep, H, u0, n);
     store(gr.dc_prev, dc, n);
-    store(gr.di, dx + u0, n);
-    store(gr.df, dx + H + u0, n);
-    store(gr.dg, dx + 2 * H + u0, n);
-    store(gr.do_, dx + 3 * H + u0, n);
-  } else {  // GRU
-    const float* gs = a.gates + (o + m) * 4 * H;
-    auto r = load(gs + u0, n), hlin = load(gs + 3 * H + u0, n);
-    auto gr = gru_mix_backward(d, load(gs + 2 * H + u0, n), load(gs + H + u0, n),
-                               load(a.hprev + (o + m) * H + u0, n));
-    auto dar = gr.dn_pre * hlin * r * (V(1.0f) - r);
-    float* dr = a.drec + (o + m) * GH;
-    store(dar, dx + u0, n);
-    store(gr.dz_pre, dx + H + u0, n);
-    store(gr.dn_pre, dx + 2 * H + u0, n);
-    store(dar, dr + u0, n);
-    store(gr.dz_pre, dr + H + u0, n);
-    store(gr.dn_pre * r, dr + 2 * H + u0, n);
-    store(gr.dh_direct, dh, n);  // phase 2 adds the matmul path
+    store_lstm_grads(gr, dx, H, u0, n);
+  } else {  // GRU; phase 2 adds the matmul path to dh
+    gru_step_backward(d, a.gates + (o + m) * 4 * H, a.hprev + (o + m) * H, dx,
+                      a.drec + (o + m) * GH, a.dh + m * H, H, u0, n);
   }
 }
 
@@ -343,23 +337,17 @@ void backward_loop(const BackwardArgs& a) {
     std::vector<V> accs(blocked ? B * U : 0);
     // dh_prev of row m for the units of panel p, from its accumulators v
     auto finish = [&](int64_t p, int64_t m, const V* v) {
-      for (int j = 0; j < U; ++j) {
-        const int64_t u0 = (p * U + j) * kW;
-        if (u0 >= H) break;
-        const int64_t n = std::min<int64_t>(kW, H - u0);
+      for_panel_vectors<U>(p, H, [&](int j, int64_t u0, int64_t n) {
         float* dh = a.dh + m * H + u0;
         store(accumulate ? v[j] + load(dh, n) : v[j], dh, n);
-      }
+      });
     };
     for (int64_t s = L.T - 1; s >= 0; --s) {
       const int64_t t = L.step(s, a.reverse), bs = L.bs[t], o = L.off[t];
       for (int64_t p = p0; p < p1; ++p)
-        for (int j = 0; j < U; ++j) {
-          const int64_t u0 = (p * U + j) * kW;
-          if (u0 >= H) break;
-          const int64_t n = std::min<int64_t>(kW, H - u0);
+        for_panel_vectors<U>(p, H, [&](int, int64_t u0, int64_t n) {
           for (int64_t m = 0; m < bs; ++m) backward_tile<C>(a, m, o, u0, n);
-        }
+        });
 #pragma omp barrier
       for (int64_t p = p0; p < p1; ++p) {
         const float* panel = wb.data() + p * GH * U * kW;

@@ -59,6 +59,12 @@ def _(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, revers
     )
 
 
+def _backward_direct(mode, grad_out, grad_hn, grad_cn, x, *rest):
+    """The C++ backward, with absent gradients as empty tensors (a custom op returns tensors)."""
+    res = _ext._C.recurrent_backward(mode, grad_out, grad_hn, grad_cn, x, *rest)
+    return tuple(r if r is not None else x.new_empty((0,)) for r in res)
+
+
 @torch.library.custom_op("seqkern::recurrent_layer_backward", mutates_args=(), device_types="cpu")
 def _recurrent_layer_backward_op(
     mode: str, grad_out: Optional[Tensor], grad_hn: Optional[Tensor], grad_cn: Optional[Tensor],
@@ -67,10 +73,8 @@ def _recurrent_layer_backward_op(
     ws_gates: Tensor, ws_cells: Tensor, ws_hprev: Tensor, reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr); absent ones empty."""
-    res = _ext._C.recurrent_backward(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh,
-                                     b_ih, b_hh, w_peep, w_hr, out, ws_gates, ws_cells, ws_hprev,
-                                     reverse)
-    return tuple(r if r is not None else x.new_empty((0,)) for r in res)
+    return _backward_direct(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh, b_ih,
+                            b_hh, w_peep, w_hr, out, ws_gates, ws_cells, ws_hprev, reverse)
 
 
 @_recurrent_layer_backward_op.register_fake
@@ -135,11 +139,6 @@ def _backward(ctx, g_out, g_hn, g_cn, *_unused):
 
 
 _recurrent_layer_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _backward_direct(*args):
-    res = _ext._C.recurrent_backward(*args)
-    return tuple(r if r is not None else args[4].new_empty((0,)) for r in res)
 
 
 class _EagerLayer(torch.autograd.Function):
