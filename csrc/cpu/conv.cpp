@@ -200,25 +200,41 @@ void dense_tile(const Geom& g, const T* xb, const T* ib, const T* wp, int64_t gr
   }
 }
 
+// The work items of the dense paths: (batch, group, column tile), numbered 0..count().
+struct DenseTiles {
+  struct Item {
+    int64_t b, grp, t0, t1;
+    int64_t in, init, out;  // offsets of the group's first input, history and output row
+  };
+  const Geom& g;
+  int64_t nt, ntiles;
+  DenseTiles(const Geom& geom, size_t elem)
+      : g(geom),
+        nt(tile_columns(std::max(g.Cin_g, g.Cout_g), g.L, g.B * g.groups, elem)),
+        ntiles((g.L + nt - 1) / nt) {}
+  int64_t count() const { return g.B * g.groups * ntiles; }
+  Item operator[](int64_t it) const {
+    const int64_t bg = it / ntiles, t0 = (it % ntiles) * nt;
+    const int64_t b = bg / g.groups, grp = bg % g.groups;
+    const int64_t in_row = b * g.Cin + grp * g.Cin_g;
+    return {b, grp, t0, std::min(g.L, t0 + nt), in_row * g.L, in_row * g.P,
+            (b * g.Cout + grp * g.Cout_g) * g.L};
+  }
+};
+
 template <typename T>
 void dense_forward(const Geom& g, const T* x, const T* init, const T* wp, const T* bias, T* y,
                    T* pre, int64_t act) {
-  const int64_t outer = g.B * g.groups;
-  const int64_t nt = tile_columns(std::max(g.Cin_g, g.Cout_g), g.L, outer, sizeof(T));
-  const int64_t ntiles = (g.L + nt - 1) / nt;
-  at::parallel_for(0, outer * ntiles, 1, [&](int64_t i0, int64_t i1) {
+  const DenseTiles tiles(g, sizeof(T));
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t bg = it / ntiles, tile = it % ntiles;
-      const int64_t b = bg / g.groups, grp = bg % g.groups;
-      const int64_t t0 = tile * nt, t1 = std::min(g.L, t0 + nt);
-      const T* xb = x + (b * g.Cin + grp * g.Cin_g) * g.L;
-      const T* ib = init ? init + (b * g.Cin + grp * g.Cin_g) * g.P : nullptr;
-      T* yb = y + (b * g.Cout + grp * g.Cout_g) * g.L;
-      dense_tile<T>(g, xb, ib, wp, grp, t0, t1, yb + t0, g.L);
+      const auto tl = tiles[it];
+      dense_tile<T>(g, x + tl.in, init ? init + tl.init : nullptr, wp, tl.grp, tl.t0, tl.t1,
+                    y + tl.out + tl.t0, g.L);
       for (int64_t o = 0; o < g.Cout_g; ++o) {
-        const int64_t row = (b * g.Cout + grp * g.Cout_g + o) * g.L + t0;
-        bias_activate_row<T>(y + row, pre ? pre + row : nullptr, t1 - t0,
-                             bias ? bias[grp * g.Cout_g + o] : T(0), act);
+        const int64_t row = tl.out + o * g.L + tl.t0;
+        bias_activate_row<T>(y + row, pre ? pre + row : nullptr, tl.t1 - tl.t0,
+                             bias ? bias[tl.grp * g.Cout_g + o] : T(0), act);
       }
     }
   });
@@ -229,24 +245,21 @@ void dense_forward(const Geom& g, const T* x, const T* init, const T* wp, const 
 template <typename T>
 void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const T* wp, T* dx,
                     bool accumulate, T* dinit, T* dwp, T* db) {
-  const int64_t outer = g.B * g.groups;
-  const int64_t nt = tile_columns(std::max(g.Cin_g, g.Cout_g), g.L, outer, sizeof(T));
-  const int64_t ntiles = (g.L + nt - 1) / nt;
+  const DenseTiles tiles(g, sizeof(T));
   const auto st = c10::CppTypeToScalarType<T>::value;
   ThreadAccum<T> dw_acc(g.K * g.Cout * g.Cin_g, st);
   ThreadAccum<T> db_acc(db ? g.Cout : 0, st);
 
-  at::parallel_for(0, outer * ntiles, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t i0, int64_t i1) {
     T* dwt = dw_acc.mine();
     T* dbt = db_acc.mine();
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t bg = it / ntiles, tile = it % ntiles;
-      const int64_t b = bg / g.groups, grp = bg % g.groups;
-      const int64_t t0 = tile * nt, t1 = std::min(g.L, t0 + nt);
-      const T* xb = x + (b * g.Cin + grp * g.Cin_g) * g.L;
-      const T* ib = init ? init + (b * g.Cin + grp * g.Cin_g) * g.P : nullptr;
-      const T* dzb = dz + (b * g.Cout + grp * g.Cout_g) * g.L;
-      T* dxb = dx + (b * g.Cin + grp * g.Cin_g) * g.L;
+      const auto tl = tiles[it];
+      const int64_t grp = tl.grp, t0 = tl.t0, t1 = tl.t1;
+      const T* xb = x + tl.in;
+      const T* ib = init ? init + tl.init : nullptr;
+      const T* dzb = dz + tl.out;
+      T* dxb = dx + tl.in;
       for (int64_t k = g.K - 1; k >= 0; --k) {
         const int64_t s = g.shift(k);
         const T* W = wp + (k * g.Cout + grp * g.Cout_g) * g.Cin_g;
@@ -283,7 +296,7 @@ void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const
   // dinit[:, P − s + t] += W_kᵀ dz[:, t] for t < min(s, L): the history only reaches the
   // first columns of each output row.
   if (dinit) {
-    at::parallel_for(0, outer, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, g.B * g.groups, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t bg = i0; bg < i1; ++bg) {
         const int64_t b = bg / g.groups, grp = bg % g.groups;
         const T* dzb = dz + (b * g.Cout + grp * g.Cout_g) * g.L;
