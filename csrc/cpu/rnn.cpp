@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 
 #include "cpu/gemm.h"
+#include "cpu/large_alloc.h"
 #include "cpu/rnn.h"
 #include "cpu/rnn_cells.h"
 #include "cpu/rnn_common.h"
@@ -57,7 +58,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // recurrent matmul folded in (GRU's b_hn multiplies with r, so it stays out).
   // The summed bias is added in the gate pass rather than pre-filled into xg, which would
   // cost one more full write of the (N, G·H) buffer.
-  at::Tensor xg = xg_given.defined() ? xg_given : at::empty({N, G * H}, x.options());
+  at::Tensor xg = xg_given.defined() ? xg_given : empty_large({N, G * H}, x.options());
   at::Tensor bias = at::zeros({G * H}, x.options());
   if (b_ih.defined()) bias.add_(b_ih);
   if (b_hh.defined()) {
@@ -234,9 +235,9 @@ std::vector<at::Tensor> backward_impl(
                        : at::Tensor();
   // dxg: gradient of the input-side pre-activations; drec: of the recurrent-side ones. They
   // differ only for the PyTorch GRU's n block, where r multiplies W_hn·h + b_hn.
-  at::Tensor dxg = at::empty({N, GH}, opts);
-  at::Tensor drec = cell == Cell::Gru ? at::empty({N, GH}, opts) : dxg;
-  at::Tensor dh_all = proj ? at::empty({N, Hs}, opts) : at::Tensor();
+  at::Tensor dxg = empty_large({N, GH}, opts);
+  at::Tensor drec = cell == Cell::Gru ? empty_large({N, GH}, opts) : dxg;
+  at::Tensor dh_all = proj ? empty_large({N, Hs}, opts) : at::Tensor();
   at::Tensor dm = proj ? at::empty({L.B, H}, opts) : at::Tensor();
   at::Tensor drh = cell == Cell::GruCho ? at::empty({L.B, H}, opts) : at::Tensor();
 
@@ -359,7 +360,7 @@ std::vector<at::Tensor> backward_impl(
   }
 
   // Everything that does not feed the recurrence: large GEMMs over all N rows.
-  at::Tensor dx = at::empty({N, I}, opts);
+  at::Tensor dx = empty_large({N, I}, opts);
   gemm<T>(N, I, GH, T(1), dxgp, GH, w_ih.data_ptr<T>(), I, false, T(0), dx.data_ptr<T>(), I);
   at::Tensor dw_ih = at::empty({GH, I}, opts);
   gemm_tn<T>(GH, I, N, T(1), dxgp, GH, x.data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
@@ -466,20 +467,20 @@ std::vector<at::Tensor> recurrent_forward(
   const int64_t G = gate_count(cell), H = w_hh.size(0) / G, Hs = h0.size(1);
   const bool lstm = cell == Cell::Lstm;
   auto opts = x.options();
-  at::Tensor out = at::empty({L.N, Hs}, opts);
+  at::Tensor out = empty_large({L.N, Hs}, opts);
   at::Tensor h_state = h0.clone();
   at::Tensor c_state = lstm ? c0.clone() : at::empty({0}, opts);
-  at::Tensor ws_gates = at::empty({save && cell != Cell::RnnTanh && cell != Cell::RnnRelu
+  at::Tensor ws_gates = empty_large({save && cell != Cell::RnnTanh && cell != Cell::RnnRelu
                                        ? L.N : 0,
                                    cell == Cell::Gru ? 4 * H : G * H}, opts);
-  at::Tensor ws_cells = at::empty({save && lstm ? L.N : 0, w_hr.defined() ? 3 * H : 2 * H}, opts);
-  at::Tensor ws_hprev = at::empty({save ? L.N : 0, Hs}, opts);
+  at::Tensor ws_cells = empty_large({save && lstm ? L.N : 0, w_hr.defined() ? 3 * H : 2 * H}, opts);
+  at::Tensor ws_hprev = empty_large({save ? L.N : 0, Hs}, opts);
   // bfloat16: the input projection, half of the FLOPs, runs as a bf16 GEMM with fp32 output
   // (exact products, fp32 sums); the recurrence itself keeps its state in fp32.
   at::Tensor xg_bf16;
   if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 && L.N > 0) {
     auto xb = x_.contiguous(), wb = w_ih_.contiguous();
-    at::Tensor xg = at::empty({L.N, G * H}, opts);
+    at::Tensor xg = empty_large({L.N, G * H}, opts);
     if (gemm_bf16_nt(L.N, G * H, x.size(1), xb.data_ptr<at::BFloat16>(), xb.size(1),
                      wb.data_ptr<at::BFloat16>(), wb.size(1), xg.data_ptr<float>(), G * H)) {
       xg_bf16 = xg;

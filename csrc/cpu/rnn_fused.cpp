@@ -179,6 +179,14 @@ std::vector<float> pack_column_panels(const float* w, int64_t GH, int64_t H, int
   return out;
 }
 
+// A row stride for the operand rows a panel GEMM walks down: rows whose stride is a multiple of
+// 4 KiB map to the same L1 sets, so with more rows than L1 ways (12) they evict each other
+// every k block. One extra cache line per row spreads them over the sets.
+int64_t padded_stride(int64_t n) {
+  const int64_t lines = (n + 15) / 16;
+  return (lines % 16 == 0 ? lines + 1 : lines) * 16;
+}
+
 // One thread when a step is too small to pay for a barrier.
 int thread_count(int64_t B, int64_t GH, int64_t H, int64_t P) {
   const int64_t work = B * GH * H;
@@ -188,9 +196,39 @@ int thread_count(int64_t B, int64_t GH, int64_t H, int64_t P) {
 
 // ------------------------------------------------------------------ forward ----------------
 
+// The epilogue of a tile reads xg and writes out (and, in training, the saved gates) at rows
+// G·H apart that were written long ago and are no longer in cache: one DRAM miss per gate and
+// row, in an order the hardware prefetcher cannot follow. So each tile requests the lines of
+// the tile after it (the same rows in the next panel, or the next step's first panel), a whole
+// tile's GEMM ahead of their use.
+template <int Locality>
+SEQKERN_INLINE void prefetch_span(const float* p, int64_t n, bool write) {
+  for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(float))) {
+    if (write) __builtin_prefetch(p + i, 1, Locality);
+    else __builtin_prefetch(p + i, 0, Locality);
+  }
+}
+
+// Rows r0 .. r0 + rows of the epilogue's operands, units u0 .. u0 + n, into L2 (Locality 2)
+// or L1 (3).
+template <Cell C, int Locality = 2>
+void prefetch_forward_rows(const ForwardArgs& a, int64_t r0, int64_t rows, int64_t u0, int64_t n) {
+  const int64_t H = a.H, G = gate_count(C), GH = G * H;
+  const int64_t W = C == Cell::Gru ? 4 * H : GH;
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    for (int64_t g = 0; g < G; ++g) prefetch_span<Locality>(a.xg + r * GH + g * H + u0, n, false);
+    prefetch_span<Locality>(a.out + r * H + u0, n, true);
+    if (a.save_gates)
+      for (int64_t g = 0; g < W / H; ++g) prefetch_span<Locality>(a.save_gates + r * W + g * H + u0, n, true);
+    if (a.save_cells)
+      for (int64_t g = 0; g < 2; ++g) prefetch_span<Locality>(a.save_cells + r * 2 * H + g * H + u0, n, true);
+    if (a.save_hprev) prefetch_span<Locality>(a.save_hprev + r * H + u0, n, true);
+  }
+}
+
 template <Cell C>
 SEQKERN_INLINE void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n,
-                         const V* acc, const float* hp, float* hn) {
+                         const V* acc, const float* hp, float* hn, int64_t ldh) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
   const float* xr = a.xg + (o + m) * GH;
   auto pre = [&](int64_t g) __attribute__((always_inline)) {
@@ -220,7 +258,7 @@ SEQKERN_INLINE void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int
     auto z = sigmoid(pre(1));
     auto hlin = a.b_hn ? acc[2] + load(a.b_hn + u0, n) : acc[2];
     auto nn = tanh(load(xr + 2 * H + u0, n) + load(a.bias + 2 * H + u0, n) + r * hlin);
-    h = gru_mix(nn, z, load(hp + m * H + u0, n));
+    h = gru_mix(nn, z, load(hp + m * ldh + u0, n));
     if (gs) {
       store(r, gs + u0, n);
       store(z, gs + H + u0, n);
@@ -228,9 +266,9 @@ SEQKERN_INLINE void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int
       store(hlin, gs + 3 * H + u0, n);
     }
   }
-  store(h, hn + m * H + u0, n);
+  store(h, hn + m * ldh + u0, n);
   store(h, a.out + (o + m) * H + u0, n);
-  if (a.save_hprev) store(load(hp + m * H + u0, n), a.save_hprev + (o + m) * H + u0, n);
+  if (a.save_hprev) store(load(hp + m * ldh + u0, n), a.save_hprev + (o + m) * H + u0, n);
 }
 
 template <Cell C>
@@ -242,9 +280,10 @@ void forward_loop(const ForwardArgs& a) {
   const Layout& L = *a.L;
   const int64_t H = a.H, B = L.B, P = panels(H, U);
   const std::vector<float> wp = pack_gate_panels(a.w_hh, G, H, U);
-  std::vector<float> hbuf(2 * B * H);
-  std::copy(a.h0, a.h0 + B * H, hbuf.begin());
-  std::copy(a.h0, a.h0 + B * H, hbuf.begin() + B * H);
+  const int64_t ldh = padded_stride(H);
+  std::vector<float> hbuf(2 * B * ldh);
+  for (int64_t b = 0; b < B; ++b)
+    for (int i = 0; i < 2; ++i) std::copy(a.h0 + b * H, a.h0 + (b + 1) * H, hbuf.begin() + (i * B + b) * ldh);
   const int nt = thread_count(B, G * H, H, P);
 
 #pragma omp parallel num_threads(nt)
@@ -256,26 +295,46 @@ void forward_loop(const ForwardArgs& a) {
     std::vector<V> accs(blocked ? B * NV : 0);
     for (int64_t s = 0; s < L.T; ++s) {
       const int64_t t = L.step(s, a.reverse), bs = L.bs[t], o = L.off[t];
-      const float* hp = hbuf.data() + (s & 1) * B * H;
-      float* hn = hbuf.data() + ((s + 1) & 1) * B * H;
+      const float* hp = hbuf.data() + (s & 1) * B * ldh;
+      float* hn = hbuf.data() + ((s + 1) & 1) * B * ldh;
       // The gate math of row m of a tile whose accumulators start at v (gate g, vector j at
       // v[g·U + j]; U > 1 only with one gate).
       auto finish = [&](int64_t p, int64_t m, const V* v) {
         for_panel_vectors<U>(p, H, [&](int j, int64_t u0, int64_t n) {
-          forward_tile<C>(a, m, o, u0, n, v + j, hp, hn);
+          forward_tile<C>(a, m, o, u0, n, v + j, hp, hn, ldh);
         });
       };
       for (int64_t p = p0; p < p1; ++p) {
         const float* panel = wp.data() + p * H * NV * kW;
+        // the tile after this one: next panel, or the first panel of the next step
+        const int64_t pu0 = p * U * kW, pn = std::min<int64_t>(U * kW, H - pu0);
+        const bool last = p + 1 == p1;
+        const int64_t np = last ? p0 : p + 1;
+        const int64_t nu0 = np * U * kW, nn = std::min<int64_t>(U * kW, H - nu0);
+        const int64_t no = last ? (s + 1 < L.T ? L.off[L.step(s + 1, a.reverse)] : -1) : o;
+        const int64_t nbs = last ? (s + 1 < L.T ? L.bs[L.step(s + 1, a.reverse)] : 0) : bs;
+        auto prefetch_next = [&](int64_t m0, int64_t rows) {
+          rows = std::min(rows, nbs - m0);
+          if (rows > 0) prefetch_forward_rows<C>(a, no + m0, rows, nu0, nn);
+        };
         if (blocked) {
-          panel_gemm_all_rows<NV, MR>(bs, hp, H, panel, H, accs.data());
-          for (int64_t m = 0; m < bs; ++m) finish(p, m, accs.data() + m * NV);
+          panel_gemm_all_rows<NV, MR>(bs, hp, ldh, panel, H, accs.data());
+          for (int64_t m = 0; m < bs; ++m) {
+            // The rows' lines were requested into L2 a panel ago; L1 cannot hold them all (rows
+            // G·H apart share sets), so each row brings in the one two rows on.
+            if (m + 2 < bs) prefetch_forward_rows<C, 3>(a, o + m + 2, 1, pu0, pn);
+            finish(p, m, accs.data() + m * NV);
+            prefetch_next(m, 1);
+          }
+          if (nbs > bs) prefetch_next(bs, nbs - bs);
           continue;
         }
         for_row_blocks<MR>(bs, [&](int64_t m0, int mr) {
-          panel_gemm_rows<NV, MR>(mr, hp + m0 * H, H, panel, H, acc);
+          panel_gemm_rows<NV, MR>(mr, hp + m0 * ldh, ldh, panel, H, acc);
           for (int mi = 0; mi < mr; ++mi) finish(p, m0 + mi, acc + mi * NV);
+          prefetch_next(m0, mr);
         });
+        if (nbs > bs) prefetch_next(bs, nbs - bs);
       }
 #pragma omp barrier
     }
