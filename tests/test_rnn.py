@@ -239,3 +239,18 @@ def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads):
         err_o = (ours.double() - exact).abs().max().item()
         err_t = (plain.double() - exact).abs().max().item()
         assert err_o <= 2 * err_t + 2e-5, (err_o, err_t)
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_nan_input_propagates(mode):
+    """A NaN in one sequence's input reaches that sequence's later outputs as NaN (the gate
+    functions clamp their argument, which must not turn NaN into a finite value) and leaves the
+    other sequences untouched. Sizes take the fused float32 loop."""
+    x, bs, h0, c0, w = make_case(mode, 8, 5, 40, [12] * 8, torch.float32, scale=0.3)
+    x = x.clone()
+    x[3 * 8 + 2, 0] = float("nan")  # step 3, sequence 2 (packed rows are time-major)
+    out, _, _ = ops.recurrent_layer(mode, x, bs, h0, c0, w, False)
+    out = out.view(12, 8, -1)
+    assert torch.isnan(out[3:, 2]).all()
+    assert torch.isfinite(out[:3]).all()
+    assert torch.isfinite(out[:, [0, 1, 3, 4, 5, 6, 7]]).all()

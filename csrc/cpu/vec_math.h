@@ -27,7 +27,13 @@ using Vec = at::vec::Vectorized<T>;
 SEQKERN_INLINE Vec<float> exp_accurate(Vec<float> x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   using V = Vec<float>;
-  x = at::vec::minimum(at::vec::maximum(x, V(-87.3f)), V(88.3f));  // 2^n stays a normal float
+  // Clamped so that 2^n stays a normal float. max/min return their second operand when either
+  // is NaN, so with x second a NaN passes through (at::vec::maximum does the same in 4 ops).
+#if defined(CPU_CAPABILITY_AVX512)
+  x = V(_mm512_min_ps(_mm512_set1_ps(88.3f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x)));
+#else
+  x = V(_mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x)));
+#endif
   const V n = (x * V(1.4426950408889634f)).round();
   V r = at::vec::fmadd(n, V(-0.693359375f), x);  // ln2 split so that n·hi is exact
   r = at::vec::fmadd(n, V(2.12194440e-4f), r);
