@@ -10,10 +10,12 @@
 #include "isa.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -487,6 +489,198 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   });
 }
 
+// ------------------------------------------------------------------ bf16 forward, AMX -------
+//
+// bfloat16 inputs where the CPU has AMX (or another bf16 dot-product unit oneDNN packs for):
+// the two tile products run as oneDNN brgemm micro-kernels with bf16 operands and fp32
+// accumulation, through ATen's cpublas wrappers (the same ones torch's own CPU flash attention
+// calls). The float32 tile kernel above runs at ~50% of the FMA peak; AMX does ~8× more bf16
+// products per cycle, so softmax and masking, in fp32, become most of the work. What this
+// changes numerically is what torch's bf16 kernel also does: P is rounded to bf16 before P·V.
+//
+// Scores are held row-major here (queries × keys): brgemm writes whole tiles, and the masks are
+// applied per query row from the same Spans the transposed kernel uses.
+constexpr int64_t kAmxBlockQ = 64;
+// Keys per tile: large, so that the per-row softmax bookkeeping (rescaling the accumulator,
+// the running max and sum) is paid once per 256 keys; scores are computed in chunks of 64 keys
+// (the widest N oneDNN's VNNI packing accepted here), skipping chunks no query may see.
+constexpr int64_t kAmxBlockK = 256;
+constexpr int64_t kAmxChunk = 64;
+
+// V is packed in column chunks of 32 or 64 (oneDNN's bf16 VNNI packing rejected N = 40 and
+// N = 128 here), so the P·V accumulator is Dv rounded up to whole chunks.
+// Short key sequences take one block of their length (in whole chunks) instead of padding to 256.
+int64_t amx_key_block(const Dims& d) {
+  return std::min(kAmxBlockK, (d.Lk + kAmxChunk - 1) / kAmxChunk * kAmxChunk);
+}
+
+int64_t amx_value_width(const Dims& d) { return (d.Dv + 31) / 32 * 32; }
+int64_t amx_value_chunk(const Dims& d) { return amx_value_width(d) % 64 == 0 ? 64 : 32; }
+
+bool amx_forward_usable(const Dims& d) {
+  static const bool can_pack = at::native::cpublas::could_pack(at::kBFloat16);
+  if (!can_pack || d.D % 2 || d.Dv % 2) return false;
+  const char* env = std::getenv("SEQKERN_ATTENTION_AMX");  // "0": the fp32 tile kernel
+  return !(env && env[0] == '0');
+}
+
+// K and V of every (batch, kv head, key block) in brgemm's VNNI layout: Kᵀ blocks (D × BK) for
+// S = Q·Kᵀ and V blocks (BK × Dv) for P·V, keys past Lk zero. Packed once per call and shared
+// by every query block and every query head of the group.
+std::pair<at::Tensor, at::Tensor> pack_kv_vnni(const Dims& d, const at::Tensor& k_,
+                                               const at::Tensor& v_) {
+  constexpr int64_t CK = kAmxChunk;
+  const int64_t BK = amx_key_block(d);
+  using bf16 = c10::BFloat16;
+  const int64_t nkb = (d.Lk + BK - 1) / BK;
+  const Strides sk(k_), sv(v_);
+  const bf16 *K = k_.data_ptr<bf16>(), *Vp = v_.data_ptr<bf16>();
+  auto opts = k_.options().dtype(at::kBFloat16);
+  at::Tensor kp = at::empty({d.B, d.Hkv, nkb, d.D * BK}, opts);
+  const int64_t Dvp = amx_value_width(d), VN = amx_value_chunk(d);
+  at::Tensor vp = at::empty({d.B, d.Hkv, nkb, BK * Dvp}, opts);
+  bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
+  at::parallel_for(0, d.B * d.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<bf16> tmp(std::max(d.D, BK) * std::max(Dvp, BK));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t kb = t % nkb, h = (t / nkb) % d.Hkv, b = t / (nkb * d.Hkv);
+      const int64_t j0 = kb * BK, nk = std::min(BK, d.Lk - j0);
+      const bf16* kr = K + sk.at(b, h, j0);
+      for (int64_t k0 = 0; k0 < BK; k0 += CK) {  // Kᵀ of CK keys at a time, zero past nk
+        const int64_t n = std::clamp<int64_t>(nk - k0, 0, CK);
+        for (int64_t c = 0; c < d.D; ++c) {
+          bf16* row = tmp.data() + c * CK;
+          for (int64_t j = 0; j < n; ++j) row[j] = kr[(k0 + j) * sk.l + c];
+          std::fill(row + n, row + CK, bf16(0.0f));
+        }
+        at::native::cpublas::pack(d.D, CK, CK, CK, at::kBFloat16, at::kBFloat16, tmp.data(),
+                                  KP + t * d.D * BK + k0 * d.D);
+      }
+      const bf16* vr = Vp + sv.at(b, h, j0);
+      for (int64_t c0 = 0; c0 < Dvp; c0 += VN) {  // one BK × VN chunk of V at a time
+        const int64_t w = std::clamp<int64_t>(d.Dv - c0, 0, VN);
+        for (int64_t j = 0; j < BK; ++j) {
+          bf16* row = tmp.data() + j * VN;
+          if (j < nk) std::copy(vr + j * sv.l + c0, vr + j * sv.l + c0 + w, row);
+          std::fill(row + (j < nk ? w : 0), row + VN, bf16(0.0f));
+        }
+        at::native::cpublas::pack(BK, VN, VN, VN, at::kBFloat16, at::kBFloat16, tmp.data(),
+                                  VP + t * BK * Dvp + c0 * BK);
+      }
+    }
+  });
+  return {kp, vp};
+}
+
+// q, k, v bf16 with the last dimension contiguous; out (fp32) and lse as in forward_kernel.
+void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
+                             const at::Tensor& v_, float scale, const Mask<float>& mask,
+                             at::Tensor& out, at::Tensor& lse) {
+  using V = Vec<float>;
+  using bf16 = c10::BFloat16;
+  constexpr int64_t BQ = kAmxBlockQ, CK = kAmxChunk;
+  const int64_t BK = amx_key_block(d);
+  const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
+  const auto [kp, vp] = pack_kv_vnni(d, k_, v_);
+  const int64_t Dvp = amx_value_width(d), VN = amx_value_chunk(d);
+  const bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
+  const Strides sq(q_);
+  const bf16* Q = q_.data_ptr<bf16>();
+  float* O = out.data_ptr<float>();
+  float* LSE = lse.data_ptr<float>();
+  const int64_t g = d.group();
+  const float ninf = neg_inf<float>();
+
+  at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ);
+    std::vector<bf16> P(BQ * BK);
+    Span rows[BQ], cols[kAmxBlockK];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
+      const int64_t hk = h / g, i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
+      const bf16* q = Q + sq.at(b, h, i0);
+      std::fill(acc.begin(), acc.begin() + mi * Dvp, 0.0f);
+      std::fill(mx.begin(), mx.end(), ninf);
+      std::fill(sm.begin(), sm.end(), 0.0f);
+      const Span keys = block_keys(mask, b, i0, mi);
+      for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
+        const int64_t nk = std::min(BK, d.Lk - j0);
+        if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
+        const int64_t kb = j0 / BK, blk = (b * d.Hkv + hk) * nkb + kb;
+        // the chunks of keys [klo, khi) that some query of the block may see
+        int64_t klo = BK, khi = 0;
+        for (int64_t r = 0; r < mi; ++r)
+          if (!rows[r].empty()) klo = std::min(klo, rows[r].lo), khi = std::max(khi, rows[r].hi);
+        klo = klo / CK * CK;
+        khi = (khi + CK - 1) / CK * CK;
+        for (int64_t k0 = klo; k0 < khi; k0 += CK)
+          at::native::cpublas::brgemm(mi, CK, d.D, sq.l, CK, BK, false, q,
+                                      KP + blk * d.D * BK + k0 * d.D, S.data() + k0, true);
+        for (int64_t r = 0; r < mi; ++r) {
+          float* s = S.data() + r * BK;
+          bf16* p = P.data() + r * BK;
+          const int64_t lo = rows[r].lo, hi = rows[r].hi;
+          // scale, explicit mask, and the row maximum over the keys this query may see
+          V vmax(ninf);
+          for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
+            const V x = load(s + lo + j, n) * V(scale);
+            store(x, s + lo + j, n);
+            vmax = at::vec::maximum(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
+          });
+          if (mask.has_explicit()) {
+            vmax = V(ninf);
+            for (int64_t c = lo; c < hi; ++c) {
+              const int64_t idx = mask.at(b, h, i0 + r, j0 + c);
+              s[c] = mask.bmask ? (mask.bmask[idx] ? s[c] : ninf) : s[c] + mask.amask[idx];
+            }
+            for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
+              const V x = load(s + lo + j, n);
+              vmax = at::vec::maximum(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
+            });
+          }
+          const float bmax = at::vec::vec_reduce_all<float>(
+              [](V x, V y) { return at::vec::maximum(x, y); }, vmax);
+          if (bmax == ninf) {  // nothing allowed in this tile for this row
+            std::fill(p + klo, p + khi, bf16(0.0f));
+            continue;
+          }
+          const float m_new = std::max(mx[r], bmax);
+          const float alpha = mx[r] == ninf ? 0.0f : std::exp(mx[r] - m_new);
+          V sum(0.0f);
+          for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
+            // P is rounded to bf16 (8 bits) before P·V, so the 20-ulp exp is exact enough
+            const V e = (load(s + lo + j, n) - V(m_new)).exp_u20();
+            store(e, s + lo + j, n);
+            sum = sum + (n == V::size() ? e : V::set(V(0.0f), e, n));
+          });
+          std::fill(s + klo, s + lo, 0.0f);
+          std::fill(s + hi, s + khi, 0.0f);
+          at::vec::convert(s + klo, p + klo, khi - klo);
+          sm[r] = sm[r] * alpha + at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, sum);
+          mx[r] = m_new;
+          if (alpha != 1.0f) scale_row(acc.data() + r * Dvp, d.Dv, alpha);
+        }
+        // V is packed as pairs of key rows, so keys [klo, khi) start klo·VN elements in
+        for (int64_t c0 = 0; c0 < Dvp; c0 += VN)
+          at::native::cpublas::brgemm(mi, VN, khi - klo, BK, VN, Dvp, true, P.data() + klo,
+                                      VP + blk * BK * Dvp + c0 * BK + klo * VN, acc.data() + c0,
+                                      true);
+      }
+      float* o = O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv;
+      float* l = LSE + (b * d.Hq + h) * d.Lq + i0;
+      for (int64_t r = 0; r < mi; ++r) {
+        const float inv = sm[r] > 0.0f ? 1.0f / sm[r] : 0.0f;  // no allowed key → zeros
+        const float* a = acc.data() + r * Dvp;
+        for_each_vec<float>(d.Dv, [&](int64_t j, int64_t cnt) {
+          store(load(a + j, cnt) * V(inv), o + r * d.Dv + j, cnt);
+        });
+        l[r] = sm[r] > 0.0f ? mx[r] + std::log(sm[r]) : ninf;
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
 // decode_forward_kernel with K and V in the compute type, or (float only) in bf16.
 template <typename T>
 void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
@@ -685,6 +879,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     return {out.to(q.scalar_type()), lse};
   }
   const bool decode = d.Lq <= kDecodeRows;
+  if (!decode && q.scalar_type() == at::kBFloat16 && amx_forward_usable(d)) {
+    at::Tensor mask_hold, len_hold;
+    const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
+                                       mask_hold, len_hold);
+    forward_kernel_bf16_amx(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
+                            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask,
+                            out, lse);
+    return {out.to(q.scalar_type()), lse};
+  }
   // decoding reads a bf16 cache as it is stored (see decode_forward_kernel)
   const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
   const at::ScalarType kv_type = bf16_kv ? at::kBFloat16 : ct;
