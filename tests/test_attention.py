@@ -366,3 +366,35 @@ def test_cpp_checks_reject_bad_shapes_directly():
     with pytest.raises(RuntimeError, match="head dims differ"):
         _ext._C.attention_forward(q, torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 8), None,
                                   None, False, False, 0, 1.0)
+
+
+AMX = registry.availability("cpu")[0] and seqkern._ext._C.attention_bf16_amx()
+
+
+@pytest.mark.parametrize("path", ["brgemm", "tiles"])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 129, 129, 64, 64), (2, 4, 1, 70, 300, 40, 24),
+                                   (1, 2, 1, 600, 1000, 16, 16), (1, 1, 1, 5, 513, 128, 128),
+                                   (1, 2, 2, 65, 65, 256, 256)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["none", "causal", "causal_br", "window_br",
+                                  "causal+bool+key_lengths", "window+additive"])
+def test_bfloat16_forward_paths(path, shape, kind, monkeypatch):
+    """bfloat16 forward on oneDNN brgemm tiles (CPUs with AMX; several key blocks, Lk not a
+    multiple of the block, Dv needing padding, GQA) and on the fp32 tile kernel: both within
+    twice torch's bf16 error of the float64 reference."""
+    if path == "brgemm" and not AMX:
+        pytest.skip("no AMX/bf16 brgemm on this CPU: the tile kernel serves bf16 (tested as 'tiles')")
+    monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
+    gen = torch.Generator().manual_seed(stable_seed(shape, kind))
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs(shape, torch.bfloat16, gen)
+    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, torch.bfloat16, gen)
+    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for n, t in kw.items()}
+    exact = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True,
+                                             **kw64)
+    ours = sdpa(q, k, v, enable_gqa=True, **kw)
+    theirs = torch_sdpa(q, k, v, **kw)
+    bound = 2 * max_err(theirs, exact) + FLOOR[torch.bfloat16] * max(1.0, exact.abs().max().item())
+    assert ours.dtype == torch.bfloat16
+    assert max_err(ours, exact) <= bound

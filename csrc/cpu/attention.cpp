@@ -959,6 +959,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 namespace seqkern {
 void register_attention(pybind11::module_& m) {
+  m.def("attention_bf16_amx", [] { return at::native::cpublas::could_pack(at::kBFloat16); },
+        "Whether bfloat16 attention forward runs on oneDNN brgemm (AMX) tiles on this CPU");
   m.def("attention_forward", &cpu::attention_forward,
         "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "
         "bottom_right, window, scale) -> (out, lse)",
