@@ -625,7 +625,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
           for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
             const V x = load(s + lo + j, n) * V(scale);
             store(x, s + lo + j, n);
-            vmax = at::vec::maximum(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
+            vmax = max_no_nan(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
           });
           if (mask.has_explicit()) {
             vmax = V(ninf);
@@ -635,7 +635,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
             }
             for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
               const V x = load(s + lo + j, n);
-              vmax = at::vec::maximum(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
+              vmax = max_no_nan(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
             });
           }
           const float bmax = at::vec::vec_reduce_all<float>(
