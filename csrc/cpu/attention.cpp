@@ -548,11 +548,13 @@ std::pair<at::Tensor, at::Tensor> pack_kv_vnni(const Dims& d, const at::Tensor& 
       const bf16* kr = K + sk.at(b, h, j0);
       for (int64_t k0 = 0; k0 < BK; k0 += CK) {  // Kᵀ of CK keys at a time, zero past nk
         const int64_t n = std::clamp<int64_t>(nk - k0, 0, CK);
-        for (int64_t c = 0; c < d.D; ++c) {
-          bf16* row = tmp.data() + c * CK;
-          for (int64_t j = 0; j < n; ++j) row[j] = kr[(k0 + j) * sk.l + c];
-          std::fill(row + n, row + CK, bf16(0.0f));
-        }
+        for (int64_t j = 0; j < n; j += 32)  // at::vec transposes bf16 in blocks of ≤ 32 × 32
+          for (int64_t c = 0; c < d.D; c += 32)
+            at::vec::transpose_mxn<bf16>(kr + (k0 + j) * sk.l + c, sk.l, tmp.data() + c * CK + j,
+                                         CK, static_cast<int>(std::min<int64_t>(32, n - j)),
+                                         static_cast<int>(std::min<int64_t>(32, d.D - c)));
+        if (n < CK)
+          for (int64_t c = 0; c < d.D; ++c) std::fill(tmp.data() + c * CK + n, tmp.data() + (c + 1) * CK, bf16(0.0f));
         at::native::cpublas::pack(d.D, CK, CK, CK, at::kBFloat16, at::kBFloat16, tmp.data(),
                                   KP + t * d.D * BK + k0 * d.D);
       }
