@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/large_alloc.h"
 #include "cpu/vec_math.h"
 
 namespace seqkern::cpu {
@@ -311,7 +312,7 @@ template <typename T>
 at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
   const int64_t B = src.size(0), H = src.size(1), L = src.size(2), E = src.size(3);
   const int64_t nb = (L + BQ - 1) / BQ;
-  at::Tensor dst = at::empty({B, H, nb, E, BQ}, src.options());
+  at::Tensor dst = empty_large({B, H, nb, E, BQ}, src.options());
   const Strides ss(src);
   const T* S = src.data_ptr<T>();
   T* D = dst.data_ptr<T>();
@@ -536,9 +537,9 @@ std::pair<at::Tensor, at::Tensor> pack_kv_vnni(const Dims& d, const at::Tensor& 
   const Strides sk(k_), sv(v_);
   const bf16 *K = k_.data_ptr<bf16>(), *Vp = v_.data_ptr<bf16>();
   auto opts = k_.options().dtype(at::kBFloat16);
-  at::Tensor kp = at::empty({d.B, d.Hkv, nkb, d.D * BK}, opts);
+  at::Tensor kp = empty_large({d.B, d.Hkv, nkb, d.D * BK}, opts);
   const int64_t Dvp = amx_value_width(d), VN = amx_value_chunk(d);
-  at::Tensor vp = at::empty({d.B, d.Hkv, nkb, BK * Dvp}, opts);
+  at::Tensor vp = empty_large({d.B, d.Hkv, nkb, BK * Dvp}, opts);
   bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
   at::parallel_for(0, d.B * d.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> tmp(std::max(d.D, BK) * std::max(Dvp, BK));
@@ -873,7 +874,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     bool is_causal, bool bottom_right, int64_t window, double scale) {
   const Dims d = check_inputs(q, k, v);
   const at::ScalarType ct = compute_type(q.scalar_type());
-  at::Tensor out = at::empty({d.B, d.Hq, d.Lq, d.Dv}, q.options().dtype(ct));
+  at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv}, q.options().dtype(ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(ct));
   if (out.numel() == 0 || lse.numel() == 0) {
     out.zero_();
@@ -930,9 +931,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   chunks = std::max<int64_t>(chunks, 1);
 
   const bool direct = chunks == 1 && q.scalar_type() == ct;
-  at::Tensor dq = at::zeros({d.B, d.Hq, d.Lq, d.D}, q.options().dtype(ct));
-  at::Tensor dk_acc = at::empty({d.B, d.Hkv, chunks, d.Lk, d.D}, q.options().dtype(ct));
-  at::Tensor dv_acc = at::empty({d.B, d.Hkv, chunks, d.Lk, d.Dv}, q.options().dtype(ct));
+  at::Tensor dq = empty_large({d.B, d.Hq, d.Lq, d.D}, q.options().dtype(ct)).zero_();
+  at::Tensor dk_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.D}, q.options().dtype(ct));
+  at::Tensor dv_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.Dv}, q.options().dtype(ct));
   if (dq.numel() == 0 || dk_acc.numel() == 0 || dv_acc.numel() == 0 || d.Lq == 0 || d.Lk == 0) {
     dk_acc.zero_();
     dv_acc.zero_();
