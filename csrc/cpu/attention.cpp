@@ -333,6 +333,21 @@ at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
 
 // ------------------------------------------------------------------ forward ----------------
 
+// Rows of O = acc / sum (zeros for a row that saw no allowed key) and their log-sum-exp, from
+// the online-softmax state of a query block; acc rows are ld_acc apart.
+template <typename T>
+void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, const T* sm,
+                       const T* mx, T* o, T* l) {
+  for (int64_t r = 0; r < mi; ++r) {
+    const T inv = sm[r] > T(0) ? T(1) / sm[r] : T(0);
+    const T* a = acc + r * ld_acc;
+    for_each_vec<T>(Dv, [&](int64_t j, int64_t cnt) {
+      store(load(a + j, cnt) * Vec<T>(inv), o + r * Dv + j, cnt);
+    });
+    l[r] = sm[r] > T(0) ? mx[r] + std::log(sm[r]) : neg_inf<T>();
+  }
+}
+
 // q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), last dims contiguous; out (B,Hq,Lq,Dv) and
 // lse (B,Hq,Lq) contiguous, written here. Tasks are (batch, head, query block).
 template <typename T>
@@ -408,16 +423,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                           });
       }
 
-      T* o = O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv;
-      T* l = LSE + (b * d.Hq + h) * d.Lq + i0;
-      for (int64_t r = 0; r < mi; ++r) {
-        const T inv = sm[r] > T(0) ? T(1) / sm[r] : T(0);  // no allowed key → zeros
-        const T* a = acc.data() + r * d.Dv;
-        for_each_vec<T>(d.Dv, [&](int64_t j, int64_t cnt) {
-          store(load(a + j, cnt) * Vec<T>(inv), o + r * d.Dv + j, cnt);
-        });
-        l[r] = sm[r] > T(0) ? mx[r] + std::log(sm[r]) : neg_inf<T>();
-      }
+      write_output_rows<T>(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(),
+                           O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
     }
   });
 }
@@ -508,19 +515,24 @@ constexpr int64_t kAmxBlockQ = 64;
 constexpr int64_t kAmxBlockK = 256;
 constexpr int64_t kAmxChunk = 64;
 
-// V is packed in column chunks of 32 or 64 (oneDNN's bf16 VNNI packing rejected N = 40 and
-// N = 128 here), so the P·V accumulator is Dv rounded up to whole chunks.
 // Short key sequences take one block of their length (in whole chunks) instead of padding to 256.
 int64_t amx_key_block(const Dims& d) {
   return std::min(kAmxBlockK, (d.Lk + kAmxChunk - 1) / kAmxChunk * kAmxChunk);
 }
 
+// V is packed in column chunks of 32 or 64 (oneDNN's bf16 VNNI packing rejected N = 40 and
+// N = 128 here), so the P·V accumulator is Dv rounded up to whole chunks.
 int64_t amx_value_width(const Dims& d) { return (d.Dv + 31) / 32 * 32; }
 int64_t amx_value_chunk(const Dims& d) { return amx_value_width(d) % 64 == 0 ? 64 : 32; }
 
-bool amx_forward_usable(const Dims& d) {
+// Whether oneDNN can pack bf16 for its brgemm kernels on this CPU (AMX or AVX512_BF16).
+bool amx_bf16_supported() {
   static const bool can_pack = at::native::cpublas::could_pack(at::kBFloat16);
-  if (!can_pack || d.D % 2 || d.Dv % 2) return false;
+  return can_pack;
+}
+
+bool amx_forward_usable(const Dims& d) {
+  if (!amx_bf16_supported() || d.D % 2 || d.Dv % 2) return false;
   const char* env = std::getenv("SEQKERN_ATTENTION_AMX");  // "0": the fp32 tile kernel
   return !(env && env[0] == '0');
 }
@@ -611,11 +623,8 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
         const int64_t kb = j0 / BK, blk = (b * d.Hkv + hk) * nkb + kb;
         // the chunks of keys [klo, khi) that some query of the block may see
-        int64_t klo = BK, khi = 0;
-        for (int64_t r = 0; r < mi; ++r)
-          if (!rows[r].empty()) klo = std::min(klo, rows[r].lo), khi = std::max(khi, rows[r].hi);
-        klo = klo / CK * CK;
-        khi = (khi + CK - 1) / CK * CK;
+        const Span used = union_rows(rows, 0, mi, CK);
+        const int64_t klo = used.lo, khi = (used.hi + CK - 1) / CK * CK;
         for (int64_t k0 = klo; k0 < khi; k0 += CK)
           at::native::cpublas::brgemm(mi, CK, d.D, sq.l, CK, BK, false, q,
                                       KP + blk * d.D * BK + k0 * d.D, S.data() + k0, true);
@@ -669,16 +678,9 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
                                       VP + blk * BK * Dvp + c0 * BK + klo * VN, acc.data() + c0,
                                       true);
       }
-      float* o = O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv;
-      float* l = LSE + (b * d.Hq + h) * d.Lq + i0;
-      for (int64_t r = 0; r < mi; ++r) {
-        const float inv = sm[r] > 0.0f ? 1.0f / sm[r] : 0.0f;  // no allowed key → zeros
-        const float* a = acc.data() + r * Dvp;
-        for_each_vec<float>(d.Dv, [&](int64_t j, int64_t cnt) {
-          store(load(a + j, cnt) * V(inv), o + r * d.Dv + j, cnt);
-        });
-        l[r] = sm[r] > 0.0f ? mx[r] + std::log(sm[r]) : ninf;
-      }
+      write_output_rows<float>(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
+                               O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv,
+                               LSE + (b * d.Hq + h) * d.Lq + i0);
     }
     at::native::cpublas::brgemm_release(true);
   });
@@ -962,7 +964,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 namespace seqkern {
 void register_attention(pybind11::module_& m) {
-  m.def("attention_bf16_amx", [] { return at::native::cpublas::could_pack(at::kBFloat16); },
+  m.def("attention_bf16_amx", &cpu::amx_bf16_supported,
         "Whether bfloat16 attention forward runs on oneDNN brgemm (AMX) tiles on this CPU");
   m.def("attention_forward", &cpu::attention_forward,
         "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "

@@ -316,6 +316,9 @@ void forward_loop(const ForwardArgs& a) {
           forward_tile<C>(a, m, o, u0, n, v + j, hp, hn, ldh);
         });
       };
+      // rows of the next step (none after the last), whose first panel the last tile prefetches
+      const int64_t o_next = s + 1 < L.T ? L.off[L.step(s + 1, a.reverse)] : 0;
+      const int64_t bs_next = s + 1 < L.T ? L.bs[L.step(s + 1, a.reverse)] : 0;
       for (int64_t p = p0; p < p1; ++p) {
         const float* panel = wp.data() + p * H * NV * kW;
         // the tile after this one: next panel, or the first panel of the next step
@@ -323,8 +326,7 @@ void forward_loop(const ForwardArgs& a) {
         const bool last = p + 1 == p1;
         const int64_t np = last ? p0 : p + 1;
         const int64_t nu0 = np * U * kW, nn = std::min<int64_t>(U * kW, H - nu0);
-        const int64_t no = last ? (s + 1 < L.T ? L.off[L.step(s + 1, a.reverse)] : -1) : o;
-        const int64_t nbs = last ? (s + 1 < L.T ? L.bs[L.step(s + 1, a.reverse)] : 0) : bs;
+        const int64_t no = last ? o_next : o, nbs = last ? bs_next : bs;
         auto prefetch_next = [&](int64_t m0, int64_t rows) {
           rows = std::min(rows, nbs - m0);
           if (rows > 0) prefetch_forward_rows<C>(a, no + m0, rows, nu0, nn);

@@ -19,6 +19,29 @@ namespace seqkern::cpu {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// max(a, b) and min(a, b) in one instruction each, where at::vec::maximum/minimum spend four on
+// NaN propagation. When either operand is NaN the result is b (the x86 rule), so a caller that
+// must keep NaN puts the data second: a clamp, or a running maximum of scores.
+SEQKERN_INLINE Vec<float> max_no_nan(const Vec<float>& a, const Vec<float>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec<float>(_mm512_max_ps(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vec<float>(_mm256_max_ps(a, b));
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
+SEQKERN_INLINE Vec<float> min_no_nan(const Vec<float>& a, const Vec<float>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec<float>(_mm512_min_ps(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vec<float>(_mm256_min_ps(a, b));
+#else
+  return at::vec::minimum(a, b);
+#endif
+}
+
 // exp for float vectors to about 2 ulp, inlined. Sleef's expf (Vectorized::exp) is as accurate
 // but is an out-of-line call that spills the caller's registers, and the gate epilogues of the
 // recurrent kernels call it several times per tile; Vectorized::exp_u20 is inline but 20 ulp,
@@ -27,13 +50,8 @@ using Vec = at::vec::Vectorized<T>;
 SEQKERN_INLINE Vec<float> exp_accurate(Vec<float> x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   using V = Vec<float>;
-  // Clamped so that 2^n stays a normal float. max/min return their second operand when either
-  // is NaN, so with x second a NaN passes through (at::vec::maximum does the same in 4 ops).
-#if defined(CPU_CAPABILITY_AVX512)
-  x = V(_mm512_min_ps(_mm512_set1_ps(88.3f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x)));
-#else
-  x = V(_mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x)));
-#endif
+  // Clamped so that 2^n stays a normal float; x second, so a NaN passes through.
+  x = min_no_nan(V(88.3f), max_no_nan(V(-87.3f), x));
   const V n = (x * V(1.4426950408889634f)).round();
   V r = at::vec::fmadd(n, V(-0.693359375f), x);  // ln2 split so that n·hi is exact
   r = at::vec::fmadd(n, V(2.12194440e-4f), r);
@@ -102,18 +120,6 @@ SEQKERN_INLINE Vec<T> tanh(const Vec<T>& x) {
   } else {
     return x.tanh();
   }
-}
-
-// max(a, b) in one instruction where at::vec::maximum spends three on NaN propagation; for
-// running maxima of scores, whose NaNs reach the result through exp anyway.
-SEQKERN_INLINE Vec<float> max_no_nan(const Vec<float>& a, const Vec<float>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return Vec<float>(_mm512_max_ps(a, b));
-#elif defined(CPU_CAPABILITY_AVX2)
-  return Vec<float>(_mm256_max_ps(a, b));
-#else
-  return at::vec::maximum(a, b);
-#endif
 }
 
 template <typename T>
