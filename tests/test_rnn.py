@@ -220,11 +220,13 @@ class TestBadInput:
                                      ("lstm", {"peep": True}), ("gru", {})])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads):
+@pytest.mark.parametrize("I", [20, 300], ids=["projection_in_loop", "projection_gemm"])
+def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, I):
     """Sizes that take the fused float32 loop (H = 129 leaves a partial vector panel, the batch
     is ragged) on one and two threads: forward and gradients within the tolerance rule of the
-    float64 reference."""
-    x, bs, h0, c0, w = make_case(mode, 9, 20, 129, [23, 23, 20, 17, 9, 9, 4, 2, 1],
+    float64 reference. With B ≥ 8, I = 20 has the loop compute the input projection itself
+    and I = 300 reads it from one GEMM over all steps."""
+    x, bs, h0, c0, w = make_case(mode, 9, I, 129, [23, 23, 20, 17, 9, 9, 4, 2, 1],
                                  torch.float64, scale=0.2, **kw)
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
     old = torch.get_num_threads()

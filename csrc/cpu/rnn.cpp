@@ -5,7 +5,8 @@
 // recurrent GEMM h·W_hhᵀ (M = active batch) followed by one fused, vectorised pass over the
 // gates that also updates the state. Backward: the reverse loop only does the per-step
 // recurrent GEMM dgates·W_hh and the fused gate derivatives; dx, dW_ih, dW_hh and the biases
-// are large GEMMs/reductions over all steps after the loop.
+// are large GEMMs/reductions over all steps after the loop. (The fused float32 loop may instead
+// fold the input projection into its per-step GEMM; see fuse_input_projection.)
 //
 // Sequences are in packed layout: x is (N, I) with N = Σ_t batch_sizes[t] rows, step t owning
 // rows [offset_t, offset_t + batch_sizes[t]) (torch's PackedSequence.data). A padded,
@@ -58,14 +59,18 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // recurrent matmul folded in (GRU's b_hn multiplies with r, so it stays out).
   // The summed bias is added in the gate pass rather than pre-filled into xg, which would
   // cost one more full write of the (N, G·H) buffer.
-  at::Tensor xg = xg_given.defined() ? xg_given : empty_large({N, G * H}, x.options());
+  const bool fuse_x = std::is_same_v<T, float> && !xg_given.defined() &&
+                      fused_supported(cell, proj, L) && fuse_input_projection(L, I);
+  at::Tensor xg = xg_given.defined() ? xg_given
+                  : fuse_x           ? at::Tensor()
+                                     : empty_large({N, G * H}, x.options());
   at::Tensor bias = at::zeros({G * H}, x.options());
   if (b_ih.defined()) bias.add_(b_ih);
   if (b_hh.defined()) {
     if (cell == Cell::Gru) bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
     else bias.add_(b_hh);
   }
-  if (!xg_given.defined()) {
+  if (!xg_given.defined() && !fuse_x) {
     gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
             xg.data_ptr<T>(), G * H);
   }
@@ -87,7 +92,8 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   const int64_t GH = G * H;
   if constexpr (std::is_same_v<T, float>) {
     if (fused_supported(cell, proj, L)) {
-      ForwardArgs fa{cell, &L, H, reverse, xg.data_ptr<float>(), bz, b_hn, whh, peep_p,
+      ForwardArgs fa{cell, &L, H, reverse, fuse_x ? nullptr : xg.data_ptr<float>(),
+                     x.data_ptr<float>(), w_ih.data_ptr<float>(), I, bz, b_hn, whh, peep_p,
                      h0.data_ptr<float>(), cs, outp, hs, gsave, csave, hsave};
       fused_forward(fa);
       return;

@@ -64,13 +64,18 @@ struct Layout {
 
 
 // Raw views of one layer's forward, for the fused loop. xg holds x·W_ihᵀ (no bias) for all N
-// rows; bias the summed biases outside the recurrent matmul; b_hn GRU's b_hn (or null).
+// rows, or is null: then the loop computes each step's input projection itself from x and
+// w_ih (see fuse_input_projection); bias the summed biases outside the recurrent matmul; b_hn
+// GRU's b_hn (or null).
 struct ForwardArgs {
   Cell cell;
   const Layout* L;
   int64_t H;
   bool reverse;
   const float* xg;
+  const float* x;      // (N, I)
+  const float* w_ih;   // (G·H, I)
+  int64_t I;
   const float* bias;
   const float* b_hn;
   const float* w_hh;   // (G·H, H)
@@ -111,6 +116,9 @@ struct BackwardArgs {
 inline bool fused_supported(Cell c, bool proj, const Layout& L) {
   return !proj && c != Cell::GruCho && L.N >= 16 && L.T >= 4;
 }
+// Whether the fused loop should also compute the input projection, step by step, instead of
+// reading it from one GEMM over all steps done beforehand.
+bool fuse_input_projection(const Layout& L, int64_t I);
 void fused_forward(const ForwardArgs& a);
 void fused_backward(const BackwardArgs& a);
 
