@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/large_alloc.h"
 #include "cpu/vec_math.h"
 
@@ -525,14 +526,8 @@ int64_t amx_key_block(const Dims& d) {
 int64_t amx_value_width(const Dims& d) { return (d.Dv + 31) / 32 * 32; }
 int64_t amx_value_chunk(const Dims& d) { return amx_value_width(d) % 64 == 0 ? 64 : 32; }
 
-// Whether oneDNN can pack bf16 for its brgemm kernels on this CPU (AMX or AVX512_BF16).
-bool amx_bf16_supported() {
-  static const bool can_pack = at::native::cpublas::could_pack(at::kBFloat16);
-  return can_pack;
-}
-
 bool amx_forward_usable(const Dims& d) {
-  if (!amx_bf16_supported() || d.D % 2 || d.Dv % 2) return false;
+  if (!bf16_brgemm_supported() || d.D % 2 || d.Dv % 2) return false;
   const char* env = std::getenv("SEQKERN_ATTENTION_AMX");  // "0": the fp32 tile kernel
   return !(env && env[0] == '0');
 }
@@ -964,7 +959,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 namespace seqkern {
 void register_attention(pybind11::module_& m) {
-  m.def("attention_bf16_amx", &cpu::amx_bf16_supported,
+  m.def("attention_bf16_amx", &cpu::bf16_brgemm_supported,
         "Whether bfloat16 attention forward runs on oneDNN brgemm (AMX) tiles on this CPU");
   m.def("attention_forward", &cpu::attention_forward,
         "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "

@@ -1,5 +1,7 @@
 #include "cpu/gemm.h"
 
+#include <ATen/native/CPUBlas.h>
+
 #include <dlfcn.h>
 
 namespace seqkern::cpu {
@@ -176,6 +178,11 @@ bool gemm_bf16_nt(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_
               reinterpret_cast<const uint16_t*>(A), (int)lda, reinterpret_cast<const uint16_t*>(B),
               (int)ldb, 0.0f, C, (int)ldc);
   return true;
+}
+
+bool bf16_brgemm_supported() {
+  static const bool can_pack = at::native::cpublas::could_pack(at::kBFloat16);
+  return can_pack;
 }
 
 const char* blas_name() { return blas().sgemm ? "mkl" : "aten"; }

@@ -51,6 +51,11 @@ class PackedWeight {
 bool gemm_bf16_nt(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                   const at::BFloat16* B, int64_t ldb, float* C, int64_t ldc);
 
+// Whether oneDNN can pack bf16 for its brgemm micro-kernels on this CPU (AMX or AVX512_BF16):
+// the bf16 attention forward and the bf16 recurrent product run on them
+// (at::native::cpublas::brgemm).
+bool bf16_brgemm_supported();
+
 // Name of the BLAS in use ("mkl" or "aten").
 const char* blas_name();
 

@@ -33,6 +33,24 @@ namespace {
 
 using namespace rnn_detail;
 
+// The bf16 operands a bfloat16 forward uses as given (see recurrent_forward); all undefined
+// for other dtypes.
+struct Bf16Operands {
+  at::Tensor xg;    // x·W_ihᵀ in fp32 from a bf16 GEMM, or undefined
+  at::Tensor w_hh;  // for the recurrent product on brgemm tiles, or undefined
+  at::Tensor x, w_ih;  // for the input projection on brgemm tiles, or undefined
+};
+
+const at::BFloat16* ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<at::BFloat16>() : nullptr;
+}
+
+// t's data when it holds T (a bfloat16 forward passes some operands only in bf16), else null.
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.scalar_type() == c10::CppTypeToScalarType<T>::value ? t.data_ptr<T>() : nullptr;
+}
+
 const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
   static const at::Tensor undefined;
   return t.has_value() ? *t : undefined;
@@ -46,7 +64,8 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
                   const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& w_peep,
                   const at::Tensor& w_hr, bool reverse, at::Tensor& out, at::Tensor& h_state,
                   at::Tensor& c_state, at::Tensor& ws_gates, at::Tensor& ws_cells,
-                  at::Tensor& ws_hprev, bool save, const at::Tensor& xg_given) {
+                  at::Tensor& ws_hprev, bool save, const Bf16Operands& bf) {
+  const at::Tensor& xg_given = bf.xg;
   const int64_t G = gate_count(cell);
   const int64_t H = w_hh.size(0) / G;
   const int64_t Hs = h0.size(1);  // state width: H, or proj_size
@@ -59,12 +78,12 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // recurrent matmul folded in (GRU's b_hn multiplies with r, so it stays out).
   // The summed bias is added in the gate pass rather than pre-filled into xg, which would
   // cost one more full write of the (N, G·H) buffer.
-  const bool fuse_x = std::is_same_v<T, float> && !xg_given.defined() &&
-                      fused_supported(cell, proj, L) && fuse_input_projection(L, I);
+  const bool fuse_x = std::is_same_v<T, float> && fused_supported(cell, proj, L) &&
+                      (bf.x.defined() || (!xg_given.defined() && fuse_input_projection(L, I)));
   at::Tensor xg = xg_given.defined() ? xg_given
                   : fuse_x           ? at::Tensor()
-                                     : empty_large({N, G * H}, x.options());
-  at::Tensor bias = at::zeros({G * H}, x.options());
+                                     : empty_large({N, G * H}, h0.options());
+  at::Tensor bias = at::zeros({G * H}, h0.options());
   if (b_ih.defined()) bias.add_(b_ih);
   if (b_hh.defined()) {
     if (cell == Cell::Gru) bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
@@ -77,11 +96,11 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   const T* bz = bias.data_ptr<T>();
   const T* b_hn = (cell == Cell::Gru && b_hh.defined()) ? b_hh.data_ptr<T>() + 2 * H : nullptr;
 
-  at::Tensor rec = at::empty({L.B, G * H}, x.options());
-  at::Tensor aux = at::empty({L.B, H}, x.options());  // r⊙h (Cho GRU) or o⊙tanh(c) (proj)
+  at::Tensor rec = at::empty({L.B, G * H}, h0.options());
+  at::Tensor aux = at::empty({L.B, H}, h0.options());  // r⊙h (Cho GRU) or o⊙tanh(c) (proj)
   T* hs = h_state.data_ptr<T>();
   T* cs = proj || cell == Cell::Lstm ? c_state.data_ptr<T>() : nullptr;
-  const T* whh = w_hh.data_ptr<T>();
+  const T* whh = data_or_null<T>(w_hh);
   const T* peep_p = peep ? w_peep.data_ptr<T>() : nullptr;
   T* outp = out.data_ptr<T>();
   T* recp = rec.data_ptr<T>();
@@ -93,7 +112,8 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   if constexpr (std::is_same_v<T, float>) {
     if (fused_supported(cell, proj, L)) {
       ForwardArgs fa{cell, &L, H, reverse, fuse_x ? nullptr : xg.data_ptr<float>(),
-                     x.data_ptr<float>(), w_ih.data_ptr<float>(), I, bz, b_hn, whh, peep_p,
+                     data_or_null<float>(x), data_or_null<float>(w_ih), I, bz, b_hn, whh,
+                     ptr(bf.w_hh), ptr(bf.x), ptr(bf.w_ih), peep_p,
                      h0.data_ptr<float>(), cs, outp, hs, gsave, csave, hsave};
       fused_forward(fa);
       return;
@@ -256,7 +276,7 @@ std::vector<at::Tensor> backward_impl(
   const T* csv = ws_cells.defined() ? ws_cells.data_ptr<T>() : nullptr;
   const T* hsv = ws_hprev.data_ptr<T>();
   const T* outp = out.data_ptr<T>();
-  const T* whh = w_hh.data_ptr<T>();
+  const T* whh = data_or_null<T>(w_hh);
   const T* peep_p = peep ? w_peep.data_ptr<T>() : nullptr;
   const int64_t gstride = cell == Cell::Gru ? 4 * H : GH;
   const int64_t cstride = proj ? 3 * H : 2 * H;
@@ -465,14 +485,41 @@ std::vector<at::Tensor> recurrent_forward(
   const auto st = x_.scalar_type();
   const auto ct = compute_type(st);
   Layout L(batch_sizes);
-  auto x = compute_copy(x_, ct), h0 = compute_copy(h0_, ct), c0 = compute_copy(opt(c0_), ct);
-  auto w_ih = compute_copy(w_ih_, ct), w_hh = compute_copy(w_hh_, ct);
+  const int64_t G = gate_count(cell), H = w_hh_.size(0) / G;
+  // bfloat16 weights and inputs: the products take bf16 operands with fp32 sums; the state and
+  // the gate math stay in fp32. Where oneDNN has bf16 brgemm kernels (AMX), the fused loop
+  // does both products per step on them (the input projection too, when I is even: VNNI pairs
+  // rows of K); otherwise the input projection, half of the FLOPs, is one MKL bf16 GEMM.
+  Bf16Operands bf;
+  if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 &&
+      w_hh_.scalar_type() == at::kBFloat16 && L.N > 0) {
+    const int64_t I = x_.size(1);
+    const bool amx = L.B >= 8 && amx_recurrence_supported() && fused_supported(cell, w_hr_.has_value(), L);
+    if (amx) bf.w_hh = w_hh_.contiguous();
+    if (amx && I % 2 == 0) {
+      bf.x = x_.contiguous();
+      bf.w_ih = w_ih_.contiguous();
+    } else {
+      auto xb = x_.contiguous(), wb = w_ih_.contiguous();
+      at::Tensor xg = empty_large({L.N, G * H}, x_.options().dtype(ct));
+      if (gemm_bf16_nt(L.N, G * H, I, xb.data_ptr<at::BFloat16>(), I,
+                       wb.data_ptr<at::BFloat16>(), I, xg.data_ptr<float>(), G * H))
+        bf.xg = xg;
+      else
+        bf.w_hh = at::Tensor();  // no bf16 GEMM at all: all in fp32
+    }
+  }
+  // fp32 copies of what the bf16 operands do not replace
+  auto x = bf.x.defined() ? x_ : compute_copy(x_, ct);
+  auto w_ih = bf.w_ih.defined() ? w_ih_ : compute_copy(w_ih_, ct);
+  auto w_hh = bf.w_hh.defined() ? w_hh_ : compute_copy(w_hh_, ct);
+  auto h0 = compute_copy(h0_, ct), c0 = compute_copy(opt(c0_), ct);
   auto b_ih = compute_copy(opt(b_ih_), ct), b_hh = compute_copy(opt(b_hh_), ct);
   auto w_peep = compute_copy(opt(w_peep_), ct), w_hr = compute_copy(opt(w_hr_), ct);
 
-  const int64_t G = gate_count(cell), H = w_hh.size(0) / G, Hs = h0.size(1);
+  const int64_t Hs = h0.size(1);
   const bool lstm = cell == Cell::Lstm;
-  auto opts = x.options();
+  auto opts = x_.options().dtype(ct);
   at::Tensor out = empty_large({L.N, Hs}, opts);
   at::Tensor h_state = h0.clone();
   at::Tensor c_state = lstm ? c0.clone() : at::empty({0}, opts);
@@ -481,21 +528,10 @@ std::vector<at::Tensor> recurrent_forward(
                                    cell == Cell::Gru ? 4 * H : G * H}, opts);
   at::Tensor ws_cells = empty_large({save && lstm ? L.N : 0, w_hr.defined() ? 3 * H : 2 * H}, opts);
   at::Tensor ws_hprev = empty_large({save ? L.N : 0, Hs}, opts);
-  // bfloat16: the input projection, half of the FLOPs, runs as a bf16 GEMM with fp32 output
-  // (exact products, fp32 sums); the recurrence itself keeps its state in fp32.
-  at::Tensor xg_bf16;
-  if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 && L.N > 0) {
-    auto xb = x_.contiguous(), wb = w_ih_.contiguous();
-    at::Tensor xg = empty_large({L.N, G * H}, opts);
-    if (gemm_bf16_nt(L.N, G * H, x.size(1), xb.data_ptr<at::BFloat16>(), xb.size(1),
-                     wb.data_ptr<at::BFloat16>(), wb.size(1), xg.data_ptr<float>(), G * H)) {
-      xg_bf16 = xg;
-    }
-  }
   if (L.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_forward", [&] {
       forward_impl<scalar_t>(cell, L, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, reverse,
-                             out, h_state, c_state, ws_gates, ws_cells, ws_hprev, save, xg_bf16);
+                             out, h_state, c_state, ws_gates, ws_cells, ws_hprev, save, bf);
     });
   }
   // h_n rows beyond batch_sizes[0] do not exist: the batch is batch_sizes[0] == h0.size(0).

@@ -79,6 +79,12 @@ struct ForwardArgs {
   const float* bias;
   const float* b_hn;
   const float* w_hh;   // (G·H, H)
+  // W_hh in bfloat16 (the module's own bf16 weights), or null: when set, the recurrent
+  // product runs on oneDNN brgemm (AMX) tiles with h rounded to bf16, as torch's bf16 LSTM does
+  const c10::BFloat16* w_hh_bf16;
+  // With w_hh_bf16 and no xg: x (N, I) and W_ih (G·H, I) in bf16, I even, for the projection
+  const c10::BFloat16* x_bf16;
+  const c10::BFloat16* w_ih_bf16;
   const float* peep;   // (3, H) or null
   const float* h0;     // (B, H)
   float* c;            // (B, H) in: c0, out: c_n (LSTM only)
@@ -119,6 +125,9 @@ inline bool fused_supported(Cell c, bool proj, const Layout& L) {
 // Whether the fused loop should also compute the input projection, step by step, instead of
 // reading it from one GEMM over all steps done beforehand.
 bool fuse_input_projection(const Layout& L, int64_t I);
+// Whether the bfloat16 recurrent product can run on brgemm tiles here (oneDNN packs bf16 for
+// this CPU, and SEQKERN_RNN_AMX is not "0").
+bool amx_recurrence_supported();
 void fused_forward(const ForwardArgs& a);
 void fused_backward(const BackwardArgs& a);
 

@@ -19,11 +19,14 @@
 #include <omp.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/rnn_cells.h"
 #include "cpu/rnn_common.h"
 #include "cpu/vec_math.h"
@@ -189,6 +192,52 @@ PanelBuffer pack_column_panels(const float* w, int64_t GH, int64_t H, int64_t U)
   return out;
 }
 
+// bfloat16 weights W (G·H, Kw), W_hh, optionally stacked over W_ih (G·H, Kx) along k, as the
+// right operand of [h | x]·[W_hh | W_ih]ᵀ for oneDNN's brgemm: per panel the K × (G·U·W)
+// matrix of pack_gate_panels' layout, in bf16, then in the VNNI order brgemm reads (pairs of k
+// rows interleaved). W_ih's rows start at Kh = Kw rounded up to even (a zero row between);
+// K = Kh + Kx, Kx even.
+struct VnniPanels {
+  int64_t Kh = 0, K = 0, N = 0;
+  std::vector<c10::BFloat16> buf;
+  VnniPanels() = default;
+  VnniPanels(const c10::BFloat16* w, int64_t Kw, const c10::BFloat16* wx, int64_t Kx, int64_t G,
+             int64_t H, int64_t U)
+      : Kh((Kw + 1) / 2 * 2), K(Kh + (wx ? Kx : 0)), N(G * U * kW) {
+    const int64_t P = panels(H, U), PW = U * kW;
+    buf.resize(P * K * N);
+    std::vector<c10::BFloat16> tmp(K * N);
+    // rows k0.. of the panel from the (G·H, kw) weight src: tmp[k0 + k][g·PW + j] = src[g·H + p·PW + j][k]
+    auto transpose_into = [&](const c10::BFloat16* src, int64_t kw, int64_t k0, int64_t p, int64_t n) {
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < n; j += 32)  // at::vec transposes bf16 in blocks of ≤ 32 × 32
+          for (int64_t k = 0; k < kw; k += 32)
+            at::vec::transpose_mxn<c10::BFloat16>(
+                src + (g * H + p * PW + j) * kw + k, kw, tmp.data() + (k0 + k) * N + g * PW + j, N,
+                static_cast<int>(std::min<int64_t>(32, n - j)),
+                static_cast<int>(std::min<int64_t>(32, kw - k)));
+    };
+    for (int64_t p = 0; p < P; ++p) {
+      std::fill(tmp.begin(), tmp.end(), c10::BFloat16(0.0f));
+      const int64_t n = std::min<int64_t>(PW, H - p * PW);
+      transpose_into(w, Kw, 0, p, n);
+      if (wx) transpose_into(wx, Kx, Kh, p, n);
+      // VNNI: k rows in pairs, the pair of each column adjacent. Done here rather than by
+      // cpublas::pack, which builds a oneDNN transform per call (~0.1 ms each, per panel).
+      c10::BFloat16* out = buf.data() + p * K * N;
+      for (int64_t k = 0; k < K; k += 2)
+        for (int64_t c = 0; c < N; ++c) {
+          out[k * N + 2 * c] = tmp[k * N + c];
+          out[k * N + 2 * c + 1] = tmp[(k + 1) * N + c];
+        }
+    }
+  }
+  const c10::BFloat16* panel(int64_t p) const { return buf.data() + p * K * N; }
+};
+
+// Rows per brgemm call: its fp32 output (64 floats a row at most) stays in L1.
+constexpr int64_t kAmxRows = 64;
+
 // A row stride for the operand rows a panel GEMM walks down: rows whose stride is a multiple of
 // 4 KiB map to the same L1 sets, so with more rows than L1 ways (12) they evict each other
 // every k block. One extra cache line per row spreads them over the sets.
@@ -300,16 +349,40 @@ void forward_loop(const ForwardArgs& a) {
   constexpr int MR = mr_max(NV);
   const Layout& L = *a.L;
   const int64_t H = a.H, B = L.B, P = panels(H, U), I = a.I;
-  const PanelBuffer wp = pack_gate_panels(a.w_hh, G, H, H, U);
+  const bool amx = a.w_hh_bf16 != nullptr;
+  const PanelBuffer wp = amx ? PanelBuffer(0, 0, false) : pack_gate_panels(a.w_hh, G, H, H, U);
   // Input projection in the loop: x_t·W_ih is accumulated onto h·W_hh (for GRU beside it).
   const bool fuse_x = a.xg == nullptr;
   constexpr bool separate_x = C == Cell::Gru;
-  const PanelBuffer wxp = fuse_x ? pack_gate_panels(a.w_ih, G, H, I, U) : PanelBuffer(0, 0, false);
+  // bfloat16 weights (amx): the products on AMX tiles, h rounded to bf16 for them
+  const PanelBuffer wxp =
+      fuse_x && !amx ? pack_gate_panels(a.w_ih, G, H, I, U) : PanelBuffer(0, 0, false);
   const int64_t ldh = padded_stride(H);
   std::vector<float> hbuf(2 * B * ldh);
   for (int64_t b = 0; b < B; ++b)
     for (int i = 0; i < 2; ++i) std::copy(a.h0 + b * H, a.h0 + (b + 1) * H, hbuf.begin() + (i * B + b) * ldh);
   const int nt = thread_count(B, G * H, H, P);
+  TORCH_INTERNAL_ASSERT(!amx || !fuse_x || (a.x_bf16 && a.w_ih_bf16 && I % 2 == 0));
+  // A rows are [h | x_t] and one product per panel covers both, except for GRU, whose n gate
+  // keeps x·W_in apart: there x_t is a second product (A = x rows as given).
+  const bool x_in_a = amx && fuse_x && !separate_x;
+  const VnniPanels wb = amx ? VnniPanels(a.w_hh_bf16, H, x_in_a ? a.w_ih_bf16 : nullptr, I, G, H, U)
+                            : VnniPanels();
+  const VnniPanels wxb = amx && fuse_x && separate_x
+                             ? VnniPanels(a.w_ih_bf16, I, nullptr, 0, G, H, U) : VnniPanels();
+  const int64_t ldhb = amx ? padded_stride(wb.K) : 0;
+  std::vector<c10::BFloat16> hbbuf(amx ? 2 * B * ldhb : 0, c10::BFloat16(0.0f));
+  for (int64_t b = 0; amx && b < B; ++b)
+    for (int i = 0; i < 2; ++i)
+      at::vec::convert(a.h0 + b * H, hbbuf.data() + (i * B + b) * ldhb, H);
+  // x rows of step s into the A rows (ldhb apart) at column Kh, rows [r0, r1)
+  auto copy_x_rows = [&](int64_t s, c10::BFloat16* dst, int64_t r0, int64_t r1) {
+    const int64_t t = L.step(s, a.reverse), o = L.off[t];
+    r1 = std::min(r1, L.bs[t]);
+    for (int64_t r = r0; r < r1; ++r)
+      std::copy(a.x_bf16 + (o + r) * I, a.x_bf16 + (o + r + 1) * I, dst + r * ldhb + wb.Kh);
+  };
+  if (x_in_a) copy_x_rows(0, hbbuf.data(), 0, B);
 
 #pragma omp parallel num_threads(nt)
   {
@@ -318,10 +391,16 @@ void forward_loop(const ForwardArgs& a) {
     V acc[MR * NV], xacc[separate_x ? MR * NV : 1];
     const bool blocked = std::max(H, fuse_x ? I : 0) > k_block<NV>() && B > MR;
     std::vector<V> accs(blocked ? B * NV : 0), xaccs(blocked && fuse_x && separate_x ? B * NV : 0);
+    if (amx) {
+      accs.resize(std::min<int64_t>(B, kAmxRows) * NV);
+      if (fuse_x && separate_x) xaccs.resize(accs.size());
+    }
     for (int64_t s = 0; s < L.T; ++s) {
       const int64_t t = L.step(s, a.reverse), bs = L.bs[t], o = L.off[t];
       const float* hp = hbuf.data() + (s & 1) * B * ldh;
       float* hn = hbuf.data() + ((s + 1) & 1) * B * ldh;
+      const c10::BFloat16* hbp = amx ? hbbuf.data() + (s & 1) * B * ldhb : nullptr;
+      c10::BFloat16* hbn = amx ? hbbuf.data() + ((s + 1) & 1) * B * ldhb : nullptr;
       // The gate math of row m of a tile whose accumulators start at v (gate g, vector j at
       // v[g·U + j]; U > 1 only with one gate).
       auto finish = [&](int64_t p, int64_t m, const V* v, const V* xv) {
@@ -346,6 +425,31 @@ void forward_loop(const ForwardArgs& a) {
           rows = std::min(rows, nbs - m0);
           if (rows > 0) prefetch_forward_rows<C>(a, no + m0, rows, nu0, nn);
         };
+        if (amx) {
+          // rows in blocks whose accumulators stay in L1; then h of this panel's units, in
+          // bf16, for the next step's product
+          for (int64_t m0 = 0; m0 < bs; m0 += kAmxRows) {
+            const int64_t mr = std::min(kAmxRows, bs - m0);
+            float* cb = reinterpret_cast<float*>(accs.data());
+            at::native::cpublas::brgemm(mr, NV * kW, wb.K, ldhb, NV * kW, NV * kW, false,
+                                        hbp + m0 * ldhb, wb.panel(p), cb, true);
+            if (fuse_x && separate_x)
+              at::native::cpublas::brgemm(mr, NV * kW, I, I, NV * kW, NV * kW, false,
+                                          a.x_bf16 + (o + m0) * I, wxb.panel(p),
+                                          reinterpret_cast<float*>(xaccs.data()), true);
+            for (int64_t m = m0; m < m0 + mr; ++m) {
+              if (m + 2 < bs) prefetch_forward_rows<C, 3>(a, o + m + 2, 1, pu0, pn);
+              finish(p, m, accs.data() + (m - m0) * NV,
+                     fuse_x && separate_x ? xaccs.data() + (m - m0) * NV : nullptr);
+              prefetch_next(m, 1);
+              for_panel_vectors<U>(p, H, [&](int, int64_t u0, int64_t n) {
+                at::vec::convert(hn + m * ldh + u0, hbn + m * ldhb + u0, n);
+              });
+            }
+          }
+          if (nbs > bs) prefetch_next(bs, nbs - bs);
+          continue;
+        }
         if (blocked) {
           panel_gemm_all_rows<NV, MR>(bs, hp, ldh, panel, H, accs.data());
           if (fuse_x) {
@@ -375,8 +479,11 @@ void forward_loop(const ForwardArgs& a) {
         });
         if (nbs > bs) prefetch_next(bs, nbs - bs);
       }
+      if (x_in_a && s + 1 < L.T)
+        copy_x_rows(s + 1, hbn, B * tid / n_threads, B * (tid + 1) / n_threads);
 #pragma omp barrier
     }
+    if (amx) at::native::cpublas::brgemm_release(true);
   }
   // Each sequence's final state is its output at its last step: t = length − 1 going forward,
   // t = 0 going backward.
@@ -472,6 +579,11 @@ void backward_loop(const BackwardArgs& a) {
 // (LSTM, GRU even); at B=1 slower (the step is bound by streaming the weights, now twice).
 bool fuse_input_projection(const Layout& L, int64_t I) {
   return L.B >= 8 && I <= 256;
+}
+
+bool amx_recurrence_supported() {
+  const char* env = std::getenv("SEQKERN_RNN_AMX");  // "0": the float32 loop
+  return bf16_brgemm_supported() && !(env && env[0] == '0');
 }
 
 void fused_forward(const ForwardArgs& a) {

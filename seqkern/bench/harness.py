@@ -31,20 +31,38 @@ def suites(cases: Iterable[Case]) -> list[str]:
     return sorted({c.suite for c in cases})
 
 
+def _median(times: list[float]) -> float:
+    times = sorted(times)
+    n = len(times)
+    return times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
+
+
 def median_time(fn: Callable[[], object], min_runs: int, budget_s: float) -> tuple[float, int]:
     """Median wall time of fn over at least `min_runs` runs (more while within `budget_s`),
     after one warm-up call."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 200):
-        t0 = time.perf_counter()
+    meds = median_times({"f": fn}, min_runs, budget_s)
+    return meds["f"]
+
+
+def median_times(fns: dict[str, Callable[[], object]], min_runs: int,
+                 budget_s: float) -> dict[str, tuple[float, int]]:
+    """Median wall time of each fn, the fns run in turn (a, b, a, b, ...) after one warm-up
+    call each: on a shared machine whose speed drifts by tens of percent over seconds, timing
+    one implementation after the other would bias their ratio; interleaved, the drift falls on
+    both alike. At least `min_runs` rounds, more while within `budget_s` (per fn)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    n = len(times)
-    med = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
-    return med, n
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    budget = budget_s * len(fns)
+    rounds = 0
+    while rounds < min_runs or (time.perf_counter() - start < budget and rounds < 200):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: (_median(v), len(v)) for k, v in times.items()}
 
 
 def _progress(i: int, n: int, label: str) -> None:
@@ -67,12 +85,15 @@ def run(cases: list[Case], full: bool, with_reference: bool = True, log=print) -
         impls = case.make()
         row = {"suite": case.suite, "op": case.op, "shape": case.shape,
                "dtype": str(case.dtype).replace("torch.", ""), "threads": threads}
+        timed = median_times({k: impls[k] for k in ("seqkern", "torch") if k in impls},
+                             min_runs, budget)
+        if "reference" in impls and with_reference:
+            timed["reference"] = median_time(impls["reference"], 3, 0.0)
         for name in ("seqkern", "torch", "reference"):
-            if name not in impls or (name == "reference" and not with_reference):
+            if name not in timed:
                 row[f"{name}_ms"] = None
                 continue
-            med, n = median_time(impls[name], 3 if name == "reference" else min_runs,
-                                 0.0 if name == "reference" else budget)
+            med, n = timed[name]
             row[f"{name}_ms"] = med * 1e3
             row[f"{name}_runs"] = n
         s, t = row["seqkern_ms"], row["torch_ms"]
