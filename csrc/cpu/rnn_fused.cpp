@@ -581,9 +581,11 @@ bool fuse_input_projection(const Layout& L, int64_t I) {
   return L.B >= 8 && I <= 256;
 }
 
+// Only in AVX-512 builds: with 8-lane vectors a GRU panel would be 24 columns wide, a width
+// oneDNN's bf16 kernels are not known to take.
 bool amx_recurrence_supported() {
   const char* env = std::getenv("SEQKERN_RNN_AMX");  // "0": the float32 loop
-  return bf16_brgemm_supported() && !(env && env[0] == '0');
+  return kW == 16 && bf16_brgemm_supported() && !(env && env[0] == '0');
 }
 
 void fused_forward(const ForwardArgs& a) {
