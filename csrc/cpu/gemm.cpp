@@ -167,16 +167,21 @@ void PackedWeight<T>::multiply(int64_t M, const T* A, int64_t lda, T beta, T* C,
 template class PackedWeight<float>;
 template class PackedWeight<double>;
 
-bool gemm_bf16_nt(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
-                  const at::BFloat16* B, int64_t ldb, float* C, int64_t ldc) {
+bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
+               const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float* C,
+               int64_t ldc) {
   const auto& b = blas();
   if (!b.gemm_bf16 || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) ||
       !fits_int(ldb) || !fits_int(ldc))
     return false;
   if (M == 0 || N == 0) return true;
-  b.gemm_bf16(kRowMajor, kNoTrans, kTrans, (int)M, (int)N, (int)K, 1.0f,
-              reinterpret_cast<const uint16_t*>(A), (int)lda, reinterpret_cast<const uint16_t*>(B),
-              (int)ldb, 0.0f, C, (int)ldc);
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return true;
+  }
+  b.gemm_bf16(kRowMajor, a_trans ? kTrans : kNoTrans, b_trans ? kTrans : kNoTrans, (int)M, (int)N,
+              (int)K, 1.0f, reinterpret_cast<const uint16_t*>(A), (int)lda,
+              reinterpret_cast<const uint16_t*>(B), (int)ldb, 0.0f, C, (int)ldc);
   return true;
 }
 

@@ -44,12 +44,14 @@ class PackedWeight {
   T* packed_ = nullptr;
 };
 
-// C[M×N] (float) = A[M×K] · Bᵀ (B stored N×K), A and B bfloat16, fp32 accumulation (MKL's
-// cblas_gemm_bf16bf16f32, AMX/AVX512_BF16 where the CPU has them). Products of two bf16 numbers
-// are exact in fp32, so this equals converting both to fp32 first, up to summation order.
-// Returns false when MKL does not provide it (the caller converts and uses gemm<float>).
-bool gemm_bf16_nt(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
-                  const at::BFloat16* B, int64_t ldb, float* C, int64_t ldc);
+// C[M×N] (float) = op(A)·op(B), A and B bfloat16, fp32 accumulation (MKL's
+// cblas_gemm_bf16bf16f32, AMX/AVX512_BF16 where the CPU has them); op(A) = Aᵀ (A stored K×M)
+// when a_trans, op(B) = Bᵀ (B stored N×K) when b_trans. Products of two bf16 numbers are exact
+// in fp32, so this equals converting both to fp32 first, up to summation order. Returns false
+// when MKL does not provide it (the caller converts and uses gemm<float>).
+bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
+               const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float* C,
+               int64_t ldc);
 
 // Whether oneDNN can pack bf16 for its brgemm micro-kernels on this CPU (AMX or AVX512_BF16):
 // the bf16 attention forward and the bf16 recurrent product run on them

@@ -237,6 +237,27 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
 
 // ---------------------------------------------------------------- backward ----------------
 
+// bfloat16 inputs: dx, dW_ih and dW_hh, three quarters of the backward's FLOPs, as bf16 GEMMs
+// with fp32 sums, from the gate gradients and h rounded to bf16 (torch's bf16 recurrences hold
+// them in bf16 throughout). Cho GRU and projections keep the fp32 GEMMs (returns false), as
+// does a torch without MKL's bf16 GEMM.
+bool bf16_weight_gradients(Cell cell, bool proj, const Bf16Operands& bf, const at::Tensor& dxg,
+                           const at::Tensor& drec, const at::Tensor& hprev, at::Tensor& dx,
+                           at::Tensor& dw_ih, at::Tensor& dw_hh) {
+  if (cell == Cell::GruCho || proj) return false;
+  using bf16 = at::BFloat16;
+  const int64_t N = dxg.size(0), GH = dxg.size(1), I = dx.size(1), Hs = hprev.size(1);
+  const at::Tensor g = dxg.to(at::kBFloat16);
+  const at::Tensor gr = drec.is_same(dxg) ? g : drec.to(at::kBFloat16);
+  const at::Tensor hb = hprev.to(at::kBFloat16);
+  return gemm_bf16(false, false, N, I, GH, g.data_ptr<bf16>(), GH, bf.w_ih.data_ptr<bf16>(), I,
+                   dx.data_ptr<float>(), I) &&
+         gemm_bf16(true, false, GH, I, N, g.data_ptr<bf16>(), GH, bf.x.data_ptr<bf16>(), I,
+                   dw_ih.data_ptr<float>(), I) &&
+         gemm_bf16(true, false, GH, Hs, N, gr.data_ptr<bf16>(), GH, hb.data_ptr<bf16>(), Hs,
+                   dw_hh.data_ptr<float>(), Hs);
+}
+
 template <typename T>
 std::vector<at::Tensor> backward_impl(
     Cell cell, const Layout& L, const at::Tensor& grad_out, const at::Tensor& grad_hn,
@@ -244,7 +265,7 @@ std::vector<at::Tensor> backward_impl(
     const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& w_peep, const at::Tensor& w_hr, const at::Tensor& out,
     const at::Tensor& ws_gates, const at::Tensor& ws_cells, const at::Tensor& ws_hprev,
-    bool reverse) {
+    bool reverse, const Bf16Operands& bf) {
   const int64_t G = gate_count(cell);
   const int64_t H = w_hh.size(0) / G;
   const int64_t GH = G * H;
@@ -387,10 +408,13 @@ std::vector<at::Tensor> backward_impl(
 
   // Everything that does not feed the recurrence: large GEMMs over all N rows.
   at::Tensor dx = empty_large({N, I}, opts);
-  gemm<T>(N, I, GH, T(1), dxgp, GH, w_ih.data_ptr<T>(), I, false, T(0), dx.data_ptr<T>(), I);
   at::Tensor dw_ih = at::empty({GH, I}, opts);
-  gemm_tn<T>(GH, I, N, T(1), dxgp, GH, x.data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
   at::Tensor dw_hh = at::empty({GH, Hs}, opts);
+  const bool done_bf16 =
+      bf.x.defined() && bf16_weight_gradients(cell, proj, bf, dxg, drec, ws_hprev, dx, dw_ih, dw_hh);
+  if (!done_bf16) {
+  gemm<T>(N, I, GH, T(1), dxgp, GH, w_ih.data_ptr<T>(), I, false, T(0), dx.data_ptr<T>(), I);
+  gemm_tn<T>(GH, I, N, T(1), dxgp, GH, x.data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
   if (cell == Cell::GruCho) {
     gemm_tn<T>(2 * H, Hs, N, T(1), dxgp, GH, hsv, Hs, T(0), dw_hh.data_ptr<T>(), Hs);
     at::Tensor rh = ws_gates.narrow(1, 0, H) * ws_hprev;
@@ -398,6 +422,7 @@ std::vector<at::Tensor> backward_impl(
                dw_hh.data_ptr<T>() + 2 * H * Hs, Hs);
   } else {
     gemm_tn<T>(GH, Hs, N, T(1), drecp, GH, hsv, Hs, T(0), dw_hh.data_ptr<T>(), Hs);
+  }
   }
   at::Tensor db_ih = b_ih.defined() ? dxg.sum(0) : at::Tensor();
   at::Tensor db_hh = b_hh.defined() ? drec.sum(0) : at::Tensor();
@@ -502,7 +527,7 @@ std::vector<at::Tensor> recurrent_forward(
     } else {
       auto xb = x_.contiguous(), wb = w_ih_.contiguous();
       at::Tensor xg = empty_large({L.N, G * H}, x_.options().dtype(ct));
-      if (gemm_bf16_nt(L.N, G * H, I, xb.data_ptr<at::BFloat16>(), I,
+      if (gemm_bf16(false, true, L.N, G * H, I, xb.data_ptr<at::BFloat16>(), I,
                        wb.data_ptr<at::BFloat16>(), I, xg.data_ptr<float>(), G * H))
         bf.xg = xg;
       else
@@ -560,11 +585,16 @@ std::vector<at::Tensor> recurrent_backward(
   auto g_out = compute_copy(opt(grad_out), ct), g_hn = compute_copy(opt(grad_hn), ct);
   auto g_cn = compute_copy(opt(grad_cn), ct);
   auto y = compute_copy(out, ct);
+  Bf16Operands bf;  // bf16 inputs: the large weight-gradient GEMMs in bf16
+  if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 && L.N > 0) {
+    bf.x = x_.contiguous();
+    bf.w_ih = w_ih_.contiguous();
+  }
   std::vector<at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_backward", [&] {
     r = backward_impl<scalar_t>(cell, L, g_out, g_hn, g_cn, x, w_ih, w_hh, b_ih, b_hh, w_peep,
                                 w_hr, y, ws_gates.contiguous(), ws_cells.contiguous(),
-                                ws_hprev.contiguous(), reverse);
+                                ws_hprev.contiguous(), reverse, bf);
   });
   // Gradients come back in the dtype of what they differentiate.
   auto cast = [](const at::Tensor& g, at::ScalarType s) { return g.defined() ? g.to(s) : g; };
