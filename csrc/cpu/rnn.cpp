@@ -305,7 +305,7 @@ std::vector<at::Tensor> backward_impl(
   bool fused = false;
   if constexpr (std::is_same_v<T, float>) {
     if (fused_supported(cell, proj, L)) {
-      BackwardArgs ba{cell, &L, H, reverse, gout, whh, peep_p, gsv, csv, hsv, outp,
+      BackwardArgs ba{cell, &L, H, reverse, gout, whh, ptr(bf.w_hh), peep_p, gsv, csv, hsv, outp,
                       dhp, dcp, dxgp, drecp};
       fused_backward(ba);
       fused = true;
@@ -589,6 +589,9 @@ std::vector<at::Tensor> recurrent_backward(
   if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 && L.N > 0) {
     bf.x = x_.contiguous();
     bf.w_ih = w_ih_.contiguous();
+    // and, as in the forward, the recurrent product on brgemm tiles
+    if (w_hh_.scalar_type() == at::kBFloat16 && L.B >= 8 && amx_recurrence_supported())
+      bf.w_hh = w_hh_.contiguous();
   }
   std::vector<at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_backward", [&] {

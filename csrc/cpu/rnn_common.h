@@ -102,6 +102,9 @@ struct BackwardArgs {
   bool reverse;
   const float* grad_out;  // (N, H) or null
   const float* w_hh;      // (G·H, H)
+  // W_hh in bfloat16, or null: when set, dgates·W_hh runs on brgemm tiles with the gate
+  // gradients rounded to bf16 for it
+  const c10::BFloat16* w_hh_bf16;
   const float* peep;
   const float* gates;     // saved
   const float* cells;

@@ -192,6 +192,17 @@ PanelBuffer pack_column_panels(const float* w, int64_t GH, int64_t H, int64_t U)
   return out;
 }
 
+// A row-major (K × N) bf16 matrix, K even, in the VNNI order oneDNN's bf16 brgemm reads: k rows
+// in pairs, the pair of each column adjacent. Done here rather than by cpublas::pack, which
+// builds a oneDNN transform per call (~0.1 ms each, once per panel).
+void to_vnni(const c10::BFloat16* in, int64_t K, int64_t N, c10::BFloat16* out) {
+  for (int64_t k = 0; k < K; k += 2)
+    for (int64_t c = 0; c < N; ++c) {
+      out[k * N + 2 * c] = in[k * N + c];
+      out[k * N + 2 * c + 1] = in[(k + 1) * N + c];
+    }
+}
+
 // bfloat16 weights W (G·H, Kw), W_hh, optionally stacked over W_ih (G·H, Kx) along k, as the
 // right operand of [h | x]·[W_hh | W_ih]ᵀ for oneDNN's brgemm: per panel the K × (G·U·W)
 // matrix of pack_gate_panels' layout, in bf16, then in the VNNI order brgemm reads (pairs of k
@@ -222,14 +233,28 @@ struct VnniPanels {
       const int64_t n = std::min<int64_t>(PW, H - p * PW);
       transpose_into(w, Kw, 0, p, n);
       if (wx) transpose_into(wx, Kx, Kh, p, n);
-      // VNNI: k rows in pairs, the pair of each column adjacent. Done here rather than by
-      // cpublas::pack, which builds a oneDNN transform per call (~0.1 ms each, per panel).
-      c10::BFloat16* out = buf.data() + p * K * N;
-      for (int64_t k = 0; k < K; k += 2)
-        for (int64_t c = 0; c < N; ++c) {
-          out[k * N + 2 * c] = tmp[k * N + c];
-          out[k * N + 2 * c + 1] = tmp[(k + 1) * N + c];
-        }
+      to_vnni(tmp.data(), K, N, buf.data() + p * K * N);
+    }
+  }
+  const c10::BFloat16* panel(int64_t p) const { return buf.data() + p * K * N; }
+};
+
+// bfloat16 W_hh (G·H, H) as the right operand of dgates·W_hh, per panel of U·W columns: the
+// (K × U·W) block of its rows, K = G·H rounded up to even (a zero row), columns past H zero.
+struct VnniColumnPanels {
+  int64_t K = 0, N = 0;
+  std::vector<c10::BFloat16> buf;
+  VnniColumnPanels() = default;
+  VnniColumnPanels(const c10::BFloat16* w, int64_t GH, int64_t H, int64_t U)
+      : K((GH + 1) / 2 * 2), N(U * kW) {
+    const int64_t P = panels(H, U);
+    buf.resize(P * K * N);
+    std::vector<c10::BFloat16> tmp(K * N);
+    for (int64_t p = 0; p < P; ++p) {
+      std::fill(tmp.begin(), tmp.end(), c10::BFloat16(0.0f));
+      const int64_t n = std::min<int64_t>(N, H - p * N);
+      for (int64_t k = 0; k < GH; ++k) std::copy(w + k * H + p * N, w + k * H + p * N + n, tmp.data() + k * N);
+      to_vnni(tmp.data(), K, N, buf.data() + p * K * N);
     }
   }
   const c10::BFloat16* panel(int64_t p) const { return buf.data() + p * K * N; }
@@ -529,9 +554,15 @@ void backward_loop(const BackwardArgs& a) {
   constexpr int MR = mr_max(U);
   const Layout& L = *a.L;
   const int64_t H = a.H, GH = G * H, B = L.B, P = panels(H, U);
-  const PanelBuffer wb = pack_column_panels(a.w_hh, GH, H, U);
+  const bool amx = a.w_hh_bf16 != nullptr;
+  const PanelBuffer wb = amx ? PanelBuffer(0, 0, false) : pack_column_panels(a.w_hh, GH, H, U);
   const int nt = thread_count(B, GH, H, P);
   constexpr bool accumulate = C == Cell::Gru;
+  // bf16: the gate gradients of each step in bf16 (double-buffered: a thread writes step s − 1's
+  // while the other may still read step s's) as the A operand of the brgemm
+  const VnniColumnPanels wbb = amx ? VnniColumnPanels(a.w_hh_bf16, GH, H, U) : VnniColumnPanels();
+  const int64_t ldg = amx ? padded_stride(wbb.K) : 0;
+  std::vector<c10::BFloat16> gbuf(amx ? 2 * B * ldg : 0, c10::BFloat16(0.0f));
 
 #pragma omp parallel num_threads(nt)
   {
@@ -539,7 +570,7 @@ void backward_loop(const BackwardArgs& a) {
     const int64_t p0 = P * tid / n_threads, p1 = P * (tid + 1) / n_threads;
     V acc[MR * U];
     const bool blocked = GH > k_block<U>() && B > MR;
-    std::vector<V> accs(blocked ? B * U : 0);
+    std::vector<V> accs(amx ? std::min<int64_t>(B, kAmxRows) * U : blocked ? B * U : 0);
     // dh_prev of row m for the units of panel p, from its accumulators v
     auto finish = [&](int64_t p, int64_t m, const V* v) {
       for_panel_vectors<U>(p, H, [&](int j, int64_t u0, int64_t n) {
@@ -549,12 +580,28 @@ void backward_loop(const BackwardArgs& a) {
     };
     for (int64_t s = L.T - 1; s >= 0; --s) {
       const int64_t t = L.step(s, a.reverse), bs = L.bs[t], o = L.off[t];
+      c10::BFloat16* gb = amx ? gbuf.data() + (s & 1) * B * ldg : nullptr;
       for (int64_t p = p0; p < p1; ++p)
         for_panel_vectors<U>(p, H, [&](int, int64_t u0, int64_t n) {
-          for (int64_t m = 0; m < bs; ++m) backward_tile<C>(a, m, o, u0, n);
+          for (int64_t m = 0; m < bs; ++m) {
+            backward_tile<C>(a, m, o, u0, n);
+            if (amx)
+              for (int64_t g = 0; g < G; ++g)
+                at::vec::convert(a.drec + (o + m) * GH + g * H + u0, gb + m * ldg + g * H + u0, n);
+          }
         });
 #pragma omp barrier
       for (int64_t p = p0; p < p1; ++p) {
+        if (amx) {
+          for (int64_t m0 = 0; m0 < bs; m0 += kAmxRows) {
+            const int64_t mr = std::min(kAmxRows, bs - m0);
+            at::native::cpublas::brgemm(mr, U * kW, wbb.K, ldg, U * kW, U * kW, false,
+                                        gb + m0 * ldg, wbb.panel(p),
+                                        reinterpret_cast<float*>(accs.data()), true);
+            for (int64_t m = m0; m < m0 + mr; ++m) finish(p, m, accs.data() + (m - m0) * U);
+          }
+          continue;
+        }
         const float* panel = wb.data() + p * GH * U * kW;
         if (blocked) {
           panel_gemm_all_rows<U, MR>(bs, a.drec + o * GH, GH, panel, GH, accs.data());
@@ -567,6 +614,7 @@ void backward_loop(const BackwardArgs& a) {
         });
       }
     }
+    if (amx) at::native::cpublas::brgemm_release(true);
   }
 }
 
