@@ -425,7 +425,9 @@ std::vector<at::Tensor> backward_impl(
   }
   }
   at::Tensor db_ih = b_ih.defined() ? dxg.sum(0) : at::Tensor();
-  at::Tensor db_hh = b_hh.defined() ? drec.sum(0) : at::Tensor();
+  at::Tensor db_hh = !b_hh.defined()                      ? at::Tensor()
+                     : db_ih.defined() && drec.is_same(dxg) ? db_ih.clone()  // same sum
+                                                            : drec.sum(0);
   at::Tensor dw_peep;
   if (peep) {
     auto cp = ws_cells.narrow(1, 0, H), cn = ws_cells.narrow(1, H, H);
