@@ -217,8 +217,21 @@ struct VnniPanels {
       : Kh((Kw + 1) / 2 * 2), K(Kh + (wx ? Kx : 0)), N(G * U * kW) {
     const int64_t P = panels(H, U), PW = U * kW;
     buf.resize(P * K * N);
-    std::vector<c10::BFloat16> tmp(K * N);
+    std::vector<c10::BFloat16> tmp(Kw % 2 == 0 ? 0 : K * N);
     // rows k0.. of the panel from the (G·H, kw) weight src: tmp[k0 + k][g·PW + j] = src[g·H + p·PW + j][k]
+    // With kw even the VNNI layout is the transpose of the weight read as 32-bit words (each
+    // holds the k pair of one column), written straight into buf: no staging, no interleave.
+    auto transpose_vnni = [&](const c10::BFloat16* src, int64_t kw, int64_t k0, int64_t p, int64_t n) {
+      auto* out = reinterpret_cast<float*>(buf.data() + p * K * N) + (k0 / 2) * N;
+      const auto* in = reinterpret_cast<const float*>(src);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < n; j += 16)
+          for (int64_t k = 0; k < kw / 2; k += 16)
+            at::vec::transpose_mxn<float>(in + (g * H + p * PW + j) * (kw / 2) + k, kw / 2,
+                                          out + k * N + g * PW + j, N,
+                                          static_cast<int>(std::min<int64_t>(16, n - j)),
+                                          static_cast<int>(std::min<int64_t>(16, kw / 2 - k)));
+    };
     auto transpose_into = [&](const c10::BFloat16* src, int64_t kw, int64_t k0, int64_t p, int64_t n) {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t j = 0; j < n; j += 32)  // at::vec transposes bf16 in blocks of ≤ 32 × 32
@@ -228,9 +241,16 @@ struct VnniPanels {
                 static_cast<int>(std::min<int64_t>(32, n - j)),
                 static_cast<int>(std::min<int64_t>(32, kw - k)));
     };
+    const bool direct = Kw % 2 == 0;
+    if (direct) std::fill(buf.begin(), buf.end(), c10::BFloat16(0.0f));  // columns past H
     for (int64_t p = 0; p < P; ++p) {
-      std::fill(tmp.begin(), tmp.end(), c10::BFloat16(0.0f));
       const int64_t n = std::min<int64_t>(PW, H - p * PW);
+      if (direct) {
+        transpose_vnni(w, Kw, 0, p, n);
+        if (wx) transpose_vnni(wx, Kx, Kh, p, n);
+        continue;
+      }
+      std::fill(tmp.begin(), tmp.end(), c10::BFloat16(0.0f));
       transpose_into(w, Kw, 0, p, n);
       if (wx) transpose_into(wx, Kx, Kh, p, n);
       to_vnni(tmp.data(), K, N, buf.data() + p * K * N);
