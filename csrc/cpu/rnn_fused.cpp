@@ -22,6 +22,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdlib>
 #include <memory>
 #include <vector>
@@ -209,20 +210,25 @@ void to_vnni(const c10::BFloat16* in, int64_t K, int64_t N, c10::BFloat16* out) 
 // rows interleaved). W_ih's rows start at Kh = Kw rounded up to even (a zero row between);
 // K = Kh + Kx, Kx even.
 struct VnniPanels {
+  const c10::BFloat16 *w = nullptr, *wx = nullptr;
+  int64_t Kw = 0, Kx = 0, G = 0, H = 0, U = 0;
   int64_t Kh = 0, K = 0, N = 0;
-  std::vector<c10::BFloat16> buf;
+  std::unique_ptr<c10::BFloat16[]> buf;  // uninitialised until pack()
   VnniPanels() = default;
-  VnniPanels(const c10::BFloat16* w, int64_t Kw, const c10::BFloat16* wx, int64_t Kx, int64_t G,
-             int64_t H, int64_t U)
-      : Kh((Kw + 1) / 2 * 2), K(Kh + (wx ? Kx : 0)), N(G * U * kW) {
-    const int64_t P = panels(H, U), PW = U * kW;
-    buf.resize(P * K * N);
+  VnniPanels(const c10::BFloat16* w_, int64_t Kw_, const c10::BFloat16* wx_, int64_t Kx_,
+             int64_t G_, int64_t H_, int64_t U_)
+      : w(w_), wx(wx_), Kw(Kw_), Kx(Kx_), G(G_), H(H_), U(U_), Kh((Kw_ + 1) / 2 * 2),
+        K(Kh + (wx_ ? Kx_ : 0)), N(G_ * U_ * kW), buf(new c10::BFloat16[panels(H_, U_) * K * N]) {}
+
+  // Packs panels [p0, p1): each thread packs the panels it will use, in parallel, into its own
+  // cache.
+  void pack(int64_t p0, int64_t p1) {
+    const int64_t PW = U * kW;
     std::vector<c10::BFloat16> tmp(Kw % 2 == 0 ? 0 : K * N);
-    // rows k0.. of the panel from the (G·H, kw) weight src: tmp[k0 + k][g·PW + j] = src[g·H + p·PW + j][k]
     // With kw even the VNNI layout is the transpose of the weight read as 32-bit words (each
-    // holds the k pair of one column), written straight into buf: no staging, no interleave.
+    // holds the k pair of one column), written straight into place.
     auto transpose_vnni = [&](const c10::BFloat16* src, int64_t kw, int64_t k0, int64_t p, int64_t n) {
-      auto* out = reinterpret_cast<float*>(buf.data() + p * K * N) + (k0 / 2) * N;
+      auto* out = reinterpret_cast<float*>(buf.get() + p * K * N) + (k0 / 2) * N;
       const auto* in = reinterpret_cast<const float*>(src);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t j = 0; j < n; j += 16)
@@ -232,6 +238,7 @@ struct VnniPanels {
                                           static_cast<int>(std::min<int64_t>(16, n - j)),
                                           static_cast<int>(std::min<int64_t>(16, kw / 2 - k)));
     };
+    // odd kw: rows k0.. of the row-major panel in tmp, tmp[k0 + k][g·PW + j] = src[g·H + p·PW + j][k]
     auto transpose_into = [&](const c10::BFloat16* src, int64_t kw, int64_t k0, int64_t p, int64_t n) {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t j = 0; j < n; j += 32)  // at::vec transposes bf16 in blocks of ≤ 32 × 32
@@ -241,11 +248,10 @@ struct VnniPanels {
                 static_cast<int>(std::min<int64_t>(32, n - j)),
                 static_cast<int>(std::min<int64_t>(32, kw - k)));
     };
-    const bool direct = Kw % 2 == 0;
-    if (direct) std::fill(buf.begin(), buf.end(), c10::BFloat16(0.0f));  // columns past H
-    for (int64_t p = 0; p < P; ++p) {
+    for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = std::min<int64_t>(PW, H - p * PW);
-      if (direct) {
+      if (Kw % 2 == 0) {
+        if (n < PW) std::memset(buf.get() + p * K * N, 0, K * N * sizeof(c10::BFloat16));
         transpose_vnni(w, Kw, 0, p, n);
         if (wx) transpose_vnni(wx, Kx, Kh, p, n);
         continue;
@@ -253,31 +259,32 @@ struct VnniPanels {
       std::fill(tmp.begin(), tmp.end(), c10::BFloat16(0.0f));
       transpose_into(w, Kw, 0, p, n);
       if (wx) transpose_into(wx, Kx, Kh, p, n);
-      to_vnni(tmp.data(), K, N, buf.data() + p * K * N);
+      to_vnni(tmp.data(), K, N, buf.get() + p * K * N);
     }
   }
-  const c10::BFloat16* panel(int64_t p) const { return buf.data() + p * K * N; }
+  const c10::BFloat16* panel(int64_t p) const { return buf.get() + p * K * N; }
 };
 
 // bfloat16 W_hh (G·H, H) as the right operand of dgates·W_hh, per panel of U·W columns: the
 // (K × U·W) block of its rows, K = G·H rounded up to even (a zero row), columns past H zero.
 struct VnniColumnPanels {
-  int64_t K = 0, N = 0;
-  std::vector<c10::BFloat16> buf;
+  const c10::BFloat16* w = nullptr;
+  int64_t GH = 0, H = 0, K = 0, N = 0;
+  std::unique_ptr<c10::BFloat16[]> buf;  // uninitialised until pack()
   VnniColumnPanels() = default;
-  VnniColumnPanels(const c10::BFloat16* w, int64_t GH, int64_t H, int64_t U)
-      : K((GH + 1) / 2 * 2), N(U * kW) {
-    const int64_t P = panels(H, U);
-    buf.resize(P * K * N);
+  VnniColumnPanels(const c10::BFloat16* w_, int64_t GH_, int64_t H_, int64_t U)
+      : w(w_), GH(GH_), H(H_), K((GH_ + 1) / 2 * 2), N(U * kW),
+        buf(new c10::BFloat16[panels(H_, U) * K * N]) {}
+  void pack(int64_t p0, int64_t p1) {  // panels [p0, p1), as VnniPanels::pack
     std::vector<c10::BFloat16> tmp(K * N);
-    for (int64_t p = 0; p < P; ++p) {
+    for (int64_t p = p0; p < p1; ++p) {
       std::fill(tmp.begin(), tmp.end(), c10::BFloat16(0.0f));
       const int64_t n = std::min<int64_t>(N, H - p * N);
       for (int64_t k = 0; k < GH; ++k) std::copy(w + k * H + p * N, w + k * H + p * N + n, tmp.data() + k * N);
-      to_vnni(tmp.data(), K, N, buf.data() + p * K * N);
+      to_vnni(tmp.data(), K, N, buf.get() + p * K * N);
     }
   }
-  const c10::BFloat16* panel(int64_t p) const { return buf.data() + p * K * N; }
+  const c10::BFloat16* panel(int64_t p) const { return buf.get() + p * K * N; }
 };
 
 // Rows per brgemm call: its fp32 output (64 floats a row at most) stays in L1.
@@ -411,9 +418,9 @@ void forward_loop(const ForwardArgs& a) {
   // A rows are [h | x_t] and one product per panel covers both, except for GRU, whose n gate
   // keeps x·W_in apart: there x_t is a second product (A = x rows as given).
   const bool x_in_a = amx && fuse_x && !separate_x;
-  const VnniPanels wb = amx ? VnniPanels(a.w_hh_bf16, H, x_in_a ? a.w_ih_bf16 : nullptr, I, G, H, U)
+  VnniPanels wb = amx ? VnniPanels(a.w_hh_bf16, H, x_in_a ? a.w_ih_bf16 : nullptr, I, G, H, U)
                             : VnniPanels();
-  const VnniPanels wxb = amx && fuse_x && separate_x
+  VnniPanels wxb = amx && fuse_x && separate_x
                              ? VnniPanels(a.w_ih_bf16, I, nullptr, 0, G, H, U) : VnniPanels();
   const int64_t ldhb = amx ? padded_stride(wb.K) : 0;
   std::vector<c10::BFloat16> hbbuf(amx ? 2 * B * ldhb : 0, c10::BFloat16(0.0f));
@@ -433,6 +440,10 @@ void forward_loop(const ForwardArgs& a) {
   {
     const int tid = omp_get_thread_num(), n_threads = omp_get_num_threads();
     const int64_t p0 = P * tid / n_threads, p1 = P * (tid + 1) / n_threads;
+    if (amx) {
+      wb.pack(p0, p1);
+      if (wxb.buf) wxb.pack(p0, p1);
+    }
     V acc[MR * NV], xacc[separate_x ? MR * NV : 1];
     const bool blocked = std::max(H, fuse_x ? I : 0) > k_block<NV>() && B > MR;
     std::vector<V> accs(blocked ? B * NV : 0), xaccs(blocked && fuse_x && separate_x ? B * NV : 0);
@@ -580,7 +591,7 @@ void backward_loop(const BackwardArgs& a) {
   constexpr bool accumulate = C == Cell::Gru;
   // bf16: the gate gradients of each step in bf16 (double-buffered: a thread writes step s − 1's
   // while the other may still read step s's) as the A operand of the brgemm
-  const VnniColumnPanels wbb = amx ? VnniColumnPanels(a.w_hh_bf16, GH, H, U) : VnniColumnPanels();
+  VnniColumnPanels wbb = amx ? VnniColumnPanels(a.w_hh_bf16, GH, H, U) : VnniColumnPanels();
   const int64_t ldg = amx ? padded_stride(wbb.K) : 0;
   std::vector<c10::BFloat16> gbuf(amx ? 2 * B * ldg : 0, c10::BFloat16(0.0f));
 
@@ -588,6 +599,7 @@ void backward_loop(const BackwardArgs& a) {
   {
     const int tid = omp_get_thread_num(), n_threads = omp_get_num_threads();
     const int64_t p0 = P * tid / n_threads, p1 = P * (tid + 1) / n_threads;
+    if (amx) wbb.pack(p0, p1);
     V acc[MR * U];
     const bool blocked = GH > k_block<U>() && B > MR;
     std::vector<V> accs(amx ? std::min<int64_t>(B, kAmxRows) * U : blocked ? B * U : 0);
