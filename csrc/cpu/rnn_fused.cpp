@@ -7,6 +7,11 @@
 // accumulated in registers and finished in place: the gates of those units are computed and
 // the state is updated before the tile leaves the registers.
 //
+// The input projection x_t·W_ih is either read from one GEMM over all steps done beforehand or,
+// where that measured faster, accumulated into the same tiles (fuse_input_projection). With
+// bfloat16 weights at B ≥ 8 the tile products are oneDNN brgemm calls on AMX instead of the
+// register-tile GEMM below; the gate math is the same.
+//
 // Threads split the hidden units and stay alive for the whole sequence (one OpenMP region,
 // not one per step); a step only needs every thread's slice of h before the next one starts,
 // so there is exactly one barrier per step, forward and backward. h is double-buffered.
