@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The BLAS the kernels call (mkl, resolved from torch, or aten)");
   m.def("recurrent_forward", &seqkern::cpu::recurrent_forward);
   m.def("recurrent_backward", &seqkern::cpu::recurrent_backward);
+  m.def("recurrent_bf16_amx", &seqkern::cpu::recurrent_bf16_amx,
+        "Whether bfloat16 recurrences (B >= 8) run their products on oneDNN brgemm (AMX) tiles");
   m.def("alloc_cached_bytes", &seqkern::cpu::large_alloc_cached_bytes,
         "Bytes of freed large output blocks kept for reuse");
   m.def("alloc_release_cache", &seqkern::cpu::large_alloc_release_cache,

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import seqkern
+from seqkern import registry
 from seqkern.ops import rnn as ops
 from seqkern.reference import rnn as ref
 
@@ -127,15 +128,26 @@ def test_kernel_bfloat16(mode, kw):
     assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
 
 
+def bf16_path(path, monkeypatch):
+    """Selects the bf16 recurrence path: 'brgemm' (oneDNN tiles; skipped where this build and
+    CPU have none, since the fp32 loop then serves bf16 and is tested as 'fp32_loop')."""
+    if path == "brgemm" and not (registry.availability("cpu")[0]
+                                 and seqkern._ext._C.recurrent_bf16_amx()):
+        pytest.skip("no oneDNN bf16 brgemm in this build/CPU: the fp32 loop serves bf16")
+    monkeypatch.setenv("SEQKERN_RNN_AMX", "1" if path == "brgemm" else "0")
+
+
 @pytest.mark.parametrize("mode,kw", [("rnn_tanh", {}), ("rnn_relu", {}), ("lstm", {}),
                                      ("lstm", {"peep": True}), ("gru", {})])
 @pytest.mark.parametrize("I,H", [(24, 40), (17, 33)], ids=["I_even", "I_odd_H_odd"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_kernel_bfloat16_batched(mode, kw, I, H, reverse):
-    """bfloat16 at a batch (B = 9, ragged lengths) that takes the fused loop with bf16 products
-    (oneDNN brgemm tiles where the CPU has them): with I even the input projection is done per
+@pytest.mark.parametrize("path", ["brgemm", "fp32_loop"])
+def test_kernel_bfloat16_batched(mode, kw, I, H, reverse, path, monkeypatch):
+    """bfloat16 at a batch (B = 9, ragged lengths) that takes the fused loop, with its products
+    on oneDNN brgemm tiles or in fp32: on tiles, with I even the input projection is done per
     step as well, with I odd it is one GEMM. Outputs and final states within 2x the error of
     the reference run in bf16, against float64."""
+    bf16_path(path, monkeypatch)
     x, bs, h0, c0, w = make_case(mode, 9, I, H, [14, 14, 13, 11, 9, 9, 5, 2, 1], torch.float64,
                                  scale=0.3, **kw)
     check_bfloat16_forward(mode, x, x.bfloat16(), bs, h0, c0, w, reverse, 1e-3)
@@ -158,9 +170,11 @@ def layer_grads(backend, mode, x, bs, h0, c0, w, dtype, reverse):
 
 @pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
 @pytest.mark.parametrize("I", [24, 17], ids=["I_even", "I_odd"])
-def test_kernel_bfloat16_gradients(mode, I):
-    """bfloat16 gradients at a batch that takes the bf16 products (weight gradients as bf16
-    GEMMs): each within 2x the error of the reference run in bf16, against float64."""
+@pytest.mark.parametrize("path", ["brgemm", "fp32_loop"])
+def test_kernel_bfloat16_gradients(mode, I, path, monkeypatch):
+    """bfloat16 gradients at B = 9 (dW, dx as bf16 GEMMs; the per-step dgates·W_hh on brgemm
+    tiles or in fp32): each within 2x the error of the reference run in bf16, against float64."""
+    bf16_path(path, monkeypatch)
     x, bs, h0, c0, w = make_case(mode, 9, I, 33, [14, 14, 13, 11, 9, 9, 5, 2, 1], torch.float64,
                                  scale=0.3)
     exact = layer_grads("reference", mode, x, bs, h0, c0, w, torch.float64, False)

@@ -499,6 +499,8 @@ void check_common(Cell cell, const at::Tensor& x, const at::Tensor& batch_sizes,
 
 }  // namespace
 
+bool recurrent_bf16_amx() { return amx_recurrence_supported(); }
+
 std::vector<at::Tensor> recurrent_forward(
     const std::string& mode, const at::Tensor& x_, const at::Tensor& batch_sizes,
     const at::Tensor& h0_, const c10::optional<at::Tensor>& c0_, const at::Tensor& w_ih_,

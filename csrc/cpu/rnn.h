@@ -29,4 +29,8 @@ std::vector<at::Tensor> recurrent_backward(
     const c10::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& ws_gates,
     const at::Tensor& ws_cells, const at::Tensor& ws_hprev, bool reverse);
 
+// Whether bfloat16 recurrences at B ≥ 8 run their products on oneDNN brgemm (AMX) tiles here
+// (AVX-512 build, a CPU oneDNN packs bf16 for, SEQKERN_RNN_AMX not "0").
+bool recurrent_bf16_amx();
+
 }  // namespace seqkern::cpu
