@@ -41,6 +41,12 @@ struct Bf16Operands {
   at::Tensor x, w_ih;  // for the input projection on brgemm tiles, or undefined
 };
 
+// Whether a bfloat16 layer runs its per-step products on brgemm tiles: the fused loop, and a
+// batch of at least 8 rows (below, a brgemm call costs more than the step's product).
+bool bf16_tiles(Cell cell, bool proj, const Layout& L) {
+  return L.B >= 8 && amx_recurrence_supported() && fused_supported(cell, proj, L);
+}
+
 const at::BFloat16* ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<at::BFloat16>() : nullptr;
 }
@@ -413,16 +419,16 @@ std::vector<at::Tensor> backward_impl(
   const bool done_bf16 =
       bf.x.defined() && bf16_weight_gradients(cell, proj, bf, dxg, drec, ws_hprev, dx, dw_ih, dw_hh);
   if (!done_bf16) {
-  gemm<T>(N, I, GH, T(1), dxgp, GH, w_ih.data_ptr<T>(), I, false, T(0), dx.data_ptr<T>(), I);
-  gemm_tn<T>(GH, I, N, T(1), dxgp, GH, x.data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
-  if (cell == Cell::GruCho) {
-    gemm_tn<T>(2 * H, Hs, N, T(1), dxgp, GH, hsv, Hs, T(0), dw_hh.data_ptr<T>(), Hs);
-    at::Tensor rh = ws_gates.narrow(1, 0, H) * ws_hprev;
-    gemm_tn<T>(H, Hs, N, T(1), dxgp + 2 * H, GH, rh.data_ptr<T>(), H, T(0),
-               dw_hh.data_ptr<T>() + 2 * H * Hs, Hs);
-  } else {
-    gemm_tn<T>(GH, Hs, N, T(1), drecp, GH, hsv, Hs, T(0), dw_hh.data_ptr<T>(), Hs);
-  }
+    gemm<T>(N, I, GH, T(1), dxgp, GH, w_ih.data_ptr<T>(), I, false, T(0), dx.data_ptr<T>(), I);
+    gemm_tn<T>(GH, I, N, T(1), dxgp, GH, x.data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
+    if (cell == Cell::GruCho) {
+      gemm_tn<T>(2 * H, Hs, N, T(1), dxgp, GH, hsv, Hs, T(0), dw_hh.data_ptr<T>(), Hs);
+      at::Tensor rh = ws_gates.narrow(1, 0, H) * ws_hprev;
+      gemm_tn<T>(H, Hs, N, T(1), dxgp + 2 * H, GH, rh.data_ptr<T>(), H, T(0),
+                 dw_hh.data_ptr<T>() + 2 * H * Hs, Hs);
+    } else {
+      gemm_tn<T>(GH, Hs, N, T(1), drecp, GH, hsv, Hs, T(0), dw_hh.data_ptr<T>(), Hs);
+    }
   }
   at::Tensor db_ih = b_ih.defined() ? dxg.sum(0) : at::Tensor();
   at::Tensor db_hh = !b_hh.defined()                      ? at::Tensor()
@@ -523,7 +529,7 @@ std::vector<at::Tensor> recurrent_forward(
   if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 &&
       w_hh_.scalar_type() == at::kBFloat16 && L.N > 0) {
     const int64_t I = x_.size(1);
-    const bool amx = L.B >= 8 && amx_recurrence_supported() && fused_supported(cell, w_hr_.has_value(), L);
+    const bool amx = bf16_tiles(cell, w_hr_.has_value(), L);
     if (amx) bf.w_hh = w_hh_.contiguous();
     // Fusing the projection makes each step stream W_ih as well as W_hh; past L2 (about 1 MB
     // of bf16 weights per thread) that costs more than one bf16 GEMM over all steps (measured
@@ -598,7 +604,7 @@ std::vector<at::Tensor> recurrent_backward(
     bf.x = x_.contiguous();
     bf.w_ih = w_ih_.contiguous();
     // and, as in the forward, the recurrent product on brgemm tiles
-    if (w_hh_.scalar_type() == at::kBFloat16 && L.B >= 8 && amx_recurrence_supported())
+    if (w_hh_.scalar_type() == at::kBFloat16 && bf16_tiles(cell, w_hr_.has_value(), L))
       bf.w_hh = w_hh_.contiguous();
   }
   std::vector<at::Tensor> r;

@@ -164,6 +164,7 @@ SEQKERN_INLINE void for_panel_vectors(int64_t p, int64_t H, F&& f) {
 // Packed weights. Uninitialised but for the last panel, whose lanes past H must be zero.
 struct PanelBuffer {
   std::unique_ptr<float[]> buf;
+  PanelBuffer() = default;  // none: the loop does not use these panels
   explicit PanelBuffer(int64_t n, int64_t panel_floats, bool partial) : buf(new float[n]) {
     if (partial) std::fill(buf.get() + n - panel_floats, buf.get() + n, 0.0f);
   }
@@ -417,12 +418,12 @@ void forward_loop(const ForwardArgs& a) {
   const Layout& L = *a.L;
   const int64_t H = a.H, B = L.B, P = panels(H, U), I = a.I;
   const bool amx = a.w_hh_bf16 != nullptr;
-  PanelBuffer wp = amx ? PanelBuffer(0, 0, false) : gate_panel_buffer(G, H, H, U);
+  PanelBuffer wp = amx ? PanelBuffer() : gate_panel_buffer(G, H, H, U);
   // Input projection in the loop: x_t·W_ih is accumulated onto h·W_hh (for GRU beside it).
   const bool fuse_x = a.xg == nullptr;
   constexpr bool separate_x = C == Cell::Gru;
   // bfloat16 weights (amx): the products on AMX tiles, h rounded to bf16 for them
-  PanelBuffer wxp = fuse_x && !amx ? gate_panel_buffer(G, H, I, U) : PanelBuffer(0, 0, false);
+  PanelBuffer wxp = fuse_x && !amx ? gate_panel_buffer(G, H, I, U) : PanelBuffer();
   const int64_t ldh = padded_stride(H);
   std::vector<float> hbuf(2 * B * ldh);
   for (int64_t b = 0; b < B; ++b)
@@ -433,9 +434,9 @@ void forward_loop(const ForwardArgs& a) {
   // keeps x·W_in apart: there x_t is a second product (A = x rows as given).
   const bool x_in_a = amx && fuse_x && !separate_x;
   VnniPanels wb = amx ? VnniPanels(a.w_hh_bf16, H, x_in_a ? a.w_ih_bf16 : nullptr, I, G, H, U)
-                            : VnniPanels();
-  VnniPanels wxb = amx && fuse_x && separate_x
-                             ? VnniPanels(a.w_ih_bf16, I, nullptr, 0, G, H, U) : VnniPanels();
+                      : VnniPanels();
+  VnniPanels wxb = amx && fuse_x && separate_x ? VnniPanels(a.w_ih_bf16, I, nullptr, 0, G, H, U)
+                                               : VnniPanels();
   const int64_t ldhb = amx ? padded_stride(wb.K) : 0;
   std::vector<c10::BFloat16> hbbuf(amx ? 2 * B * ldhb : 0, c10::BFloat16(0.0f));
   for (int64_t b = 0; amx && b < B; ++b)
@@ -463,11 +464,9 @@ void forward_loop(const ForwardArgs& a) {
     }
     V acc[MR * NV], xacc[separate_x ? MR * NV : 1];
     const bool blocked = std::max(H, fuse_x ? I : 0) > k_block<NV>() && B > MR;
-    std::vector<V> accs(blocked ? B * NV : 0), xaccs(blocked && fuse_x && separate_x ? B * NV : 0);
-    if (amx) {
-      accs.resize(std::min<int64_t>(B, kAmxRows) * NV);
-      if (fuse_x && separate_x) xaccs.resize(accs.size());
-    }
+    // rows of accumulators kept in memory (the register path needs none)
+    const int64_t acc_rows = amx ? std::min<int64_t>(B, kAmxRows) : blocked ? B : 0;
+    std::vector<V> accs(acc_rows * NV), xaccs(fuse_x && separate_x ? acc_rows * NV : 0);
     for (int64_t s = 0; s < L.T; ++s) {
       const int64_t t = L.step(s, a.reverse), bs = L.bs[t], o = L.off[t];
       const float* hp = hbuf.data() + (s & 1) * B * ldh;
@@ -603,7 +602,7 @@ void backward_loop(const BackwardArgs& a) {
   const Layout& L = *a.L;
   const int64_t H = a.H, GH = G * H, B = L.B, P = panels(H, U);
   const bool amx = a.w_hh_bf16 != nullptr;
-  PanelBuffer wb = amx ? PanelBuffer(0, 0, false) : column_panel_buffer(GH, H, U);
+  PanelBuffer wb = amx ? PanelBuffer() : column_panel_buffer(GH, H, U);
   const int nt = thread_count(B, GH, H, P);
   constexpr bool accumulate = C == Cell::Gru;
   // bf16: the gate gradients of each step in bf16 (double-buffered: a thread writes step s − 1's
