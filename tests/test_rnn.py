@@ -217,6 +217,20 @@ def test_opcheck(mode, kw):
     torch.library.opcheck(ops._recurrent_layer_op, (mode, x, bs, h0, c0, *args, True, True))
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_opcheck_bfloat16_tiles(mode):
+    """The registration in bfloat16 at a batch (B = 9) that takes the brgemm path where present."""
+    x, bs, h0, c0, w = make_case(mode, 9, 8, 16, [5, 5, 4, 4, 3, 3, 2, 2, 1], torch.float32)
+    bf = lambda t: None if t is None else t.bfloat16()  # noqa: E731
+    x, h0, c0 = bf(x), bf(h0), bf(c0)
+    args = [bf(w.get(k)) for k in ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr")]
+    torch.library.opcheck(ops._recurrent_layer_op, (mode, x, bs, h0, c0, *args, False, False))
+    for t in [x, h0, c0] + args:
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(ops._recurrent_layer_op, (mode, x, bs, h0, c0, *args, True, True))
+
+
 def test_non_contiguous_inputs():
     x, bs, h0, c0, w = make_case("lstm", 4, 10, 8, [6, 6, 6, 6], torch.float64)
     xt = torch.randn(24, 20, dtype=torch.float64)[:, ::2]  # strided view
