@@ -73,7 +73,7 @@ def make_mask_kwargs(kind, B, Hq, Lq, Lk, dtype, gen):
 
 
 def torch_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, window=None,
-               key_lengths=None, causal_alignment="top_left"):
+               key_lengths=None, causal_alignment="top_left", enable_gqa=True):
     """torch's SDPA on the same problem, every mask folded into one; NaN rows (nothing
     allowed) become 0 as in SPEC."""
     Lq, Lk = q.shape[-2], k.shape[-2]
@@ -225,17 +225,21 @@ def test_gradcheck_float64(kind, Hq, Hkv):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", ["none", "causal+bool+key_lengths", "window_br", "additive"])
+@pytest.mark.parametrize("kind", ["none", "causal+bool+key_lengths", "window_br", "additive",
+                                  "additive+dropout", "causal+dropout"])
 def test_opcheck(dtype, kind):
     gen = torch.Generator().manual_seed(0)
     q, k, v = make_inputs((2, 4, 2, 9, 11, 16, 8), dtype, gen)
-    kw = make_mask_kwargs(kind, 2, 4, 9, 11, dtype, gen)
+    kw = make_mask_kwargs(kind.replace("+dropout", ""), 2, 4, 9, 11, dtype, gen)
+    p, seed = (0.3, torch.tensor([12345])) if "dropout" in kind else (0.0, None)
     args = (q, k, v, kw.get("attn_mask"), kw.get("key_lengths"), kw.get("is_causal", False),
-            kw.get("causal_alignment") == "bottom_right", kw.get("window", 0), 0.25)
+            kw.get("causal_alignment") == "bottom_right", kw.get("window", 0), 0.25, p, seed)
     torch.library.opcheck(ops._attention_forward_op, args)
     out, lse = ops._attention_forward_op(*args)
     go = torch.randn(out.shape, generator=gen).to(dtype)
-    torch.library.opcheck(ops._attention_backward_op, (go, q, k, v, out, lse) + args[3:])
+    mask_grad = kw.get("attn_mask") is not None and kw["attn_mask"].is_floating_point()
+    torch.library.opcheck(ops._attention_backward_op,
+                          (go, q, k, v, out, lse) + args[3:] + (mask_grad,))
 
 
 def test_double_backward_raises():
@@ -338,7 +342,6 @@ def _qkv(Hq=4, Hkv=4, D=16, Dk=None, dtype=torch.float32):
     (lambda: _qkv(), dict(window=2), ValueError, "requires is_causal=True"),
     (lambda: _qkv(), dict(key_lengths=torch.tensor([1, 2, 3])), ValueError, "key_lengths must be a 1-D integer tensor of length 2"),
     (lambda: _qkv(), dict(key_lengths=torch.tensor([1, -2])), ValueError, "key_lengths must be >= 0"),
-    (lambda: _qkv(), dict(dropout_p=0.1), NotImplementedError, "dropout_p > 0"),
     (lambda: _qkv(), dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
     (lambda: _qkv(), dict(is_causal=True, causal_alignment="center"), ValueError, "causal_alignment must be one of"),
     (lambda: (torch.randn(2, 4, 5, 16), torch.randn(2, 4, 6, 16, dtype=torch.float64),
@@ -398,3 +401,240 @@ def test_bfloat16_forward_paths(path, shape, kind, monkeypatch):
     bound = 2 * max_err(theirs, exact) + FLOOR[torch.bfloat16] * max(1.0, exact.abs().max().item())
     assert ours.dtype == torch.bfloat16
     assert max_err(ours, exact) <= bound
+
+
+# ---------------------------------------------------------------- additive-mask gradients ---
+
+MASK_SHAPES = ["full", "2d", "per_batch", "per_head_key"]
+
+
+def make_additive_mask(which, B, Hq, Lq, Lk, gen):
+    """An additive mask of one of the broadcast shapes users pass (learned biases: full,
+    shared (Lq, Lk) as ALiBi/T5, per batch, per head and key), some entries -inf."""
+    shape = {"full": (B, Hq, Lq, Lk), "2d": (Lq, Lk), "per_batch": (B, 1, Lq, Lk),
+             "per_head_key": (Hq, 1, Lk)}[which]
+    m = torch.randn(shape, generator=gen, dtype=torch.float64)
+    m[torch.rand(shape, generator=gen) < 0.1] = float("-inf")
+    return m
+
+
+def grads_with_mask(fn, q, k, v, m, go, **kw):
+    ts = [t.detach().requires_grad_() for t in (q, k, v, m)]
+    out = fn(*ts[:3], attn_mask=ts[3], enable_gqa=True, **kw)
+    return [out.detach()] + [g.nan_to_num(0.0) for g in torch.autograd.grad(out, ts, go.to(out.dtype))]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("which", MASK_SHAPES)
+@pytest.mark.parametrize("kind", ["none", "causal", "window_br+key_lengths"])
+def test_additive_mask_gradient_float64(shape, which, kind):
+    """d(attn_mask) equals the reference's, summed over the dims the mask broadcasts along,
+    next to unchanged dq/dk/dv."""
+    gen = torch.Generator().manual_seed(stable_seed(shape, which, kind))
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs(shape, torch.float64, gen)
+    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, torch.float64, gen)
+    m = make_additive_mask(which, B, Hq, Lq, Lk, gen)
+    go = torch.randn(B, Hq, Lq, Dv, generator=gen, dtype=torch.float64)
+    got = grads_with_mask(sdpa, q, k, v, m, go, **kw)
+    want = grads_with_mask(ref.scaled_dot_product_attention, q, k, v, m, go, **kw)
+    assert got[4].shape == m.shape
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("which", MASK_SHAPES)
+def test_additive_mask_gradient_low_precision(dtype, which):
+    """Each gradient, d(attn_mask) included, within 2× torch's own error in that dtype."""
+    gen = torch.Generator().manual_seed(stable_seed(which, dtype))
+    shape = (2, 4, 2, 70, 129, 40, 40)
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs(shape, dtype, gen)
+    m = make_additive_mask(which, B, Hq, Lq, Lk, gen)
+    go = torch.randn(B, Hq, Lq, Dv, generator=gen, dtype=torch.float64)
+    exact = grads_with_mask(ref.scaled_dot_product_attention, q.double(), k.double(),
+                            v.double(), m, go, is_causal=True)
+    ours = grads_with_mask(sdpa, q, k, v, m.to(dtype), go, is_causal=True)
+    theirs = grads_with_mask(torch_sdpa, q, k, v, m.to(dtype), go, is_causal=True)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv", "dmask"), ours, theirs, exact):
+        assert a.dtype == dtype
+        bound = 2 * max_err(t, e) + FLOOR[dtype] * max(1.0, e.abs().max().item())
+        assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_broadcast_mask_gradient_does_not_depend_on_threads(threads):
+    """A mask shared by batches and heads is summed per thread, then across threads."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (3, 8, 2, 33, 33, 16, 16)
+    q, k, v = make_inputs(shape, torch.float64, gen)
+    m = make_additive_mask("2d", 3, 8, 33, 33, gen)
+    go = torch.randn(3, 8, 33, 16, generator=gen, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = grads_with_mask(sdpa, q, k, v, m, go, is_causal=True)
+    finally:
+        torch.set_num_threads(before)
+    want = grads_with_mask(ref.scaled_dot_product_attention, q, k, v, m, go, is_causal=True)
+    torch.testing.assert_close(got[4], want[4], atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_additive_mask_float64():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_inputs((2, 4, 2, 6, 8, 8, 4), torch.float64, gen)
+    m = torch.randn(4, 1, 8, generator=gen, dtype=torch.float64)
+    fn = lambda q, k, v, m: sdpa(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, v, m)))
+
+
+# ---------------------------------------------------------------- dropout -------------------
+
+def dropout_pair(q, k, v, go, p, seed, **kw):
+    """(kernel, reference) forward and gradients for the same dropout pattern: the kernel's seed
+    is drawn after torch.manual_seed(seed), the reference gets the pattern it denotes."""
+    B, Hq, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    torch.manual_seed(seed)
+    keep = ops.dropout_keep_mask((B, Hq, Lq, Lk), p, ops._draw_seed())
+    torch.manual_seed(seed)
+    ours = forward_backward(sdpa, q, k, v, go, enable_gqa=True, dropout_p=p, **kw)
+    want = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(), v.double(),
+                            go.double(), enable_gqa=True, dropout_p=p, dropout_mask=keep,
+                            **{n: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                               else t for n, t in kw.items()})
+    ref_same = forward_backward(ref.scaled_dot_product_attention, q, k, v, go, enable_gqa=True,
+                                dropout_p=p, dropout_mask=keep, **kw)
+    return ours, want, ref_same
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["none", "causal", "window_br+additive", "causal+bool+key_lengths"])
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_dropout_matches_reference_with_the_same_pattern(dtype, shape, kind, p):
+    """Forward and gradients with dropout equal the reference applying the pattern that
+    dropout_keep_mask reports for the seed (float64 exactly; lower precision within 2× the
+    reference's own error in that dtype)."""
+    gen = torch.Generator().manual_seed(stable_seed(shape, kind, p))
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs(shape, dtype, gen)
+    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, dtype, gen)
+    go = torch.randn(B, Hq, Lq, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    ours, exact, theirs = dropout_pair(q, k, v, go, p, stable_seed(shape), **kw)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10, msg=lambda s: f"{name}: {s}")
+        else:
+            bound = 2 * max_err(t, e) + FLOOR[dtype] * max(1.0, e.abs().max().item())
+            assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("path", ["brgemm", "tiles"])
+def test_dropout_bfloat16_forward_paths(path, monkeypatch):
+    if path == "brgemm" and not AMX:
+        pytest.skip("no AMX/bf16 brgemm on this CPU: the tile kernel serves bf16 (tested as 'tiles')")
+    monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = make_inputs((1, 2, 1, 300, 600, 64, 64), torch.bfloat16, gen)
+    go = torch.randn(1, 2, 300, 64, generator=gen).to(torch.bfloat16)
+    ours, exact, theirs = dropout_pair(q, k, v, go, 0.3, 4, is_causal=True,
+                                       causal_alignment="bottom_right")
+    bound = 2 * max_err(theirs[0], exact[0]) + FLOOR[torch.bfloat16] * exact[0].abs().max().item()
+    assert max_err(ours[0], exact[0]) <= bound
+
+
+def test_dropout_pattern_statistics_and_seeds():
+    """About a fraction p is dropped, with no structure along rows, columns or heads; a seed
+    fixes the pattern, another seed gives another one."""
+    p, shape = 0.3, (2, 3, 200, 300)
+    keep = ops.dropout_keep_mask(shape, p, torch.tensor([7]))
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    for dim in (0, 1, 2, 3):  # every slice along each dim keeps about 1 − p
+        frac = keep.float().mean(dim=[d for d in range(4) if d != dim])
+        m = n // shape[dim]
+        assert (frac - (1 - p)).abs().max().item() < 5 * math.sqrt(p * (1 - p) / m)
+    # neighbours are independent: P(both kept) ≈ (1 − p)² along keys and along queries
+    for a, b in ((keep[..., 1:], keep[..., :-1]), (keep[..., 1:, :], keep[..., :-1, :])):
+        both = (a & b).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / a.numel())
+    assert torch.equal(keep, ops.dropout_keep_mask(shape, p, torch.tensor([7])))
+    assert (keep != ops.dropout_keep_mask(shape, p, torch.tensor([8]))).float().mean() > 0.3
+    assert ops.dropout_keep_mask(shape, 0.0, torch.tensor([7])).all()
+    assert not ops.dropout_keep_mask(shape, 1.0, torch.tensor([7])).any()
+
+
+def test_dropout_reproducible_with_manual_seed_and_independent_of_threads():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = make_inputs((2, 4, 2, 100, 100, 32, 32), torch.float32, gen)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(123)
+            outs.append(sdpa(q, k, v, is_causal=True, dropout_p=0.4, enable_gqa=True))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    assert not torch.equal(outs[0], sdpa(q, k, v, is_causal=True, dropout_p=0.4, enable_gqa=True))
+    # p = 1 drops everything, p = 0 is no dropout
+    assert not sdpa(q, k, v, is_causal=True, dropout_p=1.0, enable_gqa=True).any()
+    torch.testing.assert_close(sdpa(q, k, v, is_causal=True, dropout_p=0.0, enable_gqa=True),
+                               sdpa(q, k, v, is_causal=True, enable_gqa=True))
+
+
+def test_dropout_is_unbiased():
+    """Averaged over seeds, the dropped output approaches the output without dropout."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = make_inputs((1, 2, 1, 16, 16, 16, 16), torch.float64, gen)
+    torch.manual_seed(0)
+    mean = sum(sdpa(q, k, v, is_causal=True, dropout_p=0.5, enable_gqa=True) for _ in range(400)) / 400
+    plain = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    # each output is a mean of ≤ 16 terms of std ≲ 1; 400 draws shrink that 20×
+    assert (mean - plain).abs().max().item() < 0.25
+    assert (mean - plain).abs().mean().item() < 0.05
+
+
+def test_gradcheck_dropout_float64():
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = make_inputs((2, 2, 1, 6, 8, 8, 4), torch.float64, gen)
+
+    def fn(q, k, v):
+        torch.manual_seed(0)  # the same pattern on every evaluation
+        return sdpa(q, k, v, is_causal=True, dropout_p=0.3, enable_gqa=True)
+
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, v)))
+
+
+def test_multihead_attention_dropout_runs_on_the_kernel():
+    """In training mode MultiheadAttention applies dropout through the kernel: the output equals
+    the reference computed with the same pattern."""
+    mha = seqkern.nn.MultiheadAttention(32, 4, dropout=0.25, batch_first=True).double().train()
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    torch.manual_seed(9)
+    out, _ = mha(x, x, x, need_weights=False, is_causal=True)
+    torch.manual_seed(9)
+    keep = ops.dropout_keep_mask((2, 4, 20, 20), 0.25, ops._draw_seed())
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(2, 20, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    att = ref.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True,
+                                           dropout_p=0.25, dropout_mask=keep)
+    want = mha.out_proj(att.transpose(1, 2).reshape(2, 20, 32))
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    mha.eval()
+    assert not torch.allclose(mha(x, x, x, need_weights=False)[0], out)
+
+
+def test_cpp_checks_dropout_and_mask_grad_arguments():
+    from seqkern import _ext
+
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        _ext._C.attention_forward(q, q, q, None, None, False, False, 0, 1.0, 1.5, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="needs dropout_seed"):
+        _ext._C.attention_forward(q, q, q, None, None, False, False, 0, 1.0, 0.5, None)
+    out, lse = _ext._C.attention_forward(q, q, q, None, None, False, False, 0, 1.0)
+    with pytest.raises(RuntimeError, match="mask_grad needs an additive"):
+        _ext._C.attention_backward(out, q, q, q, out, lse, None, None, False, False, 0, 1.0, 0.0,
+                                   None, True)

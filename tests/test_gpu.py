@@ -118,7 +118,7 @@ def test_attention_matches_reference(kw, dtype):
 def test_attention_custom_ops_opcheck():
     q, k, v = (torch.randn(1, 2, 130, 64, device=DEV) for _ in range(3))
     torch.library.opcheck(attn_ops._attention_forward_op,
-                          (q, k, v, None, None, True, False, 0, 0.125))
+                          (q, k, v, None, None, True, False, 0, 0.125, 0.0, None))
 
 
 def test_attention_speed_report():

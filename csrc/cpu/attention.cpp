@@ -252,6 +252,63 @@ struct Strides {
   int64_t at(int64_t bi, int64_t hi, int64_t li = 0) const { return bi * b + hi * h + li * l; }
 };
 
+// ------------------------------------------------------------------ dropout ----------------
+//
+// Dropout on the attention weights: P_ij is zeroed with probability p and the rest scaled by
+// 1/(1−p). Whether (b, h, i, j) is dropped is a hash of the seed and those indices, not a draw
+// from a random stream: the backward regenerates the pattern tile by tile with nothing saved
+// (an Lq×Lk bit mask would break O(L) memory), any tile order or thread split gives the same
+// pattern, and `attention_dropout_mask` materialises it for the reference to apply.
+struct Dropout {
+  uint32_t threshold = 0;  // keep iff hash ≥ threshold (p·2³²)
+  double keep_scale = 1;   // 1/(1−p); 0 when p = 1 (everything dropped)
+  uint64_t seed = 0;
+  bool active = false;
+
+  Dropout() = default;
+  Dropout(double p, uint64_t s) : seed(s), active(p > 0) {
+    threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+    keep_scale = p >= 1 ? 0.0 : 1.0 / (1.0 - p);
+  }
+
+  // splitmix64 of the row's flat index: decorrelates neighbouring rows and seeds
+  uint32_t row_key(int64_t row) const {
+    uint64_t z = seed + static_cast<uint64_t>(row + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return static_cast<uint32_t>(z ^ (z >> 31));
+  }
+  // keys of query rows [i0, i0 + n) of (b, h): row index (b·Hq + h)·Lq + i
+  void row_keys(int64_t b, int64_t h, int64_t Hq, int64_t Lq, int64_t i0, int64_t n,
+                uint32_t* out) const {
+    for (int64_t r = 0; r < n; ++r) out[r] = row_key((b * Hq + h) * Lq + i0 + r);
+  }
+};
+
+// lowbias32 (Wellons): a full-avalanche 32-bit mix, five integer ops that vectorise.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+inline uint32_t column_key(int64_t j) { return static_cast<uint32_t>(j) * 0x9E3779B9u; }
+
+// Keep factors (1 or 0) of key j for n query rows with keys rk: a column of a transposed tile.
+template <typename T>
+void keep_down_column(const uint32_t* rk, int64_t n, int64_t j, uint32_t threshold, T* out) {
+  const uint32_t ck = column_key(j);
+  for (int64_t r = 0; r < n; ++r) out[r] = mix32(rk[r] + ck) >= threshold ? T(1) : T(0);
+}
+
+// Keep factors of keys [j0, j0 + n) for the query row with key rk.
+template <typename T>
+void keep_along_row(uint32_t rk, int64_t j0, int64_t n, uint32_t threshold, T* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = mix32(rk + column_key(j0 + j)) >= threshold ? T(1) : T(0);
+}
+
 // ------------------------------------------------------------------ transposed tiles -------
 //
 // Both passes hold score tiles transposed, keys × queries (Sᵀ = K_j·Qᵢᵀ): K and V are then read
@@ -334,13 +391,14 @@ at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
 
 // ------------------------------------------------------------------ forward ----------------
 
-// Rows of O = acc / sum (zeros for a row that saw no allowed key) and their log-sum-exp, from
-// the online-softmax state of a query block; acc rows are ld_acc apart.
+// Rows of O = keep_scale · acc / sum (zeros for a row that saw no allowed key) and their
+// log-sum-exp, from the online-softmax state of a query block; acc rows are ld_acc apart. The
+// sum is over the weights before dropout, so the log-sum-exp is dropout's too.
 template <typename T>
 void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, const T* sm,
-                       const T* mx, T* o, T* l) {
+                       const T* mx, T keep_scale, T* o, T* l) {
   for (int64_t r = 0; r < mi; ++r) {
-    const T inv = sm[r] > T(0) ? T(1) / sm[r] : T(0);
+    const T inv = sm[r] > T(0) ? keep_scale / sm[r] : T(0);
     const T* a = acc + r * ld_acc;
     for_each_vec<T>(Dv, [&](int64_t j, int64_t cnt) {
       store(load(a + j, cnt) * Vec<T>(inv), o + r * Dv + j, cnt);
@@ -353,8 +411,8 @@ void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, con
 // lse (B,Hq,Lq) contiguous, written here. Tasks are (batch, head, query block).
 template <typename T>
 void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
-                    const at::Tensor& v_, T scale, const Mask<T>& mask, at::Tensor& out,
-                    at::Tensor& lse) {
+                    const at::Tensor& v_, T scale, const Mask<T>& mask, const Dropout& drop,
+                    at::Tensor& out, at::Tensor& lse) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   constexpr int64_t BQ = kBlockQ, BK = kBlockK;
@@ -367,6 +425,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> QT(d.D * BQ), ST(BK * BQ), acc(BQ * d.Dv), mx(BQ), sm(BQ);
+    std::vector<T> keep(drop.active ? BK * BQ : 0);
+    uint32_t rk[BQ] = {};
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
@@ -383,6 +443,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       std::fill(acc.begin(), acc.begin() + mi * d.Dv, T(0));
       std::fill(mx.begin(), mx.end(), neg_inf<T>());
       std::fill(sm.begin(), sm.end(), T(0));
+      if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk);
 
       const Span keys = block_keys(mask, b, i0, mi);
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
@@ -394,6 +455,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                             return std::pair<Span, Span>{union_rows(cols, r0, r1, W), Span{0, d.D}};
                           });
         mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, ST.data(), BQ, neg_inf<T>(), mask.has_explicit());
+        if (drop.active)
+          for (int64_t c = 0; c < nk; ++c) keep_down_column(rk, mp, j0 + c, drop.threshold, keep.data() + c * BQ);
         // online softmax down the columns, W queries at a time
         for (int64_t r0 = 0; r0 < mp; r0 += W) {
           V bmax(neg_inf<T>());
@@ -407,8 +470,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
           for (int64_t c = 0; c < nk; ++c) {
             T* s = ST.data() + c * BQ + r0;
             const V p = vexp(V::loadu(s) - shift);
-            p.store(s);
-            colsum = colsum + p;
+            colsum = colsum + p;  // the normaliser is over the weights before dropout
+            (drop.active ? p * V::loadu(keep.data() + c * BQ + r0) : p).store(s);
           }
           (st.sum + colsum).store(sm.data() + r0);
           st.max.store(mx.data() + r0);
@@ -424,7 +487,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                           });
       }
 
-      write_output_rows<T>(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(),
+      write_output_rows<T>(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(), T(drop.keep_scale),
                            O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
     }
   });
@@ -437,8 +500,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
 // V are read in their storage type S (bf16 caches are widened in registers, not copied).
 template <typename T, typename S = T>
 void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
-                           const at::Tensor& v_, T scale, const Mask<T>& mask, at::Tensor& out,
-                           at::Tensor& lse) {
+                           const at::Tensor& v_, T scale, const Mask<T>& mask,
+                           const Dropout& drop, at::Tensor& out, at::Tensor& lse) {
   using V = Vec<T>;
   const Strides sq(q_), sk(k_), sv(v_);
   const T* Q = q_.data_ptr<T>();
@@ -447,7 +510,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   T* LSE = lse.data_ptr<T>();
   const int64_t g = d.group();
   at::parallel_for(0, d.B * d.Hq * d.Lq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(d.Lk), acc(d.Dv);
+    std::vector<T> s(d.Lk), acc(d.Dv), keep(drop.active ? d.Lk : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task % d.Lq, h = (task / d.Lq) % d.Hq, b = task / (d.Lq * d.Hq);
       const T* q = Q + sq.at(b, h, i);
@@ -482,6 +545,12 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
         sumv = sumv + load(s.data() + j, n);  // reload: lanes past n are zero
       });
       const T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, sumv);
+      if (drop.active) {
+        keep_along_row(drop.row_key((b * d.Hq + h) * d.Lq + i), keys.lo, nk, drop.threshold, keep.data());
+        for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
+          store(load(s.data() + j, n) * load(keep.data() + j, n), s.data() + j, n);
+        });
+      }
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t j = 0; j < nk; ++j) {
         const T p = s[j];
@@ -491,7 +560,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
           store(at::vec::fmadd(V(p), load(vr + c, n), load(acc.data() + c, n)), acc.data() + c, n);
         });
       }
-      const V inv(T(1) / sum);
+      const V inv(T(drop.keep_scale) / sum);
       for_each_vec<T>(d.Dv, [&](int64_t c, int64_t n) { store(load(acc.data() + c, n) * inv, o + c, n); });
       *l = mx + std::log(sum);
     }
@@ -585,7 +654,7 @@ std::pair<at::Tensor, at::Tensor> pack_kv_vnni(const Dims& d, const at::Tensor& 
 // q, k, v bf16 with the last dimension contiguous; out (fp32) and lse as in forward_kernel.
 void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                              const at::Tensor& v_, float scale, const Mask<float>& mask,
-                             at::Tensor& out, at::Tensor& lse) {
+                             const Dropout& drop, at::Tensor& out, at::Tensor& lse) {
   using V = Vec<float>;
   using bf16 = c10::BFloat16;
   constexpr int64_t BQ = kAmxBlockQ, CK = kAmxChunk;
@@ -602,8 +671,9 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const float ninf = neg_inf<float>();
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ);
+    std::vector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
     std::vector<bf16> P(BQ * BK);
+    uint32_t rk[BQ] = {};
     Span rows[BQ], cols[kAmxBlockK];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
@@ -612,6 +682,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
       std::fill(acc.begin(), acc.begin() + mi * Dvp, 0.0f);
       std::fill(mx.begin(), mx.end(), ninf);
       std::fill(sm.begin(), sm.end(), 0.0f);
+      if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk);
       const Span keys = block_keys(mask, b, i0, mi);
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
         const int64_t nk = std::min(BK, d.Lk - j0);
@@ -660,6 +731,12 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
             store(e, s + lo + j, n);
             sum = sum + (n == V::size() ? e : V::set(V(0.0f), e, n));
           });
+          if (drop.active) {  // after the sum: the normaliser is over the weights before dropout
+            keep_along_row(rk[r], j0 + lo, hi - lo, drop.threshold, keep.data());
+            for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
+              store(load(s + lo + j, n) * load(keep.data() + j, n), s + lo + j, n);
+            });
+          }
           std::fill(s + klo, s + lo, 0.0f);
           std::fill(s + hi, s + khi, 0.0f);
           at::vec::convert(s + klo, p + klo, khi - klo);
@@ -674,6 +751,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
                                       true);
       }
       write_output_rows<float>(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
+                               static_cast<float>(drop.keep_scale),
                                O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv,
                                LSE + (b * d.Hq + h) * d.Lq + i0);
     }
@@ -684,16 +762,27 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
 // decode_forward_kernel with K and V in the compute type, or (float only) in bf16.
 template <typename T>
 void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, T scale, const Mask<T>& mask, at::Tensor& out,
-                    at::Tensor& lse) {
+                    const at::Tensor& v, T scale, const Mask<T>& mask, const Dropout& drop,
+                    at::Tensor& out, at::Tensor& lse) {
   if constexpr (std::is_same_v<T, float>) {
-    if (bf16_kv) return decode_forward_kernel<float, c10::BFloat16>(d, q, k, v, scale, mask, out, lse);
+    if (bf16_kv) return decode_forward_kernel<float, c10::BFloat16>(d, q, k, v, scale, mask, drop, out, lse);
   }
   TORCH_CHECK(!bf16_kv, "seqkern attention: a bf16 KV cache needs float32 compute");
-  decode_forward_kernel<T>(d, q, k, v, scale, mask, out, lse);
+  decode_forward_kernel<T>(d, q, k, v, scale, mask, drop, out, lse);
 }
 
 // ------------------------------------------------------------------ backward ---------------
+
+// Where the gradient of an additive mask goes: dS, summed over the dimensions along which the
+// mask broadcasts (stride 0 in the (B, Hq, Lq, Lk) view). When it broadcasts over batches or
+// heads, two tasks may add to one element, so each thread sums into its own copy.
+template <typename T>
+struct MaskGrad {
+  T* data = nullptr;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+  int64_t per_thread = 0;  // elements of one thread's copy; 0: one shared copy, tasks disjoint
+  T* target() const { return per_thread ? data + at::get_thread_num() * per_thread : data; }
+};
 
 // Gradients for key/value head hk of batch b from query heads [h_begin, h_end) of its group,
 // key block by key block: dK_j, dV_j stay in local buffers while every query tile that may see
@@ -705,8 +794,8 @@ template <typename T>
 void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                      const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& qT_,
                      const at::Tensor& doT_, const at::Tensor& lse_, const at::Tensor& delta_,
-                     const Mask<T>& mask, T scale, int64_t chunks, at::Tensor& dq,
-                     at::Tensor& dk, at::Tensor& dv) {
+                     const Mask<T>& mask, const Dropout& drop, const MaskGrad<T>& mgrad,
+                     T scale, int64_t chunks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   constexpr int64_t BQ = kBlockQ, BK = kBlockK;
@@ -720,6 +809,10 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> PT(BK * BQ), dST(BK * BQ), dk_loc(BK * d.D), dv_loc(BK * d.Dv);
+    std::vector<T> keep(drop.active ? BK * BQ : 0);
+    uint32_t rk[BQ] = {};
+    const V keep_scale{T(drop.keep_scale)};
+    T* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % chunks, hk = (task / chunks) % d.Hkv, b = task / (chunks * d.Hkv);
@@ -756,6 +849,13 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
             tile_gemm_impl<T>(nk, d.Dv, vj, sv.l, 1, doT, BQ, dST.data(), BQ, false, col_spans(d.Dv));
             mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, PT.data(), BQ, neg_inf<T>(), mask.has_explicit());
             mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, dST.data(), BQ, T(0), false);
+            if (drop.active) {
+              drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk);
+              for (int64_t cc = 0; cc < nk; ++cc)
+                keep_down_column(rk, mp, j0 + cc, drop.threshold, keep.data() + cc * BQ);
+            }
+            // With dropout (keep factors z): O = (P ⊙ z)·V, so dV uses P ⊙ z and the gradient
+            // reaching P is dP ⊙ z; Δ = rowsum(dO ⊙ O) is still Σ_j P_ij (dP ⊙ z)_ij.
             for (int64_t r0 = 0; r0 < mp; r0 += W) {
               // a query with no allowed key at all has lse = -inf: shift by +inf so P = 0
               const V lv = V::loadu(l + r0, std::min(W, mi - r0));
@@ -765,9 +865,21 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                 T* p = PT.data() + cc * BQ + r0;
                 T* ds = dST.data() + cc * BQ + r0;
                 const V pv = vexp(V::loadu(p) - shift);
-                pv.store(p);
-                (pv * (V::loadu(ds) - dlv)).store(ds);
+                if (drop.active) {
+                  const V z = V::loadu(keep.data() + cc * BQ + r0) * keep_scale;
+                  (pv * z).store(p);
+                  (pv * at::vec::fmsub(V::loadu(ds), z, dlv)).store(ds);
+                } else {
+                  pv.store(p);
+                  (pv * (V::loadu(ds) - dlv)).store(ds);
+                }
               }
+            }
+            if (mg) {  // d(mask) = dS where some query may see the key, 0 elsewhere
+              T* g = mg + b * mgrad.sb + h * mgrad.sh + i0 * mgrad.sq + j0 * mgrad.sk;
+              for (int64_t cc = 0; cc < nk; ++cc)
+                for (int64_t r = cols[cc].lo; r < cols[cc].hi; ++r)
+                  g[r * mgrad.sq + cc * mgrad.sk] += dST[cc * BQ + r];
             }
             auto row_spans = [&](int64_t r0, int64_t r1) {
               return std::pair<Span, Span>{Span{0, d.D}, union_rows(rows, r0, r1, 1)};
@@ -865,11 +977,22 @@ Mask<T> make_mask(const Dims& d, const c10::optional<at::Tensor>& attn_mask,
   return m;
 }
 
+Dropout make_dropout(double p, const c10::optional<at::Tensor>& seed) {
+  TORCH_CHECK(p >= 0 && p <= 1, "seqkern attention: dropout_p must be in [0, 1], got ", p);
+  if (p == 0) return Dropout();
+  TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1 &&
+                  seed->scalar_type() == at::kLong,
+              "seqkern attention: dropout_p > 0 needs dropout_seed, a one-element int64 tensor");
+  return Dropout(p, static_cast<uint64_t>(seed->item<int64_t>()));
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_lengths,
-    bool is_causal, bool bottom_right, int64_t window, double scale) {
+    bool is_causal, bool bottom_right, int64_t window, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   const Dims d = check_inputs(q, k, v);
+  const Dropout drop = make_dropout(dropout_p, dropout_seed);
   const at::ScalarType ct = compute_type(q.scalar_type());
   at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv}, q.options().dtype(ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(ct));
@@ -885,7 +1008,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
                                        mask_hold, len_hold);
     forward_kernel_bf16_amx(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
                             rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask,
-                            out, lse);
+                            drop, out, lse);
     return {out.to(q.scalar_type()), lse};
   }
   // decoding reads a bf16 cache as it is stored (see decode_forward_kernel)
@@ -898,21 +1021,61 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                           window, mask_hold, len_hold);
     if (!decode) {
-      forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, out, lse);
+      forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
     } else {
-      decode_forward<scalar_t>(d, bf16_kv, qc, kc, vc, (scalar_t)scale, mask, out, lse);
+      decode_forward<scalar_t>(d, bf16_kv, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
     }
   });
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+// The gradient of an additive attn_mask of at most 4 dims, in its own shape with leading 1s
+// (so a caller reshapes it back); rows of `buffer` are per-thread copies when tasks share
+// elements (see MaskGrad).
+struct MaskGradBuffer {
+  at::Tensor buffer;
+  std::vector<int64_t> shape;
+  template <typename T>
+  MaskGrad<T> view(const Dims& d) {
+    MaskGrad<T> g;
+    g.data = buffer.data_ptr<T>();
+    const int64_t full[4] = {d.B, d.Hq, d.Lq, d.Lk};
+    int64_t st[4], stride = 1;
+    for (int i = 3; i >= 0; --i) {
+      st[i] = shape[i] == 1 && full[i] != 1 ? 0 : stride;
+      stride *= shape[i];
+    }
+    g.sb = st[0], g.sh = st[1], g.sq = st[2], g.sk = st[3];
+    if (buffer.size(0) > 1) g.per_thread = stride;
+    return g;
+  }
+};
+
+MaskGradBuffer mask_grad_buffer(const Dims& d, const c10::optional<at::Tensor>& attn_mask,
+                                at::ScalarType ct) {
+  TORCH_CHECK(attn_mask.has_value() && attn_mask->defined() && attn_mask->is_floating_point(),
+              "seqkern attention_backward: mask_grad needs an additive (floating-point) attn_mask");
+  MaskGradBuffer m;
+  m.shape.assign(4 - attn_mask->dim(), 1);
+  for (int64_t s : attn_mask->sizes()) m.shape.push_back(s);
+  const bool shared = (m.shape[0] == 1 && d.B > 1) || (m.shape[1] == 1 && d.Hq > 1);
+  const int64_t copies = shared ? at::get_num_threads() : 1;
+  m.buffer = at::zeros({copies, m.shape[0] * m.shape[1] * m.shape[2] * m.shape[3]},
+                       attn_mask->options().dtype(ct));
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask,
     const c10::optional<at::Tensor>& key_lengths, bool is_causal, bool bottom_right,
-    int64_t window, double scale) {
+    int64_t window, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed, bool mask_grad) {
   const Dims d = check_inputs(q, k, v);
   const at::ScalarType ct = compute_type(q.scalar_type());
+  const Dropout drop = make_dropout(dropout_p, dropout_seed);
+  MaskGradBuffer mgrad;
+  if (mask_grad) mgrad = mask_grad_buffer(d, attn_mask, ct);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({d.B, d.Hq, d.Lq, d.Dv}),
               "seqkern attention_backward: grad_out/out must have shape (", d.B, ", ", d.Hq,
               ", ", d.Lq, ", ", d.Dv, "), got ", grad_out.sizes(), " and ", out.sizes());
@@ -944,14 +1107,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                                             window, mask_hold, len_hold);
       at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
       at::Tensor doT = pack_blocks_t<scalar_t>(go, kBlockQ, scalar_t(1));
-      backward_kernel<scalar_t>(d, qc, kc, vc, go, qT, doT, lse.contiguous(), delta, mask,
-                                (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
+      const MaskGrad<scalar_t> mg = mask_grad ? mgrad.view<scalar_t>(d) : MaskGrad<scalar_t>();
+      backward_kernel<scalar_t>(d, qc, kc, vc, go, qT, doT, lse.contiguous(), delta, mask, drop,
+                                mg, (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
     });
     dq.mul_(scale);
   }
   at::Tensor dk = direct ? dk_acc.squeeze(2) : dk_acc.sum(2);
   at::Tensor dv = direct ? dv_acc.squeeze(2) : dv_acc.sum(2);
-  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+  at::Tensor dmask = mask_grad ? mgrad.buffer.sum(0).view(mgrad.shape).to(attn_mask->scalar_type())
+                               : at::empty({0}, q.options());
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()), dmask};
+}
+
+// Materialises what the kernels regenerate tile by tile; for tests and the reference.
+at::Tensor attention_dropout_mask(int64_t B, int64_t H, int64_t Lq, int64_t Lk, double p,
+                                  const at::Tensor& seed) {
+  const Dropout drop = make_dropout(p, seed);
+  at::Tensor keep = at::empty({B, H, Lq, Lk}, at::kFloat);
+  float* K = keep.data_ptr<float>();
+  at::parallel_for(0, B * H * Lq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (drop.active) keep_along_row(drop.row_key(row), 0, Lk, drop.threshold, K + row * Lk);
+      else std::fill(K + row * Lk, K + (row + 1) * Lk, 1.0f);
+    }
+  });
+  return keep.to(at::kBool);
 }
 
 }  // namespace
@@ -963,15 +1144,22 @@ void register_attention(pybind11::module_& m) {
         "Whether bfloat16 attention forward runs on oneDNN brgemm (AMX) tiles on this CPU");
   m.def("attention_forward", &cpu::attention_forward,
         "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "
-        "bottom_right, window, scale) -> (out, lse)",
+        "bottom_right, window, scale, dropout_p, dropout_seed) -> (out, lse)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("attn_mask"),
         pybind11::arg("key_lengths"), pybind11::arg("is_causal"), pybind11::arg("bottom_right"),
-        pybind11::arg("window"), pybind11::arg("scale"));
+        pybind11::arg("window"), pybind11::arg("scale"), pybind11::arg("dropout_p") = 0.0,
+        pybind11::arg("dropout_seed") = pybind11::none());
   m.def("attention_backward", &cpu::attention_backward,
-        "Attention backward recomputing scores from lse: -> (dq, dk, dv)",
+        "Attention backward recomputing scores from lse: -> (dq, dk, dv, d attn_mask or empty)",
         pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("attn_mask"),
         pybind11::arg("key_lengths"), pybind11::arg("is_causal"), pybind11::arg("bottom_right"),
-        pybind11::arg("window"), pybind11::arg("scale"));
+        pybind11::arg("window"), pybind11::arg("scale"), pybind11::arg("dropout_p") = 0.0,
+        pybind11::arg("dropout_seed") = pybind11::none(), pybind11::arg("mask_grad") = false);
+  m.def("attention_dropout_mask", &cpu::attention_dropout_mask,
+        "The keep pattern (True = kept) that attention dropout with this p and seed applies to "
+        "weights of shape (B, H, Lq, Lk)",
+        pybind11::arg("B"), pybind11::arg("H"), pybind11::arg("Lq"), pybind11::arg("Lk"),
+        pybind11::arg("dropout_p"), pybind11::arg("dropout_seed"));
 }
 }  // namespace seqkern

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from seqkern import registry
 from seqkern.ops import attention as ops
 from seqkern.reference import attention as ref
 
@@ -60,9 +61,9 @@ class MultiheadAttention(nn.Module):
     """Drop-in for ``torch.nn.MultiheadAttention``: same constructor, parameter names and
     forward signature, so ``load_state_dict`` works in both directions.
 
-    The attention itself runs on seqkern's kernels when no weights are requested. With
-    ``need_weights=True`` (torch's default) or with dropout in training mode it falls back to the
-    reference path, which materialises the (L, S) weights. Differences from torch: a query that
+    The attention itself runs on seqkern's kernels, dropout included, when no weights are
+    requested. With ``need_weights=True`` (torch's default) it falls back to the reference path,
+    which materialises the (L, S) weights. Differences from torch: a query that
     every mask rules out gives zeros, not NaN; ``is_causal=True`` without ``attn_mask`` is
     accepted and means a causal mask.
     """
@@ -186,7 +187,8 @@ class MultiheadAttention(nn.Module):
 
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or dropout > 0:
+        # the triton kernels have no dropout: the reference path applies it
+        if need_weights or (dropout > 0 and registry.select("attention", q.device) == "triton"):
             p = ref.attention_weights(q, k, mask, is_causal)
             if dropout > 0:
                 p = nn.functional.dropout(p, dropout, training=True)
@@ -196,7 +198,8 @@ class MultiheadAttention(nn.Module):
                 if unbatched:
                     weights = weights.squeeze(0)
         else:
-            out = ops.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal)
+            out = ops.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout,
+                                                   is_causal=is_causal)
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))
         if unbatched:
             return out.squeeze(0), weights

@@ -12,7 +12,7 @@ from seqkern import _ext, registry
 from seqkern import triton as _triton_backend  # does not import triton itself
 from seqkern.reference import attention as ref
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention", "dropout_keep_mask"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -26,42 +26,59 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("seqkern::attention_forward", mutates_args=(), device_types="cpu")
 def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                           key_lengths: Optional[Tensor], is_causal: bool, bottom_right: bool,
-                          window: int, scale: float) -> tuple[Tensor, Tensor]:
+                          window: int, scale: float, dropout_p: float,
+                          dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> (out (B, Hq, Lq, Dv),
-    log-sum-exp (B, Hq, Lq) in the accumulation dtype; -inf for rows with no allowed key)."""
+    log-sum-exp (B, Hq, Lq) in the accumulation dtype; -inf for rows with no allowed key).
+    With ``dropout_p`` > 0 the weights are dropped by the pattern ``dropout_keep_mask`` gives for
+    ``dropout_seed`` (a one-element int64 tensor); the log-sum-exp is that of the undropped
+    weights."""
     out, lse = _ext._C.attention_forward(q, k, v, attn_mask, key_lengths, is_causal,
-                                         bottom_right, window, scale)
+                                         bottom_right, window, scale, dropout_p, dropout_seed)
     return out, lse
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale):
+def _(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale, dropout_p,
+      dropout_seed):
     B, Hq, Lq, _ = q.shape
     return (q.new_empty((B, Hq, Lq, v.shape[-1])),
             q.new_empty((B, Hq, Lq), dtype=_lse_dtype(q.dtype)))
+
+
+def _mask_grad_shape(attn_mask: Tensor) -> tuple:
+    return (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
 
 
 @torch.library.custom_op("seqkern::attention_backward", mutates_args=(), device_types="cpu")
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                            lse: Tensor, attn_mask: Optional[Tensor],
                            key_lengths: Optional[Tensor], is_causal: bool, bottom_right: bool,
-                           window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dq, dk, dv); scores are recomputed tile by tile from lse."""
-    dq, dk, dv = _ext._C.attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths,
-                                            is_causal, bottom_right, window, scale)
-    return dq, dk, dv
+                           window: int, scale: float, dropout_p: float,
+                           dropout_seed: Optional[Tensor],
+                           mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv, d attn_mask); scores are recomputed tile by tile from lse. The mask's
+    gradient (additive masks, when ``mask_grad``) has the mask's shape with leading 1s up to 4
+    dims, summed over the dims the mask broadcasts along; otherwise it is empty."""
+    return tuple(_ext._C.attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths,
+                                            is_causal, bottom_right, window, scale, dropout_p,
+                                            dropout_seed, mask_grad))
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_causal, bottom_right, window, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
+      dropout_p, dropout_seed, mask_grad):
+    dmask = (attn_mask.new_empty(_mask_grad_shape(attn_mask)) if mask_grad
+             else q.new_empty((0,)))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale = inputs
+    (q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale, dropout_p,
+     dropout_seed) = inputs
     out, lse = output
-    ctx.args = (is_causal, bottom_right, window, scale)
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths)
+    ctx.args = (is_causal, bottom_right, window, scale, dropout_p)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, dropout_seed)
     ctx.mark_non_differentiable(lse)
 
 
@@ -70,10 +87,13 @@ def _backward(ctx, grad_out, _grad_lse):
         raise RuntimeError("seqkern.scaled_dot_product_attention: double backward (create_graph="
                            "True) is not supported by the cpu backend; use "
                            "seqkern.use_backend('reference') for higher-order gradients")
-    q, k, v, out, lse, attn_mask, key_lengths = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask,
-                                        key_lengths, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, lse, attn_mask, key_lengths, dropout_seed = ctx.saved_tensors
+    mask_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
+                                               attn_mask, key_lengths, *ctx.args[:4],
+                                               ctx.args[4], dropout_seed, mask_grad)
+    dmask = dmask.view(attn_mask.shape) if mask_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -83,6 +103,22 @@ if _ext._C is not None:
 
 # triton backend: registered (and the CUDA kernels of the two ops above) only if installed.
 _triton_backend.install("attention", _attention_forward_op, _attention_backward_op)
+
+
+# ---------------------------------------------------------------- dropout ------------------
+
+def _draw_seed() -> Tensor:
+    """A dropout seed from torch's default generator, so ``torch.manual_seed`` makes dropout
+    reproducible; a tensor, so that ``torch.compile`` traces it."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+
+
+def dropout_keep_mask(shape, dropout_p: float, dropout_seed: Tensor) -> Tensor:
+    """The keep pattern (True = kept) attention dropout applies for this seed to weights of shape
+    (B, H, Lq, Lk): the cpu kernels regenerate it tile by tile, this materialises it (for tests
+    and the reference)."""
+    B, H, Lq, Lk = shape
+    return _ext._C.attention_dropout_mask(B, H, Lq, Lk, float(dropout_p), dropout_seed)
 
 
 # ---------------------------------------------------------------- public API ---------------
@@ -127,9 +163,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, scale, enable_
                              "enable_gqa=True for grouped-query attention")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
-    if dropout_p > 0:
-        raise NotImplementedError("seqkern.scaled_dot_product_attention: dropout_p > 0 is not "
-                                  "implemented (got dropout_p={dropout_p})")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if causal_alignment not in ref.ALIGNMENTS:
@@ -188,6 +221,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
     Rows with no allowed key return zeros. ``value`` may have a head dim other than query's.
     The cpu backend runs float32, float64 and bfloat16; other dtypes use the reference.
+
+    ``dropout_p`` drops attention weights as torch does (always, not only in training), with a
+    pattern drawn from torch's default generator: ``torch.manual_seed`` reproduces it, but it is
+    not the pattern torch itself would draw. An additive ``attn_mask`` that requires grad gets
+    its gradient (summed over the dims it broadcasts along).
     """
     _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa, window, key_lengths,
            causal_alignment, is_causal)
@@ -195,19 +233,21 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     backend = registry.select("attention", query.device)
     if backend == "triton" or (backend == "cpu" and query.dtype in _KERNEL_DTYPES):
-        if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError("seqkern: gradients with respect to attn_mask are not "
-                                      f"supported by the {backend} backend")
-        # Both kernels take (B, H, L, D) operands, a detached additive mask, int64 key lengths
-        # and the mask flags as plain values.
+        if backend == "triton":
+            if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+                raise NotImplementedError("seqkern: gradients with respect to attn_mask are not "
+                                          "supported by the triton backend")
+            if dropout_p > 0:
+                raise NotImplementedError("seqkern: dropout_p > 0 is not supported by the "
+                                          "triton backend")
+        # Both kernels take (B, H, L, D) operands, int64 key lengths and the mask flags as
+        # plain values.
         squeeze = query.dim() == 3
         q, k, v, m = query, key, value, attn_mask
         if squeeze:
             q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
             if m is not None and m.dim() == 3:
                 m = m.unsqueeze(1)
-        if m is not None and m.dtype != torch.bool:
-            m = m.detach()
         kl = key_lengths.to(device=q.device, dtype=torch.int64) if key_lengths is not None else None
         flags = (bool(is_causal), causal_alignment == "bottom_right", int(window or 0), float(scale))
         if backend == "triton":
@@ -215,8 +255,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
             out = triton_attention.attention(q, k, v, m, kl, *flags)
         else:
-            out, _ = _attention_forward_op(q, k, v, m, kl, *flags)
+            p = float(dropout_p)
+            out, _ = _attention_forward_op(q, k, v, m, kl, *flags, p, _draw_seed() if p else None)
         return out.squeeze(1) if squeeze else out
     return ref.scaled_dot_product_attention(query, key, value, attn_mask, bool(is_causal), scale,
                                             enable_gqa, window=window, key_lengths=key_lengths,
-                                            causal_alignment=causal_alignment)
+                                            causal_alignment=causal_alignment,
+                                            dropout_p=dropout_p)

@@ -79,15 +79,19 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor,
                                  window: Optional[int] = None,
                                  key_lengths: Optional[Tensor] = None,
                                  causal_alignment: str = "top_left",
-                                 dropout_p: float = 0.0) -> Tensor:
+                                 dropout_p: float = 0.0,
+                                 dropout_mask: Optional[Tensor] = None) -> Tensor:
     """softmax(scale·QKᵀ + masks)·V; GQA by sharing each key/value head among Hq/Hkv query heads.
 
-    Unlike the kernels this also supports ``dropout_p`` (applied to the attention weights), so
-    modules can fall back to it in training mode.
+    ``dropout_p`` drops attention weights and scales the rest by 1/(1 − p): where
+    ``dropout_mask`` (True = kept, broadcastable to the weights) is given it decides which,
+    otherwise ``torch.nn.functional.dropout`` draws them.
     """
     p = attention_weights(q, k, attn_mask, is_causal, scale, enable_gqa, window=window,
                           key_lengths=key_lengths, causal_alignment=causal_alignment)
-    if dropout_p > 0:
+    if dropout_p > 0 and dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p) if dropout_p < 1 else p * 0.0
+    elif dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p, training=True)
     squeeze = v.dim() == 3
     if squeeze:

@@ -62,6 +62,28 @@ def _conv_backward_cuda(grad_y, x, weight, initial_state, y, preact, dilation, g
             dinit if dinit is not None else empty)
 
 
+def _attention_cuda(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
+                    dropout_p, dropout_seed):
+    from seqkern.triton import attention
+
+    if dropout_p > 0:
+        raise NotImplementedError("seqkern: the triton attention kernels have no dropout")
+    return attention.attention_forward(q, k, v, attn_mask, key_lengths, is_causal, bottom_right,
+                                       window, scale)
+
+
+def _attention_backward_cuda(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_causal,
+                             bottom_right, window, scale, dropout_p, dropout_seed, mask_grad):
+    from seqkern.triton import attention
+
+    if dropout_p > 0 or mask_grad:
+        raise NotImplementedError("seqkern: the triton attention kernels have no dropout and no "
+                                  "attn_mask gradient")
+    dq, dk, dv = attention.attention_backward(grad_out, q, k, v, out, lse, attn_mask,
+                                              key_lengths, is_causal, bottom_right, window, scale)
+    return dq, dk, dv, q.new_empty((0,))
+
+
 def _wavenet_cuda(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias,
                   initial_state, dilation, save):
     from seqkern.triton import conv
@@ -85,8 +107,8 @@ def install(family: str, *ops) -> None:
         backward.register_kernel("cuda")(_lazy("rnn", "recurrent_backward"))
     elif family == "attention":
         forward, backward = ops
-        forward.register_kernel("cuda")(_lazy("attention", "attention_forward"))
-        backward.register_kernel("cuda")(_lazy("attention", "attention_backward"))
+        forward.register_kernel("cuda")(_attention_cuda)
+        backward.register_kernel("cuda")(_attention_backward_cuda)
     elif family == "conv":
         conv_op, conv_backward, wavenet, wavenet_backward = ops
         conv_op.register_kernel("cuda")(_conv_cuda)

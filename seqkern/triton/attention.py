@@ -524,7 +524,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, m, kl, is_causal: bool, bottom_ri
     elif q.device.type == "cuda":
         from seqkern.ops.attention import _attention_forward_op
 
-        out, _ = _attention_forward_op(q, k, v, m, kl, *flags)
+        out, _ = _attention_forward_op(q, k, v, m, kl, *flags, 0.0, None)
     else:
         out = _Attention.apply(q, k, v, m, kl, *flags)
     return out
