@@ -309,6 +309,17 @@ void keep_along_row(uint32_t rk, int64_t j0, int64_t n, uint32_t threshold, T* o
   for (int64_t j = 0; j < n; ++j) out[j] = mix32(rk + column_key(j0 + j)) >= threshold ? T(1) : T(0);
 }
 
+// Where the gradient of an additive mask goes: dS, summed over the dimensions along which the
+// mask broadcasts (stride 0 in the (B, Hq, Lq, Lk) view). When it broadcasts over batches or
+// heads, two tasks may add to one element, so each thread sums into its own copy.
+template <typename T>
+struct MaskGrad {
+  T* data = nullptr;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+  int64_t per_thread = 0;  // elements of one thread's copy; 0: one shared copy, tasks disjoint
+  T* target() const { return per_thread ? data + at::get_thread_num() * per_thread : data; }
+};
+
 // ------------------------------------------------------------------ transposed tiles -------
 //
 // Both passes hold score tiles transposed, keys × queries (Sᵀ = K_j·Qᵢᵀ): K and V are then read
@@ -580,8 +591,8 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
 // applied per query row from the same Spans the transposed kernel uses.
 constexpr int64_t kAmxBlockQ = 64;
 // Keys per tile: large, so that the per-row softmax bookkeeping (rescaling the accumulator,
-// the running max and sum) is paid once per 256 keys; scores are computed in chunks of 64 keys
-// (the widest N oneDNN's VNNI packing accepted here), skipping chunks no query may see.
+// the running max and sum) is paid once per 256 keys; scores are computed in chunks of 64 keys,
+// skipping chunks no query may see.
 constexpr int64_t kAmxBlockK = 256;
 constexpr int64_t kAmxChunk = 64;
 
@@ -590,65 +601,61 @@ int64_t amx_key_block(const Dims& d) {
   return std::min(kAmxBlockK, (d.Lk + kAmxChunk - 1) / kAmxChunk * kAmxChunk);
 }
 
-// V is packed in column chunks of 32 or 64 (oneDNN's bf16 VNNI packing rejected N = 40 and
-// N = 128 here), so the P·V accumulator is Dv rounded up to whole chunks.
-int64_t amx_value_width(const Dims& d) { return (d.Dv + 31) / 32 * 32; }
-int64_t amx_value_chunk(const Dims& d) { return amx_value_width(d) % 64 == 0 ? 64 : 32; }
+// Right operands with a head dim E as their N are packed in column chunks of 32 or 64, so E is
+// rounded up to whole chunks (the accumulators are that wide).
+int64_t amx_width(int64_t E) { return (E + 31) / 32 * 32; }
+int64_t amx_chunk(int64_t E) { return amx_width(E) % 64 == 0 ? 64 : 32; }
 
-bool amx_forward_usable(const Dims& d) {
+bool amx_usable(const Dims& d) {
   if (!bf16_brgemm_supported() || d.D % 2 || d.Dv % 2) return false;
-  const char* env = std::getenv("SEQKERN_ATTENTION_AMX");  // "0": the fp32 tile kernel
+  const char* env = std::getenv("SEQKERN_ATTENTION_AMX");  // "0": the fp32 tile kernels
   return !(env && env[0] == '0');
 }
 
-// K and V of every (batch, kv head, key block) in brgemm's VNNI layout: Kᵀ blocks (D × BK) for
-// S = Q·Kᵀ and V blocks (BK × Dv) for P·V, keys past Lk zero. Packed once per call and shared
-// by every query block and every query head of the group.
-std::pair<at::Tensor, at::Tensor> pack_kv_vnni(const Dims& d, const at::Tensor& k_,
-                                               const at::Tensor& v_) {
-  constexpr int64_t CK = kAmxChunk;
-  const int64_t BK = amx_key_block(d);
+// src (B, H, L, E) bf16, E even, as brgemm right operands srcᵀ: per (batch, head, block of BL
+// rows), chunks of CL rows, each the VNNI form of its E × CL transpose (rows past L zero). For
+// S = Q·Kᵀ (src = K) and dP = dO·Vᵀ (src = V).
+at::Tensor pack_transposed_blocks(const at::Tensor& src, int64_t BL, int64_t CL) {
   using bf16 = c10::BFloat16;
-  const int64_t nkb = (d.Lk + BK - 1) / BK;
-  const Strides sk(k_), sv(v_);
-  const bf16 *K = k_.data_ptr<bf16>(), *Vp = v_.data_ptr<bf16>();
-  auto opts = k_.options().dtype(at::kBFloat16);
-  at::Tensor kp = empty_large({d.B, d.Hkv, nkb, d.D * BK}, opts);
-  const int64_t Dvp = amx_value_width(d), VN = amx_value_chunk(d);
-  at::Tensor vp = empty_large({d.B, d.Hkv, nkb, BK * Dvp}, opts);
-  bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
-  at::parallel_for(0, d.B * d.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<bf16> tmp(std::max(d.D, BK) * std::max(Dvp, BK));
+  const int64_t B = src.size(0), H = src.size(1), L = src.size(2), E = src.size(3);
+  const int64_t nb = (L + BL - 1) / BL;
+  at::Tensor out = empty_large({B, H, nb, E * BL}, src.options());
+  const Strides ss(src);
+  const bf16* S = src.data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t kb = t % nkb, h = (t / nkb) % d.Hkv, b = t / (nkb * d.Hkv);
-      const int64_t j0 = kb * BK, nk = std::min(BK, d.Lk - j0);
-      const bf16* kr = K + sk.at(b, h, j0);
-      for (int64_t k0 = 0; k0 < BK; k0 += CK) {  // Kᵀ of CK keys at a time, zero past nk
-        const int64_t n = std::clamp<int64_t>(nk - k0, 0, CK);
-        for (int64_t j = 0; j < n; j += 32)  // at::vec transposes bf16 in blocks of ≤ 32 × 32
-          for (int64_t c = 0; c < d.D; c += 32)
-            at::vec::transpose_mxn<bf16>(kr + (k0 + j) * sk.l + c, sk.l, tmp.data() + c * CK + j,
-                                         CK, static_cast<int>(std::min<int64_t>(32, n - j)),
-                                         static_cast<int>(std::min<int64_t>(32, d.D - c)));
-        if (n < CK)
-          for (int64_t c = 0; c < d.D; ++c) std::fill(tmp.data() + c * CK + n, tmp.data() + (c + 1) * CK, bf16(0.0f));
-        at::native::cpublas::pack(d.D, CK, CK, CK, at::kBFloat16, at::kBFloat16, tmp.data(),
-                                  KP + t * d.D * BK + k0 * d.D);
-      }
-      const bf16* vr = Vp + sv.at(b, h, j0);
-      for (int64_t c0 = 0; c0 < Dvp; c0 += VN) {  // one BK × VN chunk of V at a time
-        const int64_t w = std::clamp<int64_t>(d.Dv - c0, 0, VN);
-        for (int64_t j = 0; j < BK; ++j) {
-          bf16* row = tmp.data() + j * VN;
-          if (j < nk) std::copy(vr + j * sv.l + c0, vr + j * sv.l + c0 + w, row);
-          std::fill(row + (j < nk ? w : 0), row + VN, bf16(0.0f));
-        }
-        at::native::cpublas::pack(BK, VN, VN, VN, at::kBFloat16, at::kBFloat16, tmp.data(),
-                                  VP + t * BK * Dvp + c0 * BK);
+      const int64_t blk = t % nb, h = (t / nb) % H, b = t / (nb * H);
+      for (int64_t c = 0; c < BL; c += CL) {
+        const int64_t j0 = blk * BL + c, n = std::clamp<int64_t>(L - j0, 0, CL);
+        pack_vnni_transposed(S + ss.at(b, h, std::min(j0, L - 1)), ss.l, n, E, CL, O + t * E * BL + c * E);
       }
     }
   });
-  return {kp, vp};
+  return out;
+}
+
+// src (B, H, L, E) bf16 as brgemm right operands themselves: per (batch, head, block of BL rows),
+// column chunks of amx_chunk(E), each BL × chunk in VNNI form, chunk c0 at c0·BL (rows past L
+// and columns past E zero). For P·V (src = V), dV += Pᵀ·dO, dK += dSᵀ·Q and dQ += dS·K.
+at::Tensor pack_row_blocks(const at::Tensor& src, int64_t BL) {
+  using bf16 = c10::BFloat16;
+  const int64_t B = src.size(0), H = src.size(1), L = src.size(2), E = src.size(3);
+  const int64_t nb = (L + BL - 1) / BL, Ep = amx_width(E), CN = amx_chunk(E);
+  at::Tensor out = empty_large({B, H, nb, BL * Ep}, src.options());
+  const Strides ss(src);
+  const bf16* S = src.data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t blk = t % nb, h = (t / nb) % H, b = t / (nb * H);
+      const int64_t j0 = blk * BL, n = std::min(BL, L - j0);
+      for (int64_t c0 = 0; c0 < Ep; c0 += CN)
+        pack_vnni(S + ss.at(b, h, j0) + c0, ss.l, n, std::clamp<int64_t>(E - c0, 0, CN), BL, CN,
+                  O + t * BL * Ep + c0 * BL);
+    }
+  });
+  return out;
 }
 
 // q, k, v bf16 with the last dimension contiguous; out (fp32) and lse as in forward_kernel.
@@ -660,8 +667,10 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   constexpr int64_t BQ = kAmxBlockQ, CK = kAmxChunk;
   const int64_t BK = amx_key_block(d);
   const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
-  const auto [kp, vp] = pack_kv_vnni(d, k_, v_);
-  const int64_t Dvp = amx_value_width(d), VN = amx_value_chunk(d);
+  // K and V of every (batch, kv head, key block), packed once per call and shared by every
+  // query block and every query head of the group
+  const at::Tensor kp = pack_transposed_blocks(k_, BK, CK), vp = pack_row_blocks(v_, BK);
+  const int64_t Dvp = amx_width(d.Dv), VN = amx_chunk(d.Dv);
   const bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
   const Strides sq(q_);
   const bf16* Q = q_.data_ptr<bf16>();
@@ -759,6 +768,139 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   });
 }
 
+// Backward of the bf16 forward above on the same brgemm tiles, for key/value head hk of batch b
+// and query heads [h_begin, h_end) of its group (as backward_kernel, whose equations these
+// are). Per (query block i, key block j) of 64 × 64:
+//   S = Qᵢ·Kⱼᵀ and dP = dOᵢ·Vⱼᵀ (bf16 products, fp32 tiles), P and dS in fp32 from them,
+//   then P and dS rounded to bf16 as operands of dVⱼ += Pᵀ·dOᵢ, dKⱼ += dSᵀ·Qᵢ, dQᵢ += dS·Kⱼ.
+// Pᵀ and dSᵀ are transposed copies of the bf16 tiles; every right operand is packed once per
+// call. dq is (B, Hq, Lq, amx_width(D)) fp32, unscaled, accumulated in place (each query head
+// belongs to one task); dk, dv as in backward_kernel.
+void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
+                              const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& lse_,
+                              const at::Tensor& delta_, const Mask<float>& mask,
+                              const Dropout& drop, const MaskGrad<float>& mgrad, float scale,
+                              int64_t chunks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  using V = Vec<float>;
+  using bf16 = c10::BFloat16;
+  constexpr int64_t BQ = kAmxBlockQ, BK = kAmxChunk;
+  const int64_t g = d.group(), heads_per_chunk = (g + chunks - 1) / chunks;
+  const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
+  const int64_t Dp = amx_width(d.D), CN = amx_chunk(d.D);
+  const int64_t Dvp = amx_width(d.Dv), CNv = amx_chunk(d.Dv);
+  const at::Tensor kt = pack_transposed_blocks(k_, BK, BK), vt = pack_transposed_blocks(v_, BK, BK);
+  const at::Tensor kr = pack_row_blocks(k_, BK), qr = pack_row_blocks(q_, BQ), dor = pack_row_blocks(do_, BQ);
+  const bf16 *KT = kt.data_ptr<bf16>(), *VT = vt.data_ptr<bf16>(), *KR = kr.data_ptr<bf16>(),
+             *QR = qr.data_ptr<bf16>(), *DOR = dor.data_ptr<bf16>();
+  const Strides sq(q_), so(do_);
+  const bf16 *Q = q_.data_ptr<bf16>(), *DO = do_.data_ptr<bf16>();
+  const float *LSE = lse_.data_ptr<float>(), *DELTA = delta_.data_ptr<float>();
+  float *DQ = dq.data_ptr<float>(), *DK = dk.data_ptr<float>(), *DV = dv.data_ptr<float>();
+  const float ninf = neg_inf<float>();
+
+  at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(BQ * BK), dP(BQ * BK), dk_loc(BK * Dp), dv_loc(BK * Dvp), keep(BK);
+    std::vector<bf16> Pb(BQ * BK), dSb(BQ * BK), PbT(BK * BQ), dSbT(BK * BQ);
+    uint32_t rk[BQ] = {};
+    float* const mg = mgrad.data ? mgrad.target() : nullptr;
+    Span rows[BQ], cols[BK];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, hk = (task / chunks) % d.Hkv, b = task / (chunks * d.Hkv);
+      const int64_t h_begin = hk * g + c * heads_per_chunk;
+      const int64_t h_end = std::min(hk * g + g, h_begin + heads_per_chunk);
+      const int64_t acc_row = (b * d.Hkv + hk) * chunks + c;  // (B, Hkv, chunks, Lk, ·)
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t j0 = kb * BK, nk = std::min(BK, d.Lk - j0), nkp = (nk + 1) / 2 * 2;
+        const int64_t kblk = (b * d.Hkv + hk) * nkb + kb;
+        std::fill(dk_loc.begin(), dk_loc.end(), 0.0f);
+        std::fill(dv_loc.begin(), dv_loc.end(), 0.0f);
+        for (int64_t h = h_begin; h < h_end; ++h) {
+          for (int64_t qb = 0; qb < nqb; ++qb) {
+            const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0), mip = (mi + 1) / 2 * 2;
+            const Span keys = block_keys(mask, b, i0, mi);
+            if (keys.hi <= j0 || keys.lo >= j0 + nk) continue;
+            if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
+            const int64_t qblk = (b * d.Hq + h) * nqb + qb;
+            const float* l = LSE + (b * d.Hq + h) * d.Lq + i0;
+            const float* dl = DELTA + (b * d.Hq + h) * d.Lq + i0;
+            at::native::cpublas::brgemm(mi, BK, d.D, sq.l, BK, BK, false, Q + sq.at(b, h, i0),
+                                        KT + kblk * d.D * BK, S.data(), true);
+            at::native::cpublas::brgemm(mi, BK, d.Dv, so.l, BK, BK, false, DO + so.at(b, h, i0),
+                                        VT + kblk * d.Dv * BK, dP.data(), true);
+            if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk);
+            for (int64_t r = 0; r < mip; ++r) {
+              float* s = S.data() + r * BK;
+              float* dp = dP.data() + r * BK;
+              const int64_t lo = r < mi ? rows[r].lo : 0, hi = r < mi ? rows[r].hi : 0;
+              if (hi <= lo || l[r] == ninf) {  // nothing allowed: P = dS = 0
+                std::fill(Pb.data() + r * BK, Pb.data() + (r + 1) * BK, bf16(0.0f));
+                std::fill(dSb.data() + r * BK, dSb.data() + (r + 1) * BK, bf16(0.0f));
+                continue;
+              }
+              if (mask.has_explicit())
+                for (int64_t cc = lo; cc < hi; ++cc) {
+                  const int64_t idx = mask.at(b, h, i0 + r, j0 + cc);
+                  s[cc] = mask.bmask ? (mask.bmask[idx] ? s[cc] * scale : ninf) : s[cc] * scale + mask.amask[idx];
+                }
+              const float sc = mask.has_explicit() ? 1.0f : scale;
+              if (drop.active) keep_along_row(rk[r], j0 + lo, hi - lo, drop.threshold, keep.data());
+              const V lv(l[r]), dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
+              for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
+                const V p = at::vec::fmsub(load(s + lo + j, n), V(sc), lv).exp_u20();
+                if (drop.active) {
+                  const V z = load(keep.data() + j, n) * ks;
+                  store(p * z, s + lo + j, n);
+                  store(p * at::vec::fmsub(load(dp + lo + j, n), z, dlv), dp + lo + j, n);
+                } else {
+                  store(p, s + lo + j, n);
+                  store(p * (load(dp + lo + j, n) - dlv), dp + lo + j, n);
+                }
+              });
+              std::fill(s, s + lo, 0.0f);
+              std::fill(s + hi, s + BK, 0.0f);
+              std::fill(dp, dp + lo, 0.0f);
+              std::fill(dp + hi, dp + BK, 0.0f);
+              if (mg) {
+                float* gr = mg + b * mgrad.sb + h * mgrad.sh + (i0 + r) * mgrad.sq + j0 * mgrad.sk;
+                for (int64_t cc = lo; cc < hi; ++cc) gr[cc * mgrad.sk] += dp[cc];
+              }
+              at::vec::convert(s, Pb.data() + r * BK, BK);
+              at::vec::convert(dp, dSb.data() + r * BK, BK);
+            }
+            // Pᵀ and dSᵀ (keys × queries) as the left operands of the key-side products
+            for (int64_t r = 0; r < mip; r += 32)
+              for (int64_t cc = 0; cc < nk; cc += 32) {
+                const int m = static_cast<int>(std::min<int64_t>(32, mip - r));
+                const int n = static_cast<int>(std::min<int64_t>(32, nk - cc));
+                at::vec::transpose_mxn<bf16>(Pb.data() + r * BK + cc, BK, PbT.data() + cc * BQ + r, BQ, m, n);
+                at::vec::transpose_mxn<bf16>(dSb.data() + r * BK + cc, BK, dSbT.data() + cc * BQ + r, BQ, m, n);
+              }
+            for (int64_t c0 = 0; c0 < Dvp; c0 += CNv)
+              at::native::cpublas::brgemm(nk, CNv, mip, BQ, CNv, Dvp, true, PbT.data(),
+                                          DOR + qblk * BQ * Dvp + c0 * BQ, dv_loc.data() + c0, true);
+            for (int64_t c0 = 0; c0 < Dp; c0 += CN) {
+              at::native::cpublas::brgemm(nk, CN, mip, BQ, CN, Dp, true, dSbT.data(),
+                                          QR + qblk * BQ * Dp + c0 * BQ, dk_loc.data() + c0, true);
+              at::native::cpublas::brgemm(mi, CN, nkp, BK, CN, Dp, true, dSb.data(),
+                                          KR + kblk * BK * Dp + c0 * BK,
+                                          DQ + ((b * d.Hq + h) * d.Lq + i0) * Dp + c0, true);
+            }
+          }
+        }
+        float* dkd = DK + (acc_row * d.Lk + j0) * d.D;
+        float* dvd = DV + (acc_row * d.Lk + j0) * d.Dv;
+        for (int64_t r = 0; r < nk; ++r) {
+          for_each_vec<float>(d.D, [&](int64_t j, int64_t n) {
+            store(load(dk_loc.data() + r * Dp + j, n) * V(scale), dkd + r * d.D + j, n);
+          });
+          std::copy(dv_loc.data() + r * Dvp, dv_loc.data() + r * Dvp + d.Dv, dvd + r * d.Dv);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
 // decode_forward_kernel with K and V in the compute type, or (float only) in bf16.
 template <typename T>
 void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
@@ -772,17 +914,6 @@ void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::
 }
 
 // ------------------------------------------------------------------ backward ---------------
-
-// Where the gradient of an additive mask goes: dS, summed over the dimensions along which the
-// mask broadcasts (stride 0 in the (B, Hq, Lq, Lk) view). When it broadcasts over batches or
-// heads, two tasks may add to one element, so each thread sums into its own copy.
-template <typename T>
-struct MaskGrad {
-  T* data = nullptr;
-  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
-  int64_t per_thread = 0;  // elements of one thread's copy; 0: one shared copy, tasks disjoint
-  T* target() const { return per_thread ? data + at::get_thread_num() * per_thread : data; }
-};
 
 // Gradients for key/value head hk of batch b from query heads [h_begin, h_end) of its group,
 // key block by key block: dK_j, dV_j stay in local buffers while every query tile that may see
@@ -1002,7 +1133,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     return {out.to(q.scalar_type()), lse};
   }
   const bool decode = d.Lq <= kDecodeRows;
-  if (!decode && q.scalar_type() == at::kBFloat16 && amx_forward_usable(d)) {
+  if (!decode && q.scalar_type() == at::kBFloat16 && amx_usable(d)) {
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
@@ -1091,12 +1222,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   chunks = std::max<int64_t>(chunks, 1);
 
   const bool direct = chunks == 1 && q.scalar_type() == ct;
-  at::Tensor dq = empty_large({d.B, d.Hq, d.Lq, d.D}, q.options().dtype(ct)).zero_();
+  const bool amx = q.scalar_type() == at::kBFloat16 && amx_usable(d);
+  // the bf16 tile kernel's dQ accumulator is as wide as its packed operands
+  at::Tensor dq = empty_large({d.B, d.Hq, d.Lq, amx ? amx_width(d.D) : d.D}, q.options().dtype(ct)).zero_();
   at::Tensor dk_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.D}, q.options().dtype(ct));
   at::Tensor dv_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.Dv}, q.options().dtype(ct));
   if (dq.numel() == 0 || dk_acc.numel() == 0 || dv_acc.numel() == 0 || d.Lq == 0 || d.Lk == 0) {
     dk_acc.zero_();
     dv_acc.zero_();
+  } else if (amx) {
+    at::Tensor qb = rows_contiguous(q, at::kBFloat16), kb = rows_contiguous(k, at::kBFloat16),
+               vb = rows_contiguous(v, at::kBFloat16), go = rows_contiguous(grad_out, at::kBFloat16);
+    at::Tensor delta = (go.to(ct) * out.to(ct)).sum(-1).contiguous();
+    at::Tensor mask_hold, len_hold;
+    const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
+                                       mask_hold, len_hold);
+    const MaskGrad<float> mg = mask_grad ? mgrad.view<float>(d) : MaskGrad<float>();
+    backward_kernel_bf16_amx(d, qb, kb, vb, go, lse.contiguous(), delta, mask, drop, mg,
+                             static_cast<float>(scale), chunks, dq, dk_acc, dv_acc);
+    dq = dq.narrow(-1, 0, d.D).mul(scale);
   } else {
     at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, ct), vc = rows_contiguous(v, ct);
     at::Tensor go = rows_contiguous(grad_out, ct);

@@ -1,5 +1,6 @@
 #include "cpu/gemm.h"
 
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <dlfcn.h>
@@ -188,6 +189,45 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
 bool bf16_brgemm_supported() {
   static const bool can_pack = at::native::cpublas::could_pack(at::kBFloat16);
   return can_pack;
+}
+
+void pack_vnni(const at::BFloat16* src, int64_t ld, int64_t K, int64_t N, int64_t Kp, int64_t Np,
+               at::BFloat16* out) {
+  const at::BFloat16 zero(0.0f);
+  for (int64_t k = 0; k < Kp; k += 2) {
+    at::BFloat16* o = out + k * Np;
+    const at::BFloat16* r0 = k < K ? src + k * ld : nullptr;
+    const at::BFloat16* r1 = k + 1 < K ? src + (k + 1) * ld : nullptr;
+    for (int64_t n = 0; n < N; ++n) {
+      o[2 * n] = r0 ? r0[n] : zero;
+      o[2 * n + 1] = r1 ? r1[n] : zero;
+    }
+    std::fill(o + 2 * N, o + 2 * Np, zero);
+  }
+}
+
+void pack_vnni_transposed(const at::BFloat16* src, int64_t ld, int64_t N, int64_t K, int64_t Np,
+                          at::BFloat16* out) {
+  TORCH_CHECK(K % 2 == 0, "pack_vnni_transposed: K must be even, got ", K);
+  const int64_t P = K / 2;  // words per row of src
+  if (ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0) {
+    // out as (P × Np) words is the transpose of src as (N × ld/2) words
+    const auto* in = reinterpret_cast<const float*>(src);
+    auto* o = reinterpret_cast<float*>(out);
+    for (int64_t n = 0; n < N; n += 16)
+      for (int64_t p = 0; p < P; p += 16)
+        at::vec::transpose_mxn<float>(in + n * (ld / 2) + p, ld / 2, o + p * Np + n, Np,
+                                      static_cast<int>(std::min<int64_t>(16, N - n)),
+                                      static_cast<int>(std::min<int64_t>(16, P - p)));
+  } else {
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t n = 0; n < N; ++n) {
+        out[p * 2 * Np + 2 * n] = src[n * ld + 2 * p];
+        out[p * 2 * Np + 2 * n + 1] = src[n * ld + 2 * p + 1];
+      }
+  }
+  if (Np > N)
+    for (int64_t p = 0; p < P; ++p) std::fill(out + p * 2 * Np + 2 * N, out + (p + 1) * 2 * Np, at::BFloat16(0.0f));
 }
 
 const char* blas_name() { return blas().sgemm ? "mkl" : "aten"; }

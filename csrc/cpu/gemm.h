@@ -58,6 +58,17 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
 // (at::native::cpublas::brgemm).
 bool bf16_brgemm_supported();
 
+// Right operands of that brgemm in oneDNN's bf16 VNNI order: B (Kp × Np) stored as Kp/2 rows
+// of Np column pairs, out[(k/2)·2·Np + 2·n + k%2] = B[k][n] (ldb = Np). Entries past the
+// valid K × N block are zero, so a padded product adds nothing.
+// pack_vnni: B row-major, src[k·ld + n] (K × N valid); Kp even ≥ K, Np ≥ N.
+void pack_vnni(const at::BFloat16* src, int64_t ld, int64_t K, int64_t N, int64_t Kp, int64_t Np,
+               at::BFloat16* out);
+// pack_vnni_transposed: B = srcᵀ, src row-major (N × K valid, K even), so B[k][n] = src[n·ld + k];
+// Np ≥ N. Each k pair of a column is one 32-bit word of src, so this is a transpose of words.
+void pack_vnni_transposed(const at::BFloat16* src, int64_t ld, int64_t N, int64_t K, int64_t Np,
+                          at::BFloat16* out);
+
 // Name of the BLAS in use ("mkl" or "aten").
 const char* blas_name();
 
