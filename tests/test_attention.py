@@ -102,6 +102,7 @@ def max_err(a, b):
 
 
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 4e-3}
+AMX = registry.availability("cpu")[0] and seqkern._ext._C.attention_bf16_amx()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -188,6 +189,19 @@ def test_drop_in_for_torch_including_top_left_causal(Lq, Lk):
     torch.testing.assert_close(sdpa(q[:, 0], k[:, 0], v[:, 0], is_causal=True),
                                F.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], is_causal=True),
                                atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Lq,Lk", [(10, 0), (2, 0), (0, 10)])
+def test_empty_sequences(dtype, Lq, Lk):
+    """No keys: every query sees nothing and gets zeros (no crash, no NaN); no queries: empty."""
+    q = torch.randn(2, 4, Lq, 16, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, Lk, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+    out = sdpa(q, k, v, enable_gqa=True)
+    assert out.shape == (2, 4, Lq, 16) and not out.any()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and not t.grad.any()
 
 
 def test_fully_masked_rows_give_zeros_and_finite_grads():
@@ -371,20 +385,19 @@ def test_cpp_checks_reject_bad_shapes_directly():
                                   None, False, False, 0, 1.0)
 
 
-AMX = registry.availability("cpu")[0] and seqkern._ext._C.attention_bf16_amx()
-
 
 @pytest.mark.parametrize("path", ["brgemm", "tiles"])
 @pytest.mark.parametrize("shape", [(1, 2, 2, 129, 129, 64, 64), (2, 4, 1, 70, 300, 40, 24),
                                    (1, 2, 1, 600, 1000, 16, 16), (1, 1, 1, 5, 513, 128, 128),
-                                   (1, 2, 2, 65, 65, 256, 256)],
+                                   (1, 2, 2, 65, 65, 256, 256), (2, 8, 2, 3, 150, 40, 24)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", ["none", "causal", "causal_br", "window_br",
                                   "causal+bool+key_lengths", "window+additive"])
-def test_bfloat16_forward_paths(path, shape, kind, monkeypatch):
-    """bfloat16 forward on oneDNN brgemm tiles (CPUs with AMX; several key blocks, Lk not a
-    multiple of the block, Dv needing padding, GQA) and on the fp32 tile kernel: both within
-    twice torch's bf16 error of the float64 reference."""
+def test_bfloat16_paths(path, shape, kind, monkeypatch):
+    """bfloat16 forward and backward on oneDNN brgemm tiles (CPUs with AMX; several key blocks,
+    Lk not a multiple of the block, head dims needing padding, GQA, few query rows) and on the
+    fp32 tile kernels: outputs and every gradient within twice torch's bf16 error of the
+    float64 reference."""
     if path == "brgemm" and not AMX:
         pytest.skip("no AMX/bf16 brgemm on this CPU: the tile kernel serves bf16 (tested as 'tiles')")
     monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
@@ -394,13 +407,15 @@ def test_bfloat16_forward_paths(path, shape, kind, monkeypatch):
     kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, torch.bfloat16, gen)
     kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
             for n, t in kw.items()}
-    exact = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True,
-                                             **kw64)
-    ours = sdpa(q, k, v, enable_gqa=True, **kw)
-    theirs = torch_sdpa(q, k, v, **kw)
-    bound = 2 * max_err(theirs, exact) + FLOOR[torch.bfloat16] * max(1.0, exact.abs().max().item())
-    assert ours.dtype == torch.bfloat16
-    assert max_err(ours, exact) <= bound
+    go = torch.randn(B, Hq, Lq, Dv, generator=gen).to(torch.bfloat16)
+    exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(),
+                             v.double(), go.double(), enable_gqa=True, **kw64)
+    ours = forward_backward(sdpa, q, k, v, go, enable_gqa=True, **kw)
+    theirs = forward_backward(torch_sdpa, q, k, v, go, **kw)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        assert a.dtype == torch.bfloat16
+        bound = 2 * max_err(t, e) + FLOOR[torch.bfloat16] * max(1.0, e.abs().max().item())
+        assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
 
 
 # ---------------------------------------------------------------- additive-mask gradients ---
@@ -443,10 +458,14 @@ def test_additive_mask_gradient_float64(shape, which, kind):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda s: f"{name}: {s}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,path", [(torch.float32, "tiles"), (torch.bfloat16, "tiles"),
+                                        (torch.bfloat16, "brgemm")], ids=str)
 @pytest.mark.parametrize("which", MASK_SHAPES)
-def test_additive_mask_gradient_low_precision(dtype, which):
+def test_additive_mask_gradient_low_precision(dtype, path, which, monkeypatch):
     """Each gradient, d(attn_mask) included, within 2× torch's own error in that dtype."""
+    if path == "brgemm" and not AMX:
+        pytest.skip("no AMX/bf16 brgemm on this CPU: the tile kernel serves bf16 (tested as 'tiles')")
+    monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
     gen = torch.Generator().manual_seed(stable_seed(which, dtype))
     shape = (2, 4, 2, 70, 129, 40, 40)
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
@@ -531,7 +550,7 @@ def test_dropout_matches_reference_with_the_same_pattern(dtype, shape, kind, p):
 
 
 @pytest.mark.parametrize("path", ["brgemm", "tiles"])
-def test_dropout_bfloat16_forward_paths(path, monkeypatch):
+def test_dropout_bfloat16_paths(path, monkeypatch):
     if path == "brgemm" and not AMX:
         pytest.skip("no AMX/bf16 brgemm on this CPU: the tile kernel serves bf16 (tested as 'tiles')")
     monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
@@ -540,8 +559,9 @@ def test_dropout_bfloat16_forward_paths(path, monkeypatch):
     go = torch.randn(1, 2, 300, 64, generator=gen).to(torch.bfloat16)
     ours, exact, theirs = dropout_pair(q, k, v, go, 0.3, 4, is_causal=True,
                                        causal_alignment="bottom_right")
-    bound = 2 * max_err(theirs[0], exact[0]) + FLOOR[torch.bfloat16] * exact[0].abs().max().item()
-    assert max_err(ours[0], exact[0]) <= bound
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        bound = 2 * max_err(t, e) + FLOOR[torch.bfloat16] * max(1.0, e.abs().max().item())
+        assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
 
 
 def test_dropout_pattern_statistics_and_seeds():

@@ -1127,7 +1127,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const at::ScalarType ct = compute_type(q.scalar_type());
   at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv}, q.options().dtype(ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(ct));
-  if (out.numel() == 0 || lse.numel() == 0) {
+  if (out.numel() == 0 || lse.numel() == 0 || d.Lk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out.to(q.scalar_type()), lse};
@@ -1228,6 +1228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dk_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.D}, q.options().dtype(ct));
   at::Tensor dv_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.Dv}, q.options().dtype(ct));
   if (dq.numel() == 0 || dk_acc.numel() == 0 || dv_acc.numel() == 0 || d.Lq == 0 || d.Lk == 0) {
+    dq = dq.narrow(-1, 0, d.D);
     dk_acc.zero_();
     dv_acc.zero_();
   } else if (amx) {
