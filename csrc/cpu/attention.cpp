@@ -707,24 +707,21 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
           float* s = S.data() + r * BK;
           bf16* p = P.data() + r * BK;
           const int64_t lo = rows[r].lo, hi = rows[r].hi;
-          // scale, explicit mask, and the row maximum over the keys this query may see
-          V vmax(ninf);
-          for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
-            const V x = load(s + lo + j, n) * V(scale);
-            store(x, s + lo + j, n);
-            vmax = max_no_nan(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
-          });
+          // The row maximum over the keys this query may see. Without an explicit mask the
+          // scale is applied on the fly (here and in the exp below), saving a store per score.
+          float sc = scale;
           if (mask.has_explicit()) {
-            vmax = V(ninf);
             for (int64_t c = lo; c < hi; ++c) {
               const int64_t idx = mask.at(b, h, i0 + r, j0 + c);
-              s[c] = mask.bmask ? (mask.bmask[idx] ? s[c] : ninf) : s[c] + mask.amask[idx];
+              s[c] = mask.bmask ? (mask.bmask[idx] ? s[c] * scale : ninf) : s[c] * scale + mask.amask[idx];
             }
-            for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
-              const V x = load(s + lo + j, n);
-              vmax = max_no_nan(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
-            });
+            sc = 1.0f;
           }
+          V vmax(ninf);
+          for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
+            const V x = load(s + lo + j, n) * V(sc);
+            vmax = max_no_nan(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
+          });
           const float bmax = at::vec::vec_reduce_all<float>(
               [](V x, V y) { return at::vec::maximum(x, y); }, vmax);
           if (bmax == ninf) {  // nothing allowed in this tile for this row
@@ -736,7 +733,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
           V sum(0.0f);
           for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
             // P is rounded to bf16 (8 bits) before P·V, so the 20-ulp exp is exact enough
-            const V e = (load(s + lo + j, n) - V(m_new)).exp_u20();
+            const V e = at::vec::fmsub(load(s + lo + j, n), V(sc), V(m_new)).exp_u20();
             store(e, s + lo + j, n);
             sum = sum + (n == V::size() ? e : V::set(V(0.0f), e, n));
           });
