@@ -1157,6 +1157,28 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   return {out.to(q.scalar_type()), lse};
 }
 
+// Δ (B, H, L) in the compute type T: Δ_i = Σ_c dO_ic·O_ic per query row, read in the storage
+// type S in place (no widened copies of dO and O).
+template <typename T, typename S>
+at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
+  using V = Vec<T>;
+  const int64_t B = a.size(0), H = a.size(1), L = a.size(2), E = a.size(3);
+  at::Tensor out = at::empty({B, H, L}, a.options().dtype(c10::CppTypeToScalarType<T>::value));
+  const Strides sa(a), sb(b);
+  const S *A = a.data_ptr<S>(), *Bp = b.data_ptr<S>();
+  T* O = out.data_ptr<T>();
+  at::parallel_for(0, B * H * L, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t % L, h = (t / L) % H, bi = t / (L * H);
+      const S *x = A + sa.at(bi, h, i), *y = Bp + sb.at(bi, h, i);
+      V acc(T(0));
+      for_each_vec<T>(E, [&](int64_t c, int64_t n) { acc = at::vec::fmadd(load(x + c, n), load(y + c, n), acc); });
+      O[t] = at::vec::vec_reduce_all<T>([](V u, V w) { return u + w; }, acc);
+    }
+  });
+  return out;
+}
+
 // The gradient of an additive attn_mask of at most 4 dims, in its own shape with leading 1s
 // (so a caller reshapes it back); rows of `buffer` are per-thread copies when tasks share
 // elements (see MaskGrad).
@@ -1231,20 +1253,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   } else if (amx) {
     at::Tensor qb = rows_contiguous(q, at::kBFloat16), kb = rows_contiguous(k, at::kBFloat16),
                vb = rows_contiguous(v, at::kBFloat16), go = rows_contiguous(grad_out, at::kBFloat16);
-    at::Tensor delta = (go.to(ct) * out.to(ct)).sum(-1).contiguous();
+    at::Tensor delta = row_dots<float, c10::BFloat16>(go, rows_contiguous(out, at::kBFloat16));
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
     const MaskGrad<float> mg = mask_grad ? mgrad.view<float>(d) : MaskGrad<float>();
     backward_kernel_bf16_amx(d, qb, kb, vb, go, lse.contiguous(), delta, mask, drop, mg,
                              static_cast<float>(scale), chunks, dq, dk_acc, dv_acc);
-    dq = dq.narrow(-1, 0, d.D).mul(scale);
+    dq = dq.mul_(scale).narrow(-1, 0, d.D);
   } else {
     at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, ct), vc = rows_contiguous(v, ct);
     at::Tensor go = rows_contiguous(grad_out, ct);
-    at::Tensor delta = (go * out.to(ct)).sum(-1).contiguous();
     at::Tensor mask_hold, len_hold;
     AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_attention_backward", [&] {
+      const at::Tensor delta = row_dots<scalar_t, scalar_t>(go, rows_contiguous(out, ct));
       const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                             window, mask_hold, len_hold);
       at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
