@@ -658,3 +658,25 @@ def test_cpp_checks_dropout_and_mask_grad_arguments():
     with pytest.raises(RuntimeError, match="mask_grad needs an additive"):
         _ext._C.attention_backward(out, q, q, q, out, lse, None, None, False, False, 0, 1.0, 0.0,
                                    None, True)
+
+
+def test_compile_fullgraph_mask_gradient_and_dropout():
+    """torch.compile(fullgraph=True) traces the custom ops with a learned additive mask and
+    dropout: without dropout it gives eager's gradients, the mask's included."""
+    def f(q, k, v, m, p):
+        return sdpa(q, k, v, attn_mask=m, is_causal=True, dropout_p=p)
+
+    compiled = torch.compile(f, fullgraph=True)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_inputs((2, 2, 2, 33, 33, 16, 16), torch.float32, gen)
+    m = torch.randn(33, 33, generator=gen)
+    go = torch.randn(2, 2, 33, 16, generator=gen)
+    got = grads_with_mask(lambda *a, **kw: compiled(*a[:3], kw["attn_mask"], 0.0), q, k, v, m, go)
+    want = grads_with_mask(lambda *a, **kw: f(*a[:3], kw["attn_mask"], 0.0), q, k, v, m, go)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    ts = [t.clone().requires_grad_() for t in (q, k, v, m)]
+    out = compiled(*ts, 0.3)
+    out.backward(go)
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in ts)
+    assert not torch.allclose(out, want[0])
