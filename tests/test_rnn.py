@@ -335,3 +335,23 @@ def test_nan_input_propagates(mode):
     assert torch.isnan(out[3:, 2]).all()
     assert torch.isfinite(out[:3]).all()
     assert torch.isfinite(out[:, [0, 1, 3, 4, 5, 6, 7]]).all()
+
+
+@pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("I,H,bias", [(17, 33, True), (300, 129, False), (1, 8, True)])
+def test_single_step_few_rows(mode, kw, B, I, H, bias):
+    """One step of at most 4 rows (cells, streaming step()) takes the few-row product path
+    (both products in one pass over the weights; B = 5 does not): equal to the reference,
+    outputs and gradients, with vector tails in I and H and the last row block partial."""
+    x, bs, h0, c0, w = make_case(mode, B, I, H, [1] * B, torch.float64, bias=bias, **kw)
+    (o1, g1), (o2, g2) = run_both(mode, x, bs, h0, c0, w, False)
+    for a, b in zip(o1 + g1, o2 + g2):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+    with torch.no_grad():  # the inference call skips autograd's Python dispatch
+        got = ops.recurrent_layer(mode, x.float(), bs, h0.float(),
+                                  c0.float() if c0 is not None else None,
+                                  {k: t.float() for k, t in w.items()})
+    for a, b in zip(got, o2):
+        if a is not None:
+            torch.testing.assert_close(a.double(), b.detach(), atol=2e-5, rtol=2e-5)

@@ -1,5 +1,7 @@
 #include "cpu/gemm.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -119,6 +121,62 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, 
              int64_t ldb, T beta, T* C, int64_t ldc) {
   dispatch<T>(true, false, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
+
+namespace {
+
+// Rows [r0, r0 + 4) of C = A·Wᵀ (fewer at the end), M rows of A: 4·M accumulators, reduced once.
+template <typename T, int M>
+void row_block_product(const RowProduct<T>& p, int64_t r0) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t Wd = V::size();
+  const int64_t nr = std::min<int64_t>(4, p.N - r0);
+  V acc[4][M];
+  for (int i = 0; i < 4; ++i)
+    for (int m = 0; m < M; ++m) acc[i][m] = V(T(0));
+  const T* w[4];
+  for (int i = 0; i < 4; ++i) w[i] = p.W + (r0 + std::min<int64_t>(i, nr - 1)) * p.K;
+  for (int64_t k = 0; k < p.K; k += Wd) {
+    const int64_t n = std::min<int64_t>(Wd, p.K - k);
+    V a[M];
+    for (int m = 0; m < M; ++m) a[m] = n == Wd ? V::loadu(p.A + m * p.lda + k) : V::loadu(p.A + m * p.lda + k, n);
+    for (int i = 0; i < 4; ++i) {
+      const V wv = n == Wd ? V::loadu(w[i] + k) : V::loadu(w[i] + k, n);
+      for (int m = 0; m < M; ++m) acc[i][m] = at::vec::fmadd(wv, a[m], acc[i][m]);
+    }
+  }
+  for (int i = 0; i < nr; ++i)
+    for (int m = 0; m < M; ++m)
+      p.C[m * p.ldc + r0 + i] = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc[i][m]);
+}
+
+template <typename T>
+void row_block(const RowProduct<T>& p, int64_t r0) {
+  switch (p.M) {
+    case 1: return row_block_product<T, 1>(p, r0);
+    case 2: return row_block_product<T, 2>(p, r0);
+    case 3: return row_block_product<T, 3>(p, r0);
+    default: return row_block_product<T, 4>(p, r0);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void few_row_products(const RowProduct<T>& p, const RowProduct<T>& q) {
+  TORCH_CHECK(p.M <= kFewRows && q.M <= kFewRows, "few_row_products: at most ", kFewRows, " rows");
+  const int64_t np = p.M > 0 ? (p.N + 3) / 4 : 0, nq = q.M > 0 ? (q.N + 3) / 4 : 0;
+  // Blocks of 4 weight rows, p's then q's; threads below ~32K multiply-adds cost more than they save.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (4 * std::max<int64_t>({p.K, q.K, 1})));
+  at::parallel_for(0, np + nq, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      if (blk < np) row_block(p, blk * 4);
+      else row_block(q, (blk - np) * 4);
+    }
+  });
+}
+
+template void few_row_products<float>(const RowProduct<float>&, const RowProduct<float>&);
+template void few_row_products<double>(const RowProduct<double>&, const RowProduct<double>&);
 
 template void gemm<float>(int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
                           int64_t, bool, float, float*, int64_t);

@@ -44,6 +44,24 @@ class PackedWeight {
   T* packed_ = nullptr;
 };
 
+// C = A·Wᵀ for a few rows of A (M ≤ kFewRows), W (N × K) row-major: one product of a cell call
+// or a streaming step. `few_row_products` runs two of them (x·W_ihᵀ and h·W_hhᵀ) in one
+// parallel region split over the weights' rows, so each thread streams the same share of the
+// weights on every call and finds it in its core's L2 the next time; MKL's threaded GEMV pays a
+// fork/join per product and re-reads the weights from memory.
+constexpr int64_t kFewRows = 4;
+template <typename T>
+struct RowProduct {
+  int64_t M = 0, N = 0, K = 0;
+  const T* A = nullptr;  // M × K, rows lda apart
+  int64_t lda = 0;
+  const T* W = nullptr;  // N × K, contiguous rows
+  T* C = nullptr;        // M × N, rows ldc apart
+  int64_t ldc = 0;
+};
+template <typename T>
+void few_row_products(const RowProduct<T>& p, const RowProduct<T>& q);
+
 // C[M×N] (float) = op(A)·op(B), A and B bfloat16, fp32 accumulation (MKL's
 // cblas_gemm_bf16bf16f32, AMX/AVX512_BF16 where the CPU has them); op(A) = Aᵀ (A stored K×M)
 // when a_trans, op(B) = Bᵀ (B stored N×K) when b_trans. Products of two bf16 numbers are exact

@@ -95,7 +95,11 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
     if (cell == Cell::Gru) bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
     else bias.add_(b_hh);
   }
-  if (!xg_given.defined() && !fuse_x) {
+  // One step of a few rows (a cell call, a streaming step): x·W_ihᵀ and h·W_hhᵀ together in
+  // one parallel pass over the weights (few_row_products) instead of two threaded MKL GEMVs.
+  const bool few = L.T == 1 && L.B <= kFewRows && !proj && cell != Cell::GruCho &&
+                   !xg_given.defined() && !fuse_x;
+  if (!xg_given.defined() && !fuse_x && !few) {
     gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
             xg.data_ptr<T>(), G * H);
   }
@@ -155,6 +159,10 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
         }
       });
       w_n->multiply(bs, auxp, H, T(0), recp + 2 * H, GH);
+    } else if (few) {
+      RowProduct<T> xw{bs, GH, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(), xg.data_ptr<T>(), GH};
+      RowProduct<T> hw{bs, GH, Hs, hs, Hs, whh, recp, GH};
+      few_row_products<T>(xw, hw);
     } else {
       w_rec.multiply(bs, hs, Hs, T(0), recp, GH);
     }
