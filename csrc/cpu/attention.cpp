@@ -612,50 +612,48 @@ bool amx_usable(const Dims& d) {
   return !(env && env[0] == '0');
 }
 
-// src (B, H, L, E) bf16, E even, as brgemm right operands srcᵀ: per (batch, head, block of BL
-// rows), chunks of CL rows, each the VNNI form of its E × CL transpose (rows past L zero). For
-// S = Q·Kᵀ (src = K) and dP = dO·Vᵀ (src = V).
-at::Tensor pack_transposed_blocks(const at::Tensor& src, int64_t BL, int64_t CL) {
+// src (B, H, L, E) bf16 packed block by block: out (B, H, nb, block_size), where
+// pack_block(rows, ld, n, dst) writes the block of BL rows starting at `rows` (n of them valid).
+template <typename F>
+at::Tensor pack_blocks(const at::Tensor& src, int64_t BL, int64_t block_size, F pack_block) {
   using bf16 = c10::BFloat16;
-  const int64_t B = src.size(0), H = src.size(1), L = src.size(2), E = src.size(3);
+  const int64_t B = src.size(0), H = src.size(1), L = src.size(2);
   const int64_t nb = (L + BL - 1) / BL;
-  at::Tensor out = empty_large({B, H, nb, E * BL}, src.options());
+  at::Tensor out = empty_large({B, H, nb, block_size}, src.options());
   const Strides ss(src);
   const bf16* S = src.data_ptr<bf16>();
   bf16* O = out.data_ptr<bf16>();
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % nb, h = (t / nb) % H, b = t / (nb * H);
-      for (int64_t c = 0; c < BL; c += CL) {
-        const int64_t j0 = blk * BL + c, n = std::clamp<int64_t>(L - j0, 0, CL);
-        pack_vnni_transposed(S + ss.at(b, h, std::min(j0, L - 1)), ss.l, n, E, CL, O + t * E * BL + c * E);
-      }
+      pack_block(S + ss.at(b, h, blk * BL), ss.l, std::min(BL, L - blk * BL), O + t * block_size);
     }
   });
   return out;
+}
+
+// src (B, H, L, E) bf16, E even, as brgemm right operands srcᵀ: per (batch, head, block of BL
+// rows), chunks of CL rows, each the VNNI form of its E × CL transpose (rows past L zero). For
+// S = Q·Kᵀ (src = K) and dP = dO·Vᵀ (src = V).
+at::Tensor pack_transposed_blocks(const at::Tensor& src, int64_t BL, int64_t CL) {
+  const int64_t E = src.size(3);
+  return pack_blocks(src, BL, E * BL, [&](const c10::BFloat16* rows, int64_t ld, int64_t n, c10::BFloat16* dst) {
+    for (int64_t c = 0; c < BL; c += CL) {
+      const int64_t m = std::clamp<int64_t>(n - c, 0, CL);
+      pack_vnni_transposed(m > 0 ? rows + c * ld : rows, ld, m, E, CL, dst + c * E);
+    }
+  });
 }
 
 // src (B, H, L, E) bf16 as brgemm right operands themselves: per (batch, head, block of BL rows),
 // column chunks of amx_chunk(E), each BL × chunk in VNNI form, chunk c0 at c0·BL (rows past L
 // and columns past E zero). For P·V (src = V), dV += Pᵀ·dO, dK += dSᵀ·Q and dQ += dS·K.
 at::Tensor pack_row_blocks(const at::Tensor& src, int64_t BL) {
-  using bf16 = c10::BFloat16;
-  const int64_t B = src.size(0), H = src.size(1), L = src.size(2), E = src.size(3);
-  const int64_t nb = (L + BL - 1) / BL, Ep = amx_width(E), CN = amx_chunk(E);
-  at::Tensor out = empty_large({B, H, nb, BL * Ep}, src.options());
-  const Strides ss(src);
-  const bf16* S = src.data_ptr<bf16>();
-  bf16* O = out.data_ptr<bf16>();
-  at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t blk = t % nb, h = (t / nb) % H, b = t / (nb * H);
-      const int64_t j0 = blk * BL, n = std::min(BL, L - j0);
-      for (int64_t c0 = 0; c0 < Ep; c0 += CN)
-        pack_vnni(S + ss.at(b, h, j0) + c0, ss.l, n, std::clamp<int64_t>(E - c0, 0, CN), BL, CN,
-                  O + t * BL * Ep + c0 * BL);
-    }
+  const int64_t E = src.size(3), Ep = amx_width(E), CN = amx_chunk(E);
+  return pack_blocks(src, BL, BL * Ep, [&](const c10::BFloat16* rows, int64_t ld, int64_t n, c10::BFloat16* dst) {
+    for (int64_t c0 = 0; c0 < Ep; c0 += CN)
+      pack_vnni(rows + std::min(c0, E), ld, n, std::clamp<int64_t>(E - c0, 0, CN), BL, CN, dst + c0 * BL);
   });
-  return out;
 }
 
 // q, k, v bf16 with the last dimension contiguous; out (fp32) and lse as in forward_kernel.
