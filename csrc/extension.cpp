@@ -23,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The BLAS the kernels call (mkl, resolved from torch, or aten)");
   m.def("recurrent_forward", &seqkern::cpu::recurrent_forward);
   m.def("recurrent_backward", &seqkern::cpu::recurrent_backward);
+  m.def("cell_step", &seqkern::cpu::cell_step,
+        "One inference step of a cell for at most 4 rows: (mode, x, h, c, w_ih, w_hh, b_ih, "
+        "b_hh) -> [h', c' or empty]");
   m.def("recurrent_bf16_amx", &seqkern::cpu::recurrent_bf16_amx,
         "Whether bfloat16 recurrences (B >= 8) run their products on oneDNN brgemm (AMX) tiles");
   m.def("alloc_cached_bytes", &seqkern::cpu::large_alloc_cached_bytes,

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import stable_seed
+from conftest import requires_cpu_ext, stable_seed
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqkern
@@ -139,6 +139,55 @@ def test_cells_match_torch(kind):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     for a, b in zip(_flat(t(x[0])), _flat(s(x[0]))):  # unbatched, zero state
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind,kw", [("lstm", {}), ("gru", {}), ("rnn", {}),
+                                     ("rnn", {"nonlinearity": "relu"}), ("lstm", {"bias": False})])
+@pytest.mark.parametrize("B", [1, 2, 4, 5])
+@pytest.mark.parametrize("I,H", [(5, 7), (300, 33), (64, 129)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cells_inference_step_kernel(kind, kw, B, I, H, dtype, monkeypatch):
+    """Without gradients a cell call of ≤ 4 rows runs the one-step kernel (_C.cell_step), and
+    equals torch's cell; with 5 rows, or when a gradient is needed, the general path runs."""
+    tcls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}[kind]
+    scls = {"lstm": snn.LSTMCell, "gru": snn.GRUCell, "rnn": snn.RNNCell}[kind]
+    t, s = tcls(I, H, **kw).to(dtype), scls(I, H, **kw).to(dtype)
+    s.load_state_dict(t.state_dict())
+    calls = []
+    real = seqkern._ext._C.cell_step
+    monkeypatch.setattr(seqkern._ext._C, "cell_step", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    x = torch.randn(B, I, dtype=dtype)
+    hx = torch.randn(B, H, dtype=dtype)
+    hx = (hx, torch.randn(B, H, dtype=dtype)) if kind == "lstm" else hx
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    with torch.no_grad():
+        for args in ((x, hx), (x,)) + (((x[0],),) if B == 1 else ()):  # state given, zero, unbatched
+            for a, b in zip(_flat(t(*args)), _flat(s(*args))):
+                torch.testing.assert_close(b, a, **tol)
+    assert len(calls) == (3 if B == 1 else 2 if B <= 4 else 0)
+    out = s(x, hx)  # parameters require grad: the general path, differentiable
+    assert _flat(out)[0].requires_grad and len(calls) == (3 if B == 1 else 2 if B <= 4 else 0)
+
+
+@requires_cpu_ext
+def test_cell_step_rejects_bad_input():
+    C = seqkern._ext._C
+    x, h = torch.randn(2, 5), torch.randn(2, 7)
+    w_ih, w_hh = torch.randn(28, 5), torch.randn(28, 7)
+    with pytest.raises(RuntimeError, match="B <= 4"):
+        C.cell_step("lstm", torch.randn(5, 5), torch.randn(5, 7), torch.randn(5, 7), w_ih, w_hh, None, None)
+    with pytest.raises(RuntimeError, match="lstm needs c"):
+        C.cell_step("lstm", x, h, None, w_ih, w_hh, None, None)
+    with pytest.raises(RuntimeError, match="w_ih must be"):
+        C.cell_step("lstm", x, h, h, torch.randn(27, 5), w_hh, None, None)
+    with pytest.raises(RuntimeError, match="must be a CPU tensor of x's dtype"):
+        C.cell_step("lstm", x, h.double(), h, w_ih, w_hh, None, None)
+    with pytest.raises(RuntimeError, match="b_ih must have 28"):
+        C.cell_step("lstm", x, h, h, w_ih, w_hh, torch.randn(27), None)
+    with pytest.raises(RuntimeError, match="gru_cho is not supported"):
+        C.cell_step("gru_cho", x, h, None, torch.randn(21, 5), torch.randn(21, 7), None, None)
 
 
 @pytest.mark.parametrize("module", [

@@ -175,6 +175,13 @@ void few_row_products(const RowProduct<T>& p, const RowProduct<T>& q) {
   });
 }
 
+template <typename T>
+void few_row_product(const RowProduct<T>& p) {
+  for (int64_t r0 = 0; r0 < p.N; r0 += 4) row_block(p, r0);
+}
+
+template void few_row_product<float>(const RowProduct<float>&);
+template void few_row_product<double>(const RowProduct<double>&);
 template void few_row_products<float>(const RowProduct<float>&, const RowProduct<float>&);
 template void few_row_products<double>(const RowProduct<double>&, const RowProduct<double>&);
 

@@ -61,6 +61,9 @@ struct RowProduct {
 };
 template <typename T>
 void few_row_products(const RowProduct<T>& p, const RowProduct<T>& q);
+// One such product on the calling thread (a caller that splits the weights itself).
+template <typename T>
+void few_row_product(const RowProduct<T>& p);
 
 // C[M×N] (float) = op(A)·op(B), A and B bfloat16, fp32 accumulation (MKL's
 // cblas_gemm_bf16bf16f32, AMX/AVX512_BF16 where the CPU has them); op(A) = Aᵀ (A stored K×M)

@@ -515,6 +515,111 @@ void check_common(Cell cell, const at::Tensor& x, const at::Tensor& batch_sizes,
 
 bool recurrent_bf16_amx() { return amx_recurrence_supported(); }
 
+namespace {
+
+// One step of a cell for B ≤ kFewRows rows. Threads split the hidden units; each computes every
+// gate of its units (its rows of W_ih and W_hh: the same share on every call, so it stays in
+// that core's L2 between calls) and applies the cell to them, so a step is one parallel region
+// with no intermediate tensors. A general step instead runs two products over all units, then
+// the gates, with tensors in between.
+template <typename T>
+void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, const T* h,
+                      const T* c, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh,
+                      T* h_out, T* c_out) {
+  constexpr int64_t U = 16;  // units per task
+  const int64_t G = gate_count(cell);
+  // threads only past ~32K multiply-adds per thread's share
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, B * G * U * (I + H)));
+  at::parallel_for(0, (H + U - 1) / U, grain, [&](int64_t begin, int64_t end) {
+    T xp[4][kFewRows][U], hp[4][kFewRows][U];  // gate × row × unit: x·W_ihᵀ, h·W_hhᵀ
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t u0 = task * U, n = std::min(U, H - u0);
+      for (int64_t g = 0; g < G; ++g) {
+        few_row_product<T>({B, n, I, x, I, w_ih + (g * H + u0) * I, &xp[g][0][0], U});
+        few_row_product<T>({B, n, H, h, H, w_hh + (g * H + u0) * H, &hp[g][0][0], U});
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        for_each_vec<T>(n, [&](int64_t j, int64_t m) {
+          auto xg = [&](int64_t g) { return load(&xp[g][b][j], m) + (b_ih ? load(b_ih + g * H + u0 + j, m) : Vec<T>(T(0))); };
+          auto hg = [&](int64_t g) { return load(&hp[g][b][j], m) + (b_hh ? load(b_hh + g * H + u0 + j, m) : Vec<T>(T(0))); };
+          T* ho = h_out + b * H + u0 + j;
+          switch (cell) {
+            case Cell::RnnTanh:
+            case Cell::RnnRelu:
+              store(rnn_activation(xg(0) + hg(0), cell == Cell::RnnRelu), ho, m);
+              break;
+            case Cell::Lstm: {
+              const auto st = lstm_step(xg(0) + hg(0), xg(1) + hg(1), xg(2) + hg(2), xg(3) + hg(3),
+                                        load(c + b * H + u0 + j, m), static_cast<const T*>(nullptr),
+                                        H, u0 + j, m);
+              store(st.m, ho, m);
+              store(st.c, c_out + b * H + u0 + j, m);
+              break;
+            }
+            default: {  // Gru
+              const auto r = sigmoid(xg(0) + hg(0)), z = sigmoid(xg(1) + hg(1));
+              const auto nn = tanh(xg(2) + r * hg(2));
+              store(gru_mix(nn, z, load(h + b * H + u0 + j, m)), ho, m);
+            }
+          }
+        });
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
+                                  const at::Tensor& h_, const c10::optional<at::Tensor>& c_,
+                                  const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                                  const c10::optional<at::Tensor>& b_ih_,
+                                  const c10::optional<at::Tensor>& b_hh_) {
+  const Cell cell = parse_cell(mode);
+  TORCH_CHECK(cell != Cell::GruCho, "seqkern cell_step: gru_cho is not supported (its n gate "
+              "needs r of every unit first); use recurrent_forward");
+  const int64_t G = gate_count(cell);
+  TORCH_CHECK(x_.dim() == 2 && x_.size(0) <= kFewRows, "seqkern cell_step: x must be (B, I) with B <= ",
+              kFewRows, ", got ", x_.sizes());
+  const int64_t B = x_.size(0), I = x_.size(1), H = w_hh_.size(1);
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
+              "seqkern cell_step: dtype must be float32 or float64, got ", x_.scalar_type());
+  TORCH_CHECK(w_ih_.sizes() == at::IntArrayRef({G * H, I}) && w_hh_.sizes() == at::IntArrayRef({G * H, H}),
+              "seqkern cell_step: w_ih must be (", G * H, ", ", I, ") and w_hh (", G * H, ", ", H,
+              "), got ", w_ih_.sizes(), " and ", w_hh_.sizes());
+  TORCH_CHECK(h_.sizes() == at::IntArrayRef({B, H}), "seqkern cell_step: h must be (", B, ", ", H,
+              "), got ", h_.sizes());
+  const bool lstm = cell == Cell::Lstm;
+  TORCH_CHECK(!lstm || (c_.has_value() && c_->sizes() == at::IntArrayRef({B, H})),
+              "seqkern cell_step: lstm needs c of shape (", B, ", ", H, ")");
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "seqkern cell_step: ",
+                name, " must be a CPU tensor of x's dtype ", x_.scalar_type(), ", got ",
+                t.scalar_type(), " on ", t.device());
+    return t.contiguous();
+  };
+  const at::Tensor x = same(x_, "x"), h = same(h_, "h"), w_ih = same(w_ih_, "w_ih"),
+                   w_hh = same(w_hh_, "w_hh");
+  const at::Tensor c = lstm ? same(*c_, "c") : at::Tensor();
+  at::Tensor b_ih, b_hh;
+  for (auto [src, dst, name] : {std::tuple{&b_ih_, &b_ih, "b_ih"}, std::tuple{&b_hh_, &b_hh, "b_hh"}}) {
+    if (!src->has_value()) continue;
+    TORCH_CHECK((*src)->numel() == G * H, "seqkern cell_step: ", name, " must have ", G * H,
+                " elements, got ", (*src)->sizes());
+    *dst = same(**src, name);
+  }
+  at::Tensor h_out = at::empty({B, H}, x.options());
+  at::Tensor c_out = lstm ? at::empty({B, H}, x.options()) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqkern_cell_step", [&] {
+    cell_step_kernel<scalar_t>(cell, B, I, H, x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                               lstm ? c.data_ptr<scalar_t>() : nullptr, w_ih.data_ptr<scalar_t>(),
+                               w_hh.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_ih),
+                               data_or_null<scalar_t>(b_hh), h_out.data_ptr<scalar_t>(),
+                               lstm ? c_out.data_ptr<scalar_t>() : nullptr);
+  });
+  return {h_out, c_out};
+}
+
 std::vector<at::Tensor> recurrent_forward(
     const std::string& mode, const at::Tensor& x_, const at::Tensor& batch_sizes,
     const at::Tensor& h0_, const c10::optional<at::Tensor>& c0_, const at::Tensor& w_ih_,

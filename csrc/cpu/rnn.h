@@ -29,6 +29,14 @@ std::vector<at::Tensor> recurrent_backward(
     const c10::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& ws_gates,
     const at::Tensor& ws_cells, const at::Tensor& ws_hprev, bool reverse);
 
+// One inference step of a cell (rnn_tanh, rnn_relu, lstm, gru) for at most 4 rows, float32 or
+// float64: {h', c' (LSTM) or empty}. What the cells call when nothing needs a gradient.
+std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x,
+                                  const at::Tensor& h, const c10::optional<at::Tensor>& c,
+                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                  const c10::optional<at::Tensor>& b_ih,
+                                  const c10::optional<at::Tensor>& b_hh);
+
 // Whether bfloat16 recurrences at B ≥ 8 run their products on oneDNN brgemm (AMX) tiles here
 // (AVX-512 build, a CPU oneDNN packs bf16 for, SEQKERN_RNN_AMX not "0").
 bool recurrent_bf16_amx();

@@ -15,8 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from seqkern import _ext, registry
 from seqkern.ops import rnn as ops
 from seqkern.reference.rnn import gate_count
+
+_STEP_DTYPES = (torch.float32, torch.float64)
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -279,6 +282,22 @@ class _CellBase(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
 
+    def _inference_step(self, xb, h, c) -> bool:
+        """Whether this call can take the one-step C++ kernel (``_C.cell_step``): a few rows,
+        float32/64 on the cpu backend, eager, and nothing that needs a gradient. It skips the
+        general recurrence's setup, which costs more than the step itself at small sizes."""
+        if (self.mode == "gru_cho" or xb.shape[0] > 4 or xb.dtype not in _STEP_DTYPES
+                or xb.device.type != "cpu" or torch.compiler.is_compiling()):
+            return False
+        if torch.is_grad_enabled() and (
+                xb.requires_grad or h.requires_grad or (c is not None and c.requires_grad)
+                or self.weight_ih.requires_grad or self.weight_hh.requires_grad
+                or (self.bias and (self.bias_ih.requires_grad or self.bias_hh.requires_grad))):
+            return False
+        w = self.weight_ih
+        return (w.dtype == xb.dtype and h.dtype == xb.dtype and w.device.type == "cpu"
+                and registry.select("rnn", xb.device) == "cpu")
+
     def _run(self, x, h, c):
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(f"input must be (batch, {self.input_size}) or ({self.input_size},), "
@@ -301,11 +320,16 @@ class _CellBase(nn.Module):
             if not batched:
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
-        w = {"w_ih": self.weight_ih, "w_hh": self.weight_hh}
-        if self.bias:
-            w["b_ih"], w["b_hh"] = self.bias_ih, self.bias_hh
-        _, h_n, c_n = ops.recurrent_layer(self.mode, xb, torch.full((1,), B, dtype=torch.int64),
-                                          h, c, w)
+        if self._inference_step(xb, h, c):
+            h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, self.weight_ih, self.weight_hh,
+                                         self.bias_ih, self.bias_hh)
+            c_n = c_n if self.mode == "lstm" else None
+        else:
+            w = {"w_ih": self.weight_ih, "w_hh": self.weight_hh}
+            if self.bias:
+                w["b_ih"], w["b_hh"] = self.bias_ih, self.bias_hh
+            _, h_n, c_n = ops.recurrent_layer(self.mode, xb,
+                                              torch.full((1,), B, dtype=torch.int64), h, c, w)
         if not batched:
             h_n = h_n.squeeze(0)
             c_n = c_n.squeeze(0) if c_n is not None else None
