@@ -101,10 +101,13 @@ def test_lengths_keyword_equals_packed():
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-def test_unbatched_input(kind):
-    t, s = make_pair(kind, 3, 4, num_layers=2)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input(kind, batch_first):
+    """(L, H_in) input gives (L, H_out) output whatever batch_first says, as in torch."""
+    t, s = make_pair(kind, 3, 4, num_layers=2, batch_first=batch_first)
     x = torch.randn(6, 3, dtype=torch.float64)
     for a, b in zip(_flat(t(x)), _flat(s(x))):
+        assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
@@ -169,6 +172,37 @@ def test_cells_inference_step_kernel(kind, kw, B, I, H, dtype, monkeypatch):
     assert len(calls) == (3 if B == 1 else 2 if B <= 4 else 0)
     out = s(x, hx)  # parameters require grad: the general path, differentiable
     assert _flat(out)[0].requires_grad and len(calls) == (3 if B == 1 else 2 if B <= 4 else 0)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind,kw", [("lstm", {"num_layers": 2}), ("gru", {}),
+                                     ("rnn", {"num_layers": 3, "nonlinearity": "relu"}),
+                                     ("lstm", {"batch_first": True, "bias": False})])
+@pytest.mark.parametrize("B", [1, 3, 5, None], ids=["B1", "B3", "B5", "unbatched"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_step_kernel_streaming_equals_forward(kind, kw, B, dtype, monkeypatch):
+    """step() without gradients runs the one-step kernel layer by layer (≤ 4 rows), and T
+    steps equal forward() over the sequence, outputs and final state."""
+    t, s = make_pair(kind, 19, 33, dtype, **kw)
+    calls = []
+    real = seqkern._ext._C.cell_step
+    monkeypatch.setattr(seqkern._ext._C, "cell_step", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    bf = s.batch_first
+    x = torch.randn(*((B,) if B else ()), 6, 19, dtype=dtype)
+    if not bf and B:
+        x = x.transpose(0, 1)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        y, state = s(x)
+        st, ys = None, []
+        for i in range(6):
+            yt, st = s.step(x[:, i] if bf and B else x[i], st)
+            ys.append(yt)
+    torch.testing.assert_close(torch.stack(ys, 1 if bf and B else 0), y, **tol)
+    for a, b in zip(_flat(st), _flat(state)):
+        torch.testing.assert_close(a, b, **tol)
+    assert len(calls) == (6 * s.num_layers if (B or 1) <= 4 else 0)
 
 
 @requires_cpu_ext

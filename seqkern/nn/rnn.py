@@ -194,10 +194,10 @@ class _RecurrentBase(nn.Module):
                                             batch_first=self.batch_first, total_length=T)
         else:
             output = out.view(T, B, -1)
-            if self.batch_first:
-                output = output.transpose(0, 1)
-            if not batched:
+            if not batched:  # (L, H_in) in, (L, H_out) out, whatever batch_first says
                 output = output.squeeze(1)
+            elif self.batch_first:
+                output = output.transpose(0, 1)
         if not batched:
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
@@ -222,9 +222,55 @@ class _RecurrentBase(nn.Module):
         if x_t.dim() not in (1, 2):
             raise ValueError(f"x_t must be (batch, {self.input_size}) or ({self.input_size},), "
                              f"got {tuple(x_t.shape)}")
+        fast = self._step_kernel(x_t, state)
+        if fast is not None:
+            return fast
         seq = x_t.unsqueeze(1) if self.batch_first and x_t.dim() == 2 else x_t.unsqueeze(0)
         y, state = self.forward(seq, state)
         return (y.squeeze(1) if self.batch_first and x_t.dim() == 2 else y.squeeze(0)), state
+
+    def _step_kernel(self, x_t: Tensor, state):
+        """step() through the one-step C++ kernel (``_C.cell_step``), layer by layer, when it
+        applies: ≤ 4 rows of float32/64 on the cpu backend, eager, no gradient needed, no
+        peephole, projection, Cho GRU or training-mode dropout, and a well-formed state. None
+        otherwise (then forward() runs, and reports any bad input)."""
+        if (self.peephole or self.proj_size or self.mode == "gru_cho"
+                or (self.training and self.dropout > 0) or torch.compiler.is_compiling()
+                or x_t.dtype not in _STEP_DTYPES or x_t.device.type != "cpu"
+                or x_t.shape[-1] != self.input_size):
+            return None
+        unbatched = x_t.dim() == 1
+        x = x_t.unsqueeze(0) if unbatched else x_t
+        B, L, H = x.shape[0], self.num_layers, self.hidden_size
+        lstm = self.mode == "lstm"
+        if state is None:
+            h = c = x.new_zeros(L, B, H)
+        else:
+            h, c = state if lstm else (state, None)
+            if unbatched:
+                h, c = h.unsqueeze(1), (c.unsqueeze(1) if lstm else None)
+        tensors = [x, h] + ([c] if lstm else [])
+        if B > 4 or any(t.shape != (L, B, H) for t in tensors[1:]) \
+                or any(t.dtype != x.dtype or t.device != x.device for t in tensors):
+            return None
+        weights = self._weights()
+        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or any(
+                p.requires_grad for w in weights for p in w.values())):
+            return None
+        if registry.select("rnn", x.device) != "cpu" or weights[0]["w_ih"].dtype != x.dtype:
+            return None
+        hs, cs = [], []
+        for k, w in enumerate(weights):
+            hn, cn = _ext._C.cell_step(self.mode, x, h[k], c[k] if lstm else None, w["w_ih"],
+                                       w["w_hh"], w.get("b_ih"), w.get("b_hh"))
+            hs.append(hn)
+            cs.append(cn)
+            x = hn
+        h_n = torch.stack(hs)
+        c_n = torch.stack(cs) if lstm else None
+        if unbatched:
+            x, h_n, c_n = x.squeeze(0), h_n.squeeze(1), (c_n.squeeze(1) if lstm else None)
+        return x, ((h_n, c_n) if lstm else h_n)
 
 
 class RNN(_RecurrentBase):
