@@ -309,6 +309,21 @@ void keep_along_row(uint32_t rk, int64_t j0, int64_t n, uint32_t threshold, T* o
   for (int64_t j = 0; j < n; ++j) out[j] = mix32(rk + column_key(j0 + j)) >= threshold ? T(1) : T(0);
 }
 
+// Task t of a backward pass: batch b, key/value head hk and the query heads [h_begin, h_end) of
+// its group that this task covers (a group is split `chunks` ways when there are too few
+// (batch, kv head) pairs for the threads); acc_row indexes its dK/dV rows, (B, Hkv, chunks, Lk, ·).
+struct KvTask {
+  int64_t b, hk, h_begin, h_end, acc_row;
+  KvTask(const Dims& d, int64_t chunks, int64_t t) {
+    const int64_t g = d.group(), per = (g + chunks - 1) / chunks, c = t % chunks;
+    hk = (t / chunks) % d.Hkv;
+    b = t / (chunks * d.Hkv);
+    h_begin = hk * g + c * per;
+    h_end = std::min(hk * g + g, h_begin + per);
+    acc_row = (b * d.Hkv + hk) * chunks + c;
+  }
+};
+
 // Where the gradient of an additive mask goes: dS, summed over the dimensions along which the
 // mask broadcasts (stride 0 in the (B, Hq, Lq, Lk) view). When it broadcasts over batches or
 // heads, two tasks may add to one element, so each thread sums into its own copy.
@@ -776,7 +791,6 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   using V = Vec<float>;
   using bf16 = c10::BFloat16;
   constexpr int64_t BQ = kAmxBlockQ, BK = kAmxChunk;
-  const int64_t g = d.group(), heads_per_chunk = (g + chunks - 1) / chunks;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
   const int64_t Dp = amx_width(d.D), Dvp = amx_width(d.Dv);
   const at::Tensor kt = pack_transposed_blocks(k_, BK, BK), vt = pack_transposed_blocks(v_, BK, BK);
@@ -796,10 +810,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
     float* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task % chunks, hk = (task / chunks) % d.Hkv, b = task / (chunks * d.Hkv);
-      const int64_t h_begin = hk * g + c * heads_per_chunk;
-      const int64_t h_end = std::min(hk * g + g, h_begin + heads_per_chunk);
-      const int64_t acc_row = (b * d.Hkv + hk) * chunks + c;  // (B, Hkv, chunks, Lk, ·)
+      const auto [b, hk, h_begin, h_end, acc_row] = KvTask(d, chunks, task);
       for (int64_t kb = 0; kb < nkb; ++kb) {
         const int64_t j0 = kb * BK, nk = std::min(BK, d.Lk - j0), nkp = (nk + 1) / 2 * 2;
         const int64_t kblk = (b * d.Hkv + hk) * nkb + kb;
@@ -918,7 +929,6 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   constexpr int64_t BQ = kBlockQ, BK = kBlockK;
-  const int64_t g = d.group(), heads_per_chunk = (g + chunks - 1) / chunks;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ;
   const Strides sq(q_), sk(k_), sv(v_), so(do_);
   const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>(),
@@ -934,12 +944,9 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
     T* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task % chunks, hk = (task / chunks) % d.Hkv, b = task / (chunks * d.Hkv);
-      const int64_t h_begin = hk * g + c * heads_per_chunk;
-      const int64_t h_end = std::min(hk * g + g, h_begin + heads_per_chunk);
+      const auto [b, hk, h_begin, h_end, acc_row] = KvTask(d, chunks, task);
       const T* kbase = K + sk.at(b, hk);
       const T* vbase = Vp + sv.at(b, hk);
-      const int64_t acc_row = (b * d.Hkv + hk) * chunks + c;  // (B, Hkv, chunks, Lk, ·)
 
       for (int64_t j0 = 0; j0 < d.Lk; j0 += BK) {
         const int64_t nk = std::min(BK, d.Lk - j0);
