@@ -205,6 +205,34 @@ def test_step_kernel_streaming_equals_forward(kind, kw, B, dtype, monkeypatch):
     assert len(calls) == (6 * s.num_layers if (B or 1) <= 4 else 0)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cells_empty_batch(kind):
+    tcls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}[kind]
+    scls = {"lstm": snn.LSTMCell, "gru": snn.GRUCell, "rnn": snn.RNNCell}[kind]
+    t, s = tcls(5, 7), scls(5, 7)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            want, got = _flat(t(torch.empty(0, 5))), _flat(s(torch.empty(0, 5)))
+        assert [a.shape for a in got] == [a.shape for a in want]
+
+
+@pytest.mark.parametrize("state", [lambda: torch.zeros(1, 1, 7), lambda: "x",
+                                   lambda: (torch.zeros(1, 1, 7),)])
+def test_step_malformed_state_raises_clear_error(state):
+    with pytest.raises(TypeError, match=r"LSTM expects hx = \(h0, c0\)"):
+        snn.LSTM(5, 7).step(torch.randn(1, 5), state())
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input_with_lengths(batch_first):
+    t, s = make_pair("gru", 5, 7, batch_first=batch_first)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    y, h = s(x, lengths=[6])
+    want_y, want_h = t(x)
+    assert y.shape == want_y.shape and h.shape == want_h.shape
+    torch.testing.assert_close(y, want_y)
+
+
 @requires_cpu_ext
 def test_cell_step_rejects_bad_input():
     C = seqkern._ext._C

@@ -271,17 +271,27 @@ struct Dropout {
     keep_scale = p >= 1 ? 0.0 : 1.0 / (1.0 - p);
   }
 
-  // splitmix64 of the row's flat index: decorrelates neighbouring rows and seeds
-  uint32_t row_key(int64_t row) const {
+  // A row's 64-bit key, splitmix64 of its flat index (b·Hq + h)·Lq + i and the seed, in halves:
+  // key j of the row is kept by mix32((lo + j·φ) ^ hi), so two rows whose lo differ by d·φ
+  // (which alone would give one pattern shifted by d keys) still differ through hi.
+  struct RowKey {
+    uint32_t lo, hi;
+  };
+  RowKey row_key(int64_t row) const {
     uint64_t z = seed + static_cast<uint64_t>(row + 1) * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return static_cast<uint32_t>(z ^ (z >> 31));
+    z ^= z >> 31;
+    return {static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32)};
   }
-  // keys of query rows [i0, i0 + n) of (b, h): row index (b·Hq + h)·Lq + i
+  // keys of query rows [i0, i0 + n) of (b, h), as two arrays (they vectorise down a column)
   void row_keys(int64_t b, int64_t h, int64_t Hq, int64_t Lq, int64_t i0, int64_t n,
-                uint32_t* out) const {
-    for (int64_t r = 0; r < n; ++r) out[r] = row_key((b * Hq + h) * Lq + i0 + r);
+                uint32_t* lo, uint32_t* hi) const {
+    for (int64_t r = 0; r < n; ++r) {
+      const RowKey k = row_key((b * Hq + h) * Lq + i0 + r);
+      lo[r] = k.lo;
+      hi[r] = k.hi;
+    }
   }
 };
 
@@ -296,17 +306,20 @@ inline uint32_t mix32(uint32_t x) {
 }
 inline uint32_t column_key(int64_t j) { return static_cast<uint32_t>(j) * 0x9E3779B9u; }
 
-// Keep factors (1 or 0) of key j for n query rows with keys rk: a column of a transposed tile.
+// Keep factors (1 or 0) of key j for n query rows with keys (lo, hi): a column of a transposed
+// tile.
 template <typename T>
-void keep_down_column(const uint32_t* rk, int64_t n, int64_t j, uint32_t threshold, T* out) {
+void keep_down_column(const uint32_t* lo, const uint32_t* hi, int64_t n, int64_t j,
+                      uint32_t threshold, T* out) {
   const uint32_t ck = column_key(j);
-  for (int64_t r = 0; r < n; ++r) out[r] = mix32(rk[r] + ck) >= threshold ? T(1) : T(0);
+  for (int64_t r = 0; r < n; ++r) out[r] = mix32((lo[r] + ck) ^ hi[r]) >= threshold ? T(1) : T(0);
 }
 
-// Keep factors of keys [j0, j0 + n) for the query row with key rk.
+// Keep factors of keys [j0, j0 + n) for the query row with key k.
 template <typename T>
-void keep_along_row(uint32_t rk, int64_t j0, int64_t n, uint32_t threshold, T* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = mix32(rk + column_key(j0 + j)) >= threshold ? T(1) : T(0);
+void keep_along_row(Dropout::RowKey k, int64_t j0, int64_t n, uint32_t threshold, T* out) {
+  for (int64_t j = 0; j < n; ++j)
+    out[j] = mix32((k.lo + column_key(j0 + j)) ^ k.hi) >= threshold ? T(1) : T(0);
 }
 
 // Task t of a backward pass: batch b, key/value head hk and the query heads [h_begin, h_end) of
@@ -452,7 +465,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> QT(d.D * BQ), ST(BK * BQ), acc(BQ * d.Dv), mx(BQ), sm(BQ);
     std::vector<T> keep(drop.active ? BK * BQ : 0);
-    uint32_t rk[BQ] = {};
+    uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
@@ -469,7 +482,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       std::fill(acc.begin(), acc.begin() + mi * d.Dv, T(0));
       std::fill(mx.begin(), mx.end(), neg_inf<T>());
       std::fill(sm.begin(), sm.end(), T(0));
-      if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk);
+      if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk_lo, rk_hi);
 
       const Span keys = block_keys(mask, b, i0, mi);
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
@@ -482,7 +495,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                           });
         mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, ST.data(), BQ, neg_inf<T>(), mask.has_explicit());
         if (drop.active)
-          for (int64_t c = 0; c < nk; ++c) keep_down_column(rk, mp, j0 + c, drop.threshold, keep.data() + c * BQ);
+          for (int64_t c = 0; c < nk; ++c) keep_down_column(rk_lo, rk_hi, mp, j0 + c, drop.threshold, keep.data() + c * BQ);
         // online softmax down the columns, W queries at a time
         for (int64_t r0 = 0; r0 < mp; r0 += W) {
           V bmax(neg_inf<T>());
@@ -694,7 +707,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
     std::vector<bf16> P(BQ * BK);
-    uint32_t rk[BQ] = {};
+    uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[kAmxBlockK];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
@@ -703,7 +716,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
       std::fill(acc.begin(), acc.begin() + mi * Dvp, 0.0f);
       std::fill(mx.begin(), mx.end(), ninf);
       std::fill(sm.begin(), sm.end(), 0.0f);
-      if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk);
+      if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk_lo, rk_hi);
       const Span keys = block_keys(mask, b, i0, mi);
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
         const int64_t nk = std::min(BK, d.Lk - j0);
@@ -750,7 +763,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
             sum = sum + (n == V::size() ? e : V::set(V(0.0f), e, n));
           });
           if (drop.active) {  // after the sum: the normaliser is over the weights before dropout
-            keep_along_row(rk[r], j0 + lo, hi - lo, drop.threshold, keep.data());
+            keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
             for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
               store(load(s + lo + j, n) * load(keep.data() + j, n), s + lo + j, n);
             });
@@ -806,7 +819,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(BQ * BK), dP(BQ * BK), dk_loc(BK * Dp), dv_loc(BK * Dvp), keep(BK);
     std::vector<bf16> Pb(BQ * BK), dSb(BQ * BK), PbT(BK * BQ), dSbT(BK * BQ);
-    uint32_t rk[BQ] = {};
+    uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     float* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
@@ -829,7 +842,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                                         KT + kblk * d.D * BK, S.data(), true);
             at::native::cpublas::brgemm(mi, BK, d.Dv, so.l, BK, BK, false, DO + so.at(b, h, i0),
                                         VT + kblk * d.Dv * BK, dP.data(), true);
-            if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk);
+            if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk_lo, rk_hi);
             for (int64_t r = 0; r < mip; ++r) {
               float* s = S.data() + r * BK;
               float* dp = dP.data() + r * BK;
@@ -845,7 +858,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                   s[cc] = mask.bmask ? (mask.bmask[idx] ? s[cc] * scale : ninf) : s[cc] * scale + mask.amask[idx];
                 }
               const float sc = mask.has_explicit() ? 1.0f : scale;
-              if (drop.active) keep_along_row(rk[r], j0 + lo, hi - lo, drop.threshold, keep.data());
+              if (drop.active) keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
               const V lv(l[r]), dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
               for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
                 const V p = at::vec::fmsub(load(s + lo + j, n), V(sc), lv).exp_u20();
@@ -939,7 +952,7 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> PT(BK * BQ), dST(BK * BQ), dk_loc(BK * d.D), dv_loc(BK * d.Dv);
     std::vector<T> keep(drop.active ? BK * BQ : 0);
-    uint32_t rk[BQ] = {};
+    uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     const V keep_scale{T(drop.keep_scale)};
     T* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
@@ -976,9 +989,9 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
             mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, PT.data(), BQ, neg_inf<T>(), mask.has_explicit());
             mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, dST.data(), BQ, T(0), false);
             if (drop.active) {
-              drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk);
+              drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk_lo, rk_hi);
               for (int64_t cc = 0; cc < nk; ++cc)
-                keep_down_column(rk, mp, j0 + cc, drop.threshold, keep.data() + cc * BQ);
+                keep_down_column(rk_lo, rk_hi, mp, j0 + cc, drop.threshold, keep.data() + cc * BQ);
             }
             // With dropout (keep factors z): O = (P ⊙ z)·V, so dV uses P ⊙ z and the gradient
             // reaching P is dP ⊙ z; Δ = rowsum(dO ⊙ O) is still Σ_j P_ij (dP ⊙ z)_ij.

@@ -152,6 +152,7 @@ void row_block_product(const RowProduct<T>& p, int64_t r0) {
 template <typename T>
 void row_block(const RowProduct<T>& p, int64_t r0) {
   switch (p.M) {
+    case 0: return;
     case 1: return row_block_product<T, 1>(p, r0);
     case 2: return row_block_product<T, 2>(p, r0);
     case 3: return row_block_product<T, 3>(p, r0);

@@ -610,6 +610,7 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
   }
   at::Tensor h_out = at::empty({B, H}, x.options());
   at::Tensor c_out = lstm ? at::empty({B, H}, x.options()) : at::empty({0}, x.options());
+  if (B == 0 || H == 0) return {h_out, c_out};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqkern_cell_step", [&] {
     cell_step_kernel<scalar_t>(cell, B, I, H, x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
                                lstm ? c.data_ptr<scalar_t>() : nullptr, w_ih.data_ptr<scalar_t>(),

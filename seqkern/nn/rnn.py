@@ -192,6 +192,8 @@ class _RecurrentBase(nn.Module):
         elif lengths is not None:
             output, _ = pad_packed_sequence(PackedSequence(out, batch_sizes, sorted_idx, unsorted_idx),
                                             batch_first=self.batch_first, total_length=T)
+            if not batched:
+                output = output.squeeze(0 if self.batch_first else 1)
         else:
             output = out.view(T, B, -1)
             if not batched:  # (L, H_in) in, (L, H_out) out, whatever batch_first says
@@ -246,11 +248,16 @@ class _RecurrentBase(nn.Module):
         if state is None:
             h = c = x.new_zeros(L, B, H)
         else:
+            well_formed = (isinstance(state, tuple) and len(state) == 2
+                           and all(isinstance(t, Tensor) for t in state)) if lstm \
+                else isinstance(state, Tensor)
+            if not well_formed:
+                return None
             h, c = state if lstm else (state, None)
             if unbatched:
                 h, c = h.unsqueeze(1), (c.unsqueeze(1) if lstm else None)
         tensors = [x, h] + ([c] if lstm else [])
-        if B > 4 or any(t.shape != (L, B, H) for t in tensors[1:]) \
+        if not 1 <= B <= 4 or any(t.shape != (L, B, H) for t in tensors[1:]) \
                 or any(t.dtype != x.dtype or t.device != x.device for t in tensors):
             return None
         weights = self._weights()
@@ -332,7 +339,7 @@ class _CellBase(nn.Module):
         """Whether this call can take the one-step C++ kernel (``_C.cell_step``): a few rows,
         float32/64 on the cpu backend, eager, and nothing that needs a gradient. It skips the
         general recurrence's setup, which costs more than the step itself at small sizes."""
-        if (self.mode == "gru_cho" or xb.shape[0] > 4 or xb.dtype not in _STEP_DTYPES
+        if (self.mode == "gru_cho" or not 1 <= xb.shape[0] <= 4 or xb.dtype not in _STEP_DTYPES
                 or xb.device.type != "cpu" or torch.compiler.is_compiling()):
             return False
         if torch.is_grad_enabled() and (
@@ -366,7 +373,10 @@ class _CellBase(nn.Module):
             if not batched:
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
-        if self._inference_step(xb, h, c):
+        if B == 0:  # an empty batch, as torch's cells allow
+            h_n = xb.new_zeros(0, self.hidden_size)
+            c_n = xb.new_zeros(0, self.hidden_size) if self.mode == "lstm" else None
+        elif self._inference_step(xb, h, c):
             h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, self.weight_ih, self.weight_hh,
                                          self.bias_ih, self.bias_hh)
             c_n = c_n if self.mode == "lstm" else None

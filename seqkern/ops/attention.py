@@ -110,7 +110,7 @@ _triton_backend.install("attention", _attention_forward_op, _attention_backward_
 def _draw_seed() -> Tensor:
     """A dropout seed from torch's default generator, so ``torch.manual_seed`` makes dropout
     reproducible; a tensor, so that ``torch.compile`` traces it."""
-    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device="cpu")
 
 
 def dropout_keep_mask(shape, dropout_p: float, dropout_seed: Tensor) -> Tensor:
