@@ -640,6 +640,20 @@ bool amx_usable(const Dims& d) {
   return !(env && env[0] == '0');
 }
 
+// Row-major score tiles (the bf16 kernels): with an explicit mask, scores [lo, hi) of query i
+// (keys j0 + lo …) become scale·s + mask, or -inf where a bool mask forbids, and the factor
+// left to apply is 1; without one they are left raw and the factor is `scale`.
+inline float apply_explicit_mask_row(const Mask<float>& mask, int64_t b, int64_t h, int64_t i,
+                                     int64_t j0, int64_t lo, int64_t hi, float scale, float* s) {
+  if (!mask.has_explicit()) return scale;
+  for (int64_t c = lo; c < hi; ++c) {
+    const int64_t idx = mask.at(b, h, i, j0 + c);
+    s[c] = mask.bmask ? (mask.bmask[idx] ? s[c] * scale : neg_inf<float>())
+                      : s[c] * scale + mask.amask[idx];
+  }
+  return 1.0f;
+}
+
 // src (B, H, L, E) bf16 packed block by block: out (B, H, nb, block_size), where
 // pack_block(rows, ld, n, dst) writes the block of BL rows starting at `rows` (n of them valid).
 template <typename F>
@@ -734,14 +748,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
           const int64_t lo = rows[r].lo, hi = rows[r].hi;
           // The row maximum over the keys this query may see. Without an explicit mask the
           // scale is applied on the fly (here and in the exp below), saving a store per score.
-          float sc = scale;
-          if (mask.has_explicit()) {
-            for (int64_t c = lo; c < hi; ++c) {
-              const int64_t idx = mask.at(b, h, i0 + r, j0 + c);
-              s[c] = mask.bmask ? (mask.bmask[idx] ? s[c] * scale : ninf) : s[c] * scale + mask.amask[idx];
-            }
-            sc = 1.0f;
-          }
+          const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, s);
           V vmax(ninf);
           for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
             const V x = load(s + lo + j, n) * V(sc);
@@ -852,12 +859,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                 std::fill(dSb.data() + r * BK, dSb.data() + (r + 1) * BK, bf16(0.0f));
                 continue;
               }
-              if (mask.has_explicit())
-                for (int64_t cc = lo; cc < hi; ++cc) {
-                  const int64_t idx = mask.at(b, h, i0 + r, j0 + cc);
-                  s[cc] = mask.bmask ? (mask.bmask[idx] ? s[cc] * scale : ninf) : s[cc] * scale + mask.amask[idx];
-                }
-              const float sc = mask.has_explicit() ? 1.0f : scale;
+              const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, s);
               if (drop.active) keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
               const V lv(l[r]), dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
               for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {

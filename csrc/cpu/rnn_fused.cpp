@@ -209,17 +209,6 @@ void pack_column_panels(PanelBuffer& out, const float* w, int64_t GH, int64_t H,
     }
 }
 
-// A row-major (K × N) bf16 matrix, K even, in the VNNI order oneDNN's bf16 brgemm reads: k rows
-// in pairs, the pair of each column adjacent. Done here rather than by cpublas::pack, which
-// builds a oneDNN transform per call (~0.1 ms each, once per panel).
-void to_vnni(const c10::BFloat16* in, int64_t K, int64_t N, c10::BFloat16* out) {
-  for (int64_t k = 0; k < K; k += 2)
-    for (int64_t c = 0; c < N; ++c) {
-      out[k * N + 2 * c] = in[k * N + c];
-      out[k * N + 2 * c + 1] = in[(k + 1) * N + c];
-    }
-}
-
 // bfloat16 weights W (G·H, Kw), W_hh, optionally stacked over W_ih (G·H, Kx) along k, as the
 // right operand of [h | x]·[W_hh | W_ih]ᵀ for oneDNN's brgemm: per panel the K × (G·U·W)
 // matrix of pack_gate_panels' layout, in bf16, then in the VNNI order brgemm reads (pairs of k
@@ -275,7 +264,7 @@ struct VnniPanels {
       std::fill(tmp.begin(), tmp.end(), c10::BFloat16(0.0f));
       transpose_into(w, Kw, 0, p, n);
       if (wx) transpose_into(wx, Kx, Kh, p, n);
-      to_vnni(tmp.data(), K, N, buf.get() + p * K * N);
+      pack_vnni(tmp.data(), N, K, N, K, N, buf.get() + p * K * N);
     }
   }
   const c10::BFloat16* panel(int64_t p) const { return buf.get() + p * K * N; }
@@ -292,13 +281,8 @@ struct VnniColumnPanels {
       : w(w_), GH(GH_), H(H_), K((GH_ + 1) / 2 * 2), N(U * kW),
         buf(new c10::BFloat16[panels(H_, U) * K * N]) {}
   void pack(int64_t p0, int64_t p1) {  // panels [p0, p1), as VnniPanels::pack
-    std::vector<c10::BFloat16> tmp(K * N);
-    for (int64_t p = p0; p < p1; ++p) {
-      std::fill(tmp.begin(), tmp.end(), c10::BFloat16(0.0f));
-      const int64_t n = std::min<int64_t>(N, H - p * N);
-      for (int64_t k = 0; k < GH; ++k) std::copy(w + k * H + p * N, w + k * H + p * N + n, tmp.data() + k * N);
-      to_vnni(tmp.data(), K, N, buf.get() + p * K * N);
-    }
+    for (int64_t p = p0; p < p1; ++p)
+      pack_vnni(w + p * N, H, GH, std::min<int64_t>(N, H - p * N), K, N, buf.get() + p * K * N);
   }
   const c10::BFloat16* panel(int64_t p) const { return buf.get() + p * K * N; }
 };

@@ -21,6 +21,23 @@ from seqkern.reference.rnn import gate_count
 
 _STEP_DTYPES = (torch.float32, torch.float64)
 
+
+def _one_step_kernel_applies(mode: str, x: Tensor, state: list, params: list) -> bool:
+    """Whether one step of x (B, I) may run on ``_C.cell_step``: 1 ≤ B ≤ 4 rows of float32/64 on
+    the cpu backend, eager, the state and the weights in x's dtype on the CPU, and nothing that
+    needs a gradient. Cells and step() take it; it skips the general recurrence's setup, which
+    costs more than the step itself at small sizes. This runs on every call, so only the first
+    parameter's dtype and device are looked at (~0.7 µs per tensor): the kernel checks every
+    operand and raises a clear error for a module whose parameters disagree."""
+    if (mode == "gru_cho" or not 1 <= x.shape[0] <= 4 or x.dtype not in _STEP_DTYPES
+            or x.device.type != "cpu" or torch.compiler.is_compiling()):
+        return False
+    if any(t.dtype != x.dtype or t.device != x.device for t in (*state, params[0])):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *state, *params)):
+        return False
+    return registry.select("rnn", x.device) == "cpu"
+
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 
@@ -256,15 +273,10 @@ class _RecurrentBase(nn.Module):
             h, c = state if lstm else (state, None)
             if unbatched:
                 h, c = h.unsqueeze(1), (c.unsqueeze(1) if lstm else None)
-        tensors = [x, h] + ([c] if lstm else [])
-        if not 1 <= B <= 4 or any(t.shape != (L, B, H) for t in tensors[1:]) \
-                or any(t.dtype != x.dtype or t.device != x.device for t in tensors):
-            return None
+        state_tensors = [h] + ([c] if lstm else [])
         weights = self._weights()
-        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or any(
-                p.requires_grad for w in weights for p in w.values())):
-            return None
-        if registry.select("rnn", x.device) != "cpu" or weights[0]["w_ih"].dtype != x.dtype:
+        if any(t.shape != (L, B, H) for t in state_tensors) or not _one_step_kernel_applies(
+                self.mode, x, state_tensors, [p for w in weights for p in w.values()]):
             return None
         hs, cs = [], []
         for k, w in enumerate(weights):
@@ -335,22 +347,6 @@ class _CellBase(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
 
-    def _inference_step(self, xb, h, c) -> bool:
-        """Whether this call can take the one-step C++ kernel (``_C.cell_step``): a few rows,
-        float32/64 on the cpu backend, eager, and nothing that needs a gradient. It skips the
-        general recurrence's setup, which costs more than the step itself at small sizes."""
-        if (self.mode == "gru_cho" or not 1 <= xb.shape[0] <= 4 or xb.dtype not in _STEP_DTYPES
-                or xb.device.type != "cpu" or torch.compiler.is_compiling()):
-            return False
-        if torch.is_grad_enabled() and (
-                xb.requires_grad or h.requires_grad or (c is not None and c.requires_grad)
-                or self.weight_ih.requires_grad or self.weight_hh.requires_grad
-                or (self.bias and (self.bias_ih.requires_grad or self.bias_hh.requires_grad))):
-            return False
-        w = self.weight_ih
-        return (w.dtype == xb.dtype and h.dtype == xb.dtype and w.device.type == "cpu"
-                and registry.select("rnn", xb.device) == "cpu")
-
     def _run(self, x, h, c):
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(f"input must be (batch, {self.input_size}) or ({self.input_size},), "
@@ -376,7 +372,9 @@ class _CellBase(nn.Module):
         if B == 0:  # an empty batch, as torch's cells allow
             h_n = xb.new_zeros(0, self.hidden_size)
             c_n = xb.new_zeros(0, self.hidden_size) if self.mode == "lstm" else None
-        elif self._inference_step(xb, h, c):
+        elif _one_step_kernel_applies(self.mode, xb, [h] + ([c] if c is not None else []),
+                                      [p for p in (self.weight_ih, self.weight_hh, self.bias_ih,
+                                                   self.bias_hh) if p is not None]):
             h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, self.weight_ih, self.weight_hh,
                                          self.bias_ih, self.bias_hh)
             c_n = c_n if self.mode == "lstm" else None

@@ -90,8 +90,8 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, attn_mask, key_lengths, dropout_seed = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
     dq, dk, dv, dmask = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
-                                               attn_mask, key_lengths, *ctx.args[:4],
-                                               ctx.args[4], dropout_seed, mask_grad)
+                                               attn_mask, key_lengths, *ctx.args, dropout_seed,
+                                               mask_grad)
     dmask = dmask.view(attn_mask.shape) if mask_grad else None
     return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
