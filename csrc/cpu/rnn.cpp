@@ -89,12 +89,15 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   at::Tensor xg = xg_given.defined() ? xg_given
                   : fuse_x           ? at::Tensor()
                                      : empty_large({N, G * H}, h0.options());
-  at::Tensor bias = at::zeros({G * H}, h0.options());
-  if (b_ih.defined()) bias.add_(b_ih);
-  if (b_hh.defined()) {
-    if (cell == Cell::Gru) bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
-    else bias.add_(b_hh);
-  }
+  // (plain loops: at B = 1 a call is ~100 µs, and each tensor op here cost about 1)
+  std::vector<T> bias(G * H, T(0));
+  const int64_t b_hh_n = cell == Cell::Gru ? 2 * H : G * H;
+  auto add_bias = [&](const at::Tensor& b, int64_t n) {
+    const T* p = b.data_ptr<T>();
+    for (int64_t j = 0; j < n; ++j) bias[j] += p[j];
+  };
+  if (b_ih.defined()) add_bias(b_ih, G * H);
+  if (b_hh.defined()) add_bias(b_hh, b_hh_n);
   // One step of a few rows (a cell call, a streaming step): x·W_ihᵀ and h·W_hhᵀ together in
   // one parallel pass over the weights (few_row_products) instead of two threaded MKL GEMVs.
   const bool few = L.T == 1 && L.B <= kFewRows && !proj && cell != Cell::GruCho &&
@@ -103,18 +106,14 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
     gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
             xg.data_ptr<T>(), G * H);
   }
-  const T* bz = bias.data_ptr<T>();
+  const T* bz = bias.data();
   const T* b_hn = (cell == Cell::Gru && b_hh.defined()) ? b_hh.data_ptr<T>() + 2 * H : nullptr;
 
-  at::Tensor rec = at::empty({L.B, G * H}, h0.options());
-  at::Tensor aux = at::empty({L.B, H}, h0.options());  // r⊙h (Cho GRU) or o⊙tanh(c) (proj)
   T* hs = h_state.data_ptr<T>();
   T* cs = proj || cell == Cell::Lstm ? c_state.data_ptr<T>() : nullptr;
   const T* whh = data_or_null<T>(w_hh);
   const T* peep_p = peep ? w_peep.data_ptr<T>() : nullptr;
   T* outp = out.data_ptr<T>();
-  T* recp = rec.data_ptr<T>();
-  T* auxp = aux.data_ptr<T>();
   T* gsave = save && ws_gates.defined() ? ws_gates.data_ptr<T>() : nullptr;
   T* csave = save && ws_cells.defined() ? ws_cells.data_ptr<T>() : nullptr;
   T* hsave = save ? ws_hprev.data_ptr<T>() : nullptr;
@@ -129,6 +128,10 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
       return;
     }
   }
+  at::Tensor rec = at::empty({L.B, G * H}, h0.options());
+  at::Tensor aux = at::empty({L.B, H}, h0.options());  // r⊙h (Cho GRU) or o⊙tanh(c) (proj)
+  T* recp = rec.data_ptr<T>();
+  T* auxp = aux.data_ptr<T>();
   // The recurrent matrices are packed once for all T steps.
   const bool cho = cell == Cell::GruCho;
   const int64_t pack_m = L.T >= 4 ? L.B : 0;  // packing is not worth it for a few steps
@@ -495,11 +498,11 @@ void check_common(Cell cell, const at::Tensor& x, const at::Tensor& batch_sizes,
     TORCH_CHECK(c0.defined() && c0.dim() == 2 && c0.size(0) == h0.size(0) && c0.size(1) == H,
                 "seqkern cpu recurrence: c0 must be (", h0.size(0), ", ", H, ")");
   }
-  TORCH_CHECK(batch_sizes.size(0) == 0 || batch_sizes[0].item<int64_t>() == h0.size(0),
+  auto acc = batch_sizes.accessor<int64_t, 1>();
+  TORCH_CHECK(batch_sizes.size(0) == 0 || acc[0] == h0.size(0),
               "seqkern cpu recurrence: batch_sizes[0] (the batch) must equal h0.size(0) = ",
               h0.size(0));
   int64_t total = 0, prev = h0.size(0);
-  auto acc = batch_sizes.accessor<int64_t, 1>();
   for (int64_t t = 0; t < batch_sizes.size(0); ++t) {
     TORCH_CHECK(acc[t] >= 1 && acc[t] <= prev,
                 "seqkern cpu recurrence: batch_sizes must be positive, non-increasing and at "

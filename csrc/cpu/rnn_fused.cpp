@@ -298,13 +298,17 @@ int64_t padded_stride(int64_t n) {
   return (lines % 16 == 0 ? lines + 1 : lines) * 16;
 }
 
-// One thread when a step is too small to pay for a barrier, unless W_hh is larger than L1:
-// then each step streams it from L2, which is the bound at small batch (B = 1: about 2 bytes
-// per FMA), and two cores stream it twice as fast. Measured at B = 1: LSTM H = 128, T = 200
-// 1.53 → 0.89 ms; GRU H = 96 and LSTM H = 96 faster, H ≤ 64 (≤ 64 KB of weights) slower.
+// One thread when a step is too small to pay for a barrier, unless W_hh is larger than about
+// L1: then each step streams it from L2, which is the bound at small batch (B = 1: about 2
+// bytes per FMA), and two cores stream it twice as fast, or hold half each in L1.
+// Measured, T = 50, I = H, µs per call at 1 → 2 threads: B = 1: RNN H = 128 (64 KB) 159 → 135,
+// GRU H = 64 (48 KB) 131 → 113, LSTM H = 64 (64 KB) 172 → 138; but RNN H = 96 (36 KB)
+// 108 → 119, LSTM H = 48 (36 KB) 105 → 121; B = 4 RNN H = 96 173 → 206; B = 8 GRU H = 64
+// 510 → 383.
 int thread_count(int64_t B, int64_t GH, int64_t H, int64_t P) {
   const int64_t work = B * GH * H, weight_bytes = GH * H * int64_t(sizeof(float));
-  int nt = work < (1 << 17) && weight_bytes < (96 << 10) ? 1 : at::get_num_threads();
+  int nt = work < (1 << 17) && weight_bytes < (40 << 10) ? 1 : at::get_num_threads();
+  if (const char* e = std::getenv("SK_NT")) nt = std::atoi(e);  // TEMP experiment
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, P)));
 }
 

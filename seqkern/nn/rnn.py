@@ -175,7 +175,7 @@ class _RecurrentBase(nn.Module):
                 data, batch_sizes, sorted_idx, unsorted_idx = p
             else:
                 data = x.contiguous().view(T * B, x.shape[2])
-                batch_sizes = torch.full((T,), B, dtype=torch.int64)
+                batch_sizes = self._uniform_batch_sizes(T, B)
 
         if hx is None:
             h0 = data.new_zeros(LD, B, Hs)
@@ -197,9 +197,9 @@ class _RecurrentBase(nn.Module):
                 h0 = h0.index_select(1, sorted_idx)
                 c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
 
-        out, h_n, c_n = ops.recurrence(self.mode, data, batch_sizes, h0, c0, self._weights(),
-                                       self.num_layers, self.bidirectional, self.dropout,
-                                       self.training)
+        out, h_n, c_n = ops._recurrence(self.mode, data, batch_sizes, h0, c0, self._weights(),
+                                        self.num_layers, self.bidirectional, self.dropout,
+                                        self.training, check=False)
         if unsorted_idx is not None:
             h_n = h_n.index_select(1, unsorted_idx)
             c_n = c_n.index_select(1, unsorted_idx) if c_n is not None else None
@@ -221,6 +221,17 @@ class _RecurrentBase(nn.Module):
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
         return output, ((h_n, c_n) if is_lstm else h_n)
+
+    def _uniform_batch_sizes(self, T: int, B: int) -> Tensor:
+        """batch_sizes = [B] * T of a padded input, kept from the last call: the kernels only
+        read it, and building it each call was ~2 µs of a ~100 µs call at B = 1."""
+        if torch.compiler.is_compiling():
+            return torch.full((T,), B, dtype=torch.int64)
+        cached = self.__dict__.get("_batch_sizes_cache")
+        if cached is None or cached[0] != (T, B):
+            cached = ((T, B), torch.full((T,), B, dtype=torch.int64))
+            self.__dict__["_batch_sizes_cache"] = cached
+        return cached[1]
 
     def _check_input(self, x, dim, name):
         if x.dim() != dim or x.shape[-1] != self.input_size:

@@ -228,7 +228,11 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
     Returns (out (N, Hs), h_n (B, Hs), c_n (B, H) or None).
     """
     _check_layer(mode, x, batch_sizes, h0, c0, weights)
-    backend = registry.select("rnn", x.device)
+    return _run_layer(registry.select("rnn", x.device), mode, x, batch_sizes, h0, c0, weights,
+                      reverse)
+
+
+def _run_layer(backend, mode, x, batch_sizes, h0, c0, weights, reverse):
     if backend == "reference":
         return _reference_layer(mode, x, batch_sizes, h0, c0, weights, reverse)
     if backend == "triton":
@@ -236,8 +240,8 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
 
         return triton_rnn.recurrent_layer(mode, x, batch_sizes, h0, c0, weights, reverse)
     args = [weights.get(k) for k in _WEIGHT_KEYS]
-    tensors = [x, h0, c0] + args
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, *args))
     if torch.compiler.is_compiling():
         out, h_n, c_n, *_ = _recurrent_layer_op(mode, x, batch_sizes, h0, c0, *args, reverse, save)
     elif save:
@@ -258,22 +262,37 @@ def recurrence(mode: str, data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Ten
     weights[layer * D + direction] are per-layer dicts as in ``recurrent_layer``; h0 is
     (num_layers * D, B, Hs). Returns (out (N, D * Hs), h_n, c_n or None), h_n layer-major.
     """
+    return _recurrence(mode, data, batch_sizes, h0, c0, weights, num_layers, bidirectional,
+                       dropout, training, check=True)
+
+
+def _recurrence(mode, data, batch_sizes, h0, c0, weights, num_layers, bidirectional, dropout,
+                training, check):
+    """recurrence(); with check=False the per-layer Python checks are skipped (seqkern.nn's
+    modules, whose weights have their shapes by construction and which check the input and
+    the state themselves: at B = 1 these checks were ~10 % of a 50-step call). The kernels
+    still check every operand."""
     D = 2 if bidirectional else 1
     if len(weights) != num_layers * D:
         raise ValueError(f"expected {num_layers * D} weight sets, got {len(weights)}")
+    backend = registry.select("rnn", data.device)
     hs, cs = [], []
     inp = data
     for k in range(num_layers):
         outs = []
         for d in range(D):
             idx = k * D + d
-            out, h, c = recurrent_layer(mode, inp, batch_sizes, h0[idx],
-                                        None if c0 is None else c0[idx], weights[idx],
-                                        reverse=(d == 1))
+            c0_l = None if c0 is None else c0[idx]
+            if check:
+                _check_layer(mode, inp, batch_sizes, h0[idx], c0_l, weights[idx])
+            out, h, c = _run_layer(backend, mode, inp, batch_sizes, h0[idx], c0_l, weights[idx],
+                                   d == 1)
             outs.append(out)
             hs.append(h)
             cs.append(c)
         inp = outs[0] if D == 1 else torch.cat(outs, dim=1)
         if dropout > 0 and training and k < num_layers - 1:
             inp = torch.nn.functional.dropout(inp, dropout, training=True)
+    if len(hs) == 1:
+        return inp, hs[0].unsqueeze(0), (cs[0].unsqueeze(0) if mode == "lstm" else None)
     return inp, torch.stack(hs), (torch.stack(cs) if mode == "lstm" else None)
