@@ -312,6 +312,47 @@ def test_decode_with_cache_equals_full(chunks, window):
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Lk, D, Dv", [(16, 16, 16), (47, 40, 24), (1001, 64, 64),
+                                       (333, 200, 256), (100, 8, 130)])
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_decode_rows_within_torch_error(dtype, Lk, D, Dv, Lq):
+    """The decode kernel (≤ 4 query rows) scores keys 16 at a time and keeps P·V in registers,
+    in blocks of 8 vectors: key counts around and past 16, head dims with partial vectors and
+    value dims over 128, fp32 and a bf16 cache, against float64 and torch's own error."""
+    gen = torch.Generator().manual_seed(stable_seed(Lk, D, Dv, Lq, dtype))
+    q, k, v = make_inputs((2, 4, 2, Lq, Lk, D, Dv), dtype, gen)
+    kw = dict(is_causal=True, causal_alignment="bottom_right")
+    with torch.no_grad():
+        ours = sdpa(q, k, v, enable_gqa=True, **kw)
+        exact = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                 enable_gqa=True, **kw)
+        theirs = torch_sdpa(q, k, v, **kw)
+    bound = 2 * max_err(theirs, exact) + FLOOR[dtype] * max(1.0, exact.abs().max().item())
+    assert ours.dtype == dtype and max_err(ours, exact) <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("how", ["bool", "key_lengths"])
+def test_decode_ignores_masked_garbage_in_the_cache(dtype, how):
+    """A preallocated cache may hold NaN or inf past the tokens written so far; a key ruled out
+    by the mask must not reach the output, whatever the cache holds there."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_inputs((1, 2, 2, 1, 100, 64, 64), dtype, gen)
+    n = 61
+    kc, vc = k.clone(), v.clone()
+    kc[:, :, n:], vc[:, :, n:] = float("nan"), float("inf")
+    if how == "bool":
+        kw = dict(attn_mask=(torch.arange(100) < n).view(1, 1, 1, 100))
+    else:
+        kw = dict(key_lengths=torch.tensor([n]))
+    with torch.no_grad():
+        got = sdpa(q, kc, vc, **kw)
+        want = sdpa(q, k[:, :, :n], v[:, :, :n])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 @settings(max_examples=30, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 2), g=st.sampled_from([1, 2, 4]),
        Lq=st.integers(1, 80), Lk=st.integers(1, 80), D=st.sampled_from([8, 16, 40, 64]),

@@ -635,6 +635,13 @@ std::vector<at::Tensor> recurrent_forward(
   TORCH_CHECK(cell == Cell::Lstm || (!w_peep_.has_value() && !w_hr_.has_value()),
               "seqkern: peephole and projection weights apply to LSTM only");
   const auto st = x_.scalar_type();
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"h0", &h0_}, {"c0", &opt(c0_)},
+                         {"weight_ih", &w_ih_}, {"weight_hh", &w_hh_}, {"bias_ih", &opt(b_ih_)},
+                         {"bias_hh", &opt(b_hh_)}, {"weight_peep", &opt(w_peep_)},
+                         {"weight_hr", &opt(w_hr_)}})
+    TORCH_CHECK(!t->defined() || (t->scalar_type() == st && t->device() == x_.device()),
+                "seqkern cpu recurrence: ", name, " must have x's dtype and device (", st, ", ",
+                x_.device(), "), got (", t->scalar_type(), ", ", t->device(), ")");
   const auto ct = compute_type(st);
   Layout L(batch_sizes);
   const int64_t G = gate_count(cell), H = w_hh_.size(0) / G;
