@@ -312,6 +312,34 @@ def test_decode_with_cache_equals_full(chunks, window):
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("slope", [0.4, 0.02, -0.4])
+@pytest.mark.parametrize("kind", ["causal", "window_br", "additive"])
+def test_bf16_scores_that_grow_along_the_keys(slope, kind):
+    """The bf16 tile kernel takes exponents against a reference max that moves only when a key
+    tile's max exceeds it by more than 8 (and then redoes that tile): scores rising along the
+    keys (by ~100 per 256-key tile, or slowly) and falling, against float64 and torch's error."""
+    gen = torch.Generator().manual_seed(stable_seed(slope, kind))
+    B, H, L, D = 1, 2, 600, 64
+    u = torch.ones(D, dtype=torch.float64)
+    q = u + 0.3 * torch.randn(B, H, L, D, generator=gen, dtype=torch.float64)
+    ramp = slope * torch.arange(L, dtype=torch.float64).view(1, 1, L, 1) / 8
+    k = ramp * u + torch.randn(B, H, L, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, H, L, D, generator=gen, dtype=torch.float64)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    kw = make_mask_kwargs(kind, B, H, L, L, torch.bfloat16, gen)
+    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for n, t in kw.items()}
+    go = torch.randn(B, H, L, D, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+    exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(),
+                             v.double(), go.double(), **kw64)
+    ours = forward_backward(sdpa, q, k, v, go, **kw)
+    theirs = forward_backward(torch_sdpa, q, k, v, go, **kw)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        assert torch.isfinite(a).all(), name
+        bound = 2 * max_err(t, e) + FLOOR[torch.bfloat16] * max(1.0, e.abs().max().item())
+        assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Lk, D, Dv", [(16, 16, 16), (47, 40, 24), (1001, 64, 64),
                                        (333, 200, 256), (100, 8, 130)])

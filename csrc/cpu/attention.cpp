@@ -430,18 +430,32 @@ at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
 
 // ------------------------------------------------------------------ forward ----------------
 
+// o[0 .. n) = a · f, stored in o's type: a bf16 output is rounded here, in the kernel, rather
+// than by a conversion pass over a float32 copy afterwards.
+template <typename T, typename OT>
+SEQKERN_INLINE void scaled_row_to(const T* a, int64_t n, T f, OT* o) {
+  if constexpr (std::is_same_v<OT, T>) {
+    for_each_vec<T>(n, [&](int64_t j, int64_t cnt) { store(load(a + j, cnt) * Vec<T>(f), o + j, cnt); });
+  } else {
+    constexpr int64_t kChunk = 256;
+    T tmp[kChunk];
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - j0);
+      for_each_vec<T>(m, [&](int64_t j, int64_t cnt) { store(load(a + j0 + j, cnt) * Vec<T>(f), tmp + j, cnt); });
+      at::vec::convert(tmp, o + j0, m);
+    }
+  }
+}
+
 // Rows of O = keep_scale · acc / sum (zeros for a row that saw no allowed key) and their
 // log-sum-exp, from the online-softmax state of a query block; acc rows are ld_acc apart. The
 // sum is over the weights before dropout, so the log-sum-exp is dropout's too.
-template <typename T>
+template <typename T, typename OT = T>
 void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, const T* sm,
-                       const T* mx, T keep_scale, T* o, T* l) {
+                       const T* mx, T keep_scale, OT* o, T* l) {
   for (int64_t r = 0; r < mi; ++r) {
     const T inv = sm[r] > T(0) ? keep_scale / sm[r] : T(0);
-    const T* a = acc + r * ld_acc;
-    for_each_vec<T>(Dv, [&](int64_t j, int64_t cnt) {
-      store(load(a + j, cnt) * Vec<T>(inv), o + r * Dv + j, cnt);
-    });
+    scaled_row_to(acc + r * ld_acc, Dv, inv, o + r * Dv);
     l[r] = sm[r] > T(0) ? mx[r] + std::log(sm[r]) : neg_inf<T>();
   }
 }
@@ -644,7 +658,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   const Strides sq(q_), sk(k_), sv(v_);
   const T* Q = q_.data_ptr<T>();
   const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
-  T* O = out.data_ptr<T>();
+  S* O = out.data_ptr<S>();  // bf16 when the cache is: written in place
   T* LSE = lse.data_ptr<T>();
   const int64_t g = d.group();
   at::parallel_for(0, d.B * d.Hq * d.Lq, 1, [&](int64_t begin, int64_t end) {
@@ -654,7 +668,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
       const T* q = Q + sq.at(b, h, i);
       const S* kbase = K + sk.at(b, h / g);
       const S* vbase = Vp + sv.at(b, h / g);
-      T* o = O + ((b * d.Hq + h) * d.Lq + i) * d.Dv;
+      S* o = O + ((b * d.Hq + h) * d.Lq + i) * d.Dv;
       T* l = LSE + (b * d.Hq + h) * d.Lq + i;
       const Span keys = mask.range(b, i);
       T mx = neg_inf<T>();
@@ -684,7 +698,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
         mx = std::max(mx, sc);
       }
       if (keys.empty() || mx == neg_inf<T>()) {  // no allowed key: zeros, not NaN
-        std::fill(o, o + d.Dv, T(0));
+        std::fill(o, o + d.Dv, S(0));
         *l = neg_inf<T>();
         continue;
       }
@@ -703,8 +717,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
       }
       weighted_rows_sum(s.data(), nk, vbase + keys.lo * sv.l, sv.l, d.Dv,
                         mask.has_explicit() || drop.active, acc.data());
-      const V inv(T(drop.keep_scale) / sum);
-      for_each_vec<T>(d.Dv, [&](int64_t c, int64_t n) { store(load(acc.data() + c, n) * inv, o + c, n); });
+      scaled_row_to(acc.data(), d.Dv, T(drop.keep_scale) / sum, o);
       *l = mx + std::log(sum);
     }
   });
@@ -801,7 +814,51 @@ at::Tensor pack_row_blocks(const at::Tensor& src, int64_t BL) {
   });
 }
 
-// q, k, v bf16 with the last dimension contiguous; out (fp32) and lse as in forward_kernel.
+// The largest of s[0 .. n) · sc (NaN ignored), -inf for none.
+inline float row_max_scaled(const float* s, int64_t n, float sc) {
+  using V = Vec<float>;
+  const float ninf = neg_inf<float>();
+  V vmax(ninf);
+  for_each_vec<float>(n, [&](int64_t j, int64_t c) {
+    const V x = load(s + j, c) * V(sc);
+    vmax = max_no_nan(vmax, c == V::size() ? x : V::set(V(ninf), x, c));
+  });
+  return at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
+}
+
+constexpr float kLazyRescale = 8.0f;
+
+// p[j] = bf16(exp(s[j]·sc − m) · keep[j]) for j < n (keep null: 1); sum = Σ exp(s[j]·sc − m)
+// (before dropout), max = the largest s[j]·sc. P goes out in bf16 straight from registers.
+SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m,
+                                    const float* keep, c10::BFloat16* p, float& sum_out,
+                                    float& max_out) {
+  using V = Vec<float>;
+  constexpr int64_t W = V::size();
+  const float ninf = neg_inf<float>();
+  V sum(0.0f), vmax(ninf);
+  auto part = [&](int64_t j, int64_t c, V& e) __attribute__((always_inline)) {
+    V x = load(s + j, c) * V(sc);
+    if (c < W) x = V::set(V(ninf), x, c);  // lanes past the row: exp gives 0
+    vmax = max_no_nan(vmax, x);
+    e = (x - V(m)).exp_u20();  // P is rounded to bf16, so the 20-ulp exp is exact enough
+    sum = sum + e;
+    if (keep) e = e * load(keep + j, c);
+  };
+  for (int64_t j = 0; j < n; j += 2 * W) {
+    const int64_t c = std::min(2 * W, n - j), c0 = std::min(W, c), c1 = c - c0;
+    V e0, e1(0.0f);
+    part(j, c0, e0);
+    if (c1 > 0) part(j + W, c1, e1);
+    const auto pb = at::vec::convert_from_float<c10::BFloat16>(e0, e1);
+    if (c == 2 * W) pb.store(p + j);
+    else pb.store(p + j, c);
+  }
+  sum_out = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, sum);
+  max_out = at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
+}
+
+// q, k, v bf16 with the last dimension contiguous; out (bf16) and lse (fp32) as in forward_kernel.
 void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                              const at::Tensor& v_, float scale, const Mask<float>& mask,
                              const Dropout& drop, at::Tensor& out, at::Tensor& lse) {
@@ -817,7 +874,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
   const Strides sq(q_);
   const bf16* Q = q_.data_ptr<bf16>();
-  float* O = out.data_ptr<float>();
+  bf16* O = out.data_ptr<bf16>();
   float* LSE = lse.data_ptr<float>();
   const int64_t g = d.group();
   const float ninf = neg_inf<float>();
@@ -847,50 +904,49 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         at::native::cpublas::brgemm(mi, khi - klo, d.D, sq.l, BK, BK, false, q,
                                     KP + blk * d.D * BK + 2 * klo, S.data() + klo, true);
         for (int64_t r = 0; r < mi; ++r) {
-          float* s = S.data() + r * BK;
+          const float* s = S.data() + r * BK;
           bf16* p = P.data() + r * BK;
-          const int64_t lo = rows[r].lo, hi = rows[r].hi;
-          // The row maximum over the keys this query may see. Without an explicit mask the
-          // scale is applied on the fly (here and in the exp below), saving a store per score.
-          const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, s);
-          V vmax(ninf);
-          for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
-            const V x = load(s + lo + j, n) * V(sc);
-            vmax = max_no_nan(vmax, n == V::size() ? x : V::set(V(ninf), x, n));
-          });
-          const float bmax = at::vec::vec_reduce_all<float>(
-              [](V x, V y) { return at::vec::maximum(x, y); }, vmax);
-          if (bmax == ninf) {  // nothing allowed in this tile for this row
-            std::fill(p + klo, p + khi, bf16(0.0f));
-            continue;
+          const int64_t lo = rows[r].lo, hi = std::max(rows[r].lo, rows[r].hi);
+          // Without an explicit mask the scale is applied on the fly, saving a store per score.
+          const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, S.data() + r * BK);
+          std::fill(p + klo, p + lo, bf16(0.0f));
+          std::fill(p + hi, p + khi, bf16(0.0f));
+          // Lazy rescaling: exponents are taken against the row's reference max m, which only
+          // moves when a tile's max exceeds it by more than kLazyRescale (then that tile is
+          // redone). So a row pays one pass per tile, not a max pass and then an exp pass, and
+          // the accumulator is rescaled rarely. Weights up to e^kLazyRescale are exact in fp32
+          // and in bf16's range; the first tile a row sees sets m from its true max.
+          float m = mx[r];
+          if (m == ninf) {
+            m = row_max_scaled(s + lo, hi - lo, sc);
+            if (m == ninf) {  // nothing allowed yet for this row
+              std::fill(p + lo, p + hi, bf16(0.0f));
+              continue;
+            }
           }
-          const float m_new = std::max(mx[r], bmax);
-          const float alpha = mx[r] == ninf ? 0.0f : std::exp(mx[r] - m_new);
-          V sum(0.0f);
-          for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
-            // P is rounded to bf16 (8 bits) before P·V, so the 20-ulp exp is exact enough
-            const V e = at::vec::fmsub(load(s + lo + j, n), V(sc), V(m_new)).exp_u20();
-            store(e, s + lo + j, n);
-            sum = sum + (n == V::size() ? e : V::set(V(0.0f), e, n));
-          });
-          if (drop.active) {  // after the sum: the normaliser is over the weights before dropout
+          const float* kp = nullptr;
+          if (drop.active) {  // the normaliser is over the weights before dropout
             keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
-            for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
-              store(load(s + lo + j, n) * load(keep.data() + j, n), s + lo + j, n);
-            });
+            kp = keep.data();
           }
-          std::fill(s + klo, s + lo, 0.0f);
-          std::fill(s + hi, s + khi, 0.0f);
-          at::vec::convert(s + klo, p + klo, khi - klo);
-          sm[r] = sm[r] * alpha + at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, sum);
-          mx[r] = m_new;
+          float rsum, rmax;
+          exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum, rmax);
+          float alpha = 1.0f;
+          if (rmax > m + kLazyRescale) {
+            alpha = std::exp(m - rmax);
+            m = rmax;
+            exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum, rmax);
+          }
+          if (mx[r] == ninf) alpha = 0.0f;  // first tile: nothing to rescale
+          sm[r] = sm[r] * alpha + rsum;
+          mx[r] = m;
           if (alpha != 1.0f) scale_row(acc.data() + r * Dvp, d.Dv, alpha);
         }
         // V is packed as pairs of key rows, so keys [klo, khi) start klo·Dvp elements in
         at::native::cpublas::brgemm(mi, Dvp, khi - klo, BK, Dvp, Dvp, true, P.data() + klo,
                                     VP + blk * BK * Dvp + klo * Dvp, acc.data(), true);
       }
-      write_output_rows<float>(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
+      write_output_rows(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                                static_cast<float>(drop.keep_scale),
                                O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv,
                                LSE + (b * d.Hq + h) * d.Lq + i0);
@@ -1248,6 +1304,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   }
   const bool decode = d.Lq <= kDecodeRows;
   if (!decode && q.scalar_type() == at::kBFloat16 && amx_usable(d)) {
+    out = empty_large({d.B, d.Hq, d.Lq, d.Dv}, q.options());
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
@@ -1259,6 +1316,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   // decoding reads a bf16 cache as it is stored (see decode_forward_kernel)
   const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
   const at::ScalarType kv_type = bf16_kv ? at::kBFloat16 : ct;
+  if (bf16_kv) out = at::empty({d.B, d.Hq, d.Lq, d.Dv}, q.options());
   at::Tensor qc = rows_contiguous(q, ct);
   at::Tensor kc = rows_contiguous(k, kv_type), vc = rows_contiguous(v, kv_type);
   at::Tensor mask_hold, len_hold;
