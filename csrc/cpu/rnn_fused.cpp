@@ -308,7 +308,6 @@ int64_t padded_stride(int64_t n) {
 int thread_count(int64_t B, int64_t GH, int64_t H, int64_t P) {
   const int64_t work = B * GH * H, weight_bytes = GH * H * int64_t(sizeof(float));
   int nt = work < (1 << 17) && weight_bytes < (40 << 10) ? 1 : at::get_num_threads();
-  if (const char* e = std::getenv("SK_NT")) nt = std::atoi(e);  // TEMP experiment
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, P)));
 }
 
