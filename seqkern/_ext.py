@@ -59,3 +59,21 @@ def warn_fallback_once() -> None:
         _warned = True
         warnings.warn(f"seqkern: {load_error}; using the reference implementation on the CPU",
                       RuntimeWarning, stacklevel=3)
+
+
+def direct_call_ok(*tensors) -> bool:
+    """Whether an op may call its C++ kernel directly, or through a plain autograd.Function,
+    instead of its registered custom op: in eager mode only, on plain tensors, with no graph
+    being traced (torch.compile, jit.trace, make_fx), no torch.func transform and no dispatch or
+    function mode (FakeTensorMode, FlopCounterMode, ...) active. Those all need the custom op,
+    which costs tens of microseconds of Python dispatch per call; this check costs about 1."""
+    import torch  # (seqkern imports torch first; this is a dict lookup)
+
+    C = torch._C
+    if (torch.compiler.is_compiling() or C._is_tracing() or C._len_torch_dispatch_stack()
+            or C._are_functorch_transforms_active() or C._is_torch_function_mode_enabled()):
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+    return True

@@ -760,3 +760,34 @@ def test_compile_fullgraph_mask_gradient_and_dropout():
     out.backward(go)
     assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in ts)
     assert not torch.allclose(out, want[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_window_with_key_lengths_leaves_some_rows_nothing(dtype):
+    """A sliding window and a key length together leave late query rows with no key (their
+    window starts past the key length) while other rows of the same tile still see keys."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_inputs((2, 2, 2, 600, 600, 64, 64), dtype, gen)
+    kw = dict(is_causal=True, window=50, key_lengths=torch.tensor([100, 600]))
+    with torch.no_grad():
+        got = sdpa(q, k, v, **kw)
+        exact = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+    assert torch.isfinite(got).all()
+    assert (got[0, :, 150:] == 0).all()  # rows whose window lies past key 100
+    torch.testing.assert_close(got.double(), exact, atol=FLOOR[dtype] * 8, rtol=0.02)
+
+
+def test_dispatch_modes_and_tracing_see_the_registered_op():
+    """Eager calls skip the custom op's dispatch; a dispatch mode (FlopCounterMode) or make_fx
+    must still see the registered op, and get the eager result."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_inputs((1, 2, 2, 70, 70, 16, 16), torch.float32, gen)
+    want = sdpa(q, k, v, is_causal=True)
+    with FlopCounterMode(display=False):
+        torch.testing.assert_close(sdpa(q, k, v, is_causal=True), want)
+    gm = make_fx(lambda a, b, c: sdpa(a, b, c, is_causal=True))(q, k, v)
+    assert "seqkern.attention_forward" in gm.code
+    torch.testing.assert_close(gm(q, k, v), want)

@@ -355,3 +355,66 @@ def test_single_step_few_rows(mode, kw, B, I, H, bias):
     for a, b in zip(got, o2):
         if a is not None:
             torch.testing.assert_close(a.double(), b.detach(), atol=2e-5, rtol=2e-5)
+
+
+@requires_cpu_ext
+def test_cpp_rejects_misshapen_biases_and_saved_tensors():
+    """The modules skip the per-layer Python checks (the kernel repeats them): a direct call with
+    a wrong-sized bias, peephole or saved activation gets a clear error, not a read past it."""
+    from seqkern import _ext
+
+    x, bs, h0 = torch.randn(6, 5), torch.full((3,), 2, dtype=torch.int64), torch.zeros(2, 7)
+    w_ih, w_hh = torch.randn(21, 5), torch.randn(21, 7)
+    with pytest.raises(RuntimeError, match=r"bias_ih must be \(21,\)"):
+        _ext._C.recurrent_forward("gru", x, bs, h0, None, w_ih, w_hh, torch.randn(20),
+                                  torch.randn(21), None, None, False, False)
+    with pytest.raises(RuntimeError, match=r"bias_hh must be \(21,\)"):
+        _ext._C.recurrent_forward("gru", x, bs, h0, None, w_ih, w_hh, None, torch.randn(3, 7),
+                                  None, None, False, False)
+    c0 = torch.zeros(2, 7)
+    with pytest.raises(RuntimeError, match=r"weight_peep must be \(3, 7\)"):
+        _ext._C.recurrent_forward("lstm", x, bs, h0, c0, torch.randn(28, 5), torch.randn(28, 7),
+                                  None, None, torch.randn(3, 6), None, False, False)
+    with pytest.raises(RuntimeError, match="weight_hh must have x's dtype"):
+        _ext._C.recurrent_forward("gru", x, bs, h0, None, w_ih, w_hh.double(), None, None, None,
+                                  None, False, False)
+    out, h_n, c_n, g, c, hp = _ext._C.recurrent_forward("gru", x, bs, h0, None, w_ih, w_hh, None,
+                                                        None, None, None, False, True)
+    with pytest.raises(RuntimeError, match="ws_gates must be"):
+        _ext._C.recurrent_backward("gru", torch.randn(6, 7), None, None, x, bs, w_ih, w_hh, None,
+                                   None, None, None, out, g[:, :7], c, hp, False)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        _ext._C.recurrent_backward("gru", torch.randn(6, 8), None, None, x, bs, w_ih, w_hh, None,
+                                   None, None, None, out, g, c, hp, False)
+
+
+@requires_cpu_ext
+def test_module_trains_after_a_first_call_under_inference_mode():
+    """The padded batch_sizes tensor a module keeps between calls must not be an inference
+    tensor: autograd saves it for the backward."""
+    m = seqkern.nn.GRU(4, 5)
+    x = torch.randn(6, 2, 4)
+    with torch.inference_mode():
+        m(x)
+    out, _ = m(x)
+    out.sum().backward()
+    assert m.weight_hh_l0.grad is not None
+
+
+@requires_cpu_ext
+def test_dispatch_modes_and_tracing_see_the_registered_op():
+    """Eager calls skip the custom op's dispatch; a dispatch mode (FlopCounterMode) or make_fx
+    must still see the registered op, and get the eager result."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = seqkern.nn.LSTM(4, 5).eval()
+    x = torch.randn(6, 2, 4)
+    with torch.no_grad():
+        want, _ = m(x)
+        with FlopCounterMode(display=False):
+            got, _ = m(x)
+        torch.testing.assert_close(got, want)
+        gm = make_fx(lambda t: m(t)[0])(x)
+    assert "seqkern.recurrent_layer" in gm.code
+    torch.testing.assert_close(gm(x), want)

@@ -606,7 +606,9 @@ Vec<float> dot_16_keys(const float*, const S*, int64_t, int64_t) { return Vec<fl
 // acc[0 .. Dv) = Σ_j p[j] · v_j for the nk rows v_j = v + j·ldv, the accumulators of each block
 // of NV vectors in registers, in two sets (even and odd keys) so that the FMA latency is hidden
 // at small Dv. With skip_zero, rows of weight 0 (masked out or dropped) are not read: a
-// preallocated cache may hold anything, NaN included, where the mask rules it out.
+// preallocated cache may hold anything, NaN included, where the mask rules it out. Without a
+// mask every row in the span is read, so a weight that underflows to 0 meets its V row as in a
+// matrix product (torch's too): 0·inf gives NaN.
 template <int NV, typename T, typename S>
 void weighted_rows_sum_block(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t c0,
                              int64_t Dv, bool skip_zero, T* acc) {
@@ -914,7 +916,11 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         for (int64_t r = 0; r < mi; ++r) {
           const float* s = S.data() + r * BK;
           bf16* p = P.data() + r * BK;
-          const int64_t lo = rows[r].lo, hi = std::max(rows[r].lo, rows[r].hi);
+          if (rows[r].empty()) {  // (a window and a key length can leave lo > hi)
+            std::fill(p + klo, p + khi, bf16(0.0f));
+            continue;
+          }
+          const int64_t lo = rows[r].lo, hi = rows[r].hi;  // within [klo, khi)
           // Without an explicit mask the scale is applied on the fly, saving a store per score.
           const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, S.data() + r * BK);
           std::fill(p + klo, p + lo, bf16(0.0f));
@@ -1303,16 +1309,19 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const Dims d = check_inputs(q, k, v);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   const at::ScalarType ct = compute_type(q.scalar_type());
-  at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv}, q.options().dtype(ct));
+  const bool decode = d.Lq <= kDecodeRows;
+  // The bf16 tile kernel and the bf16 decode kernel write bf16 outputs themselves.
+  const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
+  const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
+  at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv},
+                               q.options().dtype(amx || bf16_kv ? q.scalar_type() : ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(ct));
   if (out.numel() == 0 || lse.numel() == 0 || d.Lk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out.to(q.scalar_type()), lse};
   }
-  const bool decode = d.Lq <= kDecodeRows;
-  if (!decode && q.scalar_type() == at::kBFloat16 && amx_usable(d)) {
-    out = empty_large({d.B, d.Hq, d.Lq, d.Dv}, q.options());
+  if (amx) {
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
@@ -1322,9 +1331,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     return {out.to(q.scalar_type()), lse};
   }
   // decoding reads a bf16 cache as it is stored (see decode_forward_kernel)
-  const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
   const at::ScalarType kv_type = bf16_kv ? at::kBFloat16 : ct;
-  if (bf16_kv) out = at::empty({d.B, d.Hq, d.Lq, d.Dv}, q.options());
   at::Tensor qc = rows_contiguous(q, ct);
   at::Tensor kc = rows_contiguous(k, kv_type), vc = rows_contiguous(v, kv_type);
   at::Tensor mask_hold, len_hold;

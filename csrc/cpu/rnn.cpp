@@ -635,6 +635,20 @@ std::vector<at::Tensor> recurrent_forward(
   TORCH_CHECK(cell == Cell::Lstm || (!w_peep_.has_value() && !w_hr_.has_value()),
               "seqkern: peephole and projection weights apply to LSTM only");
   const auto st = x_.scalar_type();
+  {
+    const int64_t G = gate_count(cell), H = w_ih_.size(0) / G;
+    for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"bias_ih", &opt(b_ih_)},
+                           {"bias_hh", &opt(b_hh_)}})
+      TORCH_CHECK(!t->defined() || (t->dim() == 1 && t->size(0) == G * H),
+                  "seqkern cpu recurrence: ", name, " must be (", G * H, ",), got ", t->sizes());
+    TORCH_CHECK(!w_peep_.has_value() || (w_peep_->dim() == 2 && w_peep_->size(0) == 3 &&
+                                         w_peep_->size(1) == H),
+                "seqkern cpu recurrence: weight_peep must be (3, ", H, "), got ",
+                w_peep_.has_value() ? w_peep_->sizes() : at::IntArrayRef{});
+    TORCH_CHECK(!w_hr_.has_value() || (w_hr_->dim() == 2 && w_hr_->size(1) == H),
+                "seqkern cpu recurrence: weight_hr must be (proj_size, ", H, "), got ",
+                w_hr_.has_value() ? w_hr_->sizes() : at::IntArrayRef{});
+  }
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"h0", &h0_}, {"c0", &opt(c0_)},
                          {"weight_ih", &w_ih_}, {"weight_hh", &w_hh_}, {"bias_ih", &opt(b_ih_)},
                          {"bias_hh", &opt(b_hh_)}, {"weight_peep", &opt(w_peep_)},
@@ -713,9 +727,37 @@ std::vector<at::Tensor> recurrent_backward(
   const auto st = x_.scalar_type();
   const auto ct = compute_type(st);
   Layout L(batch_sizes);
-  TORCH_CHECK(ws_hprev.size(0) == L.N,
+  TORCH_CHECK(ws_hprev.dim() == 2 && ws_hprev.size(0) == L.N,
               "seqkern cpu recurrence backward: the forward did not save activations "
               "(it ran with save=False)");
+  {  // what the forward returned and saved, for the weights given (a direct call may mix them)
+    const int64_t G = gate_count(cell);
+    TORCH_CHECK(x_.dim() == 2 && x_.size(0) == L.N && w_ih_.dim() == 2 &&
+                    w_ih_.size(1) == x_.size(1) && w_ih_.size(0) % G == 0,
+                "seqkern cpu recurrence backward: x (", x_.sizes(), ") and weight_ih (",
+                w_ih_.sizes(), ") do not match batch_sizes and each other");
+    const int64_t H = w_ih_.size(0) / G, Hs = w_hr_.has_value() ? w_hr_->size(0) : H;
+    auto check = [&](const char* name, const at::Tensor& t, std::vector<int64_t> want) {
+      TORCH_CHECK(!t.defined() || t.sizes() == at::IntArrayRef(want),
+                  "seqkern cpu recurrence backward: ", name, " must be ", at::IntArrayRef(want),
+                  ", got ", t.sizes());
+    };
+    check("weight_hh", w_hh_, {G * H, Hs});
+    check("out", out, {L.N, Hs});
+    check("ws_hprev", ws_hprev, {L.N, Hs});
+    check("grad_out", opt(grad_out), {L.N, Hs});
+    if (L.T > 0) {  // (with no steps the batch is h0's, which the backward is not given)
+      check("grad_hn", opt(grad_hn), {L.B, Hs});
+      check("grad_cn", opt(grad_cn), {L.B, H});
+    }
+    check("bias_ih", opt(b_ih_), {G * H});
+    check("bias_hh", opt(b_hh_), {G * H});
+    check("weight_peep", opt(w_peep_), {3, H});
+    if (w_hr_.has_value()) check("weight_hr", *w_hr_, {Hs, H});
+    if (cell != Cell::RnnTanh && cell != Cell::RnnRelu)
+      check("ws_gates", ws_gates, {L.N, cell == Cell::Gru ? 4 * H : G * H});
+    if (cell == Cell::Lstm) check("ws_cells", ws_cells, {L.N, w_hr_.has_value() ? 3 * H : 2 * H});
+  }
   auto x = compute_copy(x_, ct);
   auto w_ih = compute_copy(w_ih_, ct), w_hh = compute_copy(w_hh_, ct);
   auto b_ih = compute_copy(opt(b_ih_), ct), b_hh = compute_copy(opt(b_hh_), ct);

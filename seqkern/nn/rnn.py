@@ -30,7 +30,7 @@ def _one_step_kernel_applies(mode: str, x: Tensor, state: list, params: list) ->
     parameter's dtype and device are looked at (~0.7 µs per tensor): the kernel checks every
     operand and raises a clear error for a module whose parameters disagree."""
     if (mode == "gru_cho" or not 1 <= x.shape[0] <= 4 or x.dtype not in _STEP_DTYPES
-            or x.device.type != "cpu" or torch.compiler.is_compiling()):
+            or x.device.type != "cpu" or not _ext.direct_call_ok(x, *state, *params)):
         return False
     if any(t.dtype != x.dtype or t.device != x.device for t in (*state, params[0])):
         return False
@@ -229,7 +229,10 @@ class _RecurrentBase(nn.Module):
             return torch.full((T,), B, dtype=torch.int64)
         cached = self.__dict__.get("_batch_sizes_cache")
         if cached is None or cached[0] != (T, B):
-            cached = ((T, B), torch.full((T,), B, dtype=torch.int64))
+            # never an inference tensor (a first call under inference_mode), which a later
+            # training call could not save for backward
+            with torch.inference_mode(False):
+                cached = ((T, B), torch.full((T,), B, dtype=torch.int64))
             self.__dict__["_batch_sizes_cache"] = cached
         return cached[1]
 
@@ -265,7 +268,7 @@ class _RecurrentBase(nn.Module):
         peephole, projection, Cho GRU or training-mode dropout, and a well-formed state. None
         otherwise (then forward() runs, and reports any bad input)."""
         if (self.peephole or self.proj_size or self.mode == "gru_cho"
-                or (self.training and self.dropout > 0) or torch.compiler.is_compiling()
+                or (self.training and self.dropout > 0) or not _ext.direct_call_ok()
                 or x_t.dtype not in _STEP_DTYPES or x_t.device.type != "cpu"
                 or x_t.shape[-1] != self.input_size):
             return None

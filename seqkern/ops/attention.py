@@ -105,8 +105,8 @@ _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerAttention(torch.autograd.Function):
     """The custom op's kernels and backward for eager training, without its Python dispatch
-    (~40 µs a call, more than the kernel for a decoding step). Under torch.compile, and wherever
-    a graph is traced, the custom op is used."""
+    (~40 µs a call, more than the kernel for a decoding step). Where _ext.direct_call_ok says
+    no (torch.compile, tracing, torch.func, dispatch modes), the custom op is used."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -278,7 +278,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         else:
             p = float(dropout_p)
             args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None)
-            if torch.compiler.is_compiling():
+            if not _ext.direct_call_ok(q, k, v, m, kl):
                 out, _ = _attention_forward_op(*args)
             elif torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (q, k, v, m)):

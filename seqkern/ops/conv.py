@@ -434,7 +434,7 @@ def wavenet_stack_step(x_t: Tensor, states: list[Tensor], blocks: list[tuple],
     cols = [list(c) for c in zip(*blocks)]
     # Generation is latency-bound (one sample per call, ~20 µs of math per layer): eager calls
     # go straight to the extension; the registered op is what torch.compile/export see.
-    step = (_wavenet_stack_step_op if torch.compiler.is_compiling()
-            else _ext._C.wavenet_stack_step)
+    step = (_ext._C.wavenet_stack_step if _ext.direct_call_ok(x_t, *states)
+            else _wavenet_stack_step_op)
     out = step(x_t, list(states), *cols, list(dilations))
     return out[0], out[1], list(out[2:])
