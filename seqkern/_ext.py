@@ -61,6 +61,13 @@ def warn_fallback_once() -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd must record an op on these tensors (None entries are skipped)."""
+    import torch
+
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def direct_call_ok(*tensors) -> bool:
     """Whether an op may call its C++ kernel directly, or through a plain autograd.Function,
     instead of its registered custom op: in eager mode only, on plain tensors, with no graph

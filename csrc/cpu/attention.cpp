@@ -188,9 +188,26 @@ SEQKERN_INLINE Vec<T> running_max(const Vec<T>& m, const Vec<T>& x) {
   else return at::vec::maximum(m, x);
 }
 
+// o[0 .. n) = a · f, stored in o's type: a bf16 output is rounded here, in the kernel, rather
+// than by a conversion pass over a float32 copy afterwards.
+template <typename T, typename OT>
+SEQKERN_INLINE void scaled_row_to(const T* a, int64_t n, T f, OT* o) {
+  if constexpr (std::is_same_v<OT, T>) {
+    for_each_vec<T>(n, [&](int64_t j, int64_t cnt) { store(load(a + j, cnt) * Vec<T>(f), o + j, cnt); });
+  } else {
+    constexpr int64_t kChunk = 256;
+    T tmp[kChunk];
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - j0);
+      for_each_vec<T>(m, [&](int64_t j, int64_t cnt) { store(load(a + j0 + j, cnt) * Vec<T>(f), tmp + j, cnt); });
+      at::vec::convert(tmp, o + j0, m);
+    }
+  }
+}
+
 template <typename T>
 void scale_row(T* x, int64_t n, T a) {
-  for_each_vec<T>(n, [&](int64_t j, int64_t cnt) { store(load(x + j, cnt) * Vec<T>(a), x + j, cnt); });
+  scaled_row_to(x, n, a, x);
 }
 
 
@@ -437,23 +454,6 @@ at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
 }
 
 // ------------------------------------------------------------------ forward ----------------
-
-// o[0 .. n) = a · f, stored in o's type: a bf16 output is rounded here, in the kernel, rather
-// than by a conversion pass over a float32 copy afterwards.
-template <typename T, typename OT>
-SEQKERN_INLINE void scaled_row_to(const T* a, int64_t n, T f, OT* o) {
-  if constexpr (std::is_same_v<OT, T>) {
-    for_each_vec<T>(n, [&](int64_t j, int64_t cnt) { store(load(a + j, cnt) * Vec<T>(f), o + j, cnt); });
-  } else {
-    constexpr int64_t kChunk = 256;
-    T tmp[kChunk];
-    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-      const int64_t m = std::min(kChunk, n - j0);
-      for_each_vec<T>(m, [&](int64_t j, int64_t cnt) { store(load(a + j0 + j, cnt) * Vec<T>(f), tmp + j, cnt); });
-      at::vec::convert(tmp, o + j0, m);
-    }
-  }
-}
 
 // Rows of O = keep_scale · acc / sum (zeros for a row that saw no allowed key) and their
 // log-sum-exp, from the online-softmax state of a query block; acc rows are ld_acc apart. The

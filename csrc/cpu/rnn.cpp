@@ -473,6 +473,16 @@ at::ScalarType compute_type(at::ScalarType st) {
   return st == at::kBFloat16 ? at::kFloat : st;
 }
 
+// That t, where given, has exactly the shape `want`; the error names it as (a, b).
+void check_shape(const char* who, const char* name, const at::Tensor& t,
+                 std::initializer_list<int64_t> want) {
+  if (!t.defined() || t.sizes() == at::IntArrayRef(want)) return;
+  std::string shape = "(";
+  for (int64_t n : want) shape += std::to_string(n) + (want.size() == 1 ? ",)" : ", ");
+  if (want.size() != 1) shape.replace(shape.size() - 2, 2, ")");
+  TORCH_CHECK(false, who, ": ", name, " must be ", shape, ", got ", t.sizes());
+}
+
 void check_common(Cell cell, const at::Tensor& x, const at::Tensor& batch_sizes,
                   const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                   const at::Tensor& w_hh, const at::Tensor& w_hr) {
@@ -637,17 +647,11 @@ std::vector<at::Tensor> recurrent_forward(
   const auto st = x_.scalar_type();
   {
     const int64_t G = gate_count(cell), H = w_ih_.size(0) / G;
-    for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"bias_ih", &opt(b_ih_)},
-                           {"bias_hh", &opt(b_hh_)}})
-      TORCH_CHECK(!t->defined() || (t->dim() == 1 && t->size(0) == G * H),
-                  "seqkern cpu recurrence: ", name, " must be (", G * H, ",), got ", t->sizes());
-    TORCH_CHECK(!w_peep_.has_value() || (w_peep_->dim() == 2 && w_peep_->size(0) == 3 &&
-                                         w_peep_->size(1) == H),
-                "seqkern cpu recurrence: weight_peep must be (3, ", H, "), got ",
-                w_peep_.has_value() ? w_peep_->sizes() : at::IntArrayRef{});
-    TORCH_CHECK(!w_hr_.has_value() || (w_hr_->dim() == 2 && w_hr_->size(1) == H),
-                "seqkern cpu recurrence: weight_hr must be (proj_size, ", H, "), got ",
-                w_hr_.has_value() ? w_hr_->sizes() : at::IntArrayRef{});
+    const char* who = "seqkern cpu recurrence";
+    check_shape(who, "bias_ih", opt(b_ih_), {G * H});
+    check_shape(who, "bias_hh", opt(b_hh_), {G * H});
+    check_shape(who, "weight_peep", opt(w_peep_), {3, H});
+    if (w_hr_.has_value()) check_shape(who, "weight_hr", *w_hr_, {w_hr_->size(0), H});
   }
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"h0", &h0_}, {"c0", &opt(c0_)},
                          {"weight_ih", &w_ih_}, {"weight_hh", &w_hh_}, {"bias_ih", &opt(b_ih_)},
@@ -737,10 +741,8 @@ std::vector<at::Tensor> recurrent_backward(
                 "seqkern cpu recurrence backward: x (", x_.sizes(), ") and weight_ih (",
                 w_ih_.sizes(), ") do not match batch_sizes and each other");
     const int64_t H = w_ih_.size(0) / G, Hs = w_hr_.has_value() ? w_hr_->size(0) : H;
-    auto check = [&](const char* name, const at::Tensor& t, std::vector<int64_t> want) {
-      TORCH_CHECK(!t.defined() || t.sizes() == at::IntArrayRef(want),
-                  "seqkern cpu recurrence backward: ", name, " must be ", at::IntArrayRef(want),
-                  ", got ", t.sizes());
+    auto check = [](const char* name, const at::Tensor& t, std::initializer_list<int64_t> want) {
+      check_shape("seqkern cpu recurrence backward", name, t, want);
     };
     check("weight_hh", w_hh_, {G * H, Hs});
     check("out", out, {L.N, Hs});

@@ -34,7 +34,7 @@ def _one_step_kernel_applies(mode: str, x: Tensor, state: list, params: list) ->
         return False
     if any(t.dtype != x.dtype or t.device != x.device for t in (*state, params[0])):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *state, *params)):
+    if _ext.needs_grad(x, *state, *params):
         return False
     return registry.select("rnn", x.device) == "cpu"
 

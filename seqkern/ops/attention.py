@@ -280,8 +280,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None)
             if not _ext.direct_call_ok(q, k, v, m, kl):
                 out, _ = _attention_forward_op(*args)
-            elif torch.is_grad_enabled() and any(
-                    t is not None and t.requires_grad for t in (q, k, v, m)):
+            elif _ext.needs_grad(q, k, v, m):
                 out, _ = _EagerAttention.apply(*args)
             else:  # eager inference: nothing to record, so no dispatch at all
                 out, _ = _ext._C.attention_forward(*args)

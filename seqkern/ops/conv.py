@@ -249,10 +249,6 @@ def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, g
 
 # ---------------------------------------------------------------- public API ---------------
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilation: int = 1,
                   groups: int = 1, activation: str | None = None,
                   initial_state: Tensor | None = None, return_final_state: bool = False):
@@ -277,7 +273,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilatio
         return ref.causal_conv1d(x, weight, bias, dilation, groups, activation, initial_state,
                                  return_final_state)
     code = _ACT_CODE[activation]
-    save = code == _SILU and _needs_grad(x, weight, bias, initial_state)
+    save = code == _SILU and _ext.needs_grad(x, weight, bias, initial_state)
     y, _ = _conv_op(x, weight, bias, initial_state, dilation, groups, code, save)
     if return_final_state:
         return y, ref.final_state(x, initial_state, (weight.shape[2] - 1) * dilation)
@@ -330,7 +326,7 @@ def wavenet_block(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, skip
                                  res_bias, dilation, initial_state, return_final_state)
     sw = skip_weight.reshape(skip_weight.shape[0], skip_weight.shape[1])
     rw = res_weight.reshape(res_weight.shape[0], res_weight.shape[1])
-    save = _needs_grad(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias,
+    save = _ext.needs_grad(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias,
                        initial_state)
     res, skip, _ = _wavenet_op(x, conv_weight, conv_bias, sw, skip_bias, rw, res_bias,
                                initial_state, dilation, save)
@@ -370,7 +366,7 @@ def causal_conv1d_step(x_t: Tensor, state: Tensor, weight: Tensor, bias: Tensor 
     """
     _check_step(x_t, state, weight, dilation, groups)
     if (registry.select("conv", x_t.device) == "triton"
-            and not _needs_grad(x_t, state, weight, bias)):
+            and not _ext.needs_grad(x_t, state, weight, bias)):
         from seqkern.triton import conv as triton_conv
 
         return triton_conv.causal_conv1d_step(x_t, state, weight, bias, dilation, groups,
@@ -420,7 +416,7 @@ def wavenet_stack_step(x_t: Tensor, states: list[Tensor], blocks: list[tuple],
         raise ValueError(f"need one state and one dilation per block: {len(blocks)} blocks, "
                          f"{len(states)} states, {len(dilations)} dilations")
     fused = (registry.select("conv", x_t.device) == "cpu"
-             and not _needs_grad(x_t, *states, *(t for p in blocks for t in p)))
+             and not _ext.needs_grad(x_t, *states, *(t for p in blocks for t in p)))
     if not fused:
         skip_sum, new_states = None, []
         for st, p, d in zip(states, blocks, dilations):

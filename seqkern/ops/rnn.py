@@ -240,8 +240,7 @@ def _run_layer(backend, mode, x, batch_sizes, h0, c0, weights, reverse):
 
         return triton_rnn.recurrent_layer(mode, x, batch_sizes, h0, c0, weights, reverse)
     args = [weights.get(k) for k in _WEIGHT_KEYS]
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, *args))
+    save = _ext.needs_grad(x, h0, c0, *args)
     if not _ext.direct_call_ok(x, batch_sizes, h0, c0, *args):
         out, h_n, c_n, *_ = _recurrent_layer_op(mode, x, batch_sizes, h0, c0, *args, reverse, save)
     elif save:

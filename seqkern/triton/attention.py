@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from seqkern import _ext
 from seqkern.triton.common import (LOG2E, check_device, dot_precision, interpreting,
                                    online_softmax_update)
 
@@ -517,7 +518,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, m, kl, is_causal: bool, bottom_ri
     """The triton backend of ``seqkern.ops.scaled_dot_product_attention``: (B, H, L, D) operands
     and mask flags as ``seqkern.ops.attention`` prepares them (arguments already checked)."""
     flags = (is_causal, bottom_right, window, scale)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = _ext.needs_grad(q, k, v)
     rows = (q.shape[1] // k.shape[1]) * q.shape[2]
     if not needs_grad and rows <= DECODE_MAX_ROWS and k.shape[2] >= DECODE_MIN_KEYS:
         out = attention_decode(q, k, v, m, kl, *flags)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from seqkern import _ext
 from seqkern.triton.common import check_device, dot_precision, sigmoid, tanh
 
 _ACT = {None: 0, "none": 0, "relu": 1, "silu": 2, "tanh": 3}
@@ -478,10 +479,10 @@ def causal_conv1d(x, weight, bias=None, dilation=1, groups=1, activation=None,
                   initial_state=None):
     """The triton backend of ``seqkern.ops.causal_conv1d`` (arguments checked); returns y."""
     if x.device.type == "cuda":
-        from seqkern.ops.conv import _ACT_CODE, _SILU, _conv_op, _needs_grad
+        from seqkern.ops.conv import _ACT_CODE, _SILU, _conv_op
 
         code = _ACT_CODE[activation]
-        save = code == _SILU and _needs_grad(x, weight, bias, initial_state)
+        save = code == _SILU and _ext.needs_grad(x, weight, bias, initial_state)
         return _conv_op(x, weight, bias, initial_state, dilation, groups, code, save)[0]
     return _CausalConv.apply(x, weight, bias, initial_state, dilation, groups, activation)
 
@@ -574,9 +575,9 @@ def wavenet_block(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight,
                   dilation=1, initial_state=None):
     """The triton backend of ``seqkern.ops.wavenet_block`` (arguments checked) → (res, skip)."""
     if x.device.type == "cuda":
-        from seqkern.ops.conv import _needs_grad, _wavenet_op
+        from seqkern.ops.conv import _wavenet_op
 
-        save = _needs_grad(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight,
+        save = _ext.needs_grad(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight,
                            res_bias, initial_state)
         sw = skip_weight.reshape(skip_weight.shape[0], skip_weight.shape[1])
         rw = res_weight.reshape(res_weight.shape[0], res_weight.shape[1])

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from seqkern import _ext
 from seqkern.triton.common import check_device, dot_acc, dot_precision, sigmoid, tanh
 
 _MODE_CODE = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3, "gru_cho": 4}
@@ -527,8 +528,7 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
         # On the GPU go through the registered custom op, so torch.compile sees one op.
         from seqkern.ops.rnn import _recurrent_layer_op
 
-        tensors = [x, h0, c0] + args
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        save = _ext.needs_grad(x, h0, c0, *args)
         out, h_n, c_n, *_ = _recurrent_layer_op(mode, x, batch_sizes, h0, c0, *args, reverse,
                                                 save)
         return out, h_n, (c_n if mode == "lstm" else None)
