@@ -47,6 +47,24 @@ bool bf16_tiles(Cell cell, bool proj, const Layout& L) {
   return L.B >= 8 && amx_recurrence_supported() && fused_supported(cell, proj, L);
 }
 
+// Whether a bfloat16 layer on brgemm tiles does its input projection in the loop too, as
+// [h | x_t]·[W_hh | W_ih]ᵀ, rather than as one bf16 GEMM over all steps beforehand. Fused,
+// each step streams W_ih as well as W_hh; once the two outgrow L2 that costs a read of both
+// per step, paid back only by enough rows. Apart, the GEMM is fast, but the loop then reads
+// x·W_ihᵀ in fp32 (4 bytes per gate and row) from memory, rows G·H apart, and stalls on it.
+// Measured, ms per call, apart → fused (2 threads, bytes of [W_hh | W_ih] per thread):
+// LSTM H = I = 512 (2 MB): B = 8 23.2 → 29.3, B = 16 33.3 → 28.5, B = 64 246 → 183;
+// RNN H = I = 1024 (2 MB) B = 64 61 → 54; GRU H = I = 512 (1.5 MB) B = 8 14.6 → 21.7, B = 64
+// 168 → 125; LSTM H = I = 1024 (8 MB) B = 64 294 → 337, B = 128 417 → 385; GRU H = I = 1024
+// (6 MB) B = 64 211 → 263, B = 128 204 → 241 (its x product is a second brgemm call).
+bool fuse_bf16_projection(Cell cell, int64_t weight_elems, int64_t B) {
+  const int64_t per_thread = weight_elems * int64_t(sizeof(at::BFloat16)) / at::get_num_threads();
+  const int64_t per_row = per_thread / std::max<int64_t>(B, 1);
+  constexpr int64_t MB = int64_t(1) << 20, KB = int64_t(1) << 10;
+  return per_thread <= MB || (per_thread <= 2 * MB && per_row <= 128 * KB) ||
+         (cell != Cell::Gru && per_row <= 64 * KB);
+}
+
 const at::BFloat16* ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<at::BFloat16>() : nullptr;
 }
@@ -673,11 +691,7 @@ std::vector<at::Tensor> recurrent_forward(
     const int64_t I = x_.size(1);
     const bool amx = bf16_tiles(cell, w_hr_.has_value(), L);
     if (amx) bf.w_hh = w_hh_.contiguous();
-    // Fusing the projection makes each step stream W_ih as well as W_hh; past L2 (about 1 MB
-    // of bf16 weights per thread) that costs more than one bf16 GEMM over all steps (measured
-    // LSTM B=8 H=I=512: 250 µs per step fused, against torch's 136 with the GEMM outside).
-    const int64_t fused_bytes = G * H * (H + I) * int64_t(sizeof(at::BFloat16));
-    if (amx && I % 2 == 0 && fused_bytes <= at::get_num_threads() * (int64_t(1) << 20)) {
+    if (amx && I % 2 == 0 && fuse_bf16_projection(cell, G * H * (H + I), L.B)) {
       bf.x = x_.contiguous();
       bf.w_ih = w_ih_.contiguous();
     } else {
