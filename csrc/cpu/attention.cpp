@@ -175,8 +175,8 @@ inline Span union_rows(const Span* rows, int64_t r0, int64_t r1, int64_t align) 
 // ------------------------------------------------------------------ row helpers ------------
 
 template <typename T>
-inline Vec<T> vexp(const Vec<T>& x) {
-  if constexpr (std::is_same_v<T, float>) return x.exp_u20();  // ~20 ulp, as torch's SDPA
+SEQKERN_INLINE Vec<T> vexp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) return exp2_weights(x * Vec<float>(kLog2e));
   else return x.exp();
 }
 
@@ -839,19 +839,21 @@ inline float row_max_scaled(const float* s, int64_t n, float sc) {
 constexpr float kLazyRescale = 8.0f;
 
 // p[j] = bf16(exp(s[j]·sc − m) · keep[j]) for j < n (keep null: 1); sum = Σ exp(s[j]·sc − m)
-// (before dropout), max = the largest s[j]·sc. P goes out in bf16 straight from registers.
+// (before dropout), max = the largest s[j]·sc. The exponent s·sc − m is taken in base 2 with
+// one FMA (exp2_weights), and P goes out in bf16 straight from registers.
 SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m,
                                     const float* keep, c10::BFloat16* p, float& sum_out,
                                     float& max_out) {
   using V = Vec<float>;
   constexpr int64_t W = V::size();
   const float ninf = neg_inf<float>();
+  const V c2(sc * kLog2e), m2(m * kLog2e);
   V sum(0.0f), vmax(ninf);
   auto part = [&](int64_t j, int64_t c, V& e) __attribute__((always_inline)) {
-    V x = load(s + j, c) * V(sc);
-    if (c < W) x = V::set(V(ninf), x, c);  // lanes past the row: exp gives 0
-    vmax = max_no_nan(vmax, x);
-    e = (x - V(m)).exp_u20();  // P is rounded to bf16, so the 20-ulp exp is exact enough
+    V y = at::vec::fmsub(load(s + j, c), c2, m2);
+    if (c < W) y = V::set(V(ninf), y, c);  // lanes past the row: weight 0
+    vmax = max_no_nan(vmax, y);
+    e = exp2_weights(y);
     sum = sum + e;
     if (keep) e = e * load(keep + j, c);
   };
@@ -860,12 +862,11 @@ SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m
     V e0, e1(0.0f);
     part(j, c0, e0);
     if (c1 > 0) part(j + W, c1, e1);
-    const auto pb = at::vec::convert_from_float<c10::BFloat16>(e0, e1);
-    if (c == 2 * W) pb.store(p + j);
-    else pb.store(p + j, c);
+    store_bf16_pair(e0, e1, p + j, c);
   }
   sum_out = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, sum);
-  max_out = at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
+  const float ymax = at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
+  max_out = ymax * kLn2 + m;  // back to the natural units of m (-inf stays -inf)
 }
 
 // q, k, v bf16 with the last dimension contiguous; out (bf16) and lse (fp32) as in forward_kernel.
@@ -1035,9 +1036,9 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
               }
               const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, s);
               if (drop.active) keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
-              const V lv(l[r]), dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
+              const V c2(sc * kLog2e), l2(l[r] * kLog2e), dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
               for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
-                const V p = at::vec::fmsub(load(s + lo + j, n), V(sc), lv).exp_u20();
+                const V p = exp2_weights(at::vec::fmsub(load(s + lo + j, n), c2, l2));
                 if (drop.active) {
                   const V z = load(keep.data() + j, n) * ks;
                   store(p * z, s + lo + j, n);
