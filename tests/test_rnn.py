@@ -153,6 +153,25 @@ def test_kernel_bfloat16_batched(mode, kw, I, H, reverse, path, monkeypatch):
     check_bfloat16_forward(mode, x, x.bfloat16(), bs, h0, c0, w, reverse, 1e-3)
 
 
+@pytest.mark.parametrize("mode", ["lstm", "rnn_tanh", "gru"])
+@pytest.mark.parametrize("B", [8, 16])
+def test_kernel_bfloat16_weights_past_l2(mode, B, monkeypatch):
+    """bfloat16 on brgemm tiles with I = H = 512, two threads: either side of
+    fuse_bf16_projection's rule. LSTM (2 MB of bf16 weights per thread) and GRU (1.5 MB) do
+    x·W_ihᵀ as one GEMM beforehand at B = 8 and in each step's product at B = 16; the RNN's
+    weights (0.5 MB) fit in L2 and are fused at both. Outputs and final states within 2x the
+    reference's bf16 error."""
+    bf16_path("brgemm", monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, bs, h0, c0, w = make_case(mode, B, 512, 512, [3] * B, torch.float64,
+                                     scale=512 ** -0.5)
+        check_bfloat16_forward(mode, x, x.bfloat16(), bs, h0, c0, w, False, 1e-3)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def layer_grads(backend, mode, x, bs, h0, c0, w, dtype, reverse):
     """Gradients of a fixed random projection of (out, h_n, c_n) with respect to x, h0, c0 and
     every weight, the layer run by `backend` on leaves cast to dtype; returned in float64."""
