@@ -962,9 +962,8 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
                                     VP + blk * BK * Dvp + klo * Dvp, acc.data(), true);
       }
       write_output_rows(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
-                               static_cast<float>(drop.keep_scale),
-                               O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv,
-                               LSE + (b * d.Hq + h) * d.Lq + i0);
+                        static_cast<float>(drop.keep_scale),
+                        O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
     }
     at::native::cpublas::brgemm_release(true);
   });

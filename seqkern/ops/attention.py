@@ -102,7 +102,6 @@ def _backward_with(backward_fn, ctx, grad_out):
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-
 class _EagerAttention(torch.autograd.Function):
     """The custom op's kernels and backward for eager training, without its Python dispatch
     (~40 µs a call, more than the kernel for a decoding step). Where _ext.direct_call_ok says

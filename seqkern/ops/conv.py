@@ -326,8 +326,8 @@ def wavenet_block(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, skip
                                  res_bias, dilation, initial_state, return_final_state)
     sw = skip_weight.reshape(skip_weight.shape[0], skip_weight.shape[1])
     rw = res_weight.reshape(res_weight.shape[0], res_weight.shape[1])
-    save = _ext.needs_grad(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias,
-                       initial_state)
+    save = _ext.needs_grad(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight,
+                           res_bias, initial_state)
     res, skip, _ = _wavenet_op(x, conv_weight, conv_bias, sw, skip_bias, rw, res_bias,
                                initial_state, dilation, save)
     if return_final_state:

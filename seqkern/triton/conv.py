@@ -578,7 +578,7 @@ def wavenet_block(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight,
         from seqkern.ops.conv import _wavenet_op
 
         save = _ext.needs_grad(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight,
-                           res_bias, initial_state)
+                               res_bias, initial_state)
         sw = skip_weight.reshape(skip_weight.shape[0], skip_weight.shape[1])
         rw = res_weight.reshape(res_weight.shape[0], res_weight.shape[1])
         res, skip, _ = _wavenet_op(x, conv_weight, conv_bias, sw, skip_bias, rw, res_bias,
