@@ -455,21 +455,31 @@ at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
 
 // ------------------------------------------------------------------ forward ----------------
 
+// The log-sum-exp m + log(sum) of a row, kept in float64 whatever the compute type: the
+// backward recomputes the weights as exp(s − lse), and with peaked scores (|lse| in the tens)
+// a float32 lse would be off by up to half an ulp of it, 2e-6 of every weight of the row,
+// 20× the error of the forward's own exp(s − m). backward_shift splits it for the backward.
+template <typename T>
+double row_lse(T mx, T sum) {
+  return sum > T(0) ? static_cast<double>(mx) + std::log(static_cast<double>(sum))
+                    : neg_inf<double>();
+}
+
 // Rows of O = keep_scale · acc / sum (zeros for a row that saw no allowed key) and their
 // log-sum-exp, from the online-softmax state of a query block; acc rows are ld_acc apart. The
 // sum is over the weights before dropout, so the log-sum-exp is dropout's too.
 template <typename T, typename OT = T>
 void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, const T* sm,
-                       const T* mx, T keep_scale, OT* o, T* l) {
+                       const T* mx, T keep_scale, OT* o, double* l) {
   for (int64_t r = 0; r < mi; ++r) {
     const T inv = sm[r] > T(0) ? keep_scale / sm[r] : T(0);
     scaled_row_to(acc + r * ld_acc, Dv, inv, o + r * Dv);
-    l[r] = sm[r] > T(0) ? mx[r] + std::log(sm[r]) : neg_inf<T>();
+    l[r] = row_lse(mx[r], sm[r]);
   }
 }
 
 // q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), last dims contiguous; out (B,Hq,Lq,Dv) and
-// lse (B,Hq,Lq) contiguous, written here. Tasks are (batch, head, query block).
+// lse (B,Hq,Lq) float64 contiguous, written here. Tasks are (batch, head, query block).
 template <typename T>
 void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                     const at::Tensor& v_, T scale, const Mask<T>& mask, const Dropout& drop,
@@ -481,7 +491,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   const Strides sq(q_), sk(k_), sv(v_);
   const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>();
   T* O = out.data_ptr<T>();
-  T* LSE = lse.data_ptr<T>();
+  double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group();
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
@@ -655,6 +665,42 @@ void weighted_rows_sum(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t 
   }
 }
 
+// s[j − keys.lo] = scale·(q·k_j) for the keys of query i (then the explicit mask); returns their
+// maximum. Shared by the decode forward and its backward, which must recompute the very same
+// scores: exp(s − lse) are then the forward's weights to the last bit of s.
+template <typename T, typename S>
+T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, const Mask<T>& mask,
+                int64_t b, int64_t h, int64_t i, Span keys, T* s) {
+  using V = Vec<T>;
+  T mx = neg_inf<T>();
+  int64_t j = keys.lo;
+  if constexpr (kBlockedDecode && std::is_same_v<T, float>) {
+    if (!mask.has_explicit()) {
+      V mxv(neg_inf<T>());
+      for (; j + kDecodeKeys <= keys.hi; j += kDecodeKeys) {
+        const V sc = dot_16_keys(q, kbase + j * ldk, ldk, D) * V(scale);
+        sc.store(s + (j - keys.lo));
+        mxv = running_max(mxv, sc);
+      }
+      mx = at::vec::vec_reduce_all<T>([](V x, V y) { return at::vec::maximum(x, y); }, mxv);
+    }
+  }
+  for (; j < keys.hi; ++j) {
+    const S* kr = kbase + j * ldk;
+    V a(T(0));
+    for_each_vec<T>(D, [&](int64_t c, int64_t n) { a = at::vec::fmadd(load(q + c, n), load(kr + c, n), a); });
+    T sc = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, a) * scale;
+    if (mask.has_explicit()) {
+      const int64_t idx = mask.at(b, h, i, j);
+      if (mask.bmask) sc = mask.bmask[idx] ? sc : neg_inf<T>();
+      else sc += mask.amask[idx];
+    }
+    s[j - keys.lo] = sc;
+    mx = std::max(mx, sc);
+  }
+  return mx;
+}
+
 // Few query rows (decoding against a KV cache): the tiled kernel keeps W queries per vector and
 // would use one lane of each; here a task is one query row, its scores are dot products along
 // D and the P·V sum runs along Dv, both vectorised. Same outputs (O, log-sum-exp) as the tiled
@@ -669,7 +715,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   const T* Q = q_.data_ptr<T>();
   const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
   S* O = out.data_ptr<S>();  // bf16 when the cache is: written in place
-  T* LSE = lse.data_ptr<T>();
+  double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group();
   at::parallel_for(0, d.B * d.Hq * d.Lq, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(d.Lk), acc(d.Dv), keep(drop.active ? d.Lk : 0);
@@ -679,37 +725,12 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
       const S* kbase = K + sk.at(b, h / g);
       const S* vbase = Vp + sv.at(b, h / g);
       S* o = O + ((b * d.Hq + h) * d.Lq + i) * d.Dv;
-      T* l = LSE + (b * d.Hq + h) * d.Lq + i;
+      double* l = LSE + (b * d.Hq + h) * d.Lq + i;
       const Span keys = mask.range(b, i);
-      T mx = neg_inf<T>();
-      int64_t j = keys.lo;
-      if constexpr (kBlockedDecode && std::is_same_v<T, float>) {
-        if (!mask.has_explicit()) {
-          V mxv(neg_inf<T>());
-          for (; j + kDecodeKeys <= keys.hi; j += kDecodeKeys) {
-            const V sc = dot_16_keys(q, kbase + j * sk.l, sk.l, d.D) * V(scale);
-            sc.store(s.data() + (j - keys.lo));
-            mxv = running_max(mxv, sc);
-          }
-          mx = at::vec::vec_reduce_all<T>([](V x, V y) { return at::vec::maximum(x, y); }, mxv);
-        }
-      }
-      for (; j < keys.hi; ++j) {
-        const S* kr = kbase + j * sk.l;
-        V a(T(0));
-        for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { a = at::vec::fmadd(load(q + c, n), load(kr + c, n), a); });
-        T sc = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, a) * scale;
-        if (mask.has_explicit()) {
-          const int64_t idx = mask.at(b, h, i, j);
-          if (mask.bmask) sc = mask.bmask[idx] ? sc : neg_inf<T>();
-          else sc += mask.amask[idx];
-        }
-        s[j - keys.lo] = sc;
-        mx = std::max(mx, sc);
-      }
+      const T mx = decode_scores(q, kbase, sk.l, d.D, scale, mask, b, h, i, keys, s.data());
       if (keys.empty() || mx == neg_inf<T>()) {  // no allowed key: zeros, not NaN
         std::fill(o, o + d.Dv, S(0));
-        *l = neg_inf<T>();
+        *l = neg_inf<double>();
         continue;
       }
       const int64_t nk = keys.hi - keys.lo;
@@ -728,7 +749,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
       weighted_rows_sum(s.data(), nk, vbase + keys.lo * sv.l, sv.l, d.Dv,
                         mask.has_explicit() || drop.active, acc.data());
       scaled_row_to(acc.data(), d.Dv, T(drop.keep_scale) / sum, o);
-      *l = mx + std::log(sum);
+      *l = row_lse(mx, sum);
     }
   });
 }
@@ -869,11 +890,10 @@ SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m
   max_out = ymax * kLn2 + m;  // back to the natural units of m (-inf stays -inf)
 }
 
-// q, k, v bf16 with the last dimension contiguous; out (bf16) and lse (fp32) as in forward_kernel.
+// q, k, v bf16 with the last dimension contiguous; out (bf16) and lse as in forward_kernel.
 void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                              const at::Tensor& v_, float scale, const Mask<float>& mask,
                              const Dropout& drop, at::Tensor& out, at::Tensor& lse) {
-  using V = Vec<float>;
   using bf16 = c10::BFloat16;
   constexpr int64_t BQ = kAmxBlockQ, CK = kAmxChunk;
   const int64_t BK = amx_key_block(d);
@@ -886,7 +906,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const Strides sq(q_);
   const bf16* Q = q_.data_ptr<bf16>();
   bf16* O = out.data_ptr<bf16>();
-  float* LSE = lse.data_ptr<float>();
+  double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group();
   const float ninf = neg_inf<float>();
 
@@ -993,7 +1013,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
              *QR = qr.data_ptr<bf16>(), *DOR = dor.data_ptr<bf16>();
   const Strides sq(q_), so(do_);
   const bf16 *Q = q_.data_ptr<bf16>(), *DO = do_.data_ptr<bf16>();
-  const float *LSE = lse_.data_ptr<float>(), *DELTA = delta_.data_ptr<float>();
+  const double* LSE = lse_.data_ptr<double>();
+  const float* DELTA = delta_.data_ptr<float>();
   float *DQ = dq.data_ptr<float>(), *DK = dk.data_ptr<float>(), *DV = dv.data_ptr<float>();
   const float ninf = neg_inf<float>();
 
@@ -1017,7 +1038,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
             if (keys.hi <= j0 || keys.lo >= j0 + nk) continue;
             if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
             const int64_t qblk = (b * d.Hq + h) * nqb + qb;
-            const float* l = LSE + (b * d.Hq + h) * d.Lq + i0;
+            const double* l = LSE + (b * d.Hq + h) * d.Lq + i0;
             const float* dl = DELTA + (b * d.Hq + h) * d.Lq + i0;
             at::native::cpublas::brgemm(mi, BK, d.D, sq.l, BK, BK, false, Q + sq.at(b, h, i0),
                                         KT + kblk * d.D * BK, S.data(), true);
@@ -1035,7 +1056,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
               }
               const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, s);
               if (drop.active) keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
-              const V c2(sc * kLog2e), l2(l[r] * kLog2e), dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
+              const V c2(sc * kLog2e), l2(static_cast<float>(l[r] * kLog2e)), dlv(dl[r]),
+                  ks(static_cast<float>(drop.keep_scale));
               for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
                 const V p = exp2_weights(at::vec::fmsub(load(s + lo + j, n), c2, l2));
                 if (drop.active) {
@@ -1103,10 +1125,28 @@ void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::
 
 // ------------------------------------------------------------------ backward ---------------
 
+// The backward's weights are exp((s − hi) − lo) with hi + lo = lse (float64) and hi in T: for
+// the scores that carry weight s is within a factor 2 of hi, so s − hi is exact (Sterbenz) and
+// the weights are as accurate as the forward's. A row with no allowed key (lse = −inf) gets
+// hi = +inf, lo = 0, so its weights are 0. Lanes [n, W) are rows past the block: also 0.
+template <typename T>
+SEQKERN_INLINE void split_lse(double lse, T& hi, T& lo) {
+  hi = lse == neg_inf<double>() ? std::numeric_limits<T>::infinity() : static_cast<T>(lse);
+  lo = lse == neg_inf<double>() ? T(0) : static_cast<T>(lse - static_cast<double>(hi));
+}
+template <typename T>
+SEQKERN_INLINE void backward_shift(const double* lse, int64_t n, Vec<T>& hi, Vec<T>& lo) {
+  constexpr int64_t W = Vec<T>::size();
+  T h[W], l[W];
+  for (int64_t r = 0; r < W; ++r) split_lse(r < n ? lse[r] : neg_inf<double>(), h[r], l[r]);
+  hi = Vec<T>::loadu(h);
+  lo = Vec<T>::loadu(l);
+}
+
 // Gradients for key/value head hk of batch b from query heads [h_begin, h_end) of its group,
 // key block by key block: dK_j, dV_j stay in local buffers while every query tile that may see
 // block j is visited; dQ rows accumulate in dq (each query head belongs to one task).
-//   Sᵀ = K_j·(scale·Qᵢ)ᵀ, Pᵀ = exp(Sᵀ − lse), dPᵀ = V_j·dOᵢᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ),
+//   Sᵀ = K_j·(scale·Qᵢ)ᵀ, Pᵀ = exp(Sᵀ − lse) (see backward_shift), dPᵀ = V_j·dOᵢᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ),
 //   dV_j += Pᵀ·dOᵢ, dK_j += dSᵀ·Qᵢ (·scale at the end), dQᵢ += dS·K_j (·scale by the caller).
 // qT, doT are query-side blocks packed by pack_blocks_t (qT already scaled).
 template <typename T>
@@ -1122,7 +1162,8 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   const Strides sq(q_), sk(k_), sv(v_), so(do_);
   const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>(),
           *DO = do_.data_ptr<T>(), *QT = qT_.data_ptr<T>(), *DOT = doT_.data_ptr<T>(),
-          *LSE = lse_.data_ptr<T>(), *DELTA = delta_.data_ptr<T>();
+          *DELTA = delta_.data_ptr<T>();
+  const double* LSE = lse_.data_ptr<double>();
   T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -1153,7 +1194,7 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
             const int64_t blk = (b * d.Hq + h) * nqb + qb;
             const T* qT = QT + blk * d.D * BQ;
             const T* doT = DOT + blk * d.Dv * BQ;
-            const T* l = LSE + (b * d.Hq + h) * d.Lq + i0;
+            const double* l = LSE + (b * d.Hq + h) * d.Lq + i0;
             const T* dl = DELTA + (b * d.Hq + h) * d.Lq + i0;
             auto col_spans = [&](int64_t depth) {
               return [&, depth](int64_t r0, int64_t r1) {
@@ -1172,14 +1213,13 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
             // With dropout (keep factors z): O = (P ⊙ z)·V, so dV uses P ⊙ z and the gradient
             // reaching P is dP ⊙ z; Δ = rowsum(dO ⊙ O) is still Σ_j P_ij (dP ⊙ z)_ij.
             for (int64_t r0 = 0; r0 < mp; r0 += W) {
-              // a query with no allowed key at all has lse = -inf: shift by +inf so P = 0
-              const V lv = V::loadu(l + r0, std::min(W, mi - r0));
-              const V shift = V::blendv(lv, V(std::numeric_limits<T>::infinity()), lv == V(neg_inf<T>()));
+              V shift, low;
+              backward_shift(l + r0, std::min(W, mi - r0), shift, low);
               const V dlv = V::loadu(dl + r0, std::min(W, mi - r0));
               for (int64_t cc = 0; cc < nk; ++cc) {
                 T* p = PT.data() + cc * BQ + r0;
                 T* ds = dST.data() + cc * BQ + r0;
-                const V pv = vexp(V::loadu(p) - shift);
+                const V pv = vexp(V::loadu(p) - shift - low);
                 if (drop.active) {
                   const V z = V::loadu(keep.data() + cc * BQ + r0) * keep_scale;
                   (pv * z).store(p);
@@ -1219,6 +1259,121 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       }
     }
   });
+}
+
+// ---- backward for few query rows (the decode forward's) -----------------------------------
+//
+// With at most kDecodeRows queries the forward ran decode_forward_kernel, and so does the
+// recomputation here: the scores come from the same decode_scores, so exp(s − lse) are the
+// forward's weights. The tiled backward would sum each score along D in one FMA chain, in
+// another order than the forward did; with peaked scores that mismatch made dV 3-4× less
+// accurate than torch's (which takes its math path at so few queries). Here every product runs
+// along D or Dv, vectorised, and a tiled kernel's lanes for 16 query columns are not wasted on
+// one to four rows. A row's weights are all at hand before its dS, so Δ = Σ_j P_j·(dP ⊙ z)_j is
+// summed from them rather than taken as dO·O: O was rounded to its storage type (bf16), and with
+// a peaked row dS = P ⊙ (dP − Δ) is a small difference of near-equal terms that would keep that
+// rounding. Tasks, outputs and conventions as backward_kernel; dK_j and dV_j are accumulated in
+// place in the task's own rows. K and V are read in their storage type S, as the forward did.
+template <typename T, typename S = T>
+void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
+                            const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& lse_,
+                            const Mask<T>& mask, const Dropout& drop,
+                            const MaskGrad<T>& mgrad, T scale, int64_t chunks, at::Tensor& dq,
+                            at::Tensor& dk, at::Tensor& dv) {
+  using V = Vec<T>;
+  const Strides sq(q_), sk(k_), sv(v_), so(do_);
+  const T *Q = q_.data_ptr<T>(), *DO = do_.data_ptr<T>();
+  const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
+  const double* LSE = lse_.data_ptr<double>();
+  T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
+  const Mask<T> no_mask;  // dP = dO·Vᵀ: plain dot products
+
+  at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> p(d.Lk), ds(d.Lk), keep(drop.active ? d.Lk : 0), qs(d.D), dq_row(d.D);
+    T* const mg = mgrad.data ? mgrad.target() : nullptr;
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [b, hk, h_begin, h_end, acc_row] = KvTask(d, chunks, task);
+      const S* kbase = K + sk.at(b, hk);
+      const S* vbase = Vp + sv.at(b, hk);
+      T* dkb = DK + acc_row * d.Lk * d.D;
+      T* dvb = DV + acc_row * d.Lk * d.Dv;
+      std::fill(dkb, dkb + d.Lk * d.D, T(0));
+      std::fill(dvb, dvb + d.Lk * d.Dv, T(0));
+      for (int64_t h = h_begin; h < h_end; ++h) {
+        for (int64_t i = 0; i < d.Lq; ++i) {
+          const int64_t row = (b * d.Hq + h) * d.Lq + i;
+          const Span keys = mask.range(b, i);
+          if (keys.empty() || LSE[row] == neg_inf<double>()) continue;  // no weights: no gradient
+          const int64_t nk = keys.hi - keys.lo;
+          const T* q = Q + sq.at(b, h, i);
+          const T* go = DO + so.at(b, h, i);
+          decode_scores(q, kbase, sk.l, d.D, scale, mask, b, h, i, keys, p.data());
+          decode_scores(go, vbase, sv.l, d.Dv, T(1), no_mask, b, h, i, keys, ds.data());
+          T hs, ls;
+          split_lse(LSE[row], hs, ls);
+          const V hi(hs), lo(ls);
+          if (drop.active) keep_along_row(drop.row_key(row), keys.lo, nk, drop.threshold, keep.data());
+          const V ks(T(drop.keep_scale));
+          // P into p, dP ⊙ z into ds, and Δ; then dS = P ⊙ (dP ⊙ z − Δ) into ds and P ⊙ z into p
+          V dsum(T(0));
+          for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
+            // P = 0 where masked, also where dP is not finite (a masked cache row holding NaN)
+            const V w = vexp(load(p.data() + j, n) - hi - lo);
+            V dpz = load(ds.data() + j, n);
+            if (drop.active) dpz = dpz * load(keep.data() + j, n) * ks;
+            dpz = V::blendv(dpz, V(T(0)), w == V(T(0)));
+            store(w, p.data() + j, n);
+            store(dpz, ds.data() + j, n);
+            dsum = at::vec::fmadd(w, dpz, dsum);
+          });
+          const V dlt(at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, dsum));
+          for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
+            const V w = load(p.data() + j, n);
+            store(w * (load(ds.data() + j, n) - dlt), ds.data() + j, n);
+            if (drop.active) store(w * load(keep.data() + j, n) * ks, p.data() + j, n);
+          });
+          if (mg) {
+            T* g = mg + b * mgrad.sb + h * mgrad.sh + i * mgrad.sq;
+            for (int64_t j = 0; j < nk; ++j) g[(keys.lo + j) * mgrad.sk] += ds[j];
+          }
+          // dV_j += (P ⊙ z)_j·dO_i, dK_j += dS_j·(scale·q_i); rows of weight 0 are not touched
+          for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { store(load(q + c, n) * V(scale), qs.data() + c, n); });
+          for (int64_t j = 0; j < nk; ++j) {
+            if (p[j] != T(0)) {
+              T* r = dvb + (keys.lo + j) * d.Dv;
+              const V pj(p[j]);
+              for_each_vec<T>(d.Dv, [&](int64_t c, int64_t n) { store(at::vec::fmadd(pj, load(go + c, n), load(r + c, n)), r + c, n); });
+            }
+            if (ds[j] != T(0)) {
+              T* r = dkb + (keys.lo + j) * d.D;
+              const V sj(ds[j]);
+              for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { store(at::vec::fmadd(sj, load(qs.data() + c, n), load(r + c, n)), r + c, n); });
+            }
+          }
+          // dQ_i += Σ_j dS_j·k_j (·scale by the caller)
+          weighted_rows_sum(ds.data(), nk, kbase + keys.lo * sk.l, sk.l, d.D, true, dq_row.data());
+          T* dqr = DQ + row * d.D;
+          for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { store(load(dqr + c, n) + load(dq_row.data() + c, n), dqr + c, n); });
+        }
+      }
+    }
+  });
+}
+
+// decode_backward_kernel with K and V in the storage type the forward read them in.
+template <typename T>
+void decode_backward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& go, const at::Tensor& lse,
+                     const Mask<T>& mask, const Dropout& drop, const MaskGrad<T>& mg, T scale,
+                     int64_t chunks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16_kv) {
+      decode_backward_kernel<float, c10::BFloat16>(d, q, k, v, go, lse, mask, drop, mg, scale,
+                                                   chunks, dq, dk, dv);
+      return;
+    }
+  }
+  decode_backward_kernel<T>(d, q, k, v, go, lse, mask, drop, mg, scale, chunks, dq, dk, dv);
 }
 
 // ------------------------------------------------------------------ entry points -----------
@@ -1315,7 +1470,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
   at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv},
                                q.options().dtype(amx || bf16_kv ? q.scalar_type() : ct));
-  at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(ct));
+  at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kDouble));
   if (out.numel() == 0 || lse.numel() == 0 || d.Lk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
@@ -1419,8 +1574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({d.B, d.Hq, d.Lq, d.Dv}),
               "seqkern attention_backward: grad_out/out must have shape (", d.B, ", ", d.Hq,
               ", ", d.Lq, ", ", d.Dv, "), got ", grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({d.B, d.Hq, d.Lq}) && lse.scalar_type() == ct,
-              "seqkern attention_backward: lse must be ", ct, " of shape (", d.B, ", ", d.Hq,
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({d.B, d.Hq, d.Lq}) && lse.scalar_type() == at::kDouble,
+              "seqkern attention_backward: lse must be Double of shape (", d.B, ", ", d.Hq,
               ", ", d.Lq, "), got ", lse.scalar_type(), " ", lse.sizes());
   const int64_t g = d.Hq / std::max<int64_t>(d.Hkv, 1);
   // Split a key/value head's query group over several tasks only when there are too few
@@ -1430,8 +1585,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   if (d.B * d.Hkv < 4 * threads) chunks = std::min<int64_t>(g, (4 * threads + d.B * d.Hkv - 1) / std::max<int64_t>(d.B * d.Hkv, 1));
   chunks = std::max<int64_t>(chunks, 1);
 
-  const bool direct = chunks == 1 && q.scalar_type() == ct;
-  const bool amx = q.scalar_type() == at::kBFloat16 && amx_usable(d);
+  const bool direct = chunks == 1;  // else the chunks' partial dK, dV are summed
+  // the forward ran the decode kernel: so must the recomputation (decode_backward_kernel)
+  const bool decode = d.Lq <= kDecodeRows;
+  const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   // the bf16 tile kernel's dQ accumulator is as wide as its packed operands
   at::Tensor dq = empty_large({d.B, d.Hq, d.Lq, amx ? amx_width(d.D) : d.D}, q.options().dtype(ct)).zero_();
   at::Tensor dk_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.D}, q.options().dtype(ct));
@@ -1452,18 +1609,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
                              static_cast<float>(scale), chunks, dq, dk_acc, dv_acc);
     dq = dq.mul_(scale).narrow(-1, 0, d.D);
   } else {
-    at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, ct), vc = rows_contiguous(v, ct);
+    // the decode kernels read a bf16 cache as it is stored
+    const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
+    const at::ScalarType kv_type = bf16_kv ? at::kBFloat16 : ct;
+    at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, kv_type),
+               vc = rows_contiguous(v, kv_type);
     at::Tensor go = rows_contiguous(grad_out, ct);
     at::Tensor mask_hold, len_hold;
     AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_attention_backward", [&] {
-      const at::Tensor delta = row_dots<scalar_t, scalar_t>(go, rows_contiguous(out, ct));
       const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                             window, mask_hold, len_hold);
-      at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
-      at::Tensor doT = pack_blocks_t<scalar_t>(go, kBlockQ, scalar_t(1));
       const MaskGrad<scalar_t> mg = mask_grad ? mgrad.view<scalar_t>(d) : MaskGrad<scalar_t>();
-      backward_kernel<scalar_t>(d, qc, kc, vc, go, qT, doT, lse.contiguous(), delta, mask, drop,
-                                mg, (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
+      if (decode) {
+        decode_backward<scalar_t>(d, bf16_kv, qc, kc, vc, go, lse.contiguous(), mask, drop, mg,
+                                  (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
+      } else {
+        const at::Tensor delta = row_dots<scalar_t, scalar_t>(go, rows_contiguous(out, ct));
+        const at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
+        const at::Tensor doT = pack_blocks_t<scalar_t>(go, kBlockQ, scalar_t(1));
+        backward_kernel<scalar_t>(d, qc, kc, vc, go, qT, doT, lse.contiguous(), delta, mask,
+                                  drop, mg, (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
+      }
     });
     dq.mul_(scale);
   }

@@ -68,8 +68,9 @@ def _attention_cuda(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, wi
 
     if dropout_p > 0:
         raise NotImplementedError("seqkern: the triton attention kernels have no dropout")
-    return attention.attention_forward(q, k, v, attn_mask, key_lengths, is_causal, bottom_right,
-                                       window, scale)
+    out, lse = attention.attention_forward(q, k, v, attn_mask, key_lengths, is_causal,
+                                           bottom_right, window, scale)
+    return out, lse.double()  # the op's contract; the Triton kernels keep it in float32
 
 
 def _attention_backward_cuda(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_causal,
@@ -79,7 +80,7 @@ def _attention_backward_cuda(grad_out, q, k, v, out, lse, attn_mask, key_lengths
     if dropout_p > 0 or mask_grad:
         raise NotImplementedError("seqkern: the triton attention kernels have no dropout and no "
                                   "attn_mask gradient")
-    dq, dk, dv = attention.attention_backward(grad_out, q, k, v, out, lse, attn_mask,
+    dq, dk, dv = attention.attention_backward(grad_out, q, k, v, out, lse.float(), attn_mask,
                                               key_lengths, is_causal, bottom_right, window, scale)
     return dq, dk, dv, q.new_empty((0,))
 
