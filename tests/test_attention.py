@@ -410,6 +410,17 @@ def test_decode_rows_within_torch_error(dtype, Lk, D, Dv, Lq):
     assert ours.dtype == dtype and max_err(ours, exact) <= bound
 
 
+def cache_with_garbage(k, v, n, how):
+    """k, v with NaN / inf past key n, and the mask (`how`: bool or key_lengths) that rules
+    those keys out."""
+    kc, vc = k.clone(), v.clone()
+    kc[:, :, n:], vc[:, :, n:] = float("nan"), float("inf")
+    Lk = k.shape[2]
+    if how == "bool":
+        return kc, vc, dict(attn_mask=(torch.arange(Lk) < n).view(1, 1, 1, Lk))
+    return kc, vc, dict(key_lengths=torch.full((k.shape[0],), n))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("how", ["bool", "key_lengths"])
 def test_decode_ignores_masked_garbage_in_the_cache(dtype, how):
@@ -418,12 +429,7 @@ def test_decode_ignores_masked_garbage_in_the_cache(dtype, how):
     gen = torch.Generator().manual_seed(5)
     q, k, v = make_inputs((1, 2, 2, 1, 100, 64, 64), dtype, gen)
     n = 61
-    kc, vc = k.clone(), v.clone()
-    kc[:, :, n:], vc[:, :, n:] = float("nan"), float("inf")
-    if how == "bool":
-        kw = dict(attn_mask=(torch.arange(100) < n).view(1, 1, 1, 100))
-    else:
-        kw = dict(key_lengths=torch.tensor([n]))
+    kc, vc, kw = cache_with_garbage(k, v, n, how)
     with torch.no_grad():
         got = sdpa(q, kc, vc, **kw)
         want = sdpa(q, k[:, :, :n], v[:, :, :n])
@@ -440,12 +446,8 @@ def test_decode_backward_ignores_masked_garbage_in_the_cache(dtype, how):
     q, k, v = make_inputs((2, 4, 2, 3, 100, 64, 40), dtype, gen)
     go = torch.randn(2, 4, 3, 40, generator=gen).to(dtype)
     n = 61
-    kc, vc = k.clone(), v.clone()
-    kc[:, :, n:], vc[:, :, n:] = float("nan"), float("inf")
-    if how == "bool":
-        kw = dict(attn_mask=(torch.arange(100) < n).view(1, 1, 1, 100))
-    else:
-        kw = dict(key_lengths=torch.tensor([n, n]))
+    kc, vc, kw = cache_with_garbage(k, v, n, how)
+
     def run(k, v, **kw):  # no nan_to_num: a NaN must fail the test
         q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
         out = sdpa(q_, k_, v_, enable_gqa=True, **kw)
