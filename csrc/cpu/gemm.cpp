@@ -6,6 +6,9 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <dlfcn.h>
+#include <immintrin.h>
+
+#include <vector>
 
 namespace seqkern::cpu {
 namespace {
@@ -257,16 +260,44 @@ bool bf16_brgemm_supported() {
   return can_pack;
 }
 
+namespace {
+// o[2n] = r0[n], o[2n + 1] = r1[n] for n < N: as 32-bit words, o[n] = r0[n] | r1[n] << 16,
+// widened 16 (AVX-512) or 8 (AVX2) at a time. Measured: the element loop packed V for a
+// 16-head, 4096-key bf16 attention call at ~2 GB/s, 40 % of a few-query forward.
+void interleave_rows(const uint16_t* r0, const uint16_t* r1, int64_t N, at::BFloat16* o) {
+  int64_t n = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; n + 16 <= N; n += 16) {
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + n)));
+    const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + n)));
+    _mm512_storeu_si512(o + 2 * n, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+  }
+#elif defined(__AVX2__)
+  for (; n + 8 <= N; n += 8) {
+    const __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + n)));
+    const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + n)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 2 * n), _mm256_or_si256(a, _mm256_slli_epi32(b, 16)));
+  }
+#endif
+  for (; n < N; ++n) {
+    o[2 * n] = at::BFloat16(r0[n], at::BFloat16::from_bits());
+    o[2 * n + 1] = at::BFloat16(r1[n], at::BFloat16::from_bits());
+  }
+}
+}  // namespace
+
 void pack_vnni(const at::BFloat16* src, int64_t ld, int64_t K, int64_t N, int64_t Kp, int64_t Np,
                at::BFloat16* out) {
   const at::BFloat16 zero(0.0f);
+  std::vector<uint16_t> zeros(K % 2 ? N : 0, 0);  // the row after an odd last one
   for (int64_t k = 0; k < Kp; k += 2) {
     at::BFloat16* o = out + k * Np;
-    const at::BFloat16* r0 = k < K ? src + k * ld : nullptr;
-    const at::BFloat16* r1 = k + 1 < K ? src + (k + 1) * ld : nullptr;
-    for (int64_t n = 0; n < N; ++n) {
-      o[2 * n] = r0 ? r0[n] : zero;
-      o[2 * n + 1] = r1 ? r1[n] : zero;
+    if (k < K) {
+      const auto* r0 = reinterpret_cast<const uint16_t*>(src + k * ld);
+      const auto* r1 = k + 1 < K ? reinterpret_cast<const uint16_t*>(src + (k + 1) * ld) : zeros.data();
+      interleave_rows(r0, r1, N, o);
+    } else {
+      std::fill(o, o + 2 * N, zero);
     }
     std::fill(o + 2 * N, o + 2 * Np, zero);
   }
