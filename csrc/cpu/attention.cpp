@@ -458,7 +458,8 @@ at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
 // The log-sum-exp m + log(sum) of a row, kept in float64 whatever the compute type: the
 // backward recomputes the weights as exp(s − lse), and with peaked scores (|lse| in the tens)
 // a float32 lse would be off by up to half an ulp of it, 2e-6 of every weight of the row,
-// 20× the error of the forward's own exp(s − m). backward_shift splits it for the backward.
+// 20× the error of the forward's own exp(s − m). The fp32 backwards split it (split_lse); the
+// bf16 one rounds lse·log2(e) to fp32, as its weights are rounded to bf16 anyway.
 template <typename T>
 double row_lse(T mx, T sum) {
   return sum > T(0) ? static_cast<double>(mx) + std::log(static_cast<double>(sum))
@@ -704,7 +705,7 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
 // Few query rows (decoding against a KV cache): the tiled kernel keeps W queries per vector and
 // would use one lane of each; here a task is one query row, its scores are dot products along
 // D and the P·V sum runs along Dv, both vectorised. Same outputs (O, log-sum-exp) as the tiled
-// kernel, so the backward is shared. Decoding streams the whole cache once per token, so K and
+// kernel; its backward is decode_backward_kernel, which recomputes the same scores. Decoding streams the whole cache once per token, so K and
 // V are read in their storage type S (bf16 caches are widened in registers, not copied).
 template <typename T, typename S = T>
 void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
@@ -1144,9 +1145,10 @@ void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::
 
 // ------------------------------------------------------------------ backward ---------------
 
-// The backward's weights are exp((s − hi) − lo) with hi + lo = lse (float64) and hi in T: for
-// the scores that carry weight s is within a factor 2 of hi, so s − hi is exact (Sterbenz) and
-// the weights are as accurate as the forward's. A row with no allowed key (lse = −inf) gets
+// The backward's weights are exp((s − hi) − lo) with hi + lo = lse (float64) and hi in T: when
+// |lse| is large against the spread of the scores that carry weight, s is within a factor 2 of
+// hi and s − hi is exact (Sterbenz), so the weights are as accurate as the forward's; otherwise
+// s − hi is small and its rounding error small in absolute terms. A row with no allowed key (lse = −inf) gets
 // hi = +inf, lo = 0, so its weights are 0. Lanes [n, W) are rows past the block: also 0.
 template <typename T>
 SEQKERN_INLINE void split_lse(double lse, T& hi, T& lo) {
@@ -1336,8 +1338,11 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
           // P into p, dP ⊙ z into ds, and Δ; then dS = P ⊙ (dP ⊙ z − Δ) into ds and P ⊙ z into p
           V dsum(T(0));
           for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
-            // P = 0 where masked, also where dP is not finite (a masked cache row holding NaN)
-            const V w = vexp(load(p.data() + j, n) - hi - lo);
+            // P = 0 where masked, also where dP is not finite (a masked cache row holding NaN),
+            // and in lanes past the row, whose exp(0 − lse) may overflow (lse < −88: a row of
+            // large negative additive masks) and would make Δ = inf·0
+            V w = vexp(load(p.data() + j, n) - hi - lo);
+            if (n < V::size()) w = V::set(V(T(0)), w, n);
             V dpz = load(ds.data() + j, n);
             if (drop.active) dpz = dpz * load(keep.data() + j, n) * ks;
             dpz = V::blendv(dpz, V(T(0)), w == V(T(0)));
