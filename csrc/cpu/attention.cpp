@@ -717,40 +717,76 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
   S* O = out.data_ptr<S>();  // bf16 when the cache is: written in place
   double* LSE = lse.data_ptr<double>();
-  const int64_t g = d.group();
-  at::parallel_for(0, d.B * d.Hq * d.Lq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(d.Lk), acc(d.Dv), keep(drop.active ? d.Lk : 0);
+  const int64_t g = d.group(), R = d.Lq;
+  // A task is one (batch, head) and all its ≤ kDecodeRows query rows: keys are visited in
+  // chunks of KC (a multiple of 16, so decode_scores groups keys as one call over the whole
+  // row would, and the backward recomputes identical scores), each chunk of K and V read from
+  // memory once and then from L1 for the other rows. Row by row, each row streamed the whole
+  // cache: 4 rows against 4096 fp32 keys, 16 heads, took 3.7× one row's time.
+  const int64_t KC = R > 1 ? 128 : std::max<int64_t>(d.Lk, 1);
+  at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(R * d.Lk), acc(R * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
+    std::vector<T> mx(R), sum(R);
+    std::vector<Span> keys(R);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task % d.Lq, h = (task / d.Lq) % d.Hq, b = task / (d.Lq * d.Hq);
-      const T* q = Q + sq.at(b, h, i);
+      const int64_t h = task % d.Hq, b = task / d.Hq;
       const S* kbase = K + sk.at(b, h / g);
       const S* vbase = Vp + sv.at(b, h / g);
-      S* o = O + ((b * d.Hq + h) * d.Lq + i) * d.Dv;
-      double* l = LSE + (b * d.Hq + h) * d.Lq + i;
-      const Span keys = mask.range(b, i);
-      const T mx = decode_scores(q, kbase, sk.l, d.D, scale, mask, b, h, i, keys, s.data());
-      if (keys.empty() || mx == neg_inf<T>()) {  // no allowed key: zeros, not NaN
-        std::fill(o, o + d.Dv, S(0));
-        *l = neg_inf<double>();
-        continue;
+      int64_t chunks = 0;
+      for (int64_t i = 0; i < R; ++i) {
+        keys[i] = mask.range(b, i);
+        mx[i] = neg_inf<T>();
+        if (!keys[i].empty()) chunks = std::max(chunks, (keys[i].hi - keys[i].lo + KC - 1) / KC);
       }
-      const int64_t nk = keys.hi - keys.lo;
-      V sumv(T(0));
-      for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
-        store(vexp(load(s.data() + j, n) - V(mx)), s.data() + j, n);
-        sumv = sumv + load(s.data() + j, n);  // reload: lanes past n are zero
-      });
-      const T sum = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, sumv);
-      if (drop.active) {
-        keep_along_row(drop.row_key((b * d.Hq + h) * d.Lq + i), keys.lo, nk, drop.threshold, keep.data());
+      // the chunk of row i: keys [keys.lo + c·KC, ...) of its own span
+      auto chunk = [&](int64_t i, int64_t c) {
+        const int64_t lo = keys[i].lo + c * KC;
+        return Span{lo, std::min(lo + KC, keys[i].hi)};
+      };
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t i = 0; i < R; ++i) {
+          const Span ck = chunk(i, c);
+          if (ck.empty()) continue;
+          const T m = decode_scores(Q + sq.at(b, h, i), kbase, sk.l, d.D, scale, mask, b, h, i,
+                                    ck, s.data() + i * d.Lk + c * KC);
+          if (!std::isnan(mx[i]) && !(m <= mx[i])) mx[i] = m;  // a NaN max sticks: NaN output
+        }
+      for (int64_t i = 0; i < R; ++i) {
+        T* p = s.data() + i * d.Lk;
+        if (keys[i].empty() || mx[i] == neg_inf<T>()) continue;  // no allowed key
+        const int64_t nk = keys[i].hi - keys[i].lo;
+        V sumv(T(0));
         for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
-          store(load(s.data() + j, n) * load(keep.data() + j, n), s.data() + j, n);
+          store(vexp(load(p + j, n) - V(mx[i])), p + j, n);
+          sumv = sumv + load(p + j, n);  // reload: lanes past n are zero
         });
+        sum[i] = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, sumv);
+        if (drop.active) {
+          keep_along_row(drop.row_key((b * d.Hq + h) * d.Lq + i), keys[i].lo, nk, drop.threshold, keep.data());
+          for_each_vec<T>(nk, [&](int64_t j, int64_t n) { store(load(p + j, n) * load(keep.data() + j, n), p + j, n); });
+        }
       }
-      weighted_rows_sum(s.data(), nk, vbase + keys.lo * sv.l, sv.l, d.Dv,
-                        mask.has_explicit() || drop.active, acc.data());
-      scaled_row_to(acc.data(), d.Dv, T(drop.keep_scale) / sum, o);
-      *l = row_lse(mx, sum);
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t i = 0; i < R; ++i) {
+          const Span ck = chunk(i, c);
+          if (ck.empty() || mx[i] == neg_inf<T>()) continue;
+          weighted_rows_sum(s.data() + i * d.Lk + c * KC, ck.hi - ck.lo, vbase + ck.lo * sv.l, sv.l,
+                            d.Dv, mask.has_explicit() || drop.active, part.data());
+          T* a = acc.data() + i * d.Dv;
+          for_each_vec<T>(d.Dv, [&](int64_t j, int64_t n) { store(load(a + j, n) + load(part.data() + j, n), a + j, n); });
+        }
+      for (int64_t i = 0; i < R; ++i) {
+        S* o = O + ((b * d.Hq + h) * d.Lq + i) * d.Dv;
+        double* l = LSE + (b * d.Hq + h) * d.Lq + i;
+        if (keys[i].empty() || mx[i] == neg_inf<T>()) {  // no allowed key: zeros, not NaN
+          std::fill(o, o + d.Dv, S(0));
+          *l = neg_inf<double>();
+          continue;
+        }
+        scaled_row_to(acc.data() + i * d.Dv, d.Dv, T(drop.keep_scale) / sum[i], o);
+        *l = row_lse(mx[i], sum[i]);
+      }
     }
   });
 }
