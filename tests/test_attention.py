@@ -425,14 +425,16 @@ def test_nan_query_gives_nan_in_its_row_only(dtype, Lq, Lk):
 @pytest.mark.parametrize("Lk, D, Dv", [(16, 16, 16), (47, 40, 24), (1001, 64, 64),
                                        (333, 200, 256), (100, 8, 130)])
 @pytest.mark.parametrize("Lq", [1, 3])
-def test_decode_rows_within_torch_error(dtype, Lk, D, Dv, Lq):
+@pytest.mark.parametrize("B,Hq,Hkv", [(2, 4, 2), (1, 1, 1)], ids=["heads", "one_head"])
+def test_decode_rows_within_torch_error(dtype, Lk, D, Dv, Lq, B, Hq, Hkv):
     """The decode kernels (≤ 4 query rows) score keys 16 at a time and keep P·V in registers,
     in blocks of 8 vectors: key counts around and past 16, head dims with partial vectors and
     value dims over 128, fp32 and a bf16 cache, outputs and gradients against float64 and
-    torch's own error."""
-    gen = torch.Generator().manual_seed(stable_seed(Lk, D, Dv, Lq, dtype))
-    q, k, v = make_inputs((2, 4, 2, Lq, Lk, D, Dv), dtype, gen)
-    go = torch.randn(2, 4, Lq, Dv, generator=gen).to(dtype)
+    torch's own error. With one (batch, head) pair, fewer than the threads, a task is one row
+    rather than all of them."""
+    gen = torch.Generator().manual_seed(stable_seed(Lk, D, Dv, Lq, dtype, B))
+    q, k, v = make_inputs((B, Hq, Hkv, Lq, Lk, D, Dv), dtype, gen)
+    go = torch.randn(B, Hq, Lq, Dv, generator=gen).to(dtype)
     kw = dict(is_causal=True, causal_alignment="bottom_right")
     ours = forward_backward(sdpa, q, k, v, go, enable_gqa=True, **kw)
     exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(),

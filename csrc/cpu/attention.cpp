@@ -717,24 +717,28 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
   S* O = out.data_ptr<S>();  // bf16 when the cache is: written in place
   double* LSE = lse.data_ptr<double>();
-  const int64_t g = d.group(), R = d.Lq;
+  const int64_t g = d.group();
   // A task is one (batch, head) and all its ≤ kDecodeRows query rows: keys are visited in
   // chunks of KC (a multiple of 16, so decode_scores groups keys as one call over the whole
   // row would, and the backward recomputes identical scores), each chunk of K and V read from
   // memory once and then from L1 for the other rows. Row by row, each row streamed the whole
-  // cache: 4 rows against 4096 fp32 keys, 16 heads, took 3.7× one row's time.
-  const int64_t KC = R > 1 ? 128 : std::max<int64_t>(d.Lk, 1);
-  at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(R * d.Lk), acc(R * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
-    std::vector<T> mx(R), sum(R);
-    std::vector<Span> keys(R);
+  // cache: 4 rows against 4096 fp32 keys, 16 heads, took 3.7× one row's time. With fewer
+  // (batch, head) pairs than threads a task is one row, so that every thread has one.
+  const int64_t RG = d.B * d.Hq >= at::get_num_threads() ? d.Lq : 1;  // rows per task
+  const int64_t groups = (d.Lq + RG - 1) / RG;
+  const int64_t KC = RG > 1 ? 128 : std::max<int64_t>(d.Lk, 1);
+  at::parallel_for(0, d.B * d.Hq * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(RG * d.Lk), acc(RG * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
+    std::vector<T> mx(RG), sum(RG);
+    std::vector<Span> keys(RG);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task % d.Hq, b = task / d.Hq;
+      const int64_t i0 = task % groups * RG, h = (task / groups) % d.Hq, b = task / (groups * d.Hq);
+      const int64_t R = std::min(RG, d.Lq - i0);  // rows i0 .. i0 + R − 1, local index i
       const S* kbase = K + sk.at(b, h / g);
       const S* vbase = Vp + sv.at(b, h / g);
       int64_t chunks = 0;
       for (int64_t i = 0; i < R; ++i) {
-        keys[i] = mask.range(b, i);
+        keys[i] = mask.range(b, i0 + i);
         mx[i] = neg_inf<T>();
         if (!keys[i].empty()) chunks = std::max(chunks, (keys[i].hi - keys[i].lo + KC - 1) / KC);
       }
@@ -747,8 +751,8 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
         for (int64_t i = 0; i < R; ++i) {
           const Span ck = chunk(i, c);
           if (ck.empty()) continue;
-          const T m = decode_scores(Q + sq.at(b, h, i), kbase, sk.l, d.D, scale, mask, b, h, i,
-                                    ck, s.data() + i * d.Lk + c * KC);
+          const T m = decode_scores(Q + sq.at(b, h, i0 + i), kbase, sk.l, d.D, scale, mask, b, h,
+                                    i0 + i, ck, s.data() + i * d.Lk + c * KC);
           if (!std::isnan(mx[i]) && !(m <= mx[i])) mx[i] = m;  // a NaN max sticks: NaN output
         }
       for (int64_t i = 0; i < R; ++i) {
@@ -762,7 +766,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
         });
         sum[i] = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, sumv);
         if (drop.active) {
-          keep_along_row(drop.row_key((b * d.Hq + h) * d.Lq + i), keys[i].lo, nk, drop.threshold, keep.data());
+          keep_along_row(drop.row_key((b * d.Hq + h) * d.Lq + i0 + i), keys[i].lo, nk, drop.threshold, keep.data());
           for_each_vec<T>(nk, [&](int64_t j, int64_t n) { store(load(p + j, n) * load(keep.data() + j, n), p + j, n); });
         }
       }
@@ -777,8 +781,8 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
           for_each_vec<T>(d.Dv, [&](int64_t j, int64_t n) { store(load(a + j, n) + load(part.data() + j, n), a + j, n); });
         }
       for (int64_t i = 0; i < R; ++i) {
-        S* o = O + ((b * d.Hq + h) * d.Lq + i) * d.Dv;
-        double* l = LSE + (b * d.Hq + h) * d.Lq + i;
+        S* o = O + ((b * d.Hq + h) * d.Lq + i0 + i) * d.Dv;
+        double* l = LSE + (b * d.Hq + h) * d.Lq + i0 + i;
         if (keys[i].empty() || mx[i] == neg_inf<T>()) {  // no allowed key: zeros, not NaN
           std::fill(o, o + d.Dv, S(0));
           *l = neg_inf<double>();
