@@ -90,11 +90,12 @@ def torch_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, window=None
                                           enable_gqa=q.shape[1] != k.shape[1]).nan_to_num(0.0)
 
 
-def forward_backward(fn, q, k, v, go, **kw):
+def forward_backward(fn, q, k, v, go, keep_nan=False, **kw):
+    """[out, dq, dk, dv]; NaN gradients become 0 unless keep_nan (for tests a NaN must fail)."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v, **kw)
     grads = torch.autograd.grad(out, (q, k, v), go.to(out.dtype))
-    return [out.detach()] + [g.nan_to_num(0.0) for g in grads]
+    return [out.detach()] + [g if keep_nan else g.nan_to_num(0.0) for g in grads]
 
 
 def max_err(a, b):
@@ -247,9 +248,7 @@ def test_rows_of_large_negative_additive_masks(dtype, Lq, Lk, fill):
     mask = torch.zeros(2, 1, Lq, Lk, dtype=dtype)
     mask[0] = value  # batch 0: every key of every row
     mask[1, :, :, Lk // 2:] = value  # batch 1: half of the keys
-    q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
-    out = sdpa(q_, k_, v_, attn_mask=mask)
-    ours = [out.detach()] + list(torch.autograd.grad(out, (q_, k_, v_), go))
+    ours = forward_backward(sdpa, q, k, v, go, keep_nan=True, attn_mask=mask)
     exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(),
                              v.double(), go.double(), attn_mask=mask.double())
     tol = 1e-5 if dtype == torch.float32 else 1e-10
@@ -489,12 +488,8 @@ def test_decode_backward_ignores_masked_garbage_in_the_cache(dtype, how):
     go = torch.randn(2, 4, 3, 40, generator=gen).to(dtype)
     n = 61
     kc, vc, kw = cache_with_garbage(k, v, n, how)
-
-    def run(k, v, **kw):  # no nan_to_num: a NaN must fail the test
-        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
-        out = sdpa(q_, k_, v_, enable_gqa=True, **kw)
-        return [out.detach()] + list(torch.autograd.grad(out, (q_, k_, v_), go))
-    got, want = run(kc, vc, **kw), run(k[:, :, :n], v[:, :, :n])
+    got = forward_backward(sdpa, q, kc, vc, go, keep_nan=True, enable_gqa=True, **kw)
+    want = forward_backward(sdpa, q, k[:, :, :n], v[:, :, :n], go, keep_nan=True, enable_gqa=True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         if name in ("dk", "dv"):
             assert (a[:, :, n:] == 0).all(), name

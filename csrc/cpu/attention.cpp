@@ -268,6 +268,9 @@ Span block_keys(const Mask<T>& mask, int64_t b, int64_t i0, int64_t mi) {
 struct Dims {
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
   int64_t group() const { return Hq / Hkv; }
+  // Few enough query rows for the row-wise decode kernels; the backward must take them exactly
+  // when the forward did, to recompute its scores.
+  bool decode_rows() const { return Lq <= kDecodeRows; }
 };
 
 // 4-D strides of a (B, H, L, E) tensor whose last dimension is contiguous.
@@ -705,8 +708,9 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
 // Few query rows (decoding against a KV cache): the tiled kernel keeps W queries per vector and
 // would use one lane of each; here a task is one query row, its scores are dot products along
 // D and the P·V sum runs along Dv, both vectorised. Same outputs (O, log-sum-exp) as the tiled
-// kernel; its backward is decode_backward_kernel, which recomputes the same scores. Decoding streams the whole cache once per token, so K and
-// V are read in their storage type S (bf16 caches are widened in registers, not copied).
+// kernel; its backward is decode_backward_kernel, which recomputes the same scores. Decoding
+// streams the whole cache once per token, so K and V are read in their storage type S (bf16
+// caches are widened in registers, not copied).
 template <typename T, typename S = T>
 void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                            const at::Tensor& v_, T scale, const Mask<T>& mask,
@@ -777,8 +781,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
           if (ck.empty() || mx[i] == neg_inf<T>()) continue;
           weighted_rows_sum(s.data() + i * d.Lk + c * KC, ck.hi - ck.lo, vbase + ck.lo * sv.l, sv.l,
                             d.Dv, mask.has_explicit() || drop.active, part.data());
-          T* a = acc.data() + i * d.Dv;
-          for_each_vec<T>(d.Dv, [&](int64_t j, int64_t n) { store(load(a + j, n) + load(part.data() + j, n), a + j, n); });
+          axpy(acc.data() + i * d.Dv, part.data(), d.Dv, T(1));
         }
       for (int64_t i = 0; i < R; ++i) {
         S* o = O + ((b * d.Hq + h) * d.Lq + i0 + i) * d.Dv;
@@ -1188,8 +1191,9 @@ void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::
 // The backward's weights are exp((s − hi) − lo) with hi + lo = lse (float64) and hi in T: when
 // |lse| is large against the spread of the scores that carry weight, s is within a factor 2 of
 // hi and s − hi is exact (Sterbenz), so the weights are as accurate as the forward's; otherwise
-// s − hi is small and its rounding error small in absolute terms. A row with no allowed key (lse = −inf) gets
-// hi = +inf, lo = 0, so its weights are 0. Lanes [n, W) are rows past the block: also 0.
+// s − hi is small and its rounding error small in absolute terms. A row with no allowed key
+// (lse = −inf) gets hi = +inf, lo = 0, so its weights are 0; so do backward_shift's lanes
+// [n, W), rows past the block.
 template <typename T>
 SEQKERN_INLINE void split_lse(double lse, T& hi, T& lo) {
   hi = lse == neg_inf<double>() ? std::numeric_limits<T>::infinity() : static_cast<T>(lse);
@@ -1207,7 +1211,8 @@ SEQKERN_INLINE void backward_shift(const double* lse, int64_t n, Vec<T>& hi, Vec
 // Gradients for key/value head hk of batch b from query heads [h_begin, h_end) of its group,
 // key block by key block: dK_j, dV_j stay in local buffers while every query tile that may see
 // block j is visited; dQ rows accumulate in dq (each query head belongs to one task).
-//   Sᵀ = K_j·(scale·Qᵢ)ᵀ, Pᵀ = exp(Sᵀ − lse) (see backward_shift), dPᵀ = V_j·dOᵢᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ),
+//   Sᵀ = K_j·(scale·Qᵢ)ᵀ, Pᵀ = exp(Sᵀ − lse) (see split_lse), dPᵀ = V_j·dOᵢᵀ,
+//   dSᵀ = Pᵀ ⊙ (dPᵀ − Δ),
 //   dV_j += Pᵀ·dOᵢ, dK_j += dSᵀ·Qᵢ (·scale at the end), dQᵢ += dS·K_j (·scale by the caller).
 // qT, doT are query-side blocks packed by pack_blocks_t (qT already scaled).
 template <typename T>
@@ -1401,23 +1406,14 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
             for (int64_t j = 0; j < nk; ++j) g[(keys.lo + j) * mgrad.sk] += ds[j];
           }
           // dV_j += (P ⊙ z)_j·dO_i, dK_j += dS_j·(scale·q_i); rows of weight 0 are not touched
-          for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { store(load(q + c, n) * V(scale), qs.data() + c, n); });
+          scaled_row_to(q, d.D, scale, qs.data());
           for (int64_t j = 0; j < nk; ++j) {
-            if (p[j] != T(0)) {
-              T* r = dvb + (keys.lo + j) * d.Dv;
-              const V pj(p[j]);
-              for_each_vec<T>(d.Dv, [&](int64_t c, int64_t n) { store(at::vec::fmadd(pj, load(go + c, n), load(r + c, n)), r + c, n); });
-            }
-            if (ds[j] != T(0)) {
-              T* r = dkb + (keys.lo + j) * d.D;
-              const V sj(ds[j]);
-              for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { store(at::vec::fmadd(sj, load(qs.data() + c, n), load(r + c, n)), r + c, n); });
-            }
+            if (p[j] != T(0)) axpy(dvb + (keys.lo + j) * d.Dv, go, d.Dv, p[j]);
+            if (ds[j] != T(0)) axpy(dkb + (keys.lo + j) * d.D, qs.data(), d.D, ds[j]);
           }
           // dQ_i += Σ_j dS_j·k_j (·scale by the caller)
           weighted_rows_sum(ds.data(), nk, kbase + keys.lo * sk.l, sk.l, d.D, true, dq_row.data());
-          T* dqr = DQ + row * d.D;
-          for_each_vec<T>(d.D, [&](int64_t c, int64_t n) { store(load(dqr + c, n) + load(dq_row.data() + c, n), dqr + c, n); });
+          axpy(DQ + row * d.D, dq_row.data(), d.D, T(1));
         }
       }
     }
@@ -1528,7 +1524,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const Dims d = check_inputs(q, k, v);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   const at::ScalarType ct = compute_type(q.scalar_type());
-  const bool decode = d.Lq <= kDecodeRows;
+  const bool decode = d.decode_rows();
   // The bf16 tile kernel and the bf16 decode kernel write bf16 outputs themselves.
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
@@ -1650,8 +1646,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   chunks = std::max<int64_t>(chunks, 1);
 
   const bool direct = chunks == 1;  // else the chunks' partial dK, dV are summed
-  // the forward ran the decode kernel: so must the recomputation (decode_backward_kernel)
-  const bool decode = d.Lq <= kDecodeRows;
+  const bool decode = d.decode_rows();
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   // the bf16 tile kernel's dQ accumulator is as wide as its packed operands
   at::Tensor dq = empty_large({d.B, d.Hq, d.Lq, amx ? amx_width(d.D) : d.D}, q.options().dtype(ct)).zero_();

@@ -338,15 +338,6 @@ T dot(const T* a, const T* b, int64_t n) {
   return hsum(acc0 + acc1);
 }
 
-// out[0:n] += w · src[0:n]
-template <typename T>
-void axpy(T* out, const T* src, int64_t n, T w) {
-  const Vec<T> vw(w);
-  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-    store(at::vec::fmadd(vw, load(src + j, c), load(out + j, c)), out + j, c);
-  });
-}
-
 constexpr int64_t kRowChunk = 512;  // columns of the L1 accumulator in the head region
 
 // One depthwise row: y[t] = act(bias + Σ_k w_k x_ext[t − s_k]).

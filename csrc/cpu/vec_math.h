@@ -226,6 +226,15 @@ SEQKERN_INLINE void store(const Vec<T>& v, T* p, int64_t count) {
   else v.store(p, count);
 }
 
+// out[0:n] += w · src[0:n]
+template <typename T>
+inline void axpy(T* out, const T* src, int64_t n, T w) {
+  const Vec<T> vw(w);
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    store(at::vec::fmadd(vw, load(src + j, c), load(out + j, c)), out + j, c);
+  });
+}
+
 // Running state of a softmax computed one block of scores at a time (flash attention): after
 // all blocks, softmax(s)·V = acc / sum, and log-sum-exp = max + log(sum).
 template <typename T>
