@@ -275,10 +275,11 @@ def test_gradcheck_float64(kind, Hq, Hkv, Lq):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["none", "causal+bool+key_lengths", "window_br", "additive",
                                   "additive+dropout", "causal+dropout"])
-def test_opcheck(dtype, kind):
+@pytest.mark.parametrize("Lq", [9, 3], ids=["tiles", "decode"])
+def test_opcheck(dtype, kind, Lq):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = make_inputs((2, 4, 2, 9, 11, 16, 8), dtype, gen)
-    kw = make_mask_kwargs(kind.replace("+dropout", ""), 2, 4, 9, 11, dtype, gen)
+    q, k, v = make_inputs((2, 4, 2, Lq, 11, 16, 8), dtype, gen)
+    kw = make_mask_kwargs(kind.replace("+dropout", ""), 2, 4, Lq, 11, dtype, gen)
     p, seed = (0.3, torch.tensor([12345])) if "dropout" in kind else (0.0, None)
     args = (q, k, v, kw.get("attn_mask"), kw.get("key_lengths"), kw.get("is_causal", False),
             kw.get("causal_alignment") == "bottom_right", kw.get("window", 0), 0.25, p, seed)
@@ -855,6 +856,10 @@ def test_cpp_checks_dropout_and_mask_grad_arguments():
     with pytest.raises(RuntimeError, match="mask_grad needs an additive"):
         _ext._C.attention_backward(out, q, q, q, out, lse, None, None, False, False, 0, 1.0, 0.0,
                                    None, True)
+    assert lse.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="lse must be Double of shape"):  # a float32 lse
+        _ext._C.attention_backward(out, q, q, q, out, lse.float(), None, None, False, False, 0,
+                                   1.0, 0.0, None, False)
 
 
 def test_compile_fullgraph_mask_gradient_and_dropout():
