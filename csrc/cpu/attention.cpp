@@ -44,6 +44,30 @@ constexpr T neg_inf() {
 
 // C[MR × n] (+)= A[MR × K] · B[K × n], B row-major (ldb), A addressed as A[r·a_rs + k·a_ks] so a
 // transposed A (Pᵀ, dSᵀ) costs nothing. n ≤ NV·W; FULL means n == NV·W.
+// The first n lanes of a vector, as Vectorized::loadu(p, n) / store(p, n) but by value: with
+// those, GCC kept the accumulators of the partial one-vector kernels (tiles of a few queries)
+// on the stack and stored them at every k step.
+template <typename T>
+SEQKERN_INLINE Vec<T> load_first(const T* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>)
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  else if constexpr (std::is_same_v<T, double>)
+    return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+#endif
+  return Vec<T>::loadu(p, n);
+}
+template <typename T>
+SEQKERN_INLINE void store_first(const Vec<T>& x, T* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>)
+    return _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), x);
+  else if constexpr (std::is_same_v<T, double>)
+    return _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), x);
+#endif
+  x.store(p, n);
+}
+
 template <typename T, int MR, int NV, bool FULL>
 void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
                   T* C, int64_t ldc, int64_t n, bool accumulate) {
@@ -58,7 +82,7 @@ void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       if (accumulate)
-        acc[r][v] = FULL ? V::loadu(C + r * ldc + v * W) : V::loadu(C + r * ldc + v * W, cnt[v]);
+        acc[r][v] = FULL ? V::loadu(C + r * ldc + v * W) : load_first(C + r * ldc + v * W, cnt[v]);
       else
         acc[r][v] = V(T(0));
     }
@@ -68,7 +92,7 @@ void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
     const T* a = A + k * a_ks;
     V bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = FULL ? V::loadu(b + v * W) : V::loadu(b + v * W, cnt[v]);
+    for (int v = 0; v < NV; ++v) bv[v] = FULL ? V::loadu(b + v * W) : load_first(b + v * W, cnt[v]);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const V av(a[r * a_rs]);
@@ -81,7 +105,7 @@ void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       if (FULL) acc[r][v].store(C + r * ldc + v * W);
-      else acc[r][v].store(C + r * ldc + v * W, cnt[v]);
+      else store_first(acc[r][v], C + r * ldc + v * W, cnt[v]);
     }
   }
 }
@@ -144,18 +168,6 @@ void tile_gemm_impl(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_ks
                                            accumulate);
     }
   }
-}
-
-// With `n_spans`, row group g only computes columns n_spans[g]; with `k_spans`, it only sums
-// over k in k_spans[g].
-template <typename T>
-void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
-               const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate,
-               const Span* n_spans = nullptr, const Span* k_spans = nullptr) {
-  tile_gemm_impl<T>(M, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate, [&](int64_t r0, int64_t) {
-    const int64_t g = r0 / kMR;
-    return std::pair<Span, Span>{n_spans ? n_spans[g] : Span{0, N}, k_spans ? k_spans[g] : Span{0, K}};
-  });
 }
 
 // Union of per-row ranges over rows [r0, r1); the low end rounded down to a vector boundary
