@@ -115,6 +115,27 @@ def test_attention_matches_reference(kw, dtype):
         torch.testing.assert_close(a.float(), b.float(), **TOL[dtype])
 
 
+def test_attention_dropout_and_mask_gradient():
+    """Dropout (the cpu kernels' keep pattern for the seed) and an additive mask's gradient,
+    summed over the heads it broadcasts along."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, L, D = 2, 4, 2, 300, 64
+    q, k, v = (torch.randn(B, h, L, D, device=DEV, requires_grad=True) for h in (Hq, Hkv, Hkv))
+    m = torch.randn(B, 1, L, L, device=DEV, requires_grad=True)
+    kw = dict(attn_mask=m, is_causal=True, enable_gqa=True, dropout_p=0.2)
+    torch.manual_seed(3)
+    with seqkern.use_backend("triton"):
+        out = seqkern.ops.scaled_dot_product_attention(q, k, v, **kw)
+    torch.manual_seed(3)
+    keep = seqkern.ops.dropout_keep_mask((B, Hq, L, L), 0.2, attn_ops._draw_seed()).to(DEV)
+    want = ref_attn.scaled_dot_product_attention(q, k, v, dropout_mask=keep, **kw)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, m), g),
+                    torch.autograd.grad(want, (q, k, v, m), g)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 def test_attention_custom_ops_opcheck():
     q, k, v = (torch.randn(1, 2, 130, 64, device=DEV) for _ in range(3))
     torch.library.opcheck(attn_ops._attention_forward_op,

@@ -130,3 +130,111 @@ def test_kv_cache_streaming_uses_decode_and_equals_whole_sequence():
         tattn.attention_decode = real
     assert len(calls) == 4
     torch.testing.assert_close(torch.cat(outs, dim=2), whole, **TOL)
+
+
+# ---------------------------------------------------------------- dropout, mask gradient -----
+
+DROPOUT_CASES = {
+    "causal_gqa": (dict(B=2, Hq=4, Hkv=2, Lq=37, Lk=37), dict(is_causal=True)),
+    "window_keylen_bottom_right": (dict(B=2, Hq=2, Hkv=1, Lq=20, Lk=37),
+                                   dict(is_causal=True, window=7, causal_alignment="bottom_right",
+                                        key_lengths=torch.tensor([37, 12]))),
+    "additive_mask_cross": (dict(B=1, Hq=2, Hkv=2, Lq=9, Lk=37, DV=24), dict(mask="additive")),
+}
+
+
+@pytest.mark.parametrize("p", [0.3, 0.8])
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+def test_dropout_equals_the_reference_with_the_cpu_pattern(case, p):
+    """The kernels drop exactly the weights ``dropout_keep_mask`` reports for the seed they are
+    given (the cpu kernels' pattern), forward and backward."""
+    shape, kw = DROPOUT_CASES[case]
+    kw = dict(kw)
+    q, k, v = qkv(**shape)
+    if kw.pop("mask", None) == "additive":
+        kw["attn_mask"] = torch.randn(q.shape[2], k.shape[2])
+    gqa = q.shape[1] != k.shape[1]
+    torch.manual_seed(11)
+    with seqkern.use_backend("triton"):
+        got = seqkern.ops.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, dropout_p=p,
+                                                       **kw)
+    torch.manual_seed(11)  # the public op draws its seed from torch's generator
+    seed = seqkern.ops.attention._draw_seed()
+    keep = seqkern.ops.dropout_keep_mask((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), p,
+                                         seed)
+    want = ref.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, dropout_p=p,
+                                            dropout_mask=keep, **kw)
+    torch.testing.assert_close(got, want, **TOL)
+    g = torch.randn_like(got)
+    for name, a, b in zip("qkv", torch.autograd.grad(got, (q, k, v), g),
+                          torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"d{name}: {m}")
+
+
+def test_dropout_same_output_as_the_cpu_backend_and_edge_probabilities():
+    q, k, v = (t.detach() for t in qkv(B=1, Hq=2, Hkv=1, Lq=33, Lk=33))
+    outs = {}
+    for backend in ("triton", "cpu"):
+        torch.manual_seed(4)
+        with seqkern.use_backend(backend):
+            outs[backend] = seqkern.ops.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=0.5, enable_gqa=True)
+    torch.testing.assert_close(outs["triton"], outs["cpu"], **TOL)
+    with seqkern.use_backend("triton"):
+        assert not seqkern.ops.scaled_dot_product_attention(q, k, v, dropout_p=1.0,
+                                                            enable_gqa=True).any()
+        # without grad and with a long cache the decode kernel is skipped for dropout
+        qd, kd, vd = (t.detach() for t in qkv(B=1, Hq=2, Hkv=2, Lq=1, Lk=260, D=16))
+        torch.manual_seed(5)
+        got = seqkern.ops.scaled_dot_product_attention(qd, kd, vd, dropout_p=0.4)
+    torch.manual_seed(5)
+    keep = seqkern.ops.dropout_keep_mask((1, 2, 1, 260), 0.4, seqkern.ops.attention._draw_seed())
+    torch.testing.assert_close(got, ref.scaled_dot_product_attention(
+        qd, kd, vd, dropout_p=0.4, dropout_mask=keep), **TOL)
+
+
+MASK_GRAD_SHAPES = {
+    "full": (2, 2, 20, 37),
+    "over_heads": (2, 1, 20, 37),
+    "two_dim": (20, 37),
+    "key_padding": (2, 1, 1, 37),    # broadcast over heads and queries: rows summed in a tile
+    "per_query": (1, 2, 20, 1),      # broadcast over keys: keys summed in a tile
+    "scalar": (1,),
+}
+
+
+@pytest.mark.parametrize("shape", list(MASK_GRAD_SHAPES))
+def test_additive_mask_gradient(shape):
+    """d attn_mask = dS summed over the dims the mask broadcasts along, with causal masking,
+    GQA and a fully masked row, as the reference's autograd gives it."""
+    q, k, v = qkv(B=2, Hq=2, Hkv=1, Lq=20, Lk=37)
+    m = torch.randn(*MASK_GRAD_SHAPES[shape])
+    if m.dim() >= 2 and m.shape[-2] == 20 and m.shape[-1] == 37:
+        m[..., 3, :] = float("-inf")
+    m.requires_grad_()
+    kw = dict(attn_mask=m, is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
+    with seqkern.use_backend("triton"):
+        got = seqkern.ops.scaled_dot_product_attention(q, k, v, **kw)
+    want = ref.scaled_dot_product_attention(q, k, v, **kw)
+    torch.testing.assert_close(got, want, **TOL)
+    g = torch.randn_like(got)
+    a = torch.autograd.grad(got, (q, k, v, m), g)
+    b = torch.autograd.grad(want, (q, k, v, m), g)
+    for name, x, y in zip(["dq", "dk", "dv", "dmask"], a, b):
+        assert x.shape == y.shape, name
+        torch.testing.assert_close(x, y, atol=5e-5, rtol=5e-5, msg=lambda msg: f"{name}: {msg}")
+
+
+def test_mask_gradient_with_dropout():
+    q, k, v = qkv(B=1, Hq=2, Hkv=2, Lq=17, Lk=17, D=16)
+    m = torch.randn(17, 17, requires_grad=True)
+    torch.manual_seed(8)
+    with seqkern.use_backend("triton"):
+        got = seqkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.25)
+    torch.manual_seed(8)
+    keep = seqkern.ops.dropout_keep_mask((1, 2, 17, 17), 0.25, seqkern.ops.attention._draw_seed())
+    want = ref.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.25,
+                                            dropout_mask=keep)
+    g = torch.randn_like(got)
+    for x, y in zip(torch.autograd.grad(got, (q, m), g), torch.autograd.grad(want, (q, m), g)):
+        torch.testing.assert_close(x, y, atol=5e-5, rtol=5e-5)

@@ -252,13 +252,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     backend = registry.select("attention", query.device)
     if backend == "triton" or (backend == "cpu" and query.dtype in _KERNEL_DTYPES):
-        if backend == "triton":
-            if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-                raise NotImplementedError("seqkern: gradients with respect to attn_mask are not "
-                                          "supported by the triton backend")
-            if dropout_p > 0:
-                raise NotImplementedError("seqkern: dropout_p > 0 is not supported by the "
-                                          "triton backend")
         # Both kernels take (B, H, L, D) operands, int64 key lengths and the mask flags as
         # plain values.
         squeeze = query.dim() == 3
@@ -272,7 +265,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         if backend == "triton":
             from seqkern.triton import attention as triton_attention
 
-            out = triton_attention.attention(q, k, v, m, kl, *flags)
+            p = float(dropout_p)
+            out = triton_attention.attention(q, k, v, m, kl, *flags, p,
+                                             _draw_seed() if p else None)
         else:
             p = float(dropout_p)
             args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None)

@@ -66,10 +66,8 @@ def _attention_cuda(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, wi
                     dropout_p, dropout_seed):
     from seqkern.triton import attention
 
-    if dropout_p > 0:
-        raise NotImplementedError("seqkern: the triton attention kernels have no dropout")
     out, lse = attention.attention_forward(q, k, v, attn_mask, key_lengths, is_causal,
-                                           bottom_right, window, scale)
+                                           bottom_right, window, scale, dropout_p, dropout_seed)
     return out, lse.double()  # the op's contract; the Triton kernels keep it in float32
 
 
@@ -77,12 +75,10 @@ def _attention_backward_cuda(grad_out, q, k, v, out, lse, attn_mask, key_lengths
                              bottom_right, window, scale, dropout_p, dropout_seed, mask_grad):
     from seqkern.triton import attention
 
-    if dropout_p > 0 or mask_grad:
-        raise NotImplementedError("seqkern: the triton attention kernels have no dropout and no "
-                                  "attn_mask gradient")
-    dq, dk, dv = attention.attention_backward(grad_out, q, k, v, out, lse.float(), attn_mask,
-                                              key_lengths, is_causal, bottom_right, window, scale)
-    return dq, dk, dv, q.new_empty((0,))
+    dq, dk, dv, dm = attention.attention_backward(grad_out, q, k, v, out, lse.float(), attn_mask,
+                                                  key_lengths, is_causal, bottom_right, window,
+                                                  scale, dropout_p, dropout_seed, mask_grad)
+    return dq, dk, dv, dm if dm is not None else q.new_empty((0,))
 
 
 def _wavenet_cuda(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias,

@@ -20,6 +20,12 @@ Backward (FlashAttention-2 split): D_i = rowsum(dO ⊙ O) first; then
   same key-tile range as the forward, accumulating dQ.
 Saved for backward: Q, K, V, O and LSE (B·Hq·Lq floats), never the Lq × Lk matrix.
 
+Dropout (``_keep``) drops the weights the cpu kernels drop for the same seed: a hash of (row,
+key, seed), regenerated per tile in the backward. The additive mask's gradient is dS, added
+(atomically: programs of several heads or batches may share an element of a broadcast mask)
+into a float32 buffer of the mask's shape by the dQ kernel, which visits every allowed (query,
+key) pair once.
+
 Decode (``_attention_decode_kernel``): few queries against a long KV cache. The grid splits
 the keys into NUM_SPLITS ranges (so a single sequence still fills the GPU), and the rows of a
 tile are (query head in the GQA group × query position), so each K/V tile is read once per kv
@@ -79,6 +85,27 @@ def _scores(q, k_ptr, offs_n, offs_d, skn, skd, kl, D, mask_ptr, smm, smn, offs_
 
 
 @triton.jit
+def _keep(rows, offs_n, seed, threshold):
+    """Dropout's keep pattern, bit for bit the cpu kernels' (csrc/cpu/attention.cpp, Dropout):
+    row r (flat (b·Hq + h)·Lq + i) has the key splitmix64(seed + (r + 1)·φ64) = (hi, lo), and
+    its key j is kept iff mix32((lo + j·φ32) ^ hi) ≥ threshold = p·2³². A hash of indices, not a
+    random stream, so the backward regenerates it tile by tile with nothing saved."""
+    z = seed.to(tl.uint64) + (rows.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    lo = (z & 0xFFFFFFFF).to(tl.uint32)
+    hi = (z >> 32).to(tl.uint32)
+    x = (lo[:, None] + offs_n.to(tl.uint32)[None, :] * 0x9E3779B9) ^ hi[:, None]
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x.to(tl.int64) >= threshold.to(tl.int64)
+
+
+@triton.jit
 def _key_range(m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, kl, delta, window,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Key tiles [lo, hi) that can hold an allowed key for query rows [m0, m0 + BLOCK_M)."""
@@ -97,9 +124,9 @@ def _attention_forward_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, kl_ptr, o_ptr, lse_ptr,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
         smb, smh, smm, smn, sob, soh, som, sod,
-        Hq, GROUP, Lq, Lk, D, DV, scale_log2, delta, window,
+        Hq, GROUP, Lq, Lk, D, DV, scale_log2, delta, window, seed, threshold, keep_scale,
         IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KL: tl.constexpr,
-        MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+        MASK_KIND: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -130,11 +157,15 @@ def _attention_forward_kernel(
         s, ok = _scores(q, k_base, offs_n, offs_d, skn, skd, kl, D, m_base, smm, smn, offs_m,
                         ok, scale_log2, MASK_KIND, PREC)
         m_i, l_i, acc, p = online_softmax_update(m_i, l_i, acc, s)
+        if DROPOUT:  # the normaliser l_i is over the weights before dropout
+            p = tl.where(_keep(bh * Lq + offs_m, offs_n, seed, threshold), p, 0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(offs_n[:, None] < kl) & (offs_dv[None, :] < DV), other=0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
+    if DROPOUT:
+        out = out * keep_scale
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
              out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
     lse = tl.where(live, (m_i + tl.log2(tl.where(live, l_i, 1.0))) / 1.4426950408889634,
@@ -147,9 +178,9 @@ def _attention_backward_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, kl_ptr, do_ptr, lse_ptr, dlt_ptr, dk_ptr, dv_ptr,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
         smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-        Hq, Hkv, GROUP, Lq, Lk, D, DV, scale, delta, window,
+        Hq, Hkv, GROUP, Lq, Lk, D, DV, scale, delta, window, seed, threshold, keep_scale,
         IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KL: tl.constexpr,
-        MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+        MASK_KIND: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DV: tl.constexpr):
     """dK, dV (contiguous (B, Hkv, Lk, ·)) for BLOCK_N keys of one kv head."""
@@ -203,8 +234,16 @@ def _attention_backward_dkdv_kernel(
             live = lse > float("-inf")
             lse2 = tl.where(live, lse * 1.4426950408889634, 0.0)
             p = tl.where(ok & live[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            if DROPOUT:
+                # O = (P ⊙ z)·V with z = keep / (1 − p): dV takes P ⊙ z, and the gradient that
+                # reaches P is dP ⊙ z (Δ = rowsum(dO ⊙ O) already sums P ⊙ z ⊙ dP).
+                z = tl.where(_keep((b * Hq + h) * Lq + offs_m, offs_n, seed, threshold),
+                             keep_scale, 0.0)
+                dv += tl.dot(tl.trans(p * z).to(do.dtype), do, input_precision=PREC)
+                dp = dp * z
+            else:
+                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
             ds = p * (dp - dlt[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
     out_n = (offs_n[:, None] < Lk)
@@ -216,15 +255,20 @@ def _attention_backward_dkdv_kernel(
 
 @triton.jit
 def _attention_backward_dq_kernel(
-        q_ptr, k_ptr, v_ptr, mask_ptr, kl_ptr, do_ptr, lse_ptr, dlt_ptr, dq_ptr,
+        q_ptr, k_ptr, v_ptr, mask_ptr, kl_ptr, do_ptr, lse_ptr, dlt_ptr, dq_ptr, dm_ptr,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-        smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-        Hq, GROUP, Lq, Lk, D, DV, scale, delta, window,
+        smb, smh, smm, smn, sdb, sdh, sdm, sdd, gmb, gmh, gmm, gmn,
+        Hq, GROUP, Lq, Lk, D, DV, scale, delta, window, seed, threshold, keep_scale,
         IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KL: tl.constexpr,
-        MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+        MASK_KIND: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr,
+        MASK_GRAD: tl.constexpr, MG_SUM_M: tl.constexpr, MG_SUM_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DV: tl.constexpr):
-    """dQ (contiguous (B, Hq, Lq, D)) for BLOCK_M queries of one query head."""
+    """dQ (contiguous (B, Hq, Lq, D)) for BLOCK_M queries of one query head; with MASK_GRAD
+    also the additive mask's gradient dS, added into dm_ptr (float32, the mask's own shape,
+    read through strides that are 0 along the dims it broadcasts over: programs of different
+    batches or heads may add into one element, hence atomics; a tile first sums its rows
+    (MG_SUM_M) or keys (MG_SUM_N) when the mask broadcasts along them)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -262,7 +306,20 @@ def _attention_backward_dq_kernel(
         vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                      mask=(offs_n[None, :] < kl) & (offs_dv[:, None] < DV), other=0.0)
         dp = tl.dot(do, vt, input_precision=PREC)
+        if DROPOUT:
+            dp = dp * tl.where(_keep(bh * Lq + offs_m, offs_n, seed, threshold), keep_scale, 0.0)
         ds = p * (dp - dlt[:, None])
+        if MASK_GRAD:
+            gp = dm_ptr + b * gmb + h * gmh
+            if MG_SUM_M and MG_SUM_N:
+                tl.atomic_add(gp, tl.sum(tl.sum(ds, 1), 0))
+            elif MG_SUM_M:
+                tl.atomic_add(gp + offs_n * gmn, tl.sum(ds, 0), mask=offs_n < Lk)
+            elif MG_SUM_N:
+                tl.atomic_add(gp + offs_m * gmm, tl.sum(ds, 1), mask=rm)
+            else:
+                tl.atomic_add(gp + offs_m[:, None] * gmm + offs_n[None, :] * gmn, ds,
+                              mask=rm[:, None] & (offs_n[None, :] < Lk))
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=(offs_n[:, None] < kl) & (offs_d[None, :] < D), other=0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -392,6 +449,19 @@ def _common(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window):
     return B, Hq, Lq, D, Hkv, Lk, DV, delta, mask, ms, kl, flags
 
 
+def _dropout_args(dropout_p: float, dropout_seed) -> tuple[int, int, float]:
+    """(seed, threshold, keep_scale) for the kernels, as the cpu kernels derive them: keep a
+    weight iff its hash ≥ threshold = p·2³², and scale the kept ones by 1/(1 − p) (0 at p = 1)."""
+    if not dropout_p:
+        return 0, 0, 1.0
+    if dropout_seed is None:
+        raise ValueError("seqkern: dropout_p > 0 needs a dropout_seed")
+    seed = int(dropout_seed.reshape(-1)[0].item()) if isinstance(dropout_seed, Tensor) \
+        else int(dropout_seed)
+    threshold = int(min(dropout_p * 4294967296.0, 4294967295.0))
+    return seed, threshold, (0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p))
+
+
 _fwd_tuned = None
 
 
@@ -408,16 +478,19 @@ def _forward_launcher():
     return _fwd_tuned
 
 
-def attention_forward(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale):
-    """Same contract as ``seqkern::attention_forward``: 4-D q, k, v → (out, lse (B, Hq, Lq))."""
+def attention_forward(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
+                      dropout_p: float = 0.0, dropout_seed=None):
+    """Same contract as ``seqkern::attention_forward``: 4-D q, k, v → (out, lse (B, Hq, Lq)),
+    lse in float32 here. Dropout drops the pattern ``seqkern.ops.dropout_keep_mask`` gives."""
     check_device(q)
     B, Hq, Lq, D, Hkv, Lk, DV, delta, mask, ms, kl, flags = _common(
         q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window)
+    flags["DROPOUT"] = bool(dropout_p)
     out = q.new_empty((B, Hq, Lq, DV))
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
     args = (q, k, v, mask, kl, out, lse, *q.stride(), *k.stride(), *v.stride(), *ms,
             *out.stride(), Hq, Hq // Hkv, Lq, Lk, D, DV, scale * math.log2(math.e), delta,
-            int(window or 0))
+            int(window or 0), *_dropout_args(dropout_p, dropout_seed))
     tuned = _forward_launcher()
     if tuned is None:
         bm = _INTERP_BLOCK
@@ -429,11 +502,32 @@ def attention_forward(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, 
     return out, lse
 
 
+def _mask_grad_buffer(attn_mask, B, Hq, Lq, Lk):
+    """A zeroed float32 gradient of the mask's shape (leading 1s up to 4 dims), its strides in
+    the (B, Hq, Lq, Lk) view (0 along the dims the mask broadcasts over), and whether a tile
+    must sum its rows / keys first."""
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    dm = torch.zeros(shape, dtype=torch.float32, device=attn_mask.device)
+    strides = dm.expand(B, Hq, Lq, Lk).stride()
+    return dm, strides, dict(MG_SUM_M=strides[2] == 0 and Lq > 1,
+                             MG_SUM_N=strides[3] == 0 and Lk > 1)
+
+
 def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_causal,
-                       bottom_right, window, scale):
-    """Same contract as ``seqkern::attention_backward`` → (dq, dk, dv)."""
+                       bottom_right, window, scale, dropout_p: float = 0.0, dropout_seed=None,
+                       mask_grad: bool = False):
+    """Same contract as ``seqkern::attention_backward`` → (dq, dk, dv, d attn_mask or None);
+    the mask's gradient (an additive mask, when ``mask_grad``) has the mask's shape."""
     B, Hq, Lq, D, Hkv, Lk, DV, delta, mask, ms, kl, flags = _common(
         q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window)
+    flags["DROPOUT"] = bool(dropout_p)
+    drop = _dropout_args(dropout_p, dropout_seed)
+    if mask_grad:
+        if attn_mask is None or attn_mask.dtype == torch.bool:
+            raise ValueError("seqkern: mask_grad needs an additive (floating-point) attn_mask")
+        dm, gstrides, sums = _mask_grad_buffer(attn_mask, B, Hq, Lq, Lk)
+    else:
+        dm, gstrides, sums = q, (0, 0, 0, 0), dict(MG_SUM_M=False, MG_SUM_N=False)
     # D_i = rowsum(dO ⊙ O): one elementwise pass, fp32.
     dlt = (grad_out.float() * out.float()).sum(-1).contiguous()
     dq = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
@@ -449,11 +543,13 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_c
                   num_warps=warps, num_stages=stages)
     _attention_backward_dkdv_kernel[(triton.cdiv(Lk, bn), B * Hkv)](
         q, k, v, mask, kl, grad_out, lse, dlt, dk, dv, *strides,
-        Hq, Hkv, Hq // Hkv, Lq, Lk, D, DV, scale, delta, int(window or 0), **flags, **blocks)
+        Hq, Hkv, Hq // Hkv, Lq, Lk, D, DV, scale, delta, int(window or 0), *drop, **flags,
+        **blocks)
     _attention_backward_dq_kernel[(triton.cdiv(Lq, bm), B * Hq)](
-        q, k, v, mask, kl, grad_out, lse, dlt, dq, *strides,
-        Hq, Hq // Hkv, Lq, Lk, D, DV, scale, delta, int(window or 0), **flags, **blocks)
-    return dq, dk, dv
+        q, k, v, mask, kl, grad_out, lse, dlt, dq, dm, *strides, *gstrides,
+        Hq, Hq // Hkv, Lq, Lk, D, DV, scale, delta, int(window or 0), *drop, **flags,
+        MASK_GRAD=bool(mask_grad), **sums, **blocks)
+    return dq, dk, dv, (dm.to(attn_mask.dtype) if mask_grad else None)
 
 
 def attention_decode(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
@@ -492,19 +588,21 @@ class _Attention(torch.autograd.Function):
     """Autograd for CPU tensors under the interpreter (on CUDA the custom op carries it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale):
+    def forward(ctx, q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
+                dropout_p, dropout_seed):
         out, lse = attention_forward(q, k, v, attn_mask, key_lengths, is_causal, bottom_right,
-                                     window, scale)
-        ctx.args = (is_causal, bottom_right, window, scale)
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths)
+                                     window, scale, dropout_p, dropout_seed)
+        ctx.args = (is_causal, bottom_right, window, scale, dropout_p)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, dropout_seed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, attn_mask, key_lengths = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, out, lse, attn_mask,
-                                        key_lengths, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, attn_mask, key_lengths, dropout_seed = ctx.saved_tensors
+        mask_grad = bool(ctx.needs_input_grad[3])
+        dq, dk, dv, dm = attention_backward(grad_out.contiguous(), q, k, v, out, lse, attn_mask,
+                                            key_lengths, *ctx.args, dropout_seed, mask_grad)
+        return dq, dk, dv, dm, None, None, None, None, None, None, None
 
 
 # Decode path: when nothing needs a gradient and the query rows of a kv head fit one tile while
@@ -514,18 +612,20 @@ DECODE_MIN_KEYS = 256
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, m, kl, is_causal: bool, bottom_right: bool,
-              window: int, scale: float) -> Tensor:
+              window: int, scale: float, dropout_p: float = 0.0,
+              dropout_seed: Tensor | None = None) -> Tensor:
     """The triton backend of ``seqkern.ops.scaled_dot_product_attention``: (B, H, L, D) operands
     and mask flags as ``seqkern.ops.attention`` prepares them (arguments already checked)."""
     flags = (is_causal, bottom_right, window, scale)
-    needs_grad = _ext.needs_grad(q, k, v)
+    needs_grad = _ext.needs_grad(q, k, v, m)
     rows = (q.shape[1] // k.shape[1]) * q.shape[2]
-    if not needs_grad and rows <= DECODE_MAX_ROWS and k.shape[2] >= DECODE_MIN_KEYS:
+    if (not needs_grad and not dropout_p and rows <= DECODE_MAX_ROWS
+            and k.shape[2] >= DECODE_MIN_KEYS):
         out = attention_decode(q, k, v, m, kl, *flags)
     elif q.device.type == "cuda":
         from seqkern.ops.attention import _attention_forward_op
 
-        out, _ = _attention_forward_op(q, k, v, m, kl, *flags, 0.0, None)
+        out, _ = _attention_forward_op(q, k, v, m, kl, *flags, float(dropout_p), dropout_seed)
     else:
-        out = _Attention.apply(q, k, v, m, kl, *flags)
+        out = _Attention.apply(q, k, v, m, kl, *flags, float(dropout_p), dropout_seed)
     return out
