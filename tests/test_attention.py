@@ -575,13 +575,15 @@ def test_cpp_checks_reject_bad_shapes_directly():
 @pytest.mark.parametrize("path", ["brgemm", "tiles"])
 @pytest.mark.parametrize("shape", [(1, 2, 2, 129, 129, 64, 64), (2, 4, 1, 70, 300, 40, 24),
                                    (1, 2, 1, 600, 1000, 16, 16), (1, 1, 1, 5, 513, 128, 128),
-                                   (1, 2, 2, 65, 65, 256, 256), (2, 8, 2, 3, 150, 40, 24)],
+                                   (1, 2, 2, 65, 65, 256, 256), (2, 8, 2, 3, 150, 40, 24),
+                                   (2, 4, 2, 15, 300, 40, 24), (1, 3, 1, 29, 257, 64, 48)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", ["none", "causal", "causal_br", "window_br",
                                   "causal+bool+key_lengths", "window+additive"])
 def test_bfloat16_paths(path, shape, kind, monkeypatch):
     """bfloat16 forward and backward on oneDNN brgemm tiles (CPUs with AMX; several key blocks,
-    Lk not a multiple of the block, head dims needing padding, GQA, few query rows) and on the
+    Lk not a multiple of the block, head dims needing padding, GQA, few query rows: 3 on the
+    row-wise kernels, 5, 15 and 29 on the transposed few-query forward) and on the
     fp32 tile kernels: outputs and every gradient within twice torch's bf16 error of the
     float64 reference."""
     if path == "brgemm" and not AMX:

@@ -494,6 +494,40 @@ void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, con
   }
 }
 
+// The online softmax of a transposed score tile st (nk keys × mp queries, rows ld apart) down
+// its columns, W queries per vector: folds the tile into the running max mx and sum sm, rescales
+// the accumulator rows (acc, Dv apart) of the queries whose max moved, and leaves the weights
+// exp(s − max) in place, times keep (same layout) where given; the sum is over the weights
+// before dropout.
+template <typename T>
+void softmax_columns(T* st, int64_t ld, int64_t nk, int64_t mp, int64_t mi, const T* keep, T* mx,
+                     T* sm, T* acc, int64_t Dv) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t r0 = 0; r0 < mp; r0 += W) {
+    V bmax(neg_inf<T>());
+    for (int64_t c = 0; c < nk; ++c) bmax = running_max(bmax, V::loadu(st + c * ld + r0));
+    OnlineSoftmaxLanes<T> os;
+    os.max = V::loadu(mx + r0);
+    os.sum = V::loadu(sm + r0);
+    V shift;
+    const V alpha = os.update_max(bmax, shift);
+    V colsum(T(0));
+    for (int64_t c = 0; c < nk; ++c) {
+      T* s = st + c * ld + r0;
+      const V p = vexp(V::loadu(s) - shift);
+      colsum = colsum + p;
+      (keep ? p * V::loadu(keep + c * ld + r0) : p).store(s);
+    }
+    (os.sum + colsum).store(sm + r0);
+    os.max.store(mx + r0);
+    T a[W];
+    alpha.store(a);
+    for (int64_t r = r0; r < std::min(r0 + W, mi); ++r)
+      if (a[r - r0] != T(1)) scale_row(acc + r * Dv, Dv, a[r - r0]);
+  }
+}
+
 // q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), last dims contiguous; out (B,Hq,Lq,Dv) and
 // lse (B,Hq,Lq) float64 contiguous, written here. Tasks are (batch, head, query block).
 template <typename T>
@@ -544,29 +578,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
         mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, ST.data(), BQ, neg_inf<T>(), mask.has_explicit());
         if (drop.active)
           for (int64_t c = 0; c < nk; ++c) keep_down_column(rk_lo, rk_hi, mp, j0 + c, drop.threshold, keep.data() + c * BQ);
-        // online softmax down the columns, W queries at a time
-        for (int64_t r0 = 0; r0 < mp; r0 += W) {
-          V bmax(neg_inf<T>());
-          for (int64_t c = 0; c < nk; ++c) bmax = running_max(bmax, V::loadu(ST.data() + c * BQ + r0));
-          OnlineSoftmaxLanes<T> st;
-          st.max = V::loadu(mx.data() + r0);
-          st.sum = V::loadu(sm.data() + r0);
-          V shift;
-          const V alpha = st.update_max(bmax, shift);
-          V colsum(T(0));
-          for (int64_t c = 0; c < nk; ++c) {
-            T* s = ST.data() + c * BQ + r0;
-            const V p = vexp(V::loadu(s) - shift);
-            colsum = colsum + p;  // the normaliser is over the weights before dropout
-            (drop.active ? p * V::loadu(keep.data() + c * BQ + r0) : p).store(s);
-          }
-          (st.sum + colsum).store(sm.data() + r0);
-          st.max.store(mx.data() + r0);
-          T a[W];
-          alpha.store(a);
-          for (int64_t r = r0; r < std::min(r0 + W, mi); ++r)
-            if (a[r - r0] != T(1)) scale_row(acc.data() + r * d.Dv, d.Dv, a[r - r0]);
-        }
+        softmax_columns<T>(ST.data(), BQ, nk, mp, mi, drop.active ? keep.data() : nullptr,
+                           mx.data(), sm.data(), acc.data(), d.Dv);
         // O_i += P·V_j, P read from Sᵀ (row stride 1, k stride BQ)
         tile_gemm_impl<T>(mi, nk, ST.data(), 1, BQ, vbase + j0 * sv.l, sv.l, acc.data(), d.Dv, true,
                           [&](int64_t r0, int64_t r1) {
@@ -1064,7 +1077,85 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   });
 }
 
-// Backward of the bf16 forward above on the same brgemm tiles, for key/value head hk of batch b
+// ---- bf16 with a few queries (kDecodeRows < Lq ≤ 32): Sᵀ on brgemm with K read in place ----
+//
+// With few queries, forward_kernel_bf16_amx spends most of its time packing: all of K is
+// transposed into VNNI blocks (and V paired) for products whose other side is a few rows (0.6×
+// torch's speed at 5–15 queries against 4096 keys). Transposed, the score product needs no
+// packing of K: Sᵀ = K_j·Qᵀ takes K's rows in place as brgemm's left operand and Qᵀ (D × the
+// queries rounded up to whole vectors, packed once per head) as its right. The softmax then runs
+// down the columns as in forward_kernel, and P·V is the fp32 micro-kernel over the V tile
+// widened to fp32, with P in fp32 (so no hi + lo split is needed). That product grows with the
+// rows, hence the bound: at 24–31 queries the path is still ~1.2× faster than the packing one.
+constexpr int64_t kFewBlockK = 128;
+constexpr int64_t kFewRowsMax = 32;
+
+inline bool bf16_few_queries(const Dims& d) {
+  return d.Lq <= kFewRowsMax && !d.decode_rows() && amx_usable(d);
+}
+
+void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
+                             const at::Tensor& v_, float scale, const Mask<float>& mask,
+                             const Dropout& drop, at::Tensor& out, at::Tensor& lse) {
+  using bf16 = c10::BFloat16;
+  constexpr int64_t W = Vec<float>::size(), BK = kFewBlockK;
+  const int64_t BQ = (d.Lq + W - 1) / W * W;  // query lanes: whole vectors
+  TORCH_INTERNAL_ASSERT(BQ <= kFewRowsMax);
+  const Strides sq(q_), sk(k_), sv(v_);
+  const bf16 *Q = q_.data_ptr<bf16>(), *K = k_.data_ptr<bf16>(), *Vb = v_.data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  double* LSE = lse.data_ptr<double>();
+  const int64_t g = d.group(), mi = d.Lq;
+
+  at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<bf16> QT(d.D * BQ);
+    std::vector<float> ST(BK * BQ), VT(BK * d.Dv), acc(BQ * d.Dv), mx(BQ), sm(BQ);
+    std::vector<float> keep(drop.active ? BK * BQ : 0);
+    uint32_t rk_lo[kFewRowsMax] = {}, rk_hi[kFewRowsMax] = {};
+    Span rows[kFewRowsMax], cols[BK];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task % d.Hq, b = task / d.Hq, hk = h / g;
+      const bf16* kbase = K + sk.at(b, hk);
+      const bf16* vbase = Vb + sv.at(b, hk);
+      pack_vnni_transposed(Q + sq.at(b, h, 0), sq.l, mi, d.D, BQ, QT.data());
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(mx.begin(), mx.end(), neg_inf<float>());
+      std::fill(sm.begin(), sm.end(), 0.0f);
+      if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, 0, mi, rk_lo, rk_hi);
+      const Span keys = block_keys(mask, b, 0, mi);
+      for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
+        const int64_t nk = std::min(BK, d.Lk - j0);
+        if (!tile_setup(mask, b, h, 0, mi, j0, nk, rows, cols)) continue;
+        // keys [klo, khi) some query may see; the others are -inf'd by mask_tile_t
+        const Span used = union_rows(rows, 0, mi, 1);
+        const int64_t klo = used.lo, khi = used.hi;
+        at::native::cpublas::brgemm(khi - klo, BQ, d.D, sk.l, BQ, BQ, false,
+                                    kbase + (j0 + klo) * sk.l, QT.data(), ST.data() + klo * BQ,
+                                    true);
+        for (int64_t c = klo; c < khi; ++c) scale_row(ST.data() + c * BQ, BQ, scale);
+        mask_tile_t(mask, b, h, 0, j0, nk, BQ, cols, ST.data(), BQ, neg_inf<float>(),
+                    mask.has_explicit());
+        if (drop.active)
+          for (int64_t c = 0; c < nk; ++c)
+            keep_down_column(rk_lo, rk_hi, BQ, j0 + c, drop.threshold, keep.data() + c * BQ);
+        softmax_columns<float>(ST.data(), BQ, nk, BQ, mi, drop.active ? keep.data() : nullptr,
+                               mx.data(), sm.data(), acc.data(), d.Dv);
+        for (int64_t c = klo; c < khi; ++c)
+          at::vec::convert(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
+        tile_gemm_impl<float>(mi, nk, ST.data(), 1, BQ, VT.data(), d.Dv, acc.data(), d.Dv, true,
+                              [&](int64_t r0, int64_t r1) {
+                                return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
+                              });
+      }
+      write_output_rows<float, bf16>(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(),
+                                     static_cast<float>(drop.keep_scale),
+                                     O + (b * d.Hq + h) * d.Lq * d.Dv, LSE + (b * d.Hq + h) * d.Lq);
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+// Backward of the bf16 forwards above on brgemm tiles, for key/value head hk of batch b
 // and query heads [h_begin, h_end) of its group (as backward_kernel, whose equations these
 // are). Per (query block i, key block j) of 64 × 64:
 //   S = Qᵢ·Kⱼᵀ and dP = dOᵢ·Vⱼᵀ (bf16 products, fp32 tiles), P and dS in fp32 from them,
@@ -1552,9 +1643,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
-    forward_kernel_bf16_amx(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
-                            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask,
-                            drop, out, lse);
+    auto kernel = bf16_few_queries(d) ? forward_kernel_bf16_few : forward_kernel_bf16_amx;
+    kernel(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
+           rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
     return {out.to(q.scalar_type()), lse};
   }
   // decoding reads a bf16 cache as it is stored (see decode_forward_kernel)
