@@ -530,14 +530,37 @@ def _qkv(Hq=4, Hkv=4, D=16, Dk=None, dtype=torch.float32):
             torch.randn(2, Hkv, 6, D, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype,mask_dtype", [(torch.bfloat16, torch.float32),
+                                              (torch.float64, torch.float32),
+                                              (torch.float32, torch.float64)], ids=str)
+def test_additive_mask_of_another_float_dtype(dtype, mask_dtype):
+    """As torch accepts: a float mask whatever the query's float dtype (an fp32 mask in a bf16
+    model); the mask's gradient keeps the mask's dtype."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = make_inputs((2, 4, 2, 9, 20, 16, 16), dtype, gen)
+    m = torch.randn(9, 20, generator=gen, dtype=mask_dtype).requires_grad_()
+    go = torch.randn(2, 4, 9, 16, generator=gen).to(dtype)
+    ours = forward_backward(sdpa, q, k, v, go, enable_gqa=True, attn_mask=m)
+    dm = torch.autograd.grad(sdpa(q, k, v, attn_mask=m, enable_gqa=True), m, go)[0]
+    assert ours[0].dtype == dtype and dm.dtype == mask_dtype
+    exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(), v.double(),
+                             go.double(), enable_gqa=True, attn_mask=m.detach().double())
+    md = m.detach().double().requires_grad_()
+    dm_exact = torch.autograd.grad(ref.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=md, enable_gqa=True), md, go.double())[0]
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    for a, e in zip([*ours, dm], [*exact, dm_exact]):
+        torch.testing.assert_close(a.double(), e, **tol)
+
+
 @pytest.mark.parametrize("make,kw,exc,match", [
     (lambda: _qkv(D=16, Dk=8), {}, ValueError, "key head dim must equal query's: expected 16, got 8"),
     (lambda: _qkv(Hq=6, Hkv=4), dict(enable_gqa=True), ValueError, "multiple of key/value heads: Hq=6, Hkv=4"),
     (lambda: _qkv(Hq=4, Hkv=2), {}, ValueError, "enable_gqa=True"),
     (lambda: _qkv(), dict(attn_mask=torch.ones(3, 5, 6, dtype=torch.bool)), ValueError,
      r"attn_mask of shape \(3, 5, 6\) is not broadcastable to \(2, 4, 5, 6\)"),
-    (lambda: _qkv(), dict(attn_mask=torch.ones(5, 6, dtype=torch.float64)), TypeError,
-     "attn_mask must be bool or query's dtype"),
+    (lambda: _qkv(), dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), TypeError,
+     r"attn_mask must be bool \(True = allowed\) or floating point \(additive\), got torch.int32"),
     (lambda: _qkv(), dict(is_causal=True, window=0), ValueError, "window must be >= 1, got 0"),
     (lambda: _qkv(), dict(window=2), ValueError, "requires is_causal=True"),
     (lambda: _qkv(), dict(key_lengths=torch.tensor([1, 2, 3])), ValueError, "key_lengths must be a 1-D integer tensor of length 2"),

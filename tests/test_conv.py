@@ -17,7 +17,7 @@ import seqkern
 from seqkern import registry
 from seqkern.ops import conv as ops
 from seqkern.reference import conv as ref
-from conftest import stable_seed
+from conftest import requires_cpu_ext, stable_seed
 
 pytestmark = pytest.mark.skipif(not registry.availability("cpu")[0],
                                 reason="the C++ extension is not built")
@@ -452,3 +452,37 @@ def test_bad_wavenet_and_step_inputs():
         ops.wavenet_block(x, cw, cb, sw[:, :2], sb, rw, rb)
     with pytest.raises(ValueError, match=r"state must be \(B, C_in, \(K-1\)\*dilation\) = \(1, 4, 4\), got \(1, 4, 3\)"):
         ops.causal_conv1d_step(x[:, :, 0], torch.zeros(1, 4, 3), cw, cb, dilation=4)
+    xt, st = x[:, :, 0], torch.zeros(1, 4, 1)
+    step_errors = [
+        (dict(dilation=0), ValueError, r"dilation must be an integer >= 1, got 0"),
+        (dict(bias=torch.zeros(3)), ValueError, r"bias must have shape \(6,\), got \(3,\)"),
+        (dict(groups=4, weight=torch.zeros(6, 1, 3)), ValueError,
+         r"with C_out divisible by groups = 4, got \(6, 1, 3\)"),
+        (dict(weight=cw.double()), TypeError, r"weight has dtype torch.float64 but x has dtype"),
+    ]
+    for kw, exc, match in step_errors:
+        args = dict(weight=cw, bias=cb, dilation=1, groups=1)
+        args.update(kw)
+        with pytest.raises(exc, match=match):
+            ops.causal_conv1d_step(xt, st, args["weight"], args["bias"], args["dilation"],
+                                   args["groups"])
+    with pytest.raises(ValueError, match=r"conv_weight must have 2\*gate_channels"):
+        ops.wavenet_block_step(xt, st, cw[:5], cb[:5], sw, sb, rw, rb)
+    with pytest.raises(ValueError, match=r"res_bias must have shape \(4,\), got \(1,\)"):
+        ops.wavenet_block_step(xt, st, cw, cb, sw, sb, rw, rb[:1])
+
+
+@requires_cpu_ext
+def test_fused_wavenet_stack_step_checks_every_layer():
+    """The one-call generation step reads raw pointers: a bias of the wrong length or a
+    parameter of another dtype must be an error, not an out-of-bounds read or a silent cast."""
+    wn = seqkern.nn.WaveNet(3, 4, 5, 3, kernel_size=2, dilation_cycle=2)
+    params = [b._step_params() for b in wn.blocks]
+    for layer, which, bad, match in [(1, 5, torch.zeros(1), r"res bias of layer 1 is \[1\], expected \(4\)"),
+                                     (2, 1, torch.zeros(3), r"conv bias of layer 2 is \[3\], expected \(10\)"),
+                                     (0, 0, None, r"conv weight of layer 0 is Double")]:
+        blocks = [list(p) for p in params]
+        blocks[layer][which] = bad if bad is not None else blocks[layer][which].double()
+        with torch.no_grad(), pytest.raises(RuntimeError, match=match):
+            ops.wavenet_stack_step(torch.randn(2, 4), wn.initial_state(2),
+                                   [tuple(b) for b in blocks], wn.dilations)

@@ -209,3 +209,22 @@ def test_modules_compile_fullgraph(backend):
         g_e = torch.autograd.grad(sum(o.sum() for o in eager), x)
         g_c = torch.autograd.grad(sum(o.sum() for o in compiled), x)
         torch.testing.assert_close(g_c[0], g_e[0], **TOL)
+
+
+def test_chunked_streaming_with_a_reused_input_buffer(backend):
+    """An audio loop refills one buffer per chunk: the state a call returns must not be a view
+    of its input (it was, and the refill overwrote it before the next chunk read it)."""
+    torch.manual_seed(9)
+    models = [CausalConv1d(4, 4, 3, 2, dtype=torch.float64),
+              WaveNet(3, 4, 6, 5, kernel_size=2, dilation_cycle=2, dtype=torch.float64),
+              TCN(4, [4, 4], kernel_size=3, dtype=torch.float64)]
+    x = torch.randn(2, 4, 40, dtype=torch.float64)
+    for m in models:
+        whole = m(x)
+        buf, state, ys = torch.empty(2, 4, 10, dtype=torch.float64), None, []
+        for i in range(4):
+            buf.copy_(x[:, :, 10 * i:10 * (i + 1)])
+            out = m(buf, state, return_state=True)
+            state = out[-1]
+            ys.append(out[0].clone())
+        torch.testing.assert_close(torch.cat(ys, 2), whole, **TOL, msg=lambda s: f"{type(m).__name__}: {s}")

@@ -351,3 +351,34 @@ class TestModuleErrors:
     def test_step_bidirectional(self):
         with pytest.raises(RuntimeError, match="unidirectional"):
             snn.GRU(3, 4, bidirectional=True).step(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_batch_gives_empty_outputs_as_torch(kind, batch_first):
+    t, s = make_pair(kind, 5, 7, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn(0, 4, 5, dtype=torch.float64) if batch_first else torch.randn(4, 0, 5, dtype=torch.float64)
+    want, got = _flat(t(x)), _flat(s(x))
+    assert [a.shape for a in got] == [a.shape for a in want]
+    h0 = torch.zeros(4, 0, 7, dtype=torch.float64)
+    hx = (h0, h0) if kind == "lstm" else h0
+    assert [a.shape for a in _flat(s(x, hx))] == [a.shape for a in _flat(t(x, hx))]
+    uni = make_pair(kind, 5, 7)[1]
+    assert uni.step(torch.randn(0, 5, dtype=torch.float64))[0].shape == (0, 7)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_float16_modules_run_as_torch(kind):
+    """float16 has no kernel: the modules compute it on the reference, as torch's CPU RNNs do."""
+    t, s = make_pair(kind, 5, 7, dtype=torch.float16, num_layers=2)
+    x = torch.randn(6, 3, 5).half()
+    for a, b in zip(_flat(s(x)), _flat(t(x))):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_lstm_cell_and_step_bad_state_or_input():
+    with pytest.raises(TypeError, match=r"LSTMCell expects hx = \(h, c\), a pair of tensors, got tuple of length 1"):
+        snn.LSTMCell(5, 7)(torch.randn(2, 5), (torch.zeros(2, 7),))
+    with pytest.raises(ValueError, match=r"x_t must be \(batch, 5\) or \(5,\), got \(2, 6\)"):
+        snn.LSTM(5, 7).step(torch.randn(2, 6))

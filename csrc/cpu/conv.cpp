@@ -874,6 +874,15 @@ std::vector<at::Tensor> wavenet_stack_step(
     using T = scalar_t;
     std::vector<T> taps, h, z;
     for (size_t l = 0; l < n; ++l) {
+      for (const auto& [t, what] :
+           {std::pair<const at::Tensor*, const char*>{&conv_w[l], "conv weight"},
+            {&skip_w[l], "skip weight"}, {&res_w[l], "res weight"}, {&states[l], "state"},
+            {conv_b[l] ? &*conv_b[l] : nullptr, "conv bias"},
+            {skip_b[l] ? &*skip_b[l] : nullptr, "skip bias"},
+            {res_b[l] ? &*res_b[l] : nullptr, "res bias"}})
+        TORCH_CHECK(!t || !t->defined() || (t->scalar_type() == st && t->device() == x_in.device()),
+                    "seqkern wavenet step: ", what, " of layer ", l, " is ", t->scalar_type(),
+                    " on ", t->device(), ", expected x_t's ", st, " on ", x_in.device());
       at::Tensor w = contiguous_as(conv_w[l], ct), ws = contiguous_as(skip_w[l], ct),
                  wr = contiguous_as(res_w[l], ct), q = contiguous_as(states[l], ct);
       at::Tensor cb = contiguous_as(opt(conv_b[l]), ct), sb = contiguous_as(opt(skip_b[l]), ct),
@@ -890,6 +899,14 @@ std::vector<at::Tensor> wavenet_stack_step(
                   "seqkern wavenet step: skip/res weights of layer ", l, " are ", ws.sizes(),
                   " and ", wr.sizes(), ", expected (", S, ", ", G, "[, 1]) and (", R, ", ", G,
                   "[, 1])");
+      TORCH_CHECK(G2 % 2 == 0, "seqkern wavenet step: conv weight of layer ", l, " has ", G2,
+                  " output channels, expected an even number (filter and gate halves)");
+      for (const auto& [bias, want, what] :
+           {std::tuple<const at::Tensor&, int64_t, const char*>{cb, G2, "conv"},
+            {sb, S, "skip"}, {rb, R, "res"}})
+        TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == want),
+                    "seqkern wavenet step: ", what, " bias of layer ", l, " is ", bias.sizes(),
+                    ", expected (", want, ")");
       const T* qp = q.data_ptr<T>();
       T* xp = x.data_ptr<T>();
       taps.resize(B * R * K);

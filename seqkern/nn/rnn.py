@@ -168,6 +168,7 @@ class _RecurrentBase(nn.Module):
                 lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
                 if lengths.shape != (B,):
                     raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+            if lengths is not None and B > 0:
                 if int(lengths.min()) < 1 or int(lengths.max()) > T:
                     raise ValueError(f"lengths must lie in [1, T={T}], got min {int(lengths.min())}"
                                      f" max {int(lengths.max())}")
@@ -197,6 +198,10 @@ class _RecurrentBase(nn.Module):
                 h0 = h0.index_select(1, sorted_idx)
                 c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
 
+        if B == 0:  # an empty batch: empty outputs, and the (empty) states as given, as torch
+            width = (2 if self.bidirectional else 1) * Hs
+            output = data.new_zeros((0, T, width) if self.batch_first else (T, 0, width))
+            return output, ((h0.clone(), c0.clone()) if is_lstm else h0.clone())
         out, h_n, c_n = ops._recurrence(self.mode, data, batch_sizes, h0, c0, self._weights(),
                                         self.num_layers, self.bidirectional, self.dropout,
                                         self.training, check=False)
@@ -252,7 +257,7 @@ class _RecurrentBase(nn.Module):
         if self.bidirectional:
             raise RuntimeError("step() needs a unidirectional module: a bidirectional layer's "
                                "reverse direction depends on the future")
-        if x_t.dim() not in (1, 2):
+        if x_t.dim() not in (1, 2) or x_t.shape[-1] != self.input_size:
             raise ValueError(f"x_t must be (batch, {self.input_size}) or ({self.input_size},), "
                              f"got {tuple(x_t.shape)}")
         fast = self._step_kernel(x_t, state)
@@ -421,6 +426,10 @@ class LSTMCell(_CellBase):
         super().__init__("lstm", input_size, hidden_size, bias, device, dtype)
 
     def forward(self, input, hx=None):
+        if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError("LSTMCell expects hx = (h, c), a pair of tensors, got "
+                            f"{type(hx).__name__}" + (f" of length {len(hx)}"
+                                                       if isinstance(hx, (tuple, list)) else ""))
         h, c = (None, None) if hx is None else hx
         return self._run(input, h, c)
 

@@ -206,9 +206,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, scale, enable_
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            raise TypeError(f"attn_mask must be bool or query's dtype ({q.dtype}), got "
-                            f"{attn_mask.dtype}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = allowed) or floating point "
+                            f"(additive), got {attn_mask.dtype}")
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask must be on query's device: expected {q.device}, got "
                              f"{attn_mask.device}")
@@ -278,6 +278,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             else:  # eager inference: nothing to record, so no dispatch at all
                 out, _ = _ext._C.attention_forward(*args)
         return out.squeeze(1) if squeeze else out
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
+        attn_mask = attn_mask.to(query.dtype)  # the reference computes in query's dtype
     return ref.scaled_dot_product_attention(query, key, value, attn_mask, bool(is_causal), scale,
                                             enable_gqa, window=window, key_lengths=key_lengths,
                                             causal_alignment=causal_alignment,

@@ -283,6 +283,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilatio
 def _check_wavenet(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias,
                    dilation, initial_state):
     _check_conv(x, conv_weight, conv_bias, dilation, 1, None, initial_state)
+    _check_wavenet_weights(x, conv_weight, skip_weight, skip_bias, res_weight, res_bias)
+
+
+def _check_wavenet_weights(x, conv_weight, skip_weight, skip_bias, res_weight, res_bias):
+    """The gate, skip and residual weights against x (B, R, ...) and the conv weight."""
     R = x.shape[1]
     if conv_weight.shape[0] % 2:
         raise ValueError(f"conv_weight must have 2*gate_channels output channels (an even "
@@ -345,16 +350,28 @@ def _taps(x_t: Tensor, state: Tensor, dilation: int) -> tuple[Tensor, Tensor]:
     return x_ext[:, :, ::dilation], x_ext[:, :, 1:]
 
 
-def _check_step(x_t, state, weight, dilation, groups):
-    if x_t.dim() != 2:
-        raise ValueError(f"x_t must be (B, C_in), got shape {_shape(x_t)}")
-    if weight.dim() != 3 or weight.shape[1] * groups != x_t.shape[1]:
-        raise ValueError(f"weight must be (C_out, C_in/groups = {x_t.shape[1] // groups}, K), "
-                         f"got {_shape(weight)}")
+def _check_step(x_t, state, weight, bias, dilation, groups):
+    if not isinstance(x_t, Tensor) or x_t.dim() != 2:
+        raise ValueError(f"x_t must be a (B, C_in) tensor, got shape "
+                         f"{_shape(x_t) if isinstance(x_t, Tensor) else type(x_t).__name__}")
+    if not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
+    if x_t.shape[1] % groups:
+        raise ValueError(f"x_t has C_in = {x_t.shape[1]} channels, not divisible by "
+                         f"groups = {groups}")
+    if (weight.dim() != 3 or weight.shape[1] * groups != x_t.shape[1] or weight.shape[2] < 1
+            or weight.shape[0] % groups):
+        raise ValueError(f"weight must be (C_out, C_in/groups = {x_t.shape[1] // groups}, K) "
+                         f"with C_out divisible by groups = {groups}, got {_shape(weight)}")
+    if bias is not None and _shape(bias) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {_shape(bias)}")
     P = (weight.shape[2] - 1) * dilation
     if _shape(state) != (x_t.shape[0], x_t.shape[1], P):
         raise ValueError(f"state must be (B, C_in, (K-1)*dilation) = "
                          f"({x_t.shape[0]}, {x_t.shape[1]}, {P}), got {_shape(state)}")
+    _check_same(x_t, state=state, weight=weight, bias=bias)
 
 
 def causal_conv1d_step(x_t: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -364,7 +381,7 @@ def causal_conv1d_step(x_t: Tensor, state: Tensor, weight: Tensor, bias: Tensor 
     Returns (y_t (B, C_out), new state); equals column t of causal_conv1d with the state as
     initial_state.
     """
-    _check_step(x_t, state, weight, dilation, groups)
+    _check_step(x_t, state, weight, bias, dilation, groups)
     if (registry.select("conv", x_t.device) == "triton"
             and not _ext.needs_grad(x_t, state, weight, bias)):
         from seqkern.triton import conv as triton_conv
@@ -389,7 +406,8 @@ def wavenet_block_step(x_t: Tensor, state: Tensor, conv_weight: Tensor, conv_bia
                        skip_weight: Tensor, skip_bias: Tensor | None, res_weight: Tensor,
                        res_bias: Tensor | None, dilation: int = 1):
     """One step of the WaveNet block; returns (res_t (B, R), skip_t (B, S), new state)."""
-    _check_step(x_t, state, conv_weight, dilation, 1)
+    _check_step(x_t, state, conv_weight, conv_bias, dilation, 1)
+    _check_wavenet_weights(x_t, conv_weight, skip_weight, skip_bias, res_weight, res_bias)
     taps, new_state = _taps(x_t, state, dilation)
     B, R, K = taps.shape
     G = conv_weight.shape[0] // 2
@@ -427,6 +445,11 @@ def wavenet_stack_step(x_t: Tensor, states: list[Tensor], blocks: list[tuple],
     if x_t.dim() != 2:
         raise ValueError(f"x_t must be (B, R), got shape {_shape(x_t)}")
     _check_same(x_t, **{f"states[{i}]": st for i, st in enumerate(states)})
+    # (the per-layer shapes, dtypes and devices are checked in C++: at one sample per call,
+    # Python checks of every layer's six parameters would cost more than the layer's math)
+    if any(len(p) != 6 for p in blocks):
+        raise ValueError("each of blocks must be (conv_weight, conv_bias, skip_weight, "
+                         "skip_bias, res_weight, res_bias)")
     cols = [list(c) for c in zip(*blocks)]
     # Generation is latency-bound (one sample per call, ~20 µs of math per layer): eager calls
     # go straight to the extension; the registered op is what torch.compile/export see.

@@ -232,8 +232,13 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
                       reverse)
 
 
+# dtypes the cpu kernels compute in; others (float16) run on the reference, as torch's own
+# CPU recurrences do for them
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 def _run_layer(backend, mode, x, batch_sizes, h0, c0, weights, reverse):
-    if backend == "reference":
+    if backend == "reference" or (backend == "cpu" and x.dtype not in _KERNEL_DTYPES):
         return _reference_layer(mode, x, batch_sizes, h0, c0, weights, reverse)
     if backend == "triton":
         from seqkern.triton import rnn as triton_rnn

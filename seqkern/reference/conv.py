@@ -41,7 +41,7 @@ def final_state(x: Tensor, initial_state: Tensor | None, P: int) -> Tensor:
     """The last P columns of x_ext: the state the next chunk starts from."""
     L = x.shape[2]
     if L >= P:
-        return x[:, :, L - P:]
+        return x[:, :, L - P:].clone()  # not a view: a caller may refill x with the next chunk
     return history(x, initial_state, P)[:, :, L:]
 
 
