@@ -291,6 +291,18 @@ def test_opcheck(dtype, kind, Lq):
                           (go, q, k, v, out, lse) + args[3:] + (mask_grad,))
 
 
+def test_backward_fake_matches_the_kernel_for_strided_inputs():
+    """The backward op's fake returns contiguous gradients, as the kernel does: q, k, v that are
+    views of a transposed projection (CausalSelfAttention's) compiled with a wrong-stride fake."""
+    q = torch.randn(2, 12, 8, 4).transpose(1, 2)
+    k, v = torch.randn(2, 8, 12, 4), torch.randn(2, 8, 12, 4)
+    out, lse = ops._attention_forward_op(q, k, v, None, None, True, False, 0, 0.5, 0.0,
+                                         None)
+    torch.library.opcheck(ops._attention_backward_op,
+                          (torch.randn_like(out), q, k, v, out, lse, None, None, True, False, 0,
+                           0.5, 0.0, None, False))
+
+
 def test_double_backward_raises():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64, requires_grad=True)
     out = sdpa(q, q, q, is_causal=True)
@@ -495,6 +507,28 @@ def test_decode_backward_ignores_masked_garbage_in_the_cache(dtype, how):
         if name in ("dk", "dv"):
             assert (a[:, :, n:] == 0).all(), name
             a = a[:, :, :n]
+        torch.testing.assert_close(a, b, **garbage_tolerance(dtype), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Lq", [5, 40, 70])
+def test_tiles_ignore_garbage_past_key_lengths(dtype, Lq):
+    """key_lengths marks a padded cache's valid prefix: NaN/inf past it must not reach any output
+    or gradient on the tile kernels either (the bf16 ones work on chunks of 64 keys, and took
+    0·inf = NaN from the padding before it was packed as zeros)."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_inputs((2, 4, 2, Lq, 300, 64, 40), dtype, gen)
+    go = torch.randn(2, 4, Lq, 40, generator=gen).to(dtype)
+    n = 161
+    kc, vc, kw = cache_with_garbage(k, v, n, "key_lengths")
+    got = forward_backward(sdpa, q, kc, vc, go, keep_nan=True, enable_gqa=True, **kw)
+    want = forward_backward(sdpa, q, k[:, :, :n], v[:, :, :n], go, keep_nan=True,
+                            enable_gqa=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        if name in ("dk", "dv"):
+            assert (a[:, :, n:] == 0).all(), name
+            a = a[:, :, :n]
+        assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, **garbage_tolerance(dtype), msg=name)
 
 

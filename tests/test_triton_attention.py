@@ -238,3 +238,11 @@ def test_mask_gradient_with_dropout():
     g = torch.randn_like(got)
     for x, y in zip(torch.autograd.grad(got, (q, m), g), torch.autograd.grad(want, (q, m), g)):
         torch.testing.assert_close(x, y, atol=5e-5, rtol=5e-5)
+
+
+def test_bfloat16_under_the_interpreter_is_refused():
+    """The interpreter's tl.dot gets bf16 wrong (triton-lang/triton#11584): a clear error, not
+    garbage."""
+    q = torch.randn(1, 1, 8, 16).bfloat16()
+    with seqkern.use_backend("triton"), pytest.raises(NotImplementedError, match="bfloat16"):
+        seqkern.ops.scaled_dot_product_attention(q, q, q)

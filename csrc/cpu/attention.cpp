@@ -872,9 +872,12 @@ inline float apply_explicit_mask_row(const Mask<float>& mask, int64_t b, int64_t
 }
 
 // src (B, H, L, E) bf16 packed block by block: out (B, H, nb, block_size), where
-// pack_block(rows, ld, n, dst) writes the block of BL rows starting at `rows` (n of them valid).
+// pack_block(rows, ld, n, dst) writes the block of BL rows starting at `rows` (n of them valid,
+// the rest zero). With `lens` (per batch: key lengths), rows past lens[b] are left out as well:
+// a KV cache may hold anything there, and the chunk-wide products would take 0·inf = NaN from it.
 template <typename F>
-at::Tensor pack_blocks(const at::Tensor& src, int64_t BL, int64_t block_size, F pack_block) {
+at::Tensor pack_blocks(const at::Tensor& src, int64_t BL, int64_t block_size, F pack_block,
+                       const int64_t* lens = nullptr) {
   using bf16 = c10::BFloat16;
   const int64_t B = src.size(0), H = src.size(1), L = src.size(2);
   const int64_t nb = (L + BL - 1) / BL;
@@ -885,7 +888,9 @@ at::Tensor pack_blocks(const at::Tensor& src, int64_t BL, int64_t block_size, F 
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % nb, h = (t / nb) % H, b = t / (nb * H);
-      pack_block(S + ss.at(b, h, blk * BL), ss.l, std::min(BL, L - blk * BL), O + t * block_size);
+      const int64_t valid = lens ? std::clamp<int64_t>(lens[b], 0, L) : L;
+      const int64_t n = std::clamp<int64_t>(valid - blk * BL, 0, BL);
+      pack_block(S + ss.at(b, h, blk * BL), ss.l, n, O + t * block_size);
     }
   });
   return out;
@@ -894,24 +899,25 @@ at::Tensor pack_blocks(const at::Tensor& src, int64_t BL, int64_t block_size, F 
 // src (B, H, L, E) bf16, E even, as brgemm right operands srcᵀ: per (batch, head, block of BL
 // rows), chunks of CL rows, each the VNNI form of its E × CL transpose (rows past L zero). For
 // S = Q·Kᵀ (src = K) and dP = dO·Vᵀ (src = V).
-at::Tensor pack_transposed_blocks(const at::Tensor& src, int64_t BL, int64_t CL) {
+at::Tensor pack_transposed_blocks(const at::Tensor& src, int64_t BL, int64_t CL,
+                                  const int64_t* lens = nullptr) {
   const int64_t E = src.size(3);
   return pack_blocks(src, BL, E * BL, [&](const c10::BFloat16* rows, int64_t ld, int64_t n, c10::BFloat16* dst) {
     for (int64_t c = 0; c < BL; c += CL) {
       const int64_t m = std::clamp<int64_t>(n - c, 0, CL);
       pack_vnni_transposed(m > 0 ? rows + c * ld : rows, ld, m, E, CL, dst + c * E);
     }
-  });
+  }, lens);
 }
 
 // src (B, H, L, E) bf16 as brgemm right operands themselves: per (batch, head, block of BL rows)
 // the BL × amx_width(E) block in VNNI form (rows past L and columns past E zero). For P·V
 // (src = V), dV += Pᵀ·dO, dK += dSᵀ·Q and dQ += dS·K.
-at::Tensor pack_row_blocks(const at::Tensor& src, int64_t BL) {
+at::Tensor pack_row_blocks(const at::Tensor& src, int64_t BL, const int64_t* lens = nullptr) {
   const int64_t E = src.size(3), Ep = amx_width(E);
   return pack_blocks(src, BL, BL * Ep, [&](const c10::BFloat16* rows, int64_t ld, int64_t n, c10::BFloat16* dst) {
     pack_vnni(rows, ld, n, E, BL, Ep, dst);
-  });
+  }, lens);
 }
 
 // The largest of s[0 .. n) · sc (NaN ignored), -inf for none.
@@ -981,7 +987,8 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
   // K and V of every (batch, kv head, key block), packed once per call and shared by every
   // query block and every query head of the group
-  const at::Tensor kp = pack_transposed_blocks(k_, BK, BK), vp = pack_row_blocks(v_, BK);
+  const at::Tensor kp = pack_transposed_blocks(k_, BK, BK, mask.key_len),
+                   vp = pack_row_blocks(v_, BK, mask.key_len);
   const int64_t Dvp = amx_width(d.Dv);
   const bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
   const Strides sq(q_);
@@ -1173,8 +1180,11 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   constexpr int64_t BQ = kAmxBlockQ, BK = kAmxChunk;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
   const int64_t Dp = amx_width(d.D), Dvp = amx_width(d.Dv);
-  const at::Tensor kt = pack_transposed_blocks(k_, BK, BK), vt = pack_transposed_blocks(v_, BK, BK);
-  const at::Tensor kr = pack_row_blocks(k_, BK), qr = pack_row_blocks(q_, BQ), dor = pack_row_blocks(do_, BQ);
+  // (keys past a batch's key length are packed as zeros: see pack_blocks)
+  const at::Tensor kt = pack_transposed_blocks(k_, BK, BK, mask.key_len),
+                   vt = pack_transposed_blocks(v_, BK, BK, mask.key_len);
+  const at::Tensor kr = pack_row_blocks(k_, BK, mask.key_len), qr = pack_row_blocks(q_, BQ),
+                   dor = pack_row_blocks(do_, BQ);
   const bf16 *KT = kt.data_ptr<bf16>(), *VT = vt.data_ptr<bf16>(), *KR = kr.data_ptr<bf16>(),
              *QR = qr.data_ptr<bf16>(), *DOR = dor.data_ptr<bf16>();
   const Strides sq(q_), so(do_);

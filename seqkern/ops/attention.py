@@ -69,7 +69,8 @@ def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_causal, bottom_rig
       dropout_p, dropout_seed, mask_grad):
     dmask = (attn_mask.new_empty(_mask_grad_shape(attn_mask)) if mask_grad
              else q.new_empty((0,)))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    # contiguous, as the kernels return them (empty_like would keep a strided view's layout)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -243,7 +244,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
     ``dropout_p`` drops attention weights as torch does (always, not only in training), with a
     pattern drawn from torch's default generator: ``torch.manual_seed`` reproduces it, but it is
-    not the pattern torch itself would draw. An additive ``attn_mask`` that requires grad gets
+    not the pattern torch itself would draw. Under ``torch.compile`` the seed comes from
+    Inductor's generator, so the pattern differs from eager's for the same manual seed (it is
+    the same with ``torch._inductor.config.fallback_random = True``). An additive ``attn_mask`` that requires grad gets
     its gradient (summed over the dims it broadcasts along).
     """
     _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa, window, key_lengths,

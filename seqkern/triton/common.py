@@ -44,6 +44,12 @@ def check_device(*tensors) -> None:
                 raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported (torch "
                                    "imports it with `import seqkern`); set it in the "
                                    "environment before the process imports torch/seqkern")
+            if t.dtype == torch.bfloat16:
+                # the interpreter's tl.dot multiplies bf16 bit patterns as integers
+                # (triton-lang/triton#11584): refuse rather than return garbage
+                raise NotImplementedError("seqkern triton kernels: the Triton interpreter "
+                                          "cannot compute bfloat16 products; use float32 under "
+                                          "TRITON_INTERPRET=1 (bf16 runs on CUDA)")
 
 
 @triton.jit
