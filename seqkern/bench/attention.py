@@ -1,6 +1,7 @@
 """Attention suite: causal self-attention forward and forward+backward against
 ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``, plus a sliding-window and a
-KV-cache decode case (float32; bfloat16 too in the full grid)."""
+KV-cache decode case and a few-query case (a chunk of 8 new tokens against a cache: speculative
+decoding's verify step, small prefill chunks); float32, bfloat16 too in the full grid."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from seqkern.bench.case import Case
 GRID = [(8, 4, 256, 64), (4, 8, 1024, 64), (1, 16, 4096, 64), (2, 8, 2048, 128), (32, 8, 128, 64)]
 WINDOW = (1, 16, 4096, 64, 256)      # B, H, L, D, w
 DECODE = (1, 16, 4096, 64)           # B, H, cached tokens, D
+CHUNK = (2, 16, 8, 4096, 64)         # B, H, new tokens, cached tokens, D
 # the reference materialises B·H·L² scores; keep it to shapes where that is small
 REFERENCE_MAX_SCORES = 4 * 2**20
 
@@ -96,6 +98,21 @@ def _decode_case(dtype):
                 quick=True)
 
 
+def _chunk_case(dtype):
+    B, H, Lq, L, D = CHUNK
+
+    def make():
+        q, k, v = _inputs(B, H, Lq, L + Lq, D, dtype, False)
+        # bottom-right causal; torch gets it as the equivalent explicit mask
+        i, j = torch.arange(Lq)[:, None], torch.arange(L + Lq)[None, :]
+        return _impls(q, k, v, False, dict(is_causal=True, causal_alignment="bottom_right"),
+                      dict(attn_mask=j <= i + L), False)
+    return Case(suite="attention", op="attention chunk fwd",
+                shape={"B": B, "H": H, "Lq": Lq, "cache": L, "D": D}, dtype=dtype, make=make,
+                flops=4.0 * B * H * Lq * (L + Lq) * D,
+                bytes=2.0 * B * H * (L + Lq) * D * dtype.itemsize, quick=False)
+
+
 def cases(full: bool) -> list[Case]:
     out = []
     for dtype in ([torch.float32, torch.bfloat16] if full else [torch.float32]):
@@ -104,4 +121,6 @@ def cases(full: bool) -> list[Case]:
                 out.append(_causal_case(B, H, L, D, dtype, train))
         out.append(_window_case(dtype))
         out.append(_decode_case(dtype))
+        if full:
+            out.append(_chunk_case(dtype))
     return out
