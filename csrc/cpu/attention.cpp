@@ -490,7 +490,17 @@ void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, con
   for (int64_t r = 0; r < mi; ++r) {
     const T inv = sm[r] > T(0) ? keep_scale / sm[r] : T(0);
     scaled_row_to(acc + r * ld_acc, Dv, inv, o + r * Dv);
-    l[r] = row_lse(mx[r], sm[r]);
+  }
+  // row_lse for W rows at a time: a scalar log per row was 3.6 % of a bf16 forward at L = 128
+  using VD = Vec<double>;
+  constexpr int64_t WD = VD::size();
+  for (int64_t r0 = 0; r0 < mi; r0 += WD) {
+    const int64_t n = std::min(WD, mi - r0);
+    double sums[WD], out[WD];
+    for (int64_t i = 0; i < WD; ++i) sums[i] = i < n && sm[r0 + i] > T(0) ? double(sm[r0 + i]) : 1.0;
+    VD::loadu(sums).log().store(out);
+    for (int64_t i = 0; i < n; ++i)
+      l[r0 + i] = sm[r0 + i] > T(0) ? static_cast<double>(mx[r0 + i]) + out[i] : neg_inf<double>();
   }
 }
 
