@@ -946,11 +946,10 @@ constexpr float kLazyRescale = 8.0f;
 
 // p[j] = bf16(exp(s[j]·sc − m) · keep[j]) for j < n (keep null: 1); sum = Σ exp(s[j]·sc − m)
 // (before dropout), max = the largest s[j]·sc. The exponent s·sc − m is taken in base 2 with
-// one FMA (exp2_weights), and P goes out in bf16 straight from registers. With p_lo, the
-// rounding error of p goes there, also in bf16: p + p_lo is the fp32 weight to ~2⁻¹⁶.
+// one FMA (exp2_weights), and P goes out in bf16 straight from registers.
 SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m,
                                     const float* keep, c10::BFloat16* p, float& sum_out,
-                                    float& max_out, c10::BFloat16* p_lo = nullptr) {
+                                    float& max_out) {
   using V = Vec<float>;
   constexpr int64_t W = V::size();
   const float ninf = neg_inf<float>();
@@ -970,24 +969,16 @@ SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m
     part(j, c0, e0);
     if (c1 > 0) part(j + W, c1, e1);
     store_bf16_pair(e0, e1, p + j, c);
-    if (p_lo) {
-      const V r0 = e0 - load(p + j, c0), r1 = c1 > 0 ? e1 - load(p + j + W, c1) : V(0.0f);
-      store_bf16_pair(r0, r1, p_lo + j, c);
-    }
   }
   sum_out = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, sum);
   const float ymax = at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
   max_out = ymax * kLn2 + m;  // back to the natural units of m (-inf stays -inf)
 }
 
-// Below this many queries P·V takes P as bf16 pairs hi + lo (two products): O is then the
-// fp32-weighted sum the backward's recomputed weights describe. With P rounded to bf16 alone, a
-// peaked row's dS = P ⊙ (dP − Δ), Δ = rowsum(dO ⊙ O), is a small difference that keeps the
-// rounding: bf16 dK was 4× less accurate than torch's at Lq = 5 (which takes its math path at so
-// few queries). Few rows are a small product, so the second one costs little.
-constexpr int64_t kSplitWeightRows = 16;
-
 // q, k, v bf16 with the last dimension contiguous; out (bf16) and lse as in forward_kernel.
+// More than 32 queries: fewer take forward_kernel_bf16_few below, whose P stays in fp32 (with P
+// rounded to bf16, a peaked row's dS = P ⊙ (dP − Δ), Δ = rowsum(dO ⊙ O), kept the rounding: bf16
+// dK was 4× less accurate than torch's at Lq = 5, where torch takes its exact math path).
 void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                              const at::Tensor& v_, float scale, const Mask<float>& mask,
                              const Dropout& drop, at::Tensor& out, at::Tensor& lse) {
@@ -1007,12 +998,10 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group();
   const float ninf = neg_inf<float>();
-  const bool split = d.Lq < kSplitWeightRows;
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
-    std::vector<bf16> P(BQ * BK), P_lo(split ? BQ * BK : 0);
-    bf16* const p_lo = split ? P_lo.data() : nullptr;
+    std::vector<bf16> P(BQ * BK);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[kAmxBlockK];
     for (int64_t task = begin; task < end; ++task) {
@@ -1037,8 +1026,6 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         for (int64_t r = 0; r < mi; ++r) {
           const float* s = S.data() + r * BK;
           bf16* p = P.data() + r * BK;
-          bf16* pl = split ? p_lo + r * BK : nullptr;
-          if (split) std::fill(pl + klo, pl + khi, bf16(0.0f));  // lo is written on [lo, hi) only
           if (rows[r].empty()) {  // (a window and a key length can leave lo > hi)
             std::fill(p + klo, p + khi, bf16(0.0f));
             continue;
@@ -1067,12 +1054,12 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
             kp = keep.data();
           }
           float rsum, rmax;
-          exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum, rmax, pl ? pl + lo : nullptr);
+          exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum, rmax);
           float alpha = 1.0f;
           if (rmax > m + kLazyRescale) {
             alpha = std::exp(m - rmax);
             m = rmax;
-            exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum, rmax, pl ? pl + lo : nullptr);
+            exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum, rmax);
           }
           if (mx[r] == ninf) alpha = 0.0f;  // first tile: nothing to rescale
           sm[r] = sm[r] * alpha + rsum;
@@ -1082,9 +1069,6 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         // V is packed as pairs of key rows, so keys [klo, khi) start klo·Dvp elements in
         at::native::cpublas::brgemm(mi, Dvp, khi - klo, BK, Dvp, Dvp, true, P.data() + klo,
                                     VP + blk * BK * Dvp + klo * Dvp, acc.data(), true);
-        if (split)
-          at::native::cpublas::brgemm(mi, Dvp, khi - klo, BK, Dvp, Dvp, true, p_lo + klo,
-                                      VP + blk * BK * Dvp + klo * Dvp, acc.data(), true);
       }
       write_output_rows(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                         static_cast<float>(drop.keep_scale),
@@ -1102,8 +1086,9 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
 // packing of K: Sᵀ = K_j·Qᵀ takes K's rows in place as brgemm's left operand and Qᵀ (D × the
 // queries rounded up to whole vectors, packed once per head) as its right. The softmax then runs
 // down the columns as in forward_kernel, and P·V is the fp32 micro-kernel over the V tile
-// widened to fp32, with P in fp32 (so no hi + lo split is needed). That product grows with the
-// rows, hence the bound: at 24–31 queries the path is still ~1.2× faster than the packing one.
+// widened to fp32, with P in fp32 (accurate enough for peaked rows' gradients, see
+// forward_kernel_bf16_amx). That product grows with the rows, hence the bound: at 24–31
+// queries the path is still ~1.2× faster than the packing one.
 constexpr int64_t kFewBlockK = 128;
 constexpr int64_t kFewRowsMax = 32;
 
