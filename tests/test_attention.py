@@ -303,6 +303,17 @@ def test_backward_fake_matches_the_kernel_for_strided_inputs():
                            0.5, 0.0, None, False))
 
 
+def test_inference_mode_mask_and_key_lengths_in_a_training_call():
+    """A mask built under inference_mode (e.g. cached once at startup) works in training, as
+    with torch's SDPA."""
+    with torch.inference_mode():
+        mask = torch.ones(3, 3, dtype=torch.bool).tril()
+        kl = torch.tensor([3])
+    q = torch.randn(1, 2, 3, 4, requires_grad=True)
+    sdpa(q, q, q, mask, key_lengths=kl).sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
 def test_double_backward_raises():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64, requires_grad=True)
     out = sdpa(q, q, q, is_causal=True)

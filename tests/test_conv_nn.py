@@ -228,3 +228,36 @@ def test_chunked_streaming_with_a_reused_input_buffer(backend):
             state = out[-1]
             ys.append(out[0].clone())
         torch.testing.assert_close(torch.cat(ys, 2), whole, **TOL, msg=lambda s: f"{type(m).__name__}: {s}")
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_old_style_weight_norm_and_pruning_hooks_are_honoured():
+    """weight_norm / pruning keep `weight` current in a forward pre-hook that only module(...)
+    runs; WaveNetBlock runs its convs fused and step() is no __call__, so both run those hooks
+    themselves: training several steps works and step() uses the updated weights."""
+    torch.manual_seed(4)
+    m = WaveNet(2, 4, 4, 4)
+    for b in m.blocks:
+        torch.nn.utils.weight_norm(b.skip)
+        torch.nn.utils.prune.l1_unstructured(b.res, "weight", amount=0.3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(2, 4, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        want = sum(torch_wavenet_block(b, x)[1] for b in m.blocks[:1])
+        got = m.blocks[0](x)[1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    c = CausalConv1d(4, 4, 3)
+    torch.nn.utils.weight_norm(c)
+    c(torch.randn(2, 4, 10)).sum().backward()
+    torch.optim.SGD(c.parameters(), lr=0.5).step()
+    xs = torch.randn(2, 4, 5)
+    with torch.no_grad():
+        state, ys = None, []
+        for t in range(5):
+            y, state = c.step(xs[:, :, t], state)
+            ys.append(y)
+        torch.testing.assert_close(torch.stack(ys, 2), c(xs), rtol=1e-5, atol=1e-5)

@@ -382,3 +382,14 @@ def test_lstm_cell_and_step_bad_state_or_input():
         snn.LSTMCell(5, 7)(torch.randn(2, 5), (torch.zeros(2, 7),))
     with pytest.raises(ValueError, match=r"x_t must be \(batch, 5\) or \(5,\), got \(2, 6\)"):
         snn.LSTM(5, 7).step(torch.randn(2, 6))
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_step_runs_old_style_weight_norm_hooks():
+    lstm = snn.LSTM(4, 5)
+    torch.nn.utils.weight_norm(lstm, "weight_hh_l0")
+    lstm(torch.randn(6, 3, 4))[0].sum().backward()
+    torch.optim.SGD(lstm.parameters(), lr=0.5).step()
+    xt, st = torch.randn(3, 4), (torch.randn(1, 3, 5), torch.randn(1, 3, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(lstm.step(xt, st)[0], lstm(xt[None], st)[0][0])

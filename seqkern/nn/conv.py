@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from seqkern.nn._weights import refresh_weights
 from seqkern.ops import conv as ops
 
 __all__ = ["CausalConv1d", "WaveNetBlock", "WaveNet", "TCN", "TemporalBlock"]
@@ -74,6 +75,7 @@ class CausalConv1d(nn.Module):
         """x_t (B, C_in) → (y_t (B, C_out), new state)."""
         if state is None:
             state = self.initial_state(x_t.shape[0])
+        refresh_weights(self)  # step() is not a __call__: weight_norm's hook must run here
         return ops.causal_conv1d_step(x_t, state, self.weight, self.bias, self.dilation,
                                       self.groups, self.activation)
 
@@ -115,6 +117,9 @@ class WaveNetBlock(nn.Module):
         return self.conv.initial_state(batch_size)
 
     def _params(self):
+        # the three convs run as one op, not through their __call__: run their weight hooks
+        for m in (self.conv, self.skip, self.res):
+            refresh_weights(m)
         return (self.conv.weight, self.conv.bias, self.skip.weight, self.skip.bias,
                 self.res.weight, self.res.bias)
 
@@ -124,7 +129,7 @@ class WaveNetBlock(nn.Module):
         try:
             c, s, r = self.conv._parameters, self.skip._parameters, self.res._parameters
             return (c["weight"], c["bias"], s["weight"], s["bias"], r["weight"], r["bias"])
-        except KeyError:   # e.g. a parametrization (weight_norm) replaced a parameter
+        except KeyError:   # a parametrization or weight_norm/pruning replaced a parameter
             return self._params()
 
     def forward(self, x: Tensor, state: Tensor | None = None, return_state: bool = False):

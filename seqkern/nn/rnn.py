@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from seqkern import _ext, registry
+from seqkern.nn._weights import refresh_weights
 from seqkern.ops import rnn as ops
 from seqkern.reference.rnn import gate_count
 
@@ -260,6 +261,7 @@ class _RecurrentBase(nn.Module):
         if x_t.dim() not in (1, 2) or x_t.shape[-1] != self.input_size:
             raise ValueError(f"x_t must be (batch, {self.input_size}) or ({self.input_size},), "
                              f"got {tuple(x_t.shape)}")
+        refresh_weights(self)  # step() is not a __call__: weight_norm's hook must run here
         fast = self._step_kernel(x_t, state)
         if fast is not None:
             return fast

@@ -73,12 +73,22 @@ def _(grad_out, q, k, v, out, lse, attn_mask, key_lengths, is_causal, bottom_rig
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
+def _saveable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t, or a copy if it is an inference tensor (a mask or key lengths built under
+    torch.inference_mode), which save_for_backward refuses; torch's own SDPA accepts one."""
+    if t is not None and t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
+
+
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale, dropout_p,
      dropout_seed) = inputs
     out, lse = output
     ctx.args = (is_causal, bottom_right, window, scale, dropout_p)
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, dropout_seed)
+    ctx.save_for_backward(q, k, v, out, lse, _saveable(attn_mask), _saveable(key_lengths),
+                          dropout_seed)
     ctx.mark_non_differentiable(lse)
 
 
