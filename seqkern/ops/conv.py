@@ -209,18 +209,22 @@ def _check_same(x: Tensor, **tensors: Tensor | None) -> None:
                             "match")
 
 
+def _check_input_and_ints(x, name: str, dims: int, layout: str, dilation, groups) -> None:
+    """x a `dims`-D tensor (`layout` for the message); dilation and groups integers >= 1."""
+    if not isinstance(x, Tensor) or x.dim() != dims:
+        raise ValueError(f"{name} must be a {layout} tensor, got shape "
+                         f"{_shape(x) if isinstance(x, Tensor) else type(x).__name__}")
+    for what, n in (("dilation", dilation), ("groups", groups)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{what} must be an integer >= 1, got {n!r}")
+
+
 def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, groups: int,
                 activation, initial_state: Tensor | None) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a (B, C, L) tensor, got shape "
-                         f"{_shape(x) if isinstance(x, Tensor) else type(x).__name__}")
+    _check_input_and_ints(x, "x", 3, "(B, C, L)", dilation, groups)
     if weight.dim() != 3:
         raise ValueError(f"weight must be (C_out, C_in/groups, K) as in nn.Conv1d, got shape "
                          f"{_shape(weight)}")
-    if not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
     C_out, C_in_g, K = weight.shape
     C_in = x.shape[1]
     if K < 1:
@@ -351,13 +355,7 @@ def _taps(x_t: Tensor, state: Tensor, dilation: int) -> tuple[Tensor, Tensor]:
 
 
 def _check_step(x_t, state, weight, bias, dilation, groups):
-    if not isinstance(x_t, Tensor) or x_t.dim() != 2:
-        raise ValueError(f"x_t must be a (B, C_in) tensor, got shape "
-                         f"{_shape(x_t) if isinstance(x_t, Tensor) else type(x_t).__name__}")
-    if not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
+    _check_input_and_ints(x_t, "x_t", 2, "(B, C_in)", dilation, groups)
     if x_t.shape[1] % groups:
         raise ValueError(f"x_t has C_in = {x_t.shape[1]} channels, not divisible by "
                          f"groups = {groups}")
