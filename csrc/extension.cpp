@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include "bindings.h"
 #include "cpu/gemm.h"
 #include "cpu/large_alloc.h"
 #include "cpu/rnn.h"
@@ -21,9 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CPU flags (/proc/cpuinfo spelling) this build may use");
   m.def("blas", [] { return std::string(seqkern::cpu::blas_name()); },
         "The BLAS the kernels call (mkl, resolved from torch, or aten)");
-  m.def("recurrent_forward", &seqkern::cpu::recurrent_forward);
-  m.def("recurrent_backward", &seqkern::cpu::recurrent_backward);
-  m.def("cell_step", &seqkern::cpu::cell_step,
+  m.def("recurrent_forward", &seqkern::cpu::recurrent_forward, seqkern::kReleaseGil);
+  m.def("recurrent_backward", &seqkern::cpu::recurrent_backward, seqkern::kReleaseGil);
+  m.def("cell_step", &seqkern::cpu::cell_step, seqkern::kReleaseGil,
         "One inference step of a cell for at most 4 rows: (mode, x, h, c, w_ih, w_hh, b_ih, "
         "b_hh) -> [h', c' or empty]");
   m.def("recurrent_bf16_amx", &seqkern::cpu::recurrent_bf16_amx,

@@ -9,6 +9,8 @@
 // which BLAS cannot.
 #include "isa.h"
 
+#include "bindings.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
@@ -1837,21 +1839,21 @@ namespace seqkern {
 void register_attention(pybind11::module_& m) {
   m.def("attention_bf16_amx", &cpu::bf16_brgemm_supported,
         "Whether bfloat16 attention forward runs on oneDNN brgemm (AMX) tiles on this CPU");
-  m.def("attention_forward", &cpu::attention_forward,
+  m.def("attention_forward", &cpu::attention_forward, kReleaseGil,
         "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "
         "bottom_right, window, scale, dropout_p, dropout_seed) -> (out, lse)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("attn_mask"),
         pybind11::arg("key_lengths"), pybind11::arg("is_causal"), pybind11::arg("bottom_right"),
         pybind11::arg("window"), pybind11::arg("scale"), pybind11::arg("dropout_p") = 0.0,
         pybind11::arg("dropout_seed") = pybind11::none());
-  m.def("attention_backward", &cpu::attention_backward,
+  m.def("attention_backward", &cpu::attention_backward, kReleaseGil,
         "Attention backward recomputing scores from lse: -> (dq, dk, dv, d attn_mask or empty)",
         pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("attn_mask"),
         pybind11::arg("key_lengths"), pybind11::arg("is_causal"), pybind11::arg("bottom_right"),
         pybind11::arg("window"), pybind11::arg("scale"), pybind11::arg("dropout_p") = 0.0,
         pybind11::arg("dropout_seed") = pybind11::none(), pybind11::arg("mask_grad") = false);
-  m.def("attention_dropout_mask", &cpu::attention_dropout_mask,
+  m.def("attention_dropout_mask", &cpu::attention_dropout_mask, kReleaseGil,
         "The keep pattern (True = kept) that attention dropout with this p and seed applies to "
         "weights of shape (B, H, Lq, Lk)",
         pybind11::arg("B"), pybind11::arg("H"), pybind11::arg("Lq"), pybind11::arg("Lk"),

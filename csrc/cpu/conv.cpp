@@ -28,6 +28,8 @@
 // (pre-activation, WaveNet's h) are kept in the compute dtype.
 #include "isa.h"
 
+#include "bindings.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -963,22 +965,23 @@ std::vector<at::Tensor> wavenet_stack_step(
 namespace seqkern {
 void register_conv(pybind11::module_& m) {
   using namespace pybind11::literals;
-  m.def("conv_forward", &cpu::conv_forward, "x"_a, "weight"_a, "bias"_a, "initial_state"_a,
-        "dilation"_a, "groups"_a, "activation"_a, "save_preact"_a,
+  m.def("conv_forward", &cpu::conv_forward, kReleaseGil, "x"_a, "weight"_a, "bias"_a,
+        "initial_state"_a, "dilation"_a, "groups"_a, "activation"_a, "save_preact"_a,
         "Causal dilated conv1d; returns (y, pre-activation or empty)");
-  m.def("conv_backward", &cpu::conv_backward, "grad_y"_a, "x"_a, "weight"_a, "initial_state"_a,
-        "y"_a, "preact"_a, "dilation"_a, "groups"_a, "activation"_a, "has_bias"_a,
-        "Returns (dx, dweight, dbias, dinitial_state)");
-  m.def("wavenet_forward", &cpu::wavenet_forward, "x"_a, "conv_weight"_a, "conv_bias"_a,
-        "skip_weight"_a, "skip_bias"_a, "res_weight"_a, "res_bias"_a, "initial_state"_a,
-        "dilation"_a, "save"_a, "WaveNet gated residual block; returns (res, skip, h or empty)");
-  m.def("wavenet_stack_step", &cpu::wavenet_stack_step, "x_t"_a, "states"_a, "conv_weights"_a,
-        "conv_biases"_a, "skip_weights"_a, "skip_biases"_a, "res_weights"_a, "res_biases"_a,
-        "dilations"_a,
+  m.def("conv_backward", &cpu::conv_backward, kReleaseGil, "grad_y"_a, "x"_a, "weight"_a,
+        "initial_state"_a, "y"_a, "preact"_a, "dilation"_a, "groups"_a, "activation"_a,
+        "has_bias"_a, "Returns (dx, dweight, dbias, dinitial_state)");
+  m.def("wavenet_forward", &cpu::wavenet_forward, kReleaseGil, "x"_a, "conv_weight"_a,
+        "conv_bias"_a, "skip_weight"_a, "skip_bias"_a, "res_weight"_a, "res_bias"_a,
+        "initial_state"_a, "dilation"_a, "save"_a,
+        "WaveNet gated residual block; returns (res, skip, h or empty)");
+  m.def("wavenet_stack_step", &cpu::wavenet_stack_step, kReleaseGil, "x_t"_a, "states"_a,
+        "conv_weights"_a, "conv_biases"_a, "skip_weights"_a, "skip_biases"_a, "res_weights"_a,
+        "res_biases"_a, "dilations"_a,
         "One generation step through a WaveNet stack; returns [skip sum, x, new states...]");
-  m.def("wavenet_backward", &cpu::wavenet_backward, "grad_res"_a, "grad_skip"_a, "x"_a,
-        "conv_weight"_a, "conv_bias"_a, "skip_weight"_a, "res_weight"_a, "initial_state"_a,
-        "h"_a, "dilation"_a, "has_skip_bias"_a, "has_res_bias"_a,
+  m.def("wavenet_backward", &cpu::wavenet_backward, kReleaseGil, "grad_res"_a, "grad_skip"_a,
+        "x"_a, "conv_weight"_a, "conv_bias"_a, "skip_weight"_a, "res_weight"_a,
+        "initial_state"_a, "h"_a, "dilation"_a, "has_skip_bias"_a, "has_res_bias"_a,
         "Returns (dx, dconv_w, dconv_b, dskip_w, dskip_b, dres_w, dres_b, dinitial_state)");
 }
 }  // namespace seqkern
