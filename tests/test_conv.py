@@ -425,7 +425,7 @@ BAD = [
     (dict(activation="gelu"), ValueError, r"activation must be None, 'none', 'relu', 'silu' or 'tanh', got 'gelu'"),
     (dict(x=(2, 4)), ValueError, r"x must be a \(B, C, L\) tensor, got shape \(2, 4\)"),
     (dict(x_dtype=torch.float64, w_dtype=torch.float64, state=(2, 4, 1)), TypeError, r"initial_state has dtype torch.float32 but x has dtype torch.float64"),
-    (dict(x_dtype=torch.float16, w_dtype=torch.float16), TypeError, r"x must be float32, float64 or bfloat16, got torch.float16"),
+    (dict(x_dtype=torch.int32), TypeError, r"x must be a floating-point tensor, got torch.int32"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Modules: state_dict compatibility with nn.Conv1d, agreement with the same networks written
 with torch modules, and streaming (step by step and random chunks) equal to the whole sequence."""
+import copy
 import random
 
 import pytest
@@ -261,3 +262,17 @@ def test_old_style_weight_norm_and_pruning_hooks_are_honoured():
             y, state = c.step(xs[:, :, t], state)
             ys.append(y)
         torch.testing.assert_close(torch.stack(ys, 2), c(xs), rtol=1e-5, atol=1e-5)
+
+
+def test_float16_modules_run_on_the_reference():
+    """float16 has no conv kernel: the ops and modules compute it on the reference (as the
+    recurrent modules do) instead of refusing it."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 4, 12)
+    for m in (CausalConv1d(4, 4, 3, 2), WaveNet(2, 4, 4, 4), TCN(4, [4, 4])):
+        half = copy.deepcopy(m).half()
+        y = half(x.half())
+        assert y.dtype == torch.float16
+        torch.testing.assert_close(y.float(), m(x), atol=5e-3, rtol=5e-3)
+        with torch.no_grad():
+            assert half.step(x[:, :, 0].half())[0].dtype == torch.float16

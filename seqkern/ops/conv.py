@@ -222,6 +222,8 @@ def _check_input_and_ints(x, name: str, dims: int, layout: str, dilation, groups
 def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, groups: int,
                 activation, initial_state: Tensor | None) -> None:
     _check_input_and_ints(x, "x", 3, "(B, C, L)", dilation, groups)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if weight.dim() != 3:
         raise ValueError(f"weight must be (C_out, C_in/groups, K) as in nn.Conv1d, got shape "
                          f"{_shape(weight)}")
@@ -247,8 +249,15 @@ def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, g
         raise ValueError(f"initial_state must be (B, C_in, (K-1)*dilation) = "
                          f"({x.shape[0]}, {C_in}, {P}), got {_shape(initial_state)}")
     _check_same(x, weight=weight, bias=bias, initial_state=initial_state)
-    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        raise TypeError(f"x must be float32, float64 or bfloat16, got {x.dtype}")
+
+
+# dtypes the cpu kernels compute in; others (float16) run on the reference
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _select(x: Tensor) -> str:
+    backend = registry.select("conv", x.device)
+    return "reference" if backend == "cpu" and x.dtype not in _KERNEL_DTYPES else backend
 
 
 # ---------------------------------------------------------------- public API ---------------
@@ -264,7 +273,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilatio
     return_final_state.
     """
     _check_conv(x, weight, bias, dilation, groups, activation, initial_state)
-    backend = registry.select("conv", x.device)
+    backend = _select(x)
     if backend == "triton":
         from seqkern.triton import conv as triton_conv
 
@@ -320,7 +329,7 @@ def wavenet_block(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, skip
     """
     _check_wavenet(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias,
                    dilation, initial_state)
-    backend = registry.select("conv", x.device)
+    backend = _select(x)
     if backend == "triton":
         from seqkern.triton import conv as triton_conv
 
@@ -431,7 +440,7 @@ def wavenet_stack_step(x_t: Tensor, states: list[Tensor], blocks: list[tuple],
     if len(states) != len(blocks) or len(dilations) != len(blocks):
         raise ValueError(f"need one state and one dilation per block: {len(blocks)} blocks, "
                          f"{len(states)} states, {len(dilations)} dilations")
-    fused = (registry.select("conv", x_t.device) == "cpu"
+    fused = (_select(x_t) == "cpu"
              and not _ext.needs_grad(x_t, *states, *(t for p in blocks for t in p)))
     if not fused:
         skip_sum, new_states = None, []
