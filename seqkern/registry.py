@@ -103,11 +103,24 @@ def requested() -> str | None:
     return None
 
 
+# dtypes the cpu kernels compute in; the others (float16) run on the reference, as torch's own
+# CPU kernels have no fused float16 path either
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 @torch.compiler.assume_constant_result
-def select(family: str, device: torch.device | str) -> str:
-    """The backend that runs `family` for tensors on `device`.
+def select(family: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs `family` for tensors on `device` (of `dtype`, when given: the cpu
+    kernels hand a dtype they do not compute in to the reference).
 
     Under torch.compile the choice is made once, at trace time, and baked into the graph."""
+    backend = _select_for_device(family, device)
+    if backend == "cpu" and dtype is not None and dtype not in CPU_KERNEL_DTYPES:
+        return "reference"
+    return backend
+
+
+def _select_for_device(family: str, device: torch.device | str) -> str:
     if not isinstance(device, torch.device):
         device = torch.device(device)
     forced = requested()

@@ -151,3 +151,14 @@ def test_kernels_from_two_python_threads_equal_sequential_calls():
         for g, w in zip(got, want):
             for a, b in zip(g, w):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not registry.availability("cpu")[0], reason="no C++ extension")
+def test_select_hands_dtypes_without_cpu_kernels_to_the_reference():
+    for family in ("rnn", "attention", "conv"):
+        assert registry.select(family, "cpu") == "cpu"
+        assert registry.select(family, "cpu", torch.float32) == "cpu"
+        assert registry.select(family, "cpu", torch.bfloat16) == "cpu"
+        assert registry.select(family, "cpu", torch.float16) == "reference"
+        with seqkern.use_backend("cpu"):
+            assert registry.select(family, "cpu", torch.float16) == "reference"

@@ -14,7 +14,6 @@ from seqkern.reference import attention as ref
 
 __all__ = ["scaled_dot_product_attention", "dropout_keep_mask"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- custom ops (C++ CPU) -----
@@ -256,15 +255,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     pattern drawn from torch's default generator: ``torch.manual_seed`` reproduces it, but it is
     not the pattern torch itself would draw. Under ``torch.compile`` the seed comes from
     Inductor's generator, so the pattern differs from eager's for the same manual seed (it is
-    the same with ``torch._inductor.config.fallback_random = True``). An additive ``attn_mask`` that requires grad gets
+    the same with ``torch._inductor.config.fallback_random = True``). An additive
+    ``attn_mask`` that requires grad gets
     its gradient (summed over the dims it broadcasts along).
     """
     _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa, window, key_lengths,
            causal_alignment, is_causal)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
-    backend = registry.select("attention", query.device)
-    if backend == "triton" or (backend == "cpu" and query.dtype in _KERNEL_DTYPES):
+    backend = registry.select("attention", query.device, query.dtype)
+    if backend != "reference":
         # Both kernels take (B, H, L, D) operands, int64 key lengths and the mask flags as
         # plain values.
         squeeze = query.dim() == 3

@@ -251,15 +251,6 @@ def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, g
     _check_same(x, weight=weight, bias=bias, initial_state=initial_state)
 
 
-# dtypes the cpu kernels compute in; others (float16) run on the reference
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-
-
-def _select(x: Tensor) -> str:
-    backend = registry.select("conv", x.device)
-    return "reference" if backend == "cpu" and x.dtype not in _KERNEL_DTYPES else backend
-
-
 # ---------------------------------------------------------------- public API ---------------
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilation: int = 1,
@@ -273,7 +264,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilatio
     return_final_state.
     """
     _check_conv(x, weight, bias, dilation, groups, activation, initial_state)
-    backend = _select(x)
+    backend = registry.select("conv", x.device, x.dtype)
     if backend == "triton":
         from seqkern.triton import conv as triton_conv
 
@@ -329,7 +320,7 @@ def wavenet_block(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, skip
     """
     _check_wavenet(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias,
                    dilation, initial_state)
-    backend = _select(x)
+    backend = registry.select("conv", x.device, x.dtype)
     if backend == "triton":
         from seqkern.triton import conv as triton_conv
 
@@ -389,7 +380,7 @@ def causal_conv1d_step(x_t: Tensor, state: Tensor, weight: Tensor, bias: Tensor 
     initial_state.
     """
     _check_step(x_t, state, weight, bias, dilation, groups)
-    if (registry.select("conv", x_t.device) == "triton"
+    if (registry.select("conv", x_t.device, x_t.dtype) == "triton"
             and not _ext.needs_grad(x_t, state, weight, bias)):
         from seqkern.triton import conv as triton_conv
 
@@ -440,7 +431,7 @@ def wavenet_stack_step(x_t: Tensor, states: list[Tensor], blocks: list[tuple],
     if len(states) != len(blocks) or len(dilations) != len(blocks):
         raise ValueError(f"need one state and one dilation per block: {len(blocks)} blocks, "
                          f"{len(states)} states, {len(dilations)} dilations")
-    fused = (_select(x_t) == "cpu"
+    fused = (registry.select("conv", x_t.device, x_t.dtype) == "cpu"
              and not _ext.needs_grad(x_t, *states, *(t for p in blocks for t in p)))
     if not fused:
         skip_sum, new_states = None, []

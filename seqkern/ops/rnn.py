@@ -228,17 +228,12 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
     Returns (out (N, Hs), h_n (B, Hs), c_n (B, H) or None).
     """
     _check_layer(mode, x, batch_sizes, h0, c0, weights)
-    return _run_layer(registry.select("rnn", x.device), mode, x, batch_sizes, h0, c0, weights,
-                      reverse)
-
-
-# dtypes the cpu kernels compute in; others (float16) run on the reference, as torch's own
-# CPU recurrences do for them
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+    return _run_layer(registry.select("rnn", x.device, x.dtype), mode, x, batch_sizes, h0, c0,
+                      weights, reverse)
 
 
 def _run_layer(backend, mode, x, batch_sizes, h0, c0, weights, reverse):
-    if backend == "reference" or (backend == "cpu" and x.dtype not in _KERNEL_DTYPES):
+    if backend == "reference":
         return _reference_layer(mode, x, batch_sizes, h0, c0, weights, reverse)
     if backend == "triton":
         from seqkern.triton import rnn as triton_rnn
@@ -279,7 +274,7 @@ def _recurrence(mode, data, batch_sizes, h0, c0, weights, num_layers, bidirectio
     D = 2 if bidirectional else 1
     if len(weights) != num_layers * D:
         raise ValueError(f"expected {num_layers * D} weight sets, got {len(weights)}")
-    backend = registry.select("rnn", data.device)
+    backend = registry.select("rnn", data.device, data.dtype)
     hs, cs = [], []
     inp = data
     for k in range(num_layers):
