@@ -44,8 +44,6 @@ constexpr T neg_inf() {
 
 // ------------------------------------------------------------------ micro-kernel -----------
 
-// C[MR × n] (+)= A[MR × K] · B[K × n], B row-major (ldb), A addressed as A[r·a_rs + k·a_ks] so a
-// transposed A (Pᵀ, dSᵀ) costs nothing. n ≤ NV·W; FULL means n == NV·W.
 // The first n lanes of a vector, as Vectorized::loadu(p, n) / store(p, n) but by value: with
 // those, GCC kept the accumulators of the partial one-vector kernels (tiles of a few queries)
 // on the stack and stored them at every k step.
@@ -70,6 +68,8 @@ SEQKERN_INLINE void store_first(const Vec<T>& x, T* p, int64_t n) {
   x.store(p, n);
 }
 
+// C[MR × n] (+)= A[MR × K] · B[K × n], B row-major (ldb), A addressed as A[r·a_rs + k·a_ks] so a
+// transposed A (Pᵀ, dSᵀ) costs nothing. n ≤ NV·W; FULL means n == NV·W.
 template <typename T, int MR, int NV, bool FULL>
 void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
                   T* C, int64_t ldc, int64_t n, bool accumulate) {
@@ -483,6 +483,22 @@ double row_lse(T mx, T sum) {
                     : neg_inf<double>();
 }
 
+// row_lse of n rows, a vector of doubles at a time: a scalar log per row was 3.6 % of a bf16
+// forward at L = 128.
+template <typename T>
+void rows_lse(int64_t n, const T* mx, const T* sum, double* l) {
+  using VD = Vec<double>;
+  constexpr int64_t WD = VD::size();
+  for (int64_t r0 = 0; r0 < n; r0 += WD) {
+    const int64_t m = std::min(WD, n - r0);
+    double sums[WD], logs[WD];
+    for (int64_t i = 0; i < WD; ++i) sums[i] = i < m && sum[r0 + i] > T(0) ? double(sum[r0 + i]) : 1.0;
+    VD::loadu(sums).log().store(logs);
+    for (int64_t i = 0; i < m; ++i)
+      l[r0 + i] = sum[r0 + i] > T(0) ? static_cast<double>(mx[r0 + i]) + logs[i] : neg_inf<double>();
+  }
+}
+
 // Rows of O = keep_scale · acc / sum (zeros for a row that saw no allowed key) and their
 // log-sum-exp, from the online-softmax state of a query block; acc rows are ld_acc apart. The
 // sum is over the weights before dropout, so the log-sum-exp is dropout's too.
@@ -493,17 +509,7 @@ void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, con
     const T inv = sm[r] > T(0) ? keep_scale / sm[r] : T(0);
     scaled_row_to(acc + r * ld_acc, Dv, inv, o + r * Dv);
   }
-  // row_lse for W rows at a time: a scalar log per row was 3.6 % of a bf16 forward at L = 128
-  using VD = Vec<double>;
-  constexpr int64_t WD = VD::size();
-  for (int64_t r0 = 0; r0 < mi; r0 += WD) {
-    const int64_t n = std::min(WD, mi - r0);
-    double sums[WD], out[WD];
-    for (int64_t i = 0; i < WD; ++i) sums[i] = i < n && sm[r0 + i] > T(0) ? double(sm[r0 + i]) : 1.0;
-    VD::loadu(sums).log().store(out);
-    for (int64_t i = 0; i < n; ++i)
-      l[r0 + i] = sm[r0 + i] > T(0) ? static_cast<double>(mx[r0 + i]) + out[i] : neg_inf<double>();
-  }
+  rows_lse(mi, mx, sm, l);
 }
 
 // The online softmax of a transposed score tile st (nk keys × mp queries, rows ld apart) down
@@ -1110,6 +1116,7 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
   bf16* O = out.data_ptr<bf16>();
   double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group(), mi = d.Lq;
+  const int64_t k_row_bytes = d.D * int64_t(sizeof(bf16)), v_row_bytes = d.Dv * int64_t(sizeof(bf16));
 
   at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> QT(d.D * BQ);
@@ -1134,8 +1141,8 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
         for (int64_t j = j0 + BK; j < std::min(j0 + 2 * BK, keys.hi); ++j) {
           const char* kr = reinterpret_cast<const char*>(kbase + j * sk.l);
           const char* vr = reinterpret_cast<const char*>(vbase + j * sv.l);
-          for (int64_t c = 0; c < d.D * 2; c += 64) _mm_prefetch(kr + c, _MM_HINT_T1);
-          for (int64_t c = 0; c < d.Dv * 2; c += 64) _mm_prefetch(vr + c, _MM_HINT_T1);
+          for (int64_t c = 0; c < k_row_bytes; c += 64) _mm_prefetch(kr + c, _MM_HINT_T1);
+          for (int64_t c = 0; c < v_row_bytes; c += 64) _mm_prefetch(vr + c, _MM_HINT_T1);
         }
         if (!tile_setup(mask, b, h, 0, mi, j0, nk, rows, cols)) continue;
         // keys [klo, khi) some query may see; the others are -inf'd by mask_tile_t
