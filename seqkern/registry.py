@@ -103,19 +103,23 @@ def requested() -> str | None:
     return None
 
 
-# dtypes the cpu kernels compute in; the others (float16) run on the reference, as torch's own
-# CPU kernels have no fused float16 path either
-CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# dtypes the kernels compute in; the others run on the reference. The cpu kernels have no fused
+# float16 path (nor have torch's own CPU kernels). The Triton kernels accumulate in float32, so a
+# float64 input there would silently get float32 precision: it runs on the reference instead.
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+}
 
 
 @torch.compiler.assume_constant_result
 def select(family: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs `family` for tensors on `device` (of `dtype`, when given: the cpu
-    kernels hand a dtype they do not compute in to the reference).
+    """The backend that runs `family` for tensors on `device` (of `dtype`, when given: a
+    backend hands a dtype its kernels do not compute in, see KERNEL_DTYPES, to the reference).
 
     Under torch.compile the choice is made once, at trace time, and baked into the graph."""
     backend = _select_for_device(family, device)
-    if backend == "cpu" and dtype is not None and dtype not in CPU_KERNEL_DTYPES:
+    if dtype is not None and dtype not in KERNEL_DTYPES.get(backend, (dtype,)):
         return "reference"
     return backend
 

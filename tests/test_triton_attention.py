@@ -246,3 +246,19 @@ def test_bfloat16_under_the_interpreter_is_refused():
     q = torch.randn(1, 1, 8, 16).bfloat16()
     with seqkern.use_backend("triton"), pytest.raises(NotImplementedError, match="bfloat16"):
         seqkern.ops.scaled_dot_product_attention(q, q, q)
+
+
+def test_float64_runs_on_the_reference_with_float64_precision():
+    """The Triton kernels accumulate in float32: float64 goes to the reference (exact, and
+    gradcheck passes), and the kernels called directly refuse it."""
+    q, k, v = (t.double() for t in qkv(Lq=9, Lk=11, D=8))
+    kw = dict(is_causal=True, causal_alignment="bottom_right", window=4)
+    with seqkern.use_backend("triton"):
+        assert seqkern.select("attention", "cpu", torch.float64) == "reference"
+        assert seqkern.select("attention", "cpu", torch.float32) == "triton"
+        got = seqkern.ops.scaled_dot_product_attention(q, k, v, **kw)
+        assert torch.autograd.gradcheck(
+            lambda *t: seqkern.ops.scaled_dot_product_attention(*t, **kw), (q, k, v))
+    assert torch.equal(got, ref.scaled_dot_product_attention(q, k, v, **kw))
+    with pytest.raises(NotImplementedError, match="float64"):
+        tattn.attention_forward(q, k, v, None, None, True, True, 4, 0.3)

@@ -95,3 +95,14 @@ def test_streaming_step_by_step_equals_whole_sequence(groups):
         y2 = ops.causal_conv1d(x[:, :, 4:], w, b, d, groups, "tanh", initial_state=s1)
     torch.testing.assert_close(torch.cat([y1, y2], 2), whole, **TOL)
     torch.testing.assert_close(state, ref.final_state(x, None, (K - 1) * d))
+
+
+def test_float64_runs_on_the_reference():
+    # the kernels accumulate in float32; float64 keeps its precision on the reference
+    x, w, b = torch.randn(2, 6, 9).double(), torch.randn(6, 3, 3).double(), torch.randn(6).double()
+    with seqkern.use_backend("triton"):
+        assert seqkern.select("conv", "cpu", torch.float64) == "reference"
+        got = seqkern.ops.causal_conv1d(x, w, b, dilation=2, groups=2, activation="silu")
+    assert torch.equal(got, ref.causal_conv1d(x, w, b, dilation=2, groups=2, activation="silu"))
+    with pytest.raises(NotImplementedError, match="float64"):
+        tconv.causal_conv1d(x, w, b, dilation=2, groups=2)

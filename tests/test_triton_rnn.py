@@ -128,3 +128,19 @@ def test_forward_without_grad_saves_nothing():
     assert all(t.numel() == 0 for t in res[3:])
     torch.testing.assert_close(res[0], ops._reference_layer("gru", x, bsz, h0, c0, w, False)[0],
                                **TOL)
+
+
+def test_float64_runs_on_the_reference():
+    # the kernels accumulate in float32; float64 keeps its precision on the reference
+    x, bsz, h0, c0, w = make_case("gru", [3, 2], H=6)
+    x, h0 = x.double(), h0.double()
+    w = {k: t.double() for k, t in w.items()}
+    with seqkern.use_backend("triton"):
+        assert seqkern.select("rnn", "cpu", torch.float64) == "reference"
+        got = ops.recurrent_layer("gru", x, bsz, h0, None, w)
+    want = ops._reference_layer("gru", x, bsz, h0, None, w, False)
+    for g, r in zip(got, want):
+        if g is not None:
+            assert torch.equal(g, r)
+    with pytest.raises(NotImplementedError, match="float64"):
+        trnn.recurrent_layer("gru", x, bsz, h0, None, w)

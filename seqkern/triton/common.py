@@ -23,7 +23,7 @@ def interpreting() -> bool:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact fp32 products ("ieee"): a recurrence multiplies the TF32 rounding
     error by T, and the reference comparisons are fp32-tight. bf16/fp16 use tensor cores."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def interpreter_ready() -> bool:
@@ -34,8 +34,14 @@ def interpreter_ready() -> bool:
 
 
 def check_device(*tensors) -> None:
-    """Triton launches on CUDA tensors, or on CPU tensors only under the interpreter."""
+    """Triton launches on CUDA tensors, or on CPU tensors only under the interpreter; the
+    kernels accumulate in float32, so they refuse float64 rather than lose its precision
+    (seqkern.ops sends float64 to the reference backend)."""
     for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            raise NotImplementedError("seqkern triton kernels compute in float32 and do not take "
+                                      "float64 inputs; seqkern.ops runs float64 on the reference "
+                                      "backend")
         if t is not None and t.device.type == "cpu":
             if not interpreting():
                 raise RuntimeError("seqkern triton kernels need CUDA tensors (or "
