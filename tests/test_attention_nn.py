@@ -156,3 +156,18 @@ def test_causal_self_attention_trains_and_rejects_bad_config():
         CausalSelfAttention(16, 4, window=0)
     with pytest.raises(ValueError, match=r"x must be \(B, L, 16\)"):
         m(torch.randn(9, 16))
+
+
+def test_mha_merge_masks_as_torch():
+    ours, theirs = MultiheadAttention(8, 2), torch.nn.MultiheadAttention(8, 2)
+    q = torch.randn(3, 5, 8)
+    am2 = torch.randn(5, 5)
+    am3 = torch.randn(3 * 2, 5, 5)
+    kpm = torch.randn(3, 5)
+    for am in (None, am2, am3):
+        for kp in (None, kpm):
+            got, want = ours.merge_masks(am, kp, q), theirs.merge_masks(am, kp, q)
+            assert got[1] == want[1]
+            assert (got[0] is None) == (want[0] is None)
+            if want[0] is not None:
+                assert torch.equal(got[0], want[0])

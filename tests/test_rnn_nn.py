@@ -393,3 +393,52 @@ def test_step_runs_old_style_weight_norm_hooks():
     xt, st = torch.randn(3, 4), (torch.randn(1, 3, 5), torch.randn(1, 3, 5))
     with torch.no_grad():
         torch.testing.assert_close(lstm.step(xt, st)[0], lstm(xt[None], st)[0][0])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_rnnbase_public_helpers_behave_as_torch(kind):
+    """check_input / get_expected_hidden_size / check_hidden_size / check_forward_args /
+    permute_hidden / _flat_weights as torch.nn.RNNBase has them, for code written against it."""
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True)
+    if kind == "LSTM":
+        kw["proj_size"] = 3
+    ours, theirs = getattr(snn, kind)(5, 7, **kw), getattr(torch.nn, kind)(5, 7, **kw)
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert all(a.shape == b.shape for a, b in zip(ours._flat_weights, theirs._flat_weights))
+    x = torch.randn(4, 6, 5)
+    bsz = torch.tensor([4, 4, 2])
+    for bs in (None, bsz):
+        xi = x if bs is None else x[0]
+        assert ours.get_expected_hidden_size(xi, bs) == theirs.get_expected_hidden_size(xi, bs)
+        if kind == "LSTM":
+            assert ours.get_expected_cell_size(xi, bs) == theirs.get_expected_cell_size(xi, bs)
+    hs = theirs.get_expected_hidden_size(x, None)
+    good = (torch.zeros(hs), torch.zeros(4, 4, 7)) if kind == "LSTM" else torch.zeros(hs)
+    ours.check_forward_args(x, good, None)
+    bad = (torch.zeros(4, 3, 3), good[1]) if kind == "LSTM" else torch.zeros(4, 3, 7)
+    for m in (ours, theirs):
+        with pytest.raises(RuntimeError, match="Expected hidden"):
+            m.check_forward_args(x, bad, None)
+        with pytest.raises(RuntimeError, match="input.size\\(-1\\)"):
+            m.check_input(torch.randn(4, 6, 3), None)
+        with pytest.raises(RuntimeError, match="dimensions"):
+            m.check_input(x, bsz)
+        with pytest.raises(ValueError, match="dtype"):
+            m.check_input(x.double(), None)
+    perm = torch.tensor([2, 0, 3, 1])
+    got, want = ours.permute_hidden(good, perm), theirs.permute_hidden(good, perm)
+    for a, b in zip(got if kind == "LSTM" else [got], want if kind == "LSTM" else [want]):
+        assert torch.equal(a, b)
+    assert ours.permute_hidden(good, None) is good
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_reset_parameters(kind):
+    cell = getattr(snn, kind)(4, 9)
+    torch.manual_seed(3)
+    cell.reset_parameters()
+    ref = getattr(torch.nn, kind)(4, 9)
+    torch.manual_seed(3)
+    ref.reset_parameters()
+    for (n, a), (m, b) in zip(cell.named_parameters(), ref.named_parameters()):
+        assert n == m and torch.equal(a, b)

@@ -125,6 +125,23 @@ class MultiheadAttention(nn.Module):
         if self.bias_v is not None:
             nn.init.xavier_normal_(self.bias_v)
 
+    def merge_masks(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    query: Tensor) -> tuple[Optional[Tensor], Optional[int]]:
+        """torch.nn.MultiheadAttention.merge_masks: (mask, type) with type 1 for a lone
+        key_padding_mask (B, L), 2 once an attn_mask ((L, L) or (B·heads, L, L)) is given, both
+        then expanded to (B, heads, L, L) and added; (None, None) without masks. query is
+        (B, L, E)."""
+        if attn_mask is None:
+            return (key_padding_mask, 1) if key_padding_mask is not None else (None, None)
+        B, L, _ = query.shape
+        if attn_mask.dim() == 3:
+            merged = attn_mask.view(B, -1, L, L)
+        else:
+            merged = attn_mask.view(1, 1, L, L).expand(B, self.num_heads, -1, -1)
+        if key_padding_mask is not None:
+            merged = merged + key_padding_mask.view(B, 1, 1, L).expand(-1, self.num_heads, -1, -1)
+        return merged, 2
+
     def _project(self, query: Tensor, key: Tensor, value: Tensor):
         E = self.embed_dim
         b = self.in_proj_bias

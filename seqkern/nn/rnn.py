@@ -99,6 +99,60 @@ class _RecurrentBase(nn.Module):
     def flatten_parameters(self) -> None:
         """Kept for API compatibility with torch.nn; parameters are used in place."""
 
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [n for names in self._names for n in names.values()]
+
+    @property
+    def _flat_weights(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    # torch.nn.RNNBase's public argument checks, for code written against it (subclasses,
+    # wrappers that validate before calling); forward does its own checks.
+    def _mini_batch(self, input: Tensor, batch_sizes: Tensor | None) -> int:
+        if batch_sizes is not None:
+            return int(batch_sizes[0])
+        return input.size(0) if self.batch_first else input.size(1)
+
+    def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+        weight = self._flat_weights[0]
+        if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"input dtype ({input.dtype}) does not match the weights' dtype "
+                             f"({weight.dtype})")
+        dims = 2 if batch_sizes is not None else 3
+        if input.dim() != dims:
+            raise RuntimeError(f"input must have {dims} dimensions, got {input.dim()}")
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.size(-1)}")
+
+    def get_expected_hidden_size(self, input: Tensor,
+                                 batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        LD, Hs = self._state_sizes()
+        return LD, self._mini_batch(input, batch_sizes), Hs
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple[int, int, int],
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
+        self.check_input(input, batch_sizes)
+        if self.mode != "lstm":
+            self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+            return
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx, permutation: Tensor | None):
+        if permutation is None:
+            return hx
+        if isinstance(hx, tuple):
+            return tuple(h.index_select(1, permutation) for h in hx)
+        return hx.index_select(1, permutation)
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size:
@@ -334,6 +388,10 @@ class LSTM(_RecurrentBase):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, peephole, device, dtype)
 
+    def get_expected_cell_size(self, input: Tensor,
+                               batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        return self._state_sizes()[0], self._mini_batch(input, batch_sizes), self.hidden_size
+
 
 class GRU(_RecurrentBase):
     """GRU, drop-in for torch.nn.GRU; ``reset_after=False`` is the Cho et al. 2014 variant."""
@@ -361,7 +419,10 @@ class _CellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
-        std = 1.0 / math.sqrt(hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for p in self.parameters():
             nn.init.uniform_(p, -std, std)
 
