@@ -171,3 +171,31 @@ def test_mha_merge_masks_as_torch():
             assert (got[0] is None) == (want[0] is None)
             if want[0] is not None:
                 assert torch.equal(got[0], want[0])
+
+
+def test_autocast_runs_in_its_dtype():
+    """torch.autocast casts scaled_dot_product_attention's floating inputs (float64 excepted),
+    and the modules built on it run in bfloat16 with float32 parameters receiving gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    mask = torch.randn(7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = seqkern.ops.scaled_dot_product_attention(q, k.bfloat16(), v, attn_mask=mask)
+        dbl = seqkern.ops.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    want = seqkern.ops.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                                    attn_mask=mask.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert dbl.dtype == torch.float64
+    x = torch.randn(2, 6, 16)
+    for m in (MultiheadAttention(16, 4, batch_first=True), CausalSelfAttention(16, 4, 2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x, x, x, need_weights=False)[0] if isinstance(m, MultiheadAttention) else m(x)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+    csa = CausalSelfAttention(16, 4, 2)
+    cache = csa.new_cache(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = csa(x)
+        steps = torch.stack([csa.step(x[:, t], cache) for t in range(6)], 1)
+    torch.testing.assert_close(steps.float(), whole.float(), atol=2e-2, rtol=2e-2)

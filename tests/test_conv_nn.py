@@ -276,3 +276,24 @@ def test_float16_modules_run_on_the_reference():
         torch.testing.assert_close(y.float(), m(x), atol=5e-3, rtol=5e-3)
         with torch.no_grad():
             assert half.step(x[:, :, 0].half())[0].dtype == torch.float16
+
+
+@pytest.mark.parametrize("make", [lambda: CausalConv1d(4, 6, 3, dilation=2, activation="silu"),
+                                  lambda: WaveNetBlock(4, 6, 8, kernel_size=2, dilation=2),
+                                  lambda: WaveNet(3, 4, 6, 8, dilation_cycle=3),
+                                  lambda: TCN(4, [6, 5], kernel_size=3)])
+def test_autocast_runs_in_its_dtype(make):
+    """Under torch.autocast (as torch casts conv1d): equal to the module's bfloat16 copy on the
+    bfloat16 input, for forward and step; gradients reach the float32 parameters."""
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(2, 4, 9)
+    first = (lambda y: y[0] if isinstance(y, tuple) else y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = first(m(x))
+        s = first(m.step(x[:, :, 0]))
+    mb = copy.deepcopy(m).bfloat16()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, first(mb(x.bfloat16())))
+    assert torch.equal(s, first(mb.step(x[:, :, 0].bfloat16())))
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())

@@ -442,3 +442,43 @@ def test_cells_reset_parameters(kind):
     ref.reset_parameters()
     for (n, a), (m, b) in zip(cell.named_parameters(), ref.named_parameters()):
         assert n == m and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("LSTM", dict(proj_size=4, batch_first=True)),
+                                     ("GRU", dict(num_layers=2, bidirectional=True)),
+                                     ("GRU", dict(reset_after=False)), ("RNN", {}),
+                                     ("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {})])
+def test_autocast_runs_in_its_dtype(kind, kw):
+    """Under torch.autocast the module computes exactly as its bfloat16 copy on the input cast
+    to bfloat16 (as torch casts its LSTM and RNN), gradients reach the float32 parameters, and
+    a bfloat16 input beside float32 weights (an autocast Linear's output) is accepted."""
+    import copy
+
+    torch.manual_seed(0)
+    m = getattr(snn, kind)(8, 16, **kw)
+    x = torch.randn(3, 8) if kind.endswith("Cell") else torch.randn(5, 3, 8)
+    first = (lambda y: y[0] if isinstance(y, tuple) else y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = first(m(x))
+        assert torch.equal(first(m(x.bfloat16())), y)
+    want = first(copy.deepcopy(m).bfloat16()(x.bfloat16()))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+
+
+def test_autocast_step_and_float64_untouched():
+    m = snn.LSTM(8, 16)
+    x = torch.randn(4, 2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state, ys = None, []
+        for t in range(4):
+            y, state = m.step(x[t], state)
+            ys.append(y)
+        whole, _ = m(x)
+    assert ys[-1].dtype == torch.bfloat16
+    # the state passed between steps is bfloat16 (c included), so equal up to its rounding
+    torch.testing.assert_close(torch.stack(ys).float(), whole.float(), atol=1e-2, rtol=1e-2)
+    md = snn.GRU(8, 16).double()  # autocast leaves float64 alone, as torch's does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert md(x.double())[0].dtype == torch.float64

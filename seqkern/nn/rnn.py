@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from seqkern import _ext, registry
 from seqkern.nn._weights import refresh_weights
+from seqkern.ops import _autocast
 from seqkern.ops import rnn as ops
 from seqkern.reference.rnn import gate_count
 
@@ -194,6 +195,18 @@ class _RecurrentBase(nn.Module):
                             f"{ref.device}), got ({t.dtype}, {t.device})")
 
     def forward(self, input, hx=None, lengths=None):
+        data = input.data if isinstance(input, PackedSequence) else input
+        dtype = _autocast.autocast_dtype(data.device) if isinstance(data, Tensor) else None
+        if dtype is None:
+            return self._forward(input, hx, lengths, self._weights())
+        # torch.autocast: the recurrence runs in its dtype (torch's LSTM and RNN do on the CPU,
+        # every torch RNN does on CUDA), the weights cast as autocast casts them
+        dev = data.device.type
+        with torch.autocast(dev, enabled=False):
+            return self._forward(_autocast.cast(input, dtype, dev), _autocast.cast(hx, dtype, dev),
+                                 lengths, _autocast.cast(self._weights(), dtype, dev))
+
+    def _forward(self, input, hx, lengths, weights):
         is_lstm = self.mode == "lstm"
         LD, Hs = self._state_sizes()
         packed_in = isinstance(input, PackedSequence)
@@ -203,7 +216,7 @@ class _RecurrentBase(nn.Module):
             if lengths is not None:
                 raise ValueError("lengths= cannot be combined with a PackedSequence input")
             data, batch_sizes, sorted_idx, unsorted_idx = input
-            self._check_input(data, 2, "PackedSequence.data")
+            self._check_input(data, 2, "PackedSequence.data", weights)
             B = int(batch_sizes[0])
         else:
             if not isinstance(input, Tensor):
@@ -215,7 +228,7 @@ class _RecurrentBase(nn.Module):
             x = input if batched else input.unsqueeze(1)
             if batched and self.batch_first:
                 x = x.transpose(0, 1)
-            self._check_input(x, 3, "input")
+            self._check_input(x, 3, "input", weights)
             T, B = x.shape[0], x.shape[1]
             if T == 0:
                 raise ValueError("input has zero time steps (T = 0); sequences must have length >= 1")
@@ -257,7 +270,7 @@ class _RecurrentBase(nn.Module):
             width = (2 if self.bidirectional else 1) * Hs
             output = data.new_zeros((0, T, width) if self.batch_first else (T, 0, width))
             return output, ((h0.clone(), c0.clone()) if is_lstm else h0.clone())
-        out, h_n, c_n = ops._recurrence(self.mode, data, batch_sizes, h0, c0, self._weights(),
+        out, h_n, c_n = ops._recurrence(self.mode, data, batch_sizes, h0, c0, weights,
                                         self.num_layers, self.bidirectional, self.dropout,
                                         self.training, check=False)
         if unsorted_idx is not None:
@@ -296,11 +309,11 @@ class _RecurrentBase(nn.Module):
             self.__dict__["_batch_sizes_cache"] = cached
         return cached[1]
 
-    def _check_input(self, x, dim, name):
+    def _check_input(self, x, dim, name, weights):
         if x.dim() != dim or x.shape[-1] != self.input_size:
             raise ValueError(f"{name} must have input_size={self.input_size} features in its last "
                              f"dimension, got shape {tuple(x.shape)}")
-        p = getattr(self, self._names[0]["w_ih"])
+        p = weights[0]["w_ih"]
         if x.dtype != p.dtype or x.device != p.device:
             raise TypeError(f"{name} has dtype/device ({x.dtype}, {x.device}) but the module's "
                             f"parameters are ({p.dtype}, {p.device})")
@@ -331,7 +344,8 @@ class _RecurrentBase(nn.Module):
         if (self.peephole or self.proj_size or self.mode == "gru_cho"
                 or (self.training and self.dropout > 0) or not _ext.direct_call_ok()
                 or x_t.dtype not in _STEP_DTYPES or x_t.device.type != "cpu"
-                or x_t.shape[-1] != self.input_size):
+                or x_t.shape[-1] != self.input_size
+                or _autocast.autocast_dtype(x_t.device) is not None):
             return None
         unbatched = x_t.dim() == 1
         x = x_t.unsqueeze(0) if unbatched else x_t
@@ -430,6 +444,17 @@ class _CellBase(nn.Module):
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
 
     def _run(self, x, h, c):
+        params = {"w_ih": self.weight_ih, "w_hh": self.weight_hh}
+        if self.bias:
+            params["b_ih"], params["b_hh"] = self.bias_ih, self.bias_hh
+        dtype = _autocast.autocast_dtype(x.device) if isinstance(x, Tensor) else None
+        if dtype is None:
+            return self._run_with(x, h, c, params)
+        dev = x.device.type  # torch.autocast: as the layer modules
+        with torch.autocast(dev, enabled=False):
+            return self._run_with(*_autocast.cast((x, h, c, params), dtype, dev))
+
+    def _run_with(self, x, h, c, params):
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(f"input must be (batch, {self.input_size}) or ({self.input_size},), "
                              f"got {tuple(x.shape)}")
@@ -455,17 +480,13 @@ class _CellBase(nn.Module):
             h_n = xb.new_zeros(0, self.hidden_size)
             c_n = xb.new_zeros(0, self.hidden_size) if self.mode == "lstm" else None
         elif _one_step_kernel_applies(self.mode, xb, [h] + ([c] if c is not None else []),
-                                      [p for p in (self.weight_ih, self.weight_hh, self.bias_ih,
-                                                   self.bias_hh) if p is not None]):
-            h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, self.weight_ih, self.weight_hh,
-                                         self.bias_ih, self.bias_hh)
+                                      list(params.values())):
+            h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, params["w_ih"], params["w_hh"],
+                                         params.get("b_ih"), params.get("b_hh"))
             c_n = c_n if self.mode == "lstm" else None
         else:
-            w = {"w_ih": self.weight_ih, "w_hh": self.weight_hh}
-            if self.bias:
-                w["b_ih"], w["b_hh"] = self.bias_ih, self.bias_hh
             _, h_n, c_n = ops.recurrent_layer(self.mode, xb,
-                                              torch.full((1,), B, dtype=torch.int64), h, c, w)
+                                              torch.full((1,), B, dtype=torch.int64), h, c, params)
         if not batched:
             h_n = h_n.squeeze(0)
             c_n = c_n.squeeze(0) if c_n is not None else None

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from seqkern import _ext, registry
 from seqkern import triton as _triton_backend  # does not import triton itself
+from seqkern.ops._autocast import autocast_op
 from seqkern.reference import attention as ref
 
 __all__ = ["scaled_dot_product_attention", "dropout_keep_mask"]
@@ -232,6 +233,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, scale, enable_
                              f"{target}")
 
 
+@autocast_op
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,

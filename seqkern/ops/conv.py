@@ -15,6 +15,7 @@ from torch import Tensor
 
 from seqkern import _ext, registry
 from seqkern import triton as _triton_backend  # does not import triton itself
+from seqkern.ops._autocast import autocast_op
 from seqkern.reference import conv as ref
 
 __all__ = ["causal_conv1d", "wavenet_block", "causal_conv1d_step", "wavenet_block_step",
@@ -253,6 +254,7 @@ def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, g
 
 # ---------------------------------------------------------------- public API ---------------
 
+@autocast_op
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilation: int = 1,
                   groups: int = 1, activation: str | None = None,
                   initial_state: Tensor | None = None, return_final_state: bool = False):
@@ -310,6 +312,7 @@ def _check_wavenet_weights(x, conv_weight, skip_weight, skip_bias, res_weight, r
         _check_same(x, **{f"{name}_weight": w, f"{name}_bias": b})
 
 
+@autocast_op
 def wavenet_block(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, skip_weight: Tensor,
                   skip_bias: Tensor | None, res_weight: Tensor, res_bias: Tensor | None,
                   dilation: int = 1, initial_state: Tensor | None = None,
@@ -372,6 +375,7 @@ def _check_step(x_t, state, weight, bias, dilation, groups):
     _check_same(x_t, state=state, weight=weight, bias=bias)
 
 
+@autocast_op
 def causal_conv1d_step(x_t: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None = None,
                        dilation: int = 1, groups: int = 1, activation: str | None = None):
     """One step of the streaming form: x_t (B, C_in), state (B, C_in, (K−1)·d).
@@ -400,6 +404,7 @@ def causal_conv1d_step(x_t: Tensor, state: Tensor, weight: Tensor, bias: Tensor 
     return ref.activate(y, activation), new_state
 
 
+@autocast_op
 def wavenet_block_step(x_t: Tensor, state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
                        skip_weight: Tensor, skip_bias: Tensor | None, res_weight: Tensor,
                        res_bias: Tensor | None, dilation: int = 1):
@@ -420,6 +425,7 @@ def wavenet_block_step(x_t: Tensor, state: Tensor, conv_weight: Tensor, conv_bia
     return res, skip, new_state
 
 
+@autocast_op
 def wavenet_stack_step(x_t: Tensor, states: list[Tensor], blocks: list[tuple],
                        dilations: list[int]):
     """One step through a stack of WaveNet blocks: block i gets params blocks[i] = (conv_weight,

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from seqkern import _ext, registry
 from seqkern import triton as _triton_backend  # does not import triton itself
+from seqkern.ops._autocast import autocast_op
 from seqkern.reference import rnn as ref
 
 __all__ = ["recurrent_layer", "recurrence", "MODES"]
@@ -220,6 +221,7 @@ def _check_layer(mode, x, batch_sizes, h0, c0, w):
                             f"got ({t.dtype}, {t.device})")
 
 
+@autocast_op
 def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
                     weights: dict, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer, one direction over a packed sequence.
@@ -253,6 +255,7 @@ def _run_layer(backend, mode, x, batch_sizes, h0, c0, weights, reverse):
     return out, h_n, (c_n if mode == "lstm" else None)
 
 
+@autocast_op
 def recurrence(mode: str, data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
                weights: Sequence[dict], num_layers: int = 1, bidirectional: bool = False,
                dropout: float = 0.0, training: bool = False):
