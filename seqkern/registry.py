@@ -121,6 +121,11 @@ def select(family: str, device: torch.device | str, dtype: torch.dtype | None = 
     backend = _select_for_device(family, device)
     if dtype is not None and dtype not in KERNEL_DTYPES.get(backend, (dtype,)):
         return "reference"
+    if torch._C._are_functorch_transforms_active():
+        # torch.func.grad / jvp / vmap: a custom op's registered autograd cannot run under
+        # functorch's grad transforms (torch raises), while the reference's torch ops can, as
+        # torch's own LSTM and SDPA do (per-sample gradients, MAML-style functional_call)
+        return "reference"
     return backend
 
 

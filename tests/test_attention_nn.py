@@ -199,3 +199,27 @@ def test_autocast_runs_in_its_dtype():
         whole = csa(x)
         steps = torch.stack([csa.step(x[:, t], cache) for t in range(6)], 1)
     torch.testing.assert_close(steps.float(), whole.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_torch_func_transforms_on_attention_and_conv():
+    """grad, jvp and vmap through seqkern's ops (the reference runs under a transform)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    f = (lambda t: seqkern.ops.scaled_dot_product_attention(t, t * 0.5, t, is_causal=True,
+                                                            window=3))
+    g = torch.func.grad(lambda t: f(t).square().sum())(q)
+    qq = q.clone().requires_grad_()
+    f(qq).square().sum().backward()
+    torch.testing.assert_close(g, qq.grad)
+    tangent = torch.randn_like(q)
+    _, jv = torch.func.jvp(f, (q,), (tangent,))
+    eps = 1e-6
+    torch.testing.assert_close(jv, (f(q + eps * tangent) - f(q - eps * tangent)) / (2 * eps),
+                               atol=1e-6, rtol=1e-5)
+    x, w = torch.randn(3, 4, 9, dtype=torch.float64), torch.randn(4, 2, 3, dtype=torch.float64)
+    conv = (lambda xx: seqkern.ops.causal_conv1d(xx, w, dilation=2, groups=2).square().sum())
+    per = torch.func.vmap(torch.func.grad(conv))(x.unsqueeze(1))
+    for i in range(3):
+        xi = x[i:i + 1].clone().requires_grad_()
+        conv(xi).backward()
+        torch.testing.assert_close(per[i], xi.grad)

@@ -482,3 +482,32 @@ def test_autocast_step_and_float64_untouched():
     md = snn.GRU(8, 16).double()  # autocast leaves float64 alone, as torch's does
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert md(x.double())[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_torch_func_grad_and_per_sample_gradients(packed):
+    """torch.func transforms (grad, vmap over grad: per-sample gradients, functional_call) work
+    as on torch's LSTM: under a transform the reference runs (a custom op's autograd cannot)."""
+    torch.manual_seed(0)
+    m = snn.LSTM(4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 4)
+    lengths = torch.tensor([5, 3, 2])
+
+    def loss(params, xx):
+        inp = pack_padded_sequence(xx, lengths) if packed else xx
+        out = torch.func.functional_call(m, params, (inp,))[0]
+        return ((out.data if packed else out) ** 2).sum()
+
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    grads = torch.func.grad(loss)(params, x)
+    m.zero_grad()
+    loss(dict(m.named_parameters()), x).backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, atol=1e-5, rtol=1e-5)
+    if not packed:
+        xs = torch.randn(2, 5, 3, 4)
+        per = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+        for i in range(2):
+            one = torch.func.grad(loss)(params, xs[i])
+            torch.testing.assert_close(per["weight_hh_l1"][i], one["weight_hh_l1"],
+                                       atol=1e-5, rtol=1e-5)

@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from seqkern import _ext, registry
 from seqkern import triton as _triton_backend  # does not import triton itself
@@ -178,19 +177,28 @@ def lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
     return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)
 
 
-def _to_padded(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
-    padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes),
-                                          total_length=len(batch_sizes))
-    return padded, lengths
+def _padded_rows(batch_sizes: Tensor, device) -> Tensor | None:
+    """The rows of a (T·B) padded layout that the packed rows fill, in packed order (time-major,
+    the first batch_sizes[t] sequences of each step); None when every step has all B."""
+    B = int(batch_sizes[0])
+    if bool((batch_sizes == B).all()):
+        return None
+    filled = torch.arange(B) < batch_sizes.unsqueeze(1)
+    return filled.flatten().nonzero().squeeze(1).to(device)
 
 
 def _reference_layer(mode, x, batch_sizes, h0, c0, w, reverse):
-    padded, lengths = _to_padded(x, batch_sizes)
-    uniform = bool((batch_sizes == batch_sizes[0]).all())
+    # (plain tensor ops rather than pad_packed_sequence, which cannot run under torch.func's
+    # transforms: the reference is what runs there)
+    T, B = len(batch_sizes), int(batch_sizes[0])
+    rows = _padded_rows(batch_sizes, x.device)
+    padded = (x.reshape(T, B, -1) if rows is None else
+              x.new_zeros(T * B, x.shape[1]).index_copy(0, rows, x).view(T, B, -1))
+    lengths = None if rows is None else lengths_from_batch_sizes(batch_sizes).to(x.device)
     out, h, c = ref.layer(mode, padded, h0, c0, w["w_ih"], w["w_hh"], w.get("b_ih"), w.get("b_hh"),
-                          w.get("w_peep"), w.get("w_hr"), reverse=reverse,
-                          lengths=None if uniform else lengths.to(x.device))
-    return pack_padded_sequence(out, lengths, enforce_sorted=True).data, h, c
+                          w.get("w_peep"), w.get("w_hr"), reverse=reverse, lengths=lengths)
+    out = out.reshape(T * B, -1)
+    return (out if rows is None else out.index_select(0, rows)), h, c
 
 
 # ---------------------------------------------------------------- public API ---------------
