@@ -445,6 +445,23 @@ void mask_tile_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t 
   }
 }
 
+// dst[e·ld_dst + r] = scale · src[r·ld_src + e] for r < rows, e < cols, and zero for rows up to
+// rows_to: a block of query-side rows transposed for the tile products, in 16 × 16 register
+// transposes (an element-by-element gather was a quarter of the fp32 forward's own profile at
+// L = 128; most of what remains there is the first read of Q from memory).
+template <typename T>
+void transpose_scaled(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T scale, T* dst,
+                      int64_t ld_dst, int64_t rows_to) {
+  at::vec::transpose_mxn<T>(src, ld_src, dst, ld_dst, static_cast<int>(rows),
+                            static_cast<int>(cols));
+  for (int64_t e = 0; e < cols; ++e) {
+    T* d = dst + e * ld_dst;
+    if (scale != T(1))
+      at::vec::map([scale](Vec<T> x) { return x * Vec<T>(scale); }, d, d, rows);
+    std::fill(d + rows, d + rows_to, T(0));
+  }
+}
+
 // dst (B, H, ⌈L/BQ⌉, E, BQ): each block of BQ rows of src (B, H, L, E) transposed and
 // multiplied by `scale`, zero-padded, so a block is one contiguous E × BQ operand.
 template <typename T>
@@ -461,10 +478,7 @@ at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
       const int64_t i0 = blk * BQ, mi = std::min(BQ, L - i0);
       const T* s = S + ss.at(b, h, i0);
       T* d = D + t * E * BQ;
-      for (int64_t e = 0; e < E; ++e) {
-        for (int64_t r = 0; r < mi; ++r) d[e * BQ + r] = s[r * ss.l + e] * scale;
-        std::fill(d + e * BQ + mi, d + (e + 1) * BQ, T(0));
-      }
+      transpose_scaled(s, ss.l, mi, E, scale, d, BQ, BQ);
     }
   });
   return dst;
@@ -574,11 +588,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       const T* q = Q + sq.at(b, h, i0);
       const T* kbase = K + sk.at(b, hk);
       const T* vbase = Vp + sv.at(b, hk);
-      for (int64_t c = 0; c < d.D; ++c) {  // Qᵢᵀ·scale, zero beyond mi
-        T* dst = QT.data() + c * BQ;
-        for (int64_t r = 0; r < mi; ++r) dst[r] = q[r * sq.l + c] * scale;
-        std::fill(dst + mi, dst + mp, T(0));
-      }
+      transpose_scaled(q, sq.l, mi, d.D, scale, QT.data(), BQ, mp);  // Qᵢᵀ·scale, 0 past mi
       std::fill(acc.begin(), acc.begin() + mi * d.Dv, T(0));
       std::fill(mx.begin(), mx.end(), neg_inf<T>());
       std::fill(sm.begin(), sm.end(), T(0));
