@@ -17,6 +17,7 @@ import os
 from typing import Iterator
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("cpu", "triton", "reference")
 FAMILIES = ("rnn", "attention", "conv")
@@ -121,10 +122,12 @@ def select(family: str, device: torch.device | str, dtype: torch.dtype | None = 
     backend = _select_for_device(family, device)
     if dtype is not None and dtype not in KERNEL_DTYPES.get(backend, (dtype,)):
         return "reference"
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
         # torch.func.grad / jvp / vmap: a custom op's registered autograd cannot run under
         # functorch's grad transforms (torch raises), while the reference's torch ops can, as
-        # torch's own LSTM and SDPA do (per-sample gradients, MAML-style functional_call)
+        # torch's own LSTM and SDPA do (per-sample gradients, MAML-style functional_call).
+        # Inside forward_ad.dual_level() the kernels would drop a dual input's tangent (a
+        # kernel computes on the primal only); the reference propagates it.
         return "reference"
     return backend
 

@@ -223,3 +223,29 @@ def test_torch_func_transforms_on_attention_and_conv():
         xi = x[i:i + 1].clone().requires_grad_()
         conv(xi).backward()
         torch.testing.assert_close(per[i], xi.grad)
+
+
+def test_forward_mode_ad_propagates_tangents():
+    """Inside forward_ad.dual_level() the ops run the reference, so a dual input's tangent comes
+    out right (a kernel would compute on the primal and drop it; torch's own CPU SDPA and LSTM
+    raise there)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64) for _ in range(3))
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    xc, w = torch.randn(3, 4, 9, dtype=torch.float64), torch.randn(6, 2, 3, dtype=torch.float64)
+    lstm = seqkern.nn.LSTM(4, 5).double()
+    fns = [
+        (lambda a: seqkern.ops.scaled_dot_product_attention(a, k, v, is_causal=True), q),
+        (lambda a: seqkern.ops.causal_conv1d(a, w, dilation=2, groups=2), xc),
+        (lambda a: lstm(a)[0], x),
+    ]
+    for f, p in fns:
+        t = torch.randn_like(p)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(f(fwAD.make_dual(p, t))).tangent
+        assert tangent is not None
+        eps = 1e-6
+        torch.testing.assert_close(tangent, (f(p + eps * t) - f(p - eps * t)) / (2 * eps),
+                                   atol=1e-6, rtol=1e-5)
