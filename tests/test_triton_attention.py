@@ -262,3 +262,29 @@ def test_float64_runs_on_the_reference_with_float64_precision():
     assert torch.equal(got, ref.scaled_dot_product_attention(q, k, v, **kw))
     with pytest.raises(NotImplementedError, match="float64"):
         tattn.attention_forward(q, k, v, None, None, True, True, 4, 0.3)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def test_float16_within_twice_the_reference_error():
+    """float16 (fp32 accumulation): forward and gradients against a float64 reference, at most
+    about twice the error of the reference computed in float16 itself."""
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in qkv(Hq=4, Hkv=2, Lq=21, Lk=37, D=24))
+    kw = dict(is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
+    g = torch.randn(1, 4, 21, 24)
+
+    def run(dtype, backend):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        with seqkern.use_backend(backend):
+            out = seqkern.ops.scaled_dot_product_attention(*leaves, **kw)
+        return [out, *torch.autograd.grad(out, leaves, g.to(dtype))]
+
+    exact = run(torch.float64, "reference")
+    half_ref = run(torch.float16, "reference")
+    got = run(torch.float16, "triton")
+    assert got[0].dtype == torch.float16
+    for name, a, r, e in zip(["out", "dq", "dk", "dv"], got, half_ref, exact):
+        assert _err(a, e) <= 2 * _err(r, e) + 1e-3, name

@@ -144,3 +144,24 @@ def test_float64_runs_on_the_reference():
             assert torch.equal(g, r)
     with pytest.raises(NotImplementedError, match="float64"):
         trnn.recurrent_layer("gru", x, bsz, h0, None, w)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_float16_within_twice_the_reference_error(mode):
+    """float16 storage, fp32 math: outputs and gradients against a float64 reference, at most
+    about twice the error of the reference computed in float16 itself."""
+    case = make_case(mode, [4, 3, 1], H=9)
+    x, bsz, h0, c0, w = case
+
+    def run(dtype, fn):
+        cast = (lambda t: None if t is None else t.to(dtype))
+        return run_and_grad(fn, mode, cast(x), bsz, cast(h0), cast(c0),
+                            {k: cast(t) for k, t in w.items()})
+
+    exact = run(torch.float64, lambda *a: ops._reference_layer(*a, reverse=False))
+    half_ref = run(torch.float16, lambda *a: ops._reference_layer(*a, reverse=False))
+    got = run(torch.float16, lambda *a: trnn.recurrent_layer(*a, reverse=False))
+    assert got[0].dtype == torch.float16
+    for i, (a, r, e) in enumerate(zip(got, half_ref, exact)):
+        err = lambda u: (u.double() - e.double()).abs().max().item()  # noqa: E731
+        assert err(a) <= 2 * err(r) + 1e-3, f"{mode} output/gradient {i}"
