@@ -249,3 +249,32 @@ def test_forward_mode_ad_propagates_tangents():
         eps = 1e-6
         torch.testing.assert_close(tangent, (f(p + eps * t) - f(p - eps * t)) / (2 * eps),
                                    atol=1e-6, rtol=1e-5)
+
+
+def test_autocast_with_keyword_arguments():
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    x, w = torch.randn(1, 3, 7), torch.randn(4, 3, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert seqkern.ops.scaled_dot_product_attention(query=q, key=k, value=v).dtype == \
+            torch.bfloat16
+        assert seqkern.ops.scaled_dot_product_attention(query=q.bfloat16(), key=k,
+                                                        value=v).dtype == torch.bfloat16
+        assert seqkern.ops.causal_conv1d(x=x, weight=w).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kw", [{"add_bias_kv": True}, {"add_zero_attn": True}, {}])
+def test_mha_is_causal_hint_with_mask_as_torch(kw):
+    """With attn_mask, is_causal is torch's hint: one of the two applies (the hint when neither
+    the weights nor a key padding mask need the mask), which matters once a key is appended."""
+    torch.manual_seed(0)
+    L = 4
+    causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
+    x = torch.randn(L, 2, 8)
+    kpm = torch.zeros(2, L, dtype=torch.bool)
+    m = MultiheadAttention(8, 2, **kw).eval()
+    t = torch.nn.MultiheadAttention(8, 2, **kw).eval()
+    t.load_state_dict(m.state_dict())
+    for call in ({"need_weights": True}, {"need_weights": False, "key_padding_mask": kpm},
+                 {"need_weights": False}):
+        torch.testing.assert_close(m(x, x, x, attn_mask=causal, is_causal=True, **call)[0],
+                                   t(x, x, x, attn_mask=causal, is_causal=True, **call)[0])

@@ -125,3 +125,15 @@ def test_decode_chunks_equal_full(chunks, window):
         t += n
     torch.testing.assert_close(torch.cat(outs, dim=2), full, **TOL)
     assert cache[0].shape[2] == 12
+
+
+@pytest.mark.parametrize("bool_mask", [False, True])
+def test_three_dim_inputs_with_three_dim_mask(bool_mask):
+    """(B, L, D) inputs with a (B, Lq, Lk) mask: the mask's first dim is the batch."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 5)
+    m = torch.rand(2, 3, 6) > 0.3 if bool_mask else torch.randn(2, 3, 6)
+    if bool_mask:
+        m[:, :, 0] = True  # no fully masked row (torch gives NaN there, the reference 0)
+    torch.testing.assert_close(ref.scaled_dot_product_attention(q, k, v, m),
+                               F.scaled_dot_product_attention(q, k, v, m))

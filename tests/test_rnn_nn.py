@@ -511,3 +511,42 @@ def test_torch_func_grad_and_per_sample_gradients(packed):
             one = torch.func.grad(loss)(params, xs[i])
             torch.testing.assert_close(per["weight_hh_l1"][i], one["weight_hh_l1"],
                                        atol=1e-5, rtol=1e-5)
+
+
+def test_hx_as_list_and_namedtuple_under_autocast():
+    """torch.nn.LSTM takes hx as any pair (list, namedtuple), with or without autocast."""
+    import collections
+
+    State = collections.namedtuple("State", "h c")
+    m, t = snn.LSTM(3, 4), torch.nn.LSTM(3, 4)
+    t.load_state_dict(m.state_dict())
+    x = torch.randn(5, 2, 3)
+    h, c = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    want = t(x, (h, c))[0]
+    for hx in ([h, c], State(h, c)):
+        torch.testing.assert_close(m(x, hx)[0], want)
+        m.step(x[0], hx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert m(x, hx)[0].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="pair of tensors"):
+        m(x, [h])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_lengths_keyword_under_torch_func(batch_first):
+    """lengths= packs with plain tensor ops, so it runs under torch.func transforms and gives
+    the gradients plain autograd gives."""
+    torch.manual_seed(0)
+    m = snn.GRU(3, 4, batch_first=batch_first, bidirectional=True)
+    x = torch.randn(3, 5, 3) if batch_first else torch.randn(5, 3, 3)
+    lengths = [5, 2, 3]
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(p):
+        return torch.func.functional_call(m, p, (x,), {"lengths": lengths})[0].pow(2).sum()
+
+    g = torch.func.grad(loss)(params)
+    m.zero_grad()
+    loss(dict(m.named_parameters())).backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(g[k], p.grad, atol=1e-5, rtol=1e-5)

@@ -199,6 +199,14 @@ class MultiheadAttention(nn.Module):
             attn_mask = _pad_last(attn_mask)
             key_padding_mask = _pad_last(key_padding_mask)
         S = k.shape[2]
+        if is_causal and attn_mask is not None:
+            # torch's rule: with attn_mask, is_causal only hints that the mask is causal, and one
+            # of the two is applied: the hint alone when neither weights nor key padding need
+            # the mask, else the mask alone (they differ once bias_k or a zero key is appended)
+            if key_padding_mask is None and not need_weights:
+                attn_mask = None
+            else:
+                is_causal = False
         mask = _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype)
 
         dropout = self.dropout if self.training else 0.0

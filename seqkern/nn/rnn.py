@@ -13,7 +13,7 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from seqkern import _ext, registry
 from seqkern.nn._weights import refresh_weights
@@ -150,7 +150,7 @@ class _RecurrentBase(nn.Module):
     def permute_hidden(self, hx, permutation: Tensor | None):
         if permutation is None:
             return hx
-        if isinstance(hx, tuple):
+        if isinstance(hx, (tuple, list)):
             return tuple(h.index_select(1, permutation) for h in hx)
         return hx.index_select(1, permutation)
 
@@ -240,8 +240,7 @@ class _RecurrentBase(nn.Module):
                 if int(lengths.min()) < 1 or int(lengths.max()) > T:
                     raise ValueError(f"lengths must lie in [1, T={T}], got min {int(lengths.min())}"
                                      f" max {int(lengths.max())}")
-                p = pack_padded_sequence(x, lengths, enforce_sorted=False)
-                data, batch_sizes, sorted_idx, unsorted_idx = p
+                data, batch_sizes, sorted_idx, unsorted_idx, rows = ops._pack_rows(x, lengths)
             else:
                 data = x.contiguous().view(T * B, x.shape[2])
                 batch_sizes = self._uniform_batch_sizes(T, B)
@@ -251,8 +250,10 @@ class _RecurrentBase(nn.Module):
             c0 = data.new_zeros(LD, B, self.hidden_size) if is_lstm else None
         else:
             if is_lstm:
-                if not (isinstance(hx, tuple) and len(hx) == 2):
-                    raise TypeError("LSTM expects hx = (h0, c0)")
+                if not (isinstance(hx, (tuple, list)) and len(hx) == 2):  # torch takes a list
+                    raise TypeError("LSTM expects hx = (h0, c0), a pair of tensors, got "
+                                    f"{type(hx).__name__}" + (f" of length {len(hx)}" if
+                                                              isinstance(hx, (tuple, list)) else ""))
                 h0, c0 = hx
                 self._check_state("h0", h0, B, Hs, batched, data)
                 self._check_state("c0", c0, B, self.hidden_size, batched, data)
@@ -280,10 +281,11 @@ class _RecurrentBase(nn.Module):
         if packed_in:
             output = PackedSequence(out, batch_sizes, sorted_idx, unsorted_idx)
         elif lengths is not None:
-            output, _ = pad_packed_sequence(PackedSequence(out, batch_sizes, sorted_idx, unsorted_idx),
-                                            batch_first=self.batch_first, total_length=T)
+            output = ops._unpack_rows(out, rows, T, B)
             if not batched:
-                output = output.squeeze(0 if self.batch_first else 1)
+                output = output.squeeze(1)
+            elif self.batch_first:
+                output = output.transpose(0, 1)
         else:
             output = out.view(T, B, -1)
             if not batched:  # (L, H_in) in, (L, H_out) out, whatever batch_first says
@@ -354,7 +356,7 @@ class _RecurrentBase(nn.Module):
         if state is None:
             h = c = x.new_zeros(L, B, H)
         else:
-            well_formed = (isinstance(state, tuple) and len(state) == 2
+            well_formed = (isinstance(state, (tuple, list)) and len(state) == 2
                            and all(isinstance(t, Tensor) for t in state)) if lstm \
                 else isinstance(state, Tensor)
             if not well_formed:

@@ -35,6 +35,8 @@ def cast(obj, dtype: torch.dtype, device_type: str):
         return obj
     if isinstance(obj, torch.nn.utils.rnn.PackedSequence):
         return obj._replace(data=cast(obj.data, dtype, device_type))
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple: fields positional
+        return type(obj)(*(cast(o, dtype, device_type) for o in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(cast(o, dtype, device_type) for o in obj)
     if isinstance(obj, dict):
@@ -57,10 +59,13 @@ def _first_tensor(obj) -> Tensor | None:
 
 def autocast_op(fn):
     """Runs fn with its floating-point arguments cast to the autocast dtype of the first
-    tensor argument's device when autocast is on there, and autocast off inside."""
+    tensor argument's device (positional, else keyword) when autocast is on there, and
+    autocast off inside."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         t = _first_tensor(args)
+        if t is None and kwargs:
+            t = _first_tensor(tuple(kwargs.values()))
         dtype = autocast_dtype(t.device) if t is not None else None
         if dtype is None:
             return fn(*args, **kwargs)

@@ -187,6 +187,27 @@ def _padded_rows(batch_sizes: Tensor, device) -> Tensor | None:
     return filled.flatten().nonzero().squeeze(1).to(device)
 
 
+def _pack_rows(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (T, B, F) padded, time-major, lengths (B,) int64 on the CPU → the fields of torch's
+    pack_padded_sequence(x, lengths, enforce_sorted=False) (data, batch_sizes, sorted_indices,
+    unsorted_indices), plus the flat t·B + b row of x each packed row came from. Plain tensor
+    ops, so it also runs under torch.func transforms (torch's packing does not)."""
+    T, B = x.shape[0], x.shape[1]
+    sorted_lengths, sorted_idx = torch.sort(lengths, descending=True)
+    steps = torch.arange(int(sorted_lengths[0]))
+    batch_sizes = (sorted_lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1)
+    filled = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)
+    rows = (steps.unsqueeze(1) * B + sorted_idx.unsqueeze(0))[filled].to(x.device)
+    unsorted_idx = torch.empty_like(sorted_idx).scatter_(0, sorted_idx, torch.arange(B))
+    return (x.reshape(T * B, x.shape[2]).index_select(0, rows), batch_sizes,
+            sorted_idx.to(x.device), unsorted_idx.to(x.device), rows)
+
+
+def _unpack_rows(data: Tensor, rows: Tensor, T: int, B: int) -> Tensor:
+    """The inverse of _pack_rows: (T, B, F), zeros past each sequence's length."""
+    return data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data).view(T, B, -1)
+
+
 def _reference_layer(mode, x, batch_sizes, h0, c0, w, reverse):
     # (plain tensor ops rather than pad_packed_sequence, which cannot run under torch.func's
     # transforms: the reference is what runs there)

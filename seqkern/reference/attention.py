@@ -50,8 +50,10 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask: Optional[Tensor] = None,
                       causal_alignment: str = "top_left") -> Tensor:
     """P = softmax(scale·QKᵀ + masks) of shape (B, Hq, Lq, Lk); rows with no allowed key are 0."""
     squeeze = q.dim() == 3
-    if squeeze:
+    if squeeze:  # (B, L, D): one head; a (B, Lq, Lk) mask keeps its batch dim in front
         q, k = q.unsqueeze(1), k.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
