@@ -68,6 +68,17 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def batched(*tensors) -> bool:
+    """Whether a tensor is a vmap-batched one, as the gradients reaching a backward are under
+    autograd.grad(is_grads_batched=True) or jacobian(vectorize=True): only a custom op, not the
+    C++ kernel, can take those (they have no storage)."""
+    import torch
+
+    F = torch._C._functorch
+    return any(t is not None and (F.is_legacy_batchedtensor(t) or F.is_batchedtensor(t))
+               for t in tensors)
+
+
 def direct_call_ok(*tensors) -> bool:
     """Whether an op may call its C++ kernel directly, or through a plain autograd.Function,
     instead of its registered custom op: in eager mode only, on plain tensors, with no graph

@@ -278,3 +278,27 @@ def test_mha_is_causal_hint_with_mask_as_torch(kw):
                  {"need_weights": False}):
         torch.testing.assert_close(m(x, x, x, attn_mask=causal, is_causal=True, **call)[0],
                                    t(x, x, x, attn_mask=causal, is_causal=True, **call)[0])
+
+
+def test_batched_gradients_and_zero_head_dim():
+    from torch.autograd.functional import jacobian
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    f = (lambda a: seqkern.ops.scaled_dot_product_attention(a, k, v, is_causal=True))
+    torch.testing.assert_close(jacobian(f, q, vectorize=True), jacobian(f, q))
+    qq = q.clone().requires_grad_()
+    y = f(qq)
+    eye = torch.eye(y.numel()).view(-1, *y.shape)
+    (batched,) = torch.autograd.grad(y, qq, eye, is_grads_batched=True)
+    for i in (0, 7, y.numel() - 1):
+        (one,) = torch.autograd.grad(f(qq), qq, eye[i])
+        torch.testing.assert_close(batched[i], one)
+    # head dim 0: every score is 0, so each query averages V (dV = Lq/Lk per key here)
+    q0, k0 = torch.randn(1, 1, 3, 0), torch.randn(1, 1, 4, 0)
+    v0 = torch.randn(1, 1, 4, 2, requires_grad=True)
+    out = seqkern.ops.scaled_dot_product_attention(q0, k0, v0)
+    want = torch.nn.functional.scaled_dot_product_attention(q0, k0, v0.detach())
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    torch.testing.assert_close(v0.grad, torch.full_like(v0, 0.75))

@@ -550,3 +550,22 @@ def test_lengths_keyword_under_torch_func(batch_first):
     loss(dict(m.named_parameters())).backward()
     for k, p in m.named_parameters():
         torch.testing.assert_close(g[k], p.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_lstmcell_half_given_state_raises():
+    cell = snn.LSTMCell(3, 4)
+    x, c = torch.randn(2, 3), torch.randn(2, 4)
+    with pytest.raises(TypeError, match="both tensors"):
+        cell(x, (None, c))
+
+
+def test_batched_gradients_through_the_recurrence():
+    """jacobian(vectorize=True) / autograd.grad(is_grads_batched=True) send vmap-batched
+    gradients into the backward; they must reach the custom op, not the C++ kernel."""
+    from torch.autograd.functional import jacobian
+
+    torch.manual_seed(0)
+    gru = snn.GRU(2, 3)
+    xs = torch.randn(4, 2, 2)
+    f = (lambda a: gru(a)[0])
+    torch.testing.assert_close(jacobian(f, xs, vectorize=True), jacobian(f, xs))

@@ -517,6 +517,9 @@ class LSTMCell(_CellBase):
                             f"{type(hx).__name__}" + (f" of length {len(hx)}"
                                                        if isinstance(hx, (tuple, list)) else ""))
         h, c = (None, None) if hx is None else hx
+        if hx is not None and (h is None or c is None):
+            raise TypeError("LSTMCell expects hx = (h, c) with both tensors given, got "
+                            f"({type(h).__name__}, {type(c).__name__})")
         return self._run(input, h, c)
 
 

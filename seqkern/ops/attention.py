@@ -125,7 +125,11 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        return _backward_with(_ext._C.attention_backward, ctx, grad_out)
+        # batched gradients (is_grads_batched, jacobian(vectorize=True)) arrive under vmap,
+        # which only the custom op can take
+        direct = _ext.direct_call_ok(grad_out) and not _ext.batched(grad_out)
+        return _backward_with(_ext._C.attention_backward if direct else _attention_backward_op,
+                              ctx, grad_out)
 
 
 if _ext._C is not None:
@@ -266,6 +270,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     backend = registry.select("attention", query.device, query.dtype)
+    if query.shape[-1] == 0:  # no head dim: every score is 0, which only the reference handles
+        backend = "reference"
     if backend != "reference":
         # Both kernels take (B, H, L, D) operands, int64 key lengths and the mask flags as
         # plain values.

@@ -160,7 +160,11 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_hn, g_cn):
-        dx, dh0, dc0, *dw = _layer_grads(ctx, g_out, g_hn, g_cn, _backward_direct)
+        # batched gradients (is_grads_batched, jacobian(vectorize=True)) arrive under vmap,
+        # which only the custom op can take
+        direct = _ext.direct_call_ok(g_out, g_hn, g_cn) and not _ext.batched(g_out, g_hn, g_cn)
+        dx, dh0, dc0, *dw = _layer_grads(ctx, g_out, g_hn, g_cn, _backward_direct if direct
+                                         else _recurrent_layer_backward_op)
         return (None, dx, None, dh0, dc0, *dw, None)
 
 if _ext._C is not None:
