@@ -474,7 +474,8 @@ class _CellBase(nn.Module):
                 if tuple(t.shape) != exp:
                     raise ValueError(f"{name} must have shape {exp}, got {tuple(t.shape)}")
                 if t.dtype != x.dtype or t.device != x.device:
-                    raise TypeError(f"{name} must match the input's dtype and device")
+                    raise TypeError(f"{name} must match the input's dtype and device ({x.dtype}, "
+                                    f"{x.device}), got ({t.dtype}, {t.device})")
             if not batched:
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
