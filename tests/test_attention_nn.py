@@ -302,3 +302,30 @@ def test_batched_gradients_and_zero_head_dim():
     torch.testing.assert_close(out, want)
     out.sum().backward()
     torch.testing.assert_close(v0.grad, torch.full_like(v0, 0.75))
+
+
+def test_kv_cache_training_mode_gradients_and_dtype_changes():
+    """A training-mode prefill then step() backpropagates (appends go out of place while
+    autograd records); an empty cache follows the keys' dtype, a filled one refuses another."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(16, 4, 2)
+    x = torch.randn(2, 5, 16)
+    for capacity in (0, 64):
+        cache = m.new_cache(2, capacity)
+        y = torch.cat([m(x[:, :3], cache)] + [m.step(x[:, t], cache).unsqueeze(1)
+                                              for t in range(3, 5)], 1)
+        m.zero_grad()
+        y.square().sum().backward()
+        got = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad()
+        m(x).square().sum().backward()
+        for a, p in zip(got, m.parameters()):
+            torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-5)
+    md = CausalSelfAttention(16, 4, 2)
+    cache = md.new_cache(2)
+    md.double()
+    with torch.no_grad():
+        assert md(x.double(), cache).dtype == torch.float64
+        md.float()
+        with pytest.raises(TypeError, match="start a new cache"):
+            md.step(x[:, 0], cache)

@@ -297,3 +297,26 @@ def test_autocast_runs_in_its_dtype(make):
     assert torch.equal(s, first(mb.step(x[:, :, 0].bfloat16())))
     y.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_stack_step_rejects_bad_dilations(bad):
+    """The fused stack step checks its dilations (dilation 0 read an empty queue in C++)."""
+    torch.manual_seed(0)
+    net = WaveNet(2, 4, 6, 8, dilation_cycle=2)
+    blocks = [b._params() for b in net.blocks]
+    x = torch.randn(2, 4)
+    states = [torch.zeros(2, 4, 1), torch.zeros(2, 4, 2)]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"dilations\[1\]"):
+        seqkern.ops.wavenet_stack_step(x, states, blocks, [1, bad])
+
+
+def test_stack_step_kernel_checks_dilations_itself():
+    from seqkern import _ext
+
+    if _ext._C is None:
+        pytest.skip("no C++ extension")
+    net = WaveNet(1, 4, 6, 8)
+    cols = [list(c) for c in zip(*[b._params() for b in net.blocks])]
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"dilations\[0\] must be >= 1"):
+        _ext._C.wavenet_stack_step(torch.randn(2, 4), [torch.zeros(2, 4, 0)], *cols, [0])

@@ -569,3 +569,10 @@ def test_batched_gradients_through_the_recurrence():
     xs = torch.randn(4, 2, 2)
     f = (lambda a: gru(a)[0])
     torch.testing.assert_close(jacobian(f, xs, vectorize=True), jacobian(f, xs))
+
+
+def test_dropout_with_one_layer_warns_as_torch():
+    with pytest.warns(UserWarning, match="dropout"):
+        snn.LSTM(3, 4, dropout=0.5)
+    with pytest.warns(UserWarning, match="dropout"):
+        torch.nn.LSTM(3, 4, dropout=0.5)

@@ -864,6 +864,9 @@ std::vector<at::Tensor> wavenet_stack_step(
                   dilations.size() == n && n > 0,
               "seqkern wavenet step: one state, weight set and dilation per layer");
   TORCH_CHECK(x_in.dim() == 2, "seqkern wavenet step: x_t must be (B, R)");
+  for (size_t i = 0; i < n; ++i)
+    TORCH_CHECK(dilations[i] >= 1, "seqkern wavenet step: dilations[", i, "] must be >= 1, got ",
+                dilations[i]);
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in);
   const int64_t B = x_in.size(0), R = x_in.size(1);

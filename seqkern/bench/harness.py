@@ -140,7 +140,7 @@ def table(rows: list[dict]) -> str:
 
 def main(ops: list[str] | None, full: bool, json_path: str | None, threads: int | None,
          with_reference: bool = True) -> int:
-    if threads:
+    if threads is not None:
         torch.set_num_threads(threads)
     cases = [c for c in load_cases(full) if full or c.quick]
     known = suites(cases)

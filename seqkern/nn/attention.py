@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from seqkern.ops import _autocast
 from seqkern.ops import attention as ops
 from seqkern.reference import attention as ref
 
@@ -240,7 +241,13 @@ class KVCache:
     """Keys and values seen so far, (B, Hkv, length, D) each, in buffers that grow geometrically
     (capacity doubles), so appending one token copies O(1) amortised, not the whole history.
 
-    Meant for inference: appending writes into the buffers in place.
+    Appending writes into the buffers in place. When autograd records (grad enabled and the
+    new keys or the cache require grad, e.g. a training-mode prefill then ``step``), it
+    concatenates instead, so attention calls that saved earlier contents for backward keep
+    them: O(length) per append, correct gradients.
+
+    The dtype and device are those given, else the first keys'. An empty cache follows the keys
+    it gets (a module moved to float64 after ``new_cache``); a filled one refuses other dtypes.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int = 0,
@@ -271,9 +278,28 @@ class KVCache:
         if tuple(k_new.shape[:2]) != (B, Hkv) or k_new.shape[3] != D or k_new.shape != v_new.shape:
             raise ValueError(f"cache holds (B={B}, Hkv={Hkv}, ·, D={D}); got keys "
                              f"{tuple(k_new.shape)} and values {tuple(v_new.shape)}")
-        if self._dtype is None:
+        if self.length == 0 and (self._dtype, self._device) != (k_new.dtype, k_new.device):
             self._dtype, self._device = k_new.dtype, k_new.device
+            self.k = self.v = None
+        elif (k_new.device == self._device and k_new.dtype != self._dtype
+              and _autocast.autocast_dtype(k_new.device) is not None):
+            # filled outside autocast, extended inside: attention casts them alike anyway
+            k_new, v_new = k_new.to(self._dtype), v_new.to(self._dtype)
+        elif (k_new.dtype, k_new.device) != (self._dtype, self._device):
+            raise TypeError(f"the cache holds {self._dtype} on {self._device} but got keys of "
+                            f"{k_new.dtype} on {k_new.device}: start a new cache (new_cache) "
+                            "after changing the module's dtype or device")
         n = self.length + k_new.shape[2]
+        if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad or (
+                self.k is not None and (self.k.requires_grad or self.v.requires_grad))):
+            # out of place: an earlier attention call may have saved the old contents
+            if self.length == 0:
+                self.k, self.v = k_new, v_new
+            else:
+                self.k = torch.cat([self.k[:, :, :self.length], k_new], dim=2)
+                self.v = torch.cat([self.v[:, :, :self.length], v_new], dim=2)
+            self.length = n
+            return self.k, self.v
         if n > self.capacity:
             self._reserve(max(n, 2 * self.capacity, 16))
         self.k[:, :, self.length:n] = k_new

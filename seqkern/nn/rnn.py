@@ -10,6 +10,7 @@ on every RNNBase, and these must compile with ``fullgraph=True``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +60,10 @@ class _RecurrentBase(nn.Module):
         self.mode = mode
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          f"non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
         self.bidirectional, self.proj_size, self.peephole = bidirectional, proj_size, peephole
         D = 2 if bidirectional else 1
         G = gate_count(mode)

@@ -437,6 +437,9 @@ def wavenet_stack_step(x_t: Tensor, states: list[Tensor], blocks: list[tuple],
     if len(states) != len(blocks) or len(dilations) != len(blocks):
         raise ValueError(f"need one state and one dilation per block: {len(blocks)} blocks, "
                          f"{len(states)} states, {len(dilations)} dilations")
+    for i, d in enumerate(dilations):
+        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+            raise ValueError(f"dilations[{i}] must be an integer >= 1, got {d!r}")
     fused = (registry.select("conv", x_t.device, x_t.dtype) == "cpu"
              and not _ext.needs_grad(x_t, *states, *(t for p in blocks for t in p)))
     if not fused:
