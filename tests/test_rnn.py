@@ -437,3 +437,13 @@ def test_dispatch_modes_and_tracing_see_the_registered_op():
         gm = make_fx(lambda t: m(t)[0])(x)
     assert "seqkern.recurrent_layer" in gm.code
     torch.testing.assert_close(gm(x), want)
+
+
+@pytest.mark.parametrize("bs", [[2, 3, 1], [2, 2, 1], [2, 2, 2, 2], [3, 3]])
+def test_reference_rejects_a_malformed_packed_layout(bs):
+    """The reference path (float16, torch.func, use_backend) checks batch_sizes as the C++
+    kernels do, instead of failing inside index_copy or a view."""
+    x, h0 = torch.randn(6, 3), torch.randn(2, 4)
+    w = {"w_ih": torch.randn(12, 3), "w_hh": torch.randn(12, 4)}
+    with seqkern.use_backend("reference"), pytest.raises(ValueError, match="batch_sizes"):
+        seqkern.ops.recurrent_layer("gru", x, torch.tensor(bs), h0, None, w)

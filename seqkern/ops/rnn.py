@@ -212,7 +212,21 @@ def _unpack_rows(data: Tensor, rows: Tensor, T: int, B: int) -> Tensor:
     return data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data).view(T, B, -1)
 
 
+def _check_batch_sizes(batch_sizes: Tensor, rows: int, B: int) -> None:
+    """The C++ kernels' checks of a packed layout, for the reference path."""
+    if batch_sizes.dim() != 1 or batch_sizes.numel() == 0 or batch_sizes.is_floating_point():
+        raise ValueError(f"batch_sizes must be a non-empty 1-D integer tensor, got "
+                         f"{batch_sizes.dtype} of shape {tuple(batch_sizes.shape)}")
+    if (bool((batch_sizes < 1).any()) or bool((batch_sizes[1:] > batch_sizes[:-1]).any())
+            or int(batch_sizes[0]) != B):
+        raise ValueError(f"batch_sizes must be positive, non-increasing and start at the batch "
+                         f"size {B}, got {batch_sizes.tolist()}")
+    if int(batch_sizes.sum()) != rows:
+        raise ValueError(f"batch_sizes sum to {int(batch_sizes.sum())} but x has {rows} rows")
+
+
 def _reference_layer(mode, x, batch_sizes, h0, c0, w, reverse):
+    _check_batch_sizes(batch_sizes, x.shape[0], h0.shape[0])
     # (plain tensor ops rather than pad_packed_sequence, which cannot run under torch.func's
     # transforms: the reference is what runs there)
     T, B = len(batch_sizes), int(batch_sizes[0])
