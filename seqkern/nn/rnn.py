@@ -44,6 +44,13 @@ def _one_step_kernel_applies(mode: str, x: Tensor, state: list, params: list) ->
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 
+def _reset_uniform(module: nn.Module) -> None:
+    """torch's initialisation of recurrent layers and cells: every parameter U(−1/√H, 1/√H)."""
+    std = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
+    for p in module.parameters():
+        nn.init.uniform_(p, -std, std)
+
+
 class _RecurrentBase(nn.Module):
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, peephole=False, device=None,
@@ -91,9 +98,7 @@ class _RecurrentBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for p in self.parameters():
-            nn.init.uniform_(p, -std, std)
+        _reset_uniform(self)
 
     def _weights(self) -> list[dict]:
         return [{k: getattr(self, v) for k, v in names.items()} for names in self._names]
@@ -200,16 +205,9 @@ class _RecurrentBase(nn.Module):
                             f"{ref.device}), got ({t.dtype}, {t.device})")
 
     def forward(self, input, hx=None, lengths=None):
-        data = input.data if isinstance(input, PackedSequence) else input
-        dtype = _autocast.autocast_dtype(data.device) if isinstance(data, Tensor) else None
-        if dtype is None:
-            return self._forward(input, hx, lengths, self._weights())
         # torch.autocast: the recurrence runs in its dtype (torch's LSTM and RNN do on the CPU,
         # every torch RNN does on CUDA), the weights cast as autocast casts them
-        dev = data.device.type
-        with torch.autocast(dev, enabled=False):
-            return self._forward(_autocast.cast(input, dtype, dev), _autocast.cast(hx, dtype, dev),
-                                 lengths, _autocast.cast(self._weights(), dtype, dev))
+        return _autocast.run(self._forward, input, hx, lengths, self._weights())
 
     def _forward(self, input, hx, lengths, weights):
         is_lstm = self.mode == "lstm"
@@ -443,9 +441,7 @@ class _CellBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for p in self.parameters():
-            nn.init.uniform_(p, -std, std)
+        _reset_uniform(self)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
@@ -454,12 +450,7 @@ class _CellBase(nn.Module):
         params = {"w_ih": self.weight_ih, "w_hh": self.weight_hh}
         if self.bias:
             params["b_ih"], params["b_hh"] = self.bias_ih, self.bias_hh
-        dtype = _autocast.autocast_dtype(x.device) if isinstance(x, Tensor) else None
-        if dtype is None:
-            return self._run_with(x, h, c, params)
-        dev = x.device.type  # torch.autocast: as the layer modules
-        with torch.autocast(dev, enabled=False):
-            return self._run_with(*_autocast.cast((x, h, c, params), dtype, dev))
+        return _autocast.run(self._run_with, x, h, c, params)  # torch.autocast: as the layers
 
     def _run_with(self, x, h, c, params):
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:

@@ -57,20 +57,25 @@ def _first_tensor(obj) -> Tensor | None:
     return None
 
 
+def run(fn, *args, **kwargs):
+    """fn(*args, **kwargs), with the floating-point arguments cast to the autocast dtype of the
+    first tensor argument's device (positional, else keyword) and autocast off inside when
+    autocast is on there; a plain call otherwise."""
+    t = _first_tensor(args)
+    if t is None and kwargs:
+        t = _first_tensor(tuple(kwargs.values()))
+    dtype = autocast_dtype(t.device) if t is not None else None
+    if dtype is None:
+        return fn(*args, **kwargs)
+    dev = t.device.type
+    with torch.autocast(dev, enabled=False):
+        return fn(*cast(args, dtype, dev), **cast(kwargs, dtype, dev))
+
+
 def autocast_op(fn):
-    """Runs fn with its floating-point arguments cast to the autocast dtype of the first
-    tensor argument's device (positional, else keyword) when autocast is on there, and
-    autocast off inside."""
+    """fn, run through ``run``: an op that casts for autocast as torch's own ops do."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        t = _first_tensor(args)
-        if t is None and kwargs:
-            t = _first_tensor(tuple(kwargs.values()))
-        dtype = autocast_dtype(t.device) if t is not None else None
-        if dtype is None:
-            return fn(*args, **kwargs)
-        dev = t.device.type
-        with torch.autocast(dev, enabled=False):
-            return fn(*cast(args, dtype, dev), **cast(kwargs, dtype, dev))
+        return run(fn, *args, **kwargs)
 
     return wrapper

@@ -208,7 +208,8 @@ def _pack_rows(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
 
 
 def _unpack_rows(data: Tensor, rows: Tensor, T: int, B: int) -> Tensor:
-    """The inverse of _pack_rows: (T, B, F), zeros past each sequence's length."""
+    """Packed rows back into a padded (T, B, F) layout at their flat rows (from _pack_rows or
+    _padded_rows), zeros past each sequence's length."""
     return data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data).view(T, B, -1)
 
 
@@ -231,8 +232,7 @@ def _reference_layer(mode, x, batch_sizes, h0, c0, w, reverse):
     # transforms: the reference is what runs there)
     T, B = len(batch_sizes), int(batch_sizes[0])
     rows = _padded_rows(batch_sizes, x.device)
-    padded = (x.reshape(T, B, -1) if rows is None else
-              x.new_zeros(T * B, x.shape[1]).index_copy(0, rows, x).view(T, B, -1))
+    padded = x.reshape(T, B, -1) if rows is None else _unpack_rows(x, rows, T, B)
     lengths = None if rows is None else lengths_from_batch_sizes(batch_sizes).to(x.device)
     out, h, c = ref.layer(mode, padded, h0, c0, w["w_ih"], w["w_hh"], w.get("b_ih"), w.get("b_hh"),
                           w.get("w_peep"), w.get("w_hr"), reverse=reverse, lengths=lengths)
