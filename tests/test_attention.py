@@ -27,7 +27,8 @@ SHAPES = [
     (2, 8, 1, 7, 129, 16, 16),
     (1, 2, 2, 129, 7, 128, 128),
     (2, 4, 2, 70, 70, 40, 24),
-    (2, 8, 2, 3, 150, 40, 24),  # ≤ 4 query rows: the row-wise decode kernel
+    (2, 8, 2, 3, 150, 40, 24),  # ≤ 8 query rows: the row-wise decode kernels
+    (1, 4, 2, 8, 37, 24, 24),   # 8 rows (bf16 with AMX: its few-query tile kernel)
 ]
 MASKS = ["none", "causal", "causal_br", "window", "window_br", "key_lengths", "bool", "additive",
          "bool_2d", "causal+bool+key_lengths", "window+additive", "causal_br+key_lengths"]
@@ -262,7 +263,7 @@ def test_rows_of_large_negative_additive_masks(dtype, Lq, Lk, fill):
 @pytest.mark.parametrize("kind", ["causal", "causal_br", "window", "bool", "additive",
                                   "key_lengths"])
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 1)])
-@pytest.mark.parametrize("Lq", [6, 3], ids=["tiles", "decode"])
+@pytest.mark.parametrize("Lq", [9, 3, 7], ids=["tiles", "decode", "decode7"])
 def test_gradcheck_float64(kind, Hq, Hkv, Lq):
     gen = torch.Generator().manual_seed(Hq + Hkv)
     shape = (2, Hq, Hkv, Lq, 8, 8, 4)
@@ -447,10 +448,10 @@ def test_nan_query_gives_nan_in_its_row_only(dtype, Lq, Lk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Lk, D, Dv", [(16, 16, 16), (47, 40, 24), (1001, 64, 64),
                                        (333, 200, 256), (100, 8, 130)])
-@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("Lq", [1, 3, 8])
 @pytest.mark.parametrize("B,Hq,Hkv", [(2, 4, 2), (1, 1, 1)], ids=["heads", "one_head"])
 def test_decode_rows_within_torch_error(dtype, Lk, D, Dv, Lq, B, Hq, Hkv):
-    """The decode kernels (≤ 4 query rows) score keys 16 at a time and keep P·V in registers,
+    """The decode kernels (≤ 8 query rows; bf16 with AMX ≤ 4) score keys 16 at a time and keep P·V in registers,
     in blocks of 8 vectors: key counts around and past 16, head dims with partial vectors and
     value dims over 128, fp32 and a bf16 cache, outputs and gradients against float64 and
     torch's own error. With one (batch, head) pair, fewer than the threads, a task is one row

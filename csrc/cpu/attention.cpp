@@ -34,8 +34,10 @@ constexpr int kNV = 4;
 // groups: the rows of Sᵀ).
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 96;
-// Up to this many query rows the row-wise decode kernel beats a mostly empty query tile.
+// Up to kDecodeRows query rows the row-wise decode kernels run; up to kDecodeRowsMax too, except
+// for bf16 where AMX serves (see use_decode).
 constexpr int64_t kDecodeRows = 4;
+constexpr int64_t kDecodeRowsMax = 8;
 
 template <typename T>
 constexpr T neg_inf() {
@@ -282,9 +284,6 @@ Span block_keys(const Mask<T>& mask, int64_t b, int64_t i0, int64_t mi) {
 struct Dims {
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
   int64_t group() const { return Hq / Hkv; }
-  // Few enough query rows for the row-wise decode kernels; the backward must take them exactly
-  // when the forward did, to recompute its scores.
-  bool decode_rows() const { return Lq <= kDecodeRows; }
 };
 
 // 4-D strides of a (B, H, L, E) tensor whose last dimension is contiguous.
@@ -560,18 +559,36 @@ void softmax_columns(T* st, int64_t ld, int64_t nk, int64_t mp, int64_t mi, cons
   }
 }
 
+// Rows of K or V as the tile products read them: in place when stored in the compute type T;
+// a bf16 cache without AMX is widened block by block into `buf` (rows cols apart), in cache,
+// instead of converted whole up front: a (2, 16, 4104, 64) K and V took 5 ms to convert for an
+// 8-query forward of 4 ms.
+template <typename T, typename S>
+SEQKERN_INLINE std::pair<const T*, int64_t> kv_rows(const S* src, int64_t ld, int64_t rows,
+                                                    int64_t cols, T* buf) {
+  if constexpr (std::is_same_v<S, T>) {
+    return {src, ld};
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for_each_vec<T>(cols, [&](int64_t c, int64_t n) { store(load(src + r * ld + c, n), buf + r * cols + c, n); });
+    return {buf, cols};
+  }
+}
+
 // q (B,Hq,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv), last dims contiguous; out (B,Hq,Lq,Dv) and
 // lse (B,Hq,Lq) float64 contiguous, written here. Tasks are (batch, head, query block).
-template <typename T>
+template <typename T, typename S = T>
 void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                     const at::Tensor& v_, T scale, const Mask<T>& mask, const Dropout& drop,
                     at::Tensor& out, at::Tensor& lse) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   constexpr int64_t BQ = kBlockQ, BK = kBlockK;
+  constexpr bool widen = !std::is_same_v<S, T>;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ;
   const Strides sq(q_), sk(k_), sv(v_);
-  const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>();
+  const T* Q = q_.data_ptr<T>();
+  const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
   T* O = out.data_ptr<T>();
   double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group();
@@ -579,6 +596,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> QT(d.D * BQ), ST(BK * BQ), acc(BQ * d.Dv), mx(BQ), sm(BQ);
     std::vector<T> keep(drop.active ? BK * BQ : 0);
+    std::vector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
@@ -586,8 +604,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       const int64_t hk = h / g, i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
       const int64_t mp = (mi + W - 1) / W * W;  // queries rounded up to whole vectors
       const T* q = Q + sq.at(b, h, i0);
-      const T* kbase = K + sk.at(b, hk);
-      const T* vbase = Vp + sv.at(b, hk);
+      const S* kbase = K + sk.at(b, hk);
+      const S* vbase = Vp + sv.at(b, hk);
       transpose_scaled(q, sq.l, mi, d.D, scale, QT.data(), BQ, mp);  // Qᵢᵀ·scale, 0 past mi
       std::fill(acc.begin(), acc.begin() + mi * d.Dv, T(0));
       std::fill(mx.begin(), mx.end(), neg_inf<T>());
@@ -598,8 +616,10 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
         const int64_t nk = std::min(BK, d.Lk - j0);
         if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
+        const auto [kj, ldk] = kv_rows(kbase + j0 * sk.l, sk.l, nk, d.D, kbuf.data());
+        const auto [vj, ldv] = kv_rows(vbase + j0 * sv.l, sv.l, nk, d.Dv, vbuf.data());
         // Sᵀ = K_j · (scale·Qᵢ)ᵀ where some query may see the key, then -inf where none may
-        tile_gemm_impl<T>(nk, d.D, kbase + j0 * sk.l, sk.l, 1, QT.data(), BQ, ST.data(), BQ, false,
+        tile_gemm_impl<T>(nk, d.D, kj, ldk, 1, QT.data(), BQ, ST.data(), BQ, false,
                           [&](int64_t r0, int64_t r1) {
                             return std::pair<Span, Span>{union_rows(cols, r0, r1, W), Span{0, d.D}};
                           });
@@ -609,7 +629,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
         softmax_columns<T>(ST.data(), BQ, nk, mp, mi, drop.active ? keep.data() : nullptr,
                            mx.data(), sm.data(), acc.data(), d.Dv);
         // O_i += P·V_j, P read from Sᵀ (row stride 1, k stride BQ)
-        tile_gemm_impl<T>(mi, nk, ST.data(), 1, BQ, vbase + j0 * sv.l, sv.l, acc.data(), d.Dv, true,
+        tile_gemm_impl<T>(mi, nk, ST.data(), 1, BQ, vj, ldv, acc.data(), d.Dv, true,
                           [&](int64_t r0, int64_t r1) {
                             return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
                           });
@@ -676,31 +696,56 @@ Vec<float> dot_16_keys(const float*, const S*, int64_t, int64_t) { return Vec<fl
 // preallocated cache may hold anything, NaN included, where the mask rules it out. Without a
 // mask every row in the span is read, so a weight that underflows to 0 meets its V row as in a
 // matrix product (torch's too): 0·inf gives NaN.
-template <int NV, typename T, typename S>
+template <int NV, bool FULL, typename T, typename S>
 void weighted_rows_sum_block(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t c0,
                              int64_t Dv, bool skip_zero, T* acc) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  V a0[NV], a1[NV];
-  for (int u = 0; u < NV; ++u) a0[u] = a1[u] = V(T(0));
-  auto fma_row = [&](V (&a)[NV], T pj, const S* row) __attribute__((always_inline)) {
-    if (skip_zero && pj == T(0)) return;
-    const V pv(pj);
-    for (int u = 0; u < NV; ++u) {
-      const int64_t c = c0 + u * W;
-      if (c < Dv) a[u] = at::vec::fmadd(pv, load(row + c, std::min<int64_t>(W, Dv - c)), a[u]);
-    }
+  // FULL: all NV vectors lie inside Dv. Partial loads (a run-time count), or the accumulators
+  // passed by reference to a helper, made GCC keep them on the stack, a load and a store
+  // around every FMA: this loop was a quarter of an 8-query forward against a 4096-token cache.
+  auto row = [&](int64_t j, int u) __attribute__((always_inline)) {
+    const int64_t c = c0 + u * W;
+    return FULL ? load(v + j * ldv + c, W) : load(v + j * ldv + c, std::min<int64_t>(W, Dv - c));
   };
+  auto live = [&](int u) { return FULL || c0 + u * W < Dv; };
+  V a0[NV], a1[NV];
+#pragma GCC unroll 8
+  for (int u = 0; u < NV; ++u) a0[u] = a1[u] = V(T(0));
   int64_t j = 0;
   for (; j + 2 <= nk; j += 2) {
-    fma_row(a0, p[j], v + j * ldv);
-    fma_row(a1, p[j + 1], v + (j + 1) * ldv);
+    const T p0 = p[j], p1 = p[j + 1];
+    if (!skip_zero || p0 != T(0)) {
+      const V pv(p0);
+#pragma GCC unroll 8
+      for (int u = 0; u < NV; ++u)
+        if (live(u)) a0[u] = at::vec::fmadd(pv, row(j, u), a0[u]);
+    }
+    if (!skip_zero || p1 != T(0)) {
+      const V pv(p1);
+#pragma GCC unroll 8
+      for (int u = 0; u < NV; ++u)
+        if (live(u)) a1[u] = at::vec::fmadd(pv, row(j + 1, u), a1[u]);
+    }
   }
-  if (j < nk) fma_row(a0, p[j], v + j * ldv);
+  if (j < nk && (!skip_zero || p[j] != T(0))) {
+    const V pv(p[j]);
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u)
+      if (live(u)) a0[u] = at::vec::fmadd(pv, row(j, u), a0[u]);
+  }
+#pragma GCC unroll 8
   for (int u = 0; u < NV; ++u) {
     const int64_t c = c0 + u * W;
     if (c < Dv) store(a0[u] + a1[u], acc + c, std::min<int64_t>(W, Dv - c));
   }
+}
+
+template <int NV, typename T, typename S>
+void weighted_rows_sum_nv(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t c0,
+                          int64_t Dv, bool skip_zero, T* acc) {
+  if (c0 + NV * Vec<T>::size() <= Dv) weighted_rows_sum_block<NV, true>(p, nk, v, ldv, c0, Dv, skip_zero, acc);
+  else weighted_rows_sum_block<NV, false>(p, nk, v, ldv, c0, Dv, skip_zero, acc);
 }
 
 template <typename T, typename S>
@@ -710,14 +755,14 @@ void weighted_rows_sum(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t 
   for (int64_t c0 = 0; c0 < Dv; c0 += 8 * W) {
     const int64_t nv = std::min<int64_t>(8, (Dv - c0 + W - 1) / W);
     switch (nv) {  // the accumulators of up to 8 vectors, as many as the head dim needs
-      case 1: weighted_rows_sum_block<1>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
-      case 2: weighted_rows_sum_block<2>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
-      case 3: weighted_rows_sum_block<3>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
-      case 4: weighted_rows_sum_block<4>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
-      case 5: weighted_rows_sum_block<5>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
-      case 6: weighted_rows_sum_block<6>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
-      case 7: weighted_rows_sum_block<7>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
-      default: weighted_rows_sum_block<8>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
+      case 1: weighted_rows_sum_nv<1>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
+      case 2: weighted_rows_sum_nv<2>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
+      case 3: weighted_rows_sum_nv<3>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
+      case 4: weighted_rows_sum_nv<4>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
+      case 5: weighted_rows_sum_nv<5>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
+      case 6: weighted_rows_sum_nv<6>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
+      case 7: weighted_rows_sum_nv<7>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
+      default: weighted_rows_sum_nv<8>(p, nk, v, ldv, c0, Dv, skip_zero, acc); break;
     }
   }
 }
@@ -775,7 +820,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   S* O = out.data_ptr<S>();  // bf16 when the cache is: written in place
   double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group();
-  // A task is one (batch, head) and all its ≤ kDecodeRows query rows: keys are visited in
+  // A task is one (batch, head) and all its ≤ kDecodeRowsMax query rows: keys are visited in
   // chunks of KC (a multiple of 16, so decode_scores groups keys as one call over the whole
   // row would, and the backward recomputes identical scores), each chunk of K and V read from
   // memory once and then from L1 for the other rows. Row by row, each row streamed the whole
@@ -883,6 +928,17 @@ bool amx_usable(const Dims& d) {
   if (!bf16_brgemm_supported() || d.D % 2 || d.Dv % 2) return false;
   const char* env = std::getenv("SEQKERN_ATTENTION_AMX");  // "0": the fp32 tile kernels
   return !(env && env[0] == '0');
+}
+
+// Whether the row-wise decode kernels take these queries; the backward must take them exactly
+// when the forward did, to recompute its scores. Measured with 2 threads, D = 64, fp32: 8 queries
+// against a 4096-token cache (B = 2, H = 16) forward 2.9 ms against the tile kernel's 4.3 (its
+// 16-query vectors half empty), forward+backward 23 ms both; self-attention at L = 8 (B = 256,
+// H = 8) forward+backward 6.3 against 15.1 ms; at 16 queries the tile kernel is ahead. With AMX,
+// bf16 at 5–32 queries has its own kernel (forward_kernel_bf16_few).
+bool use_decode(const Dims& d, at::ScalarType t) {
+  if (d.Lq <= kDecodeRows) return true;
+  return d.Lq <= kDecodeRowsMax && !(t == at::kBFloat16 && amx_usable(d));
 }
 
 // Row-major score tiles (the bf16 kernels): with an explicit mask, scores [lo, hi) of query i
@@ -1111,7 +1167,7 @@ constexpr int64_t kFewBlockK = 128;
 constexpr int64_t kFewRowsMax = 32;
 
 inline bool bf16_few_queries(const Dims& d) {
-  return d.Lq <= kFewRowsMax && !d.decode_rows() && amx_usable(d);
+  return d.Lq <= kFewRowsMax && !use_decode(d, at::kBFloat16) && amx_usable(d);
 }
 
 void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
@@ -1309,6 +1365,18 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   });
 }
 
+// forward_kernel with K and V in the compute type, or (float only) in bf16.
+template <typename T>
+void tile_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, T scale, const Mask<T>& mask, const Dropout& drop,
+                  at::Tensor& out, at::Tensor& lse) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16_kv) return forward_kernel<float, c10::BFloat16>(d, q, k, v, scale, mask, drop, out, lse);
+  }
+  TORCH_CHECK(!bf16_kv, "seqkern attention: bf16 K and V need float32 compute");
+  forward_kernel<T>(d, q, k, v, scale, mask, drop, out, lse);
+}
+
 // decode_forward_kernel with K and V in the compute type, or (float only) in bf16.
 template <typename T>
 void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
@@ -1350,7 +1418,7 @@ SEQKERN_INLINE void backward_shift(const double* lse, int64_t n, Vec<T>& hi, Vec
 //   dSᵀ = Pᵀ ⊙ (dPᵀ − Δ),
 //   dV_j += Pᵀ·dOᵢ, dK_j += dSᵀ·Qᵢ (·scale at the end), dQᵢ += dS·K_j (·scale by the caller).
 // qT, doT are query-side blocks packed by pack_blocks_t (qT already scaled).
-template <typename T>
+template <typename T, typename S = T>
 void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                      const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& qT_,
                      const at::Tensor& doT_, const at::Tensor& lse_, const at::Tensor& delta_,
@@ -1361,14 +1429,16 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   constexpr int64_t BQ = kBlockQ, BK = kBlockK;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ;
   const Strides sq(q_), sk(k_), sv(v_), so(do_);
-  const T *Q = q_.data_ptr<T>(), *K = k_.data_ptr<T>(), *Vp = v_.data_ptr<T>(),
-          *DO = do_.data_ptr<T>(), *QT = qT_.data_ptr<T>(), *DOT = doT_.data_ptr<T>(),
-          *DELTA = delta_.data_ptr<T>();
+  const T *Q = q_.data_ptr<T>(), *DO = do_.data_ptr<T>(), *QT = qT_.data_ptr<T>(),
+          *DOT = doT_.data_ptr<T>(), *DELTA = delta_.data_ptr<T>();
+  const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
+  constexpr bool widen = !std::is_same_v<S, T>;
   const double* LSE = lse_.data_ptr<double>();
   T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> PT(BK * BQ), dST(BK * BQ), dk_loc(BK * d.D), dv_loc(BK * d.Dv);
+    std::vector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
     std::vector<T> keep(drop.active ? BK * BQ : 0);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     const V keep_scale{T(drop.keep_scale)};
@@ -1376,15 +1446,15 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
       const auto [b, hk, h_begin, h_end, acc_row] = KvTask(d, chunks, task);
-      const T* kbase = K + sk.at(b, hk);
-      const T* vbase = Vp + sv.at(b, hk);
+      const S* kbase = K + sk.at(b, hk);
+      const S* vbase = Vp + sv.at(b, hk);
 
       for (int64_t j0 = 0; j0 < d.Lk; j0 += BK) {
         const int64_t nk = std::min(BK, d.Lk - j0);
         std::fill(dk_loc.begin(), dk_loc.end(), T(0));
         std::fill(dv_loc.begin(), dv_loc.end(), T(0));
-        const T* kj = kbase + j0 * sk.l;
-        const T* vj = vbase + j0 * sv.l;
+        const auto [kj, ldk] = kv_rows(kbase + j0 * sk.l, sk.l, nk, d.D, kbuf.data());
+        const auto [vj, ldv] = kv_rows(vbase + j0 * sv.l, sv.l, nk, d.Dv, vbuf.data());
         for (int64_t h = h_begin; h < h_end; ++h) {
           for (int64_t qb = 0; qb < nqb; ++qb) {
             const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
@@ -1402,8 +1472,8 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                 return std::pair<Span, Span>{union_rows(cols, r0, r1, W), Span{0, depth}};
               };
             };
-            tile_gemm_impl<T>(nk, d.D, kj, sk.l, 1, qT, BQ, PT.data(), BQ, false, col_spans(d.D));
-            tile_gemm_impl<T>(nk, d.Dv, vj, sv.l, 1, doT, BQ, dST.data(), BQ, false, col_spans(d.Dv));
+            tile_gemm_impl<T>(nk, d.D, kj, ldk, 1, qT, BQ, PT.data(), BQ, false, col_spans(d.D));
+            tile_gemm_impl<T>(nk, d.Dv, vj, ldv, 1, doT, BQ, dST.data(), BQ, false, col_spans(d.Dv));
             mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, PT.data(), BQ, neg_inf<T>(), mask.has_explicit());
             mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, dST.data(), BQ, T(0), false);
             if (drop.active) {
@@ -1450,7 +1520,7 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                               d.Dv, true, key_spans(d.Dv));
             tile_gemm_impl<T>(nk, mi, dST.data(), BQ, 1, Q + sq.at(b, h, i0), sq.l, dk_loc.data(),
                               d.D, true, key_spans(d.D));
-            tile_gemm_impl<T>(mi, nk, dST.data(), 1, BQ, kj, sk.l,
+            tile_gemm_impl<T>(mi, nk, dST.data(), 1, BQ, kj, ldk,
                               DQ + ((b * d.Hq + h) * d.Lq + i0) * d.D, d.D, true, row_spans);
           }
         }
@@ -1464,13 +1534,13 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
 
 // ---- backward for few query rows (the decode forward's) -----------------------------------
 //
-// With at most kDecodeRows queries the forward ran decode_forward_kernel, and so does the
+// Where use_decode chose decode_forward_kernel for the forward, so does the
 // recomputation here: the scores come from the same decode_scores, so exp(s − lse) are the
 // forward's weights. The tiled backward would sum each score along D in one FMA chain, in
 // another order than the forward did; with peaked scores that mismatch made dV 3-4× less
 // accurate than torch's (which takes its math path at so few queries). Here every product runs
 // along D or Dv, vectorised, and a tiled kernel's lanes for 16 query columns are not wasted on
-// one to four rows. A row's weights are all at hand before its dS, so Δ = Σ_j P_j·(dP ⊙ z)_j is
+// a few rows. A row's weights are all at hand before its dS, so Δ = Σ_j P_j·(dP ⊙ z)_j is
 // summed from them rather than taken as dO·O: O was rounded to its storage type (bf16), and with
 // a peaked row dS = P ⊙ (dP − Δ) is a small difference of near-equal terms that would keep that
 // rounding. Tasks, outputs and conventions as backward_kernel; dK_j and dV_j are accumulated in
@@ -1489,8 +1559,16 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
   T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
   const Mask<T> no_mask;  // dP = dO·Vᵀ: plain dot products
 
+  // dK_j and dV_j get one read-modify-write per key for all the rows of a head (they took one
+  // per row and key: at 8 rows against a 4096-token cache, 3 ms a row where the forward takes
+  // 0.3), so a head's rows first compute their weights and dS into per-row buffers that are
+  // zero outside the row's keys.
+  const int64_t R = d.Lq;
+  constexpr int64_t KC = 128;  // keys per chunk, a multiple of 16 as in the forward
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(d.Lk), ds(d.Lk), keep(drop.active ? d.Lk : 0), qs(d.D), dq_row(d.D);
+    std::vector<T> pbuf(R * d.Lk), dsbuf(R * d.Lk), keep(drop.active ? d.Lk : 0), qs(R * d.D), dq_row(d.D),
+        dq_rows(R * d.D);
+    std::vector<Span> spans(R);
     T* const mg = mgrad.data ? mgrad.target() : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const auto [b, hk, h_begin, h_end, acc_row] = KvTask(d, chunks, task);
@@ -1501,15 +1579,46 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
       std::fill(dkb, dkb + d.Lk * d.D, T(0));
       std::fill(dvb, dvb + d.Lk * d.Dv, T(0));
       for (int64_t h = h_begin; h < h_end; ++h) {
-        for (int64_t i = 0; i < d.Lq; ++i) {
+        Span all{d.Lk, 0};  // union of the rows' keys
+        for (int64_t i = 0; i < R; ++i) {
           const int64_t row = (b * d.Hq + h) * d.Lq + i;
-          const Span keys = mask.range(b, i);
-          if (keys.empty() || LSE[row] == neg_inf<double>()) continue;  // no weights: no gradient
+          spans[i] = mask.range(b, i);
+          if (spans[i].empty() || LSE[row] == neg_inf<double>()) spans[i] = Span{0, 0};  // no weights: no gradient
+          if (spans[i].empty()) continue;
+          all.lo = std::min(all.lo, spans[i].lo);
+          all.hi = std::max(all.hi, spans[i].hi);
+        }
+        if (all.empty()) continue;
+        // the scores (q·k and dO·v) of every row, chunk by chunk, so each chunk of K and V is
+        // read from memory once for all rows; chunks start at each row's first key, as in the
+        // forward, so decode_scores groups the keys as it did there
+        int64_t nchunks = 0;
+        for (int64_t i = 0; i < R; ++i) {
+          T* p = pbuf.data() + i * d.Lk;
+          T* ds = dsbuf.data() + i * d.Lk;
+          std::fill(p + all.lo, p + spans[i].lo, T(0));
+          std::fill(ds + all.lo, ds + spans[i].lo, T(0));
+          std::fill(p + spans[i].hi, p + all.hi, T(0));
+          std::fill(ds + spans[i].hi, ds + all.hi, T(0));
+          nchunks = std::max(nchunks, (spans[i].hi - spans[i].lo + KC - 1) / KC);
+        }
+        for (int64_t c = 0; c < nchunks; ++c)
+          for (int64_t i = 0; i < R; ++i) {
+            const int64_t lo = spans[i].lo + c * KC, hi = std::min(lo + KC, spans[i].hi);
+            if (lo >= hi) continue;
+            decode_scores(Q + sq.at(b, h, i), kbase, sk.l, d.D, scale, mask, b, h, i, Span{lo, hi},
+                          pbuf.data() + i * d.Lk + lo);
+            decode_scores(DO + so.at(b, h, i), vbase, sv.l, d.Dv, T(1), no_mask, b, h, i,
+                          Span{lo, hi}, dsbuf.data() + i * d.Lk + lo);
+          }
+        for (int64_t i = 0; i < R; ++i) {
+          const int64_t row = (b * d.Hq + h) * d.Lq + i;
+          const Span keys = spans[i];
+          std::fill(dq_rows.begin() + i * d.D, dq_rows.begin() + (i + 1) * d.D, T(0));
+          if (keys.empty()) continue;
           const int64_t nk = keys.hi - keys.lo;
-          const T* q = Q + sq.at(b, h, i);
-          const T* go = DO + so.at(b, h, i);
-          decode_scores(q, kbase, sk.l, d.D, scale, mask, b, h, i, keys, p.data());
-          decode_scores(go, vbase, sv.l, d.Dv, T(1), no_mask, b, h, i, keys, ds.data());
+          T* p = pbuf.data() + i * d.Lk + keys.lo;
+          T* ds = dsbuf.data() + i * d.Lk + keys.lo;
           T hs, ls;
           split_lse(LSE[row], hs, ls);
           const V hi(hs), lo(ls);
@@ -1521,38 +1630,80 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
             // P = 0 where masked, also where dP is not finite (a masked cache row holding NaN),
             // and in lanes past the row, whose exp(0 − lse) may overflow (lse < −88: a row of
             // large negative additive masks) and would make Δ = inf·0
-            V w = vexp(load(p.data() + j, n) - hi - lo);
+            V w = vexp(load(p + j, n) - hi - lo);
             if (n < V::size()) w = V::set(V(T(0)), w, n);
-            V dpz = load(ds.data() + j, n);
+            V dpz = load(ds + j, n);
             if (drop.active) dpz = dpz * load(keep.data() + j, n) * ks;
             dpz = V::blendv(dpz, V(T(0)), w == V(T(0)));
-            store(w, p.data() + j, n);
-            store(dpz, ds.data() + j, n);
+            store(w, p + j, n);
+            store(dpz, ds + j, n);
             dsum = at::vec::fmadd(w, dpz, dsum);
           });
           const V dlt(at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, dsum));
           for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
-            const V w = load(p.data() + j, n);
-            store(w * (load(ds.data() + j, n) - dlt), ds.data() + j, n);
-            if (drop.active) store(w * load(keep.data() + j, n) * ks, p.data() + j, n);
+            const V w = load(p + j, n);
+            store(w * (load(ds + j, n) - dlt), ds + j, n);
+            if (drop.active) store(w * load(keep.data() + j, n) * ks, p + j, n);
           });
           if (mg) {
             T* g = mg + b * mgrad.sb + h * mgrad.sh + i * mgrad.sq;
             for (int64_t j = 0; j < nk; ++j) g[(keys.lo + j) * mgrad.sk] += ds[j];
           }
-          // dV_j += (P ⊙ z)_j·dO_i, dK_j += dS_j·(scale·q_i); rows of weight 0 are not touched
-          scaled_row_to(q, d.D, scale, qs.data());
-          for (int64_t j = 0; j < nk; ++j) {
-            if (p[j] != T(0)) axpy(dvb + (keys.lo + j) * d.Dv, go, d.Dv, p[j]);
-            if (ds[j] != T(0)) axpy(dkb + (keys.lo + j) * d.D, qs.data(), d.D, ds[j]);
-          }
-          // dQ_i += Σ_j dS_j·k_j (·scale by the caller)
-          weighted_rows_sum(ds.data(), nk, kbase + keys.lo * sk.l, sk.l, d.D, true, dq_row.data());
-          axpy(DQ + row * d.D, dq_row.data(), d.D, T(1));
+          scaled_row_to(Q + sq.at(b, h, i), d.D, scale, qs.data() + i * d.D);
         }
+        // Chunk by chunk of keys: dQ_i += Σ_j dS_ij·k_j (·scale by the caller), and
+        // dV_j += Σ_i (P ⊙ z)_ij·dO_i, dK_j += Σ_i dS_ij·(scale·q_i); weights of 0 add nothing
+        for (int64_t j0 = all.lo; j0 < all.hi; j0 += KC) {
+          const int64_t j1 = std::min(j0 + KC, all.hi);
+          for (int64_t i = 0; i < R; ++i) {
+            const int64_t lo = std::max(j0, spans[i].lo), hi = std::min(j1, spans[i].hi);
+            if (lo >= hi) continue;
+            weighted_rows_sum(dsbuf.data() + i * d.Lk + lo, hi - lo, kbase + lo * sk.l, sk.l, d.D,
+                              true, dq_row.data());
+            axpy(dq_rows.data() + i * d.D, dq_row.data(), d.D, T(1));
+          }
+          for (int64_t j = j0; j < j1; ++j) {
+            T* dvr = dvb + j * d.Dv;
+            T* dkr = dkb + j * d.D;
+            for_each_vec<T>(d.Dv, [&](int64_t c, int64_t n) {
+              V a = load(dvr + c, n);
+              for (int64_t i = 0; i < R; ++i) {
+                const T w = pbuf[i * d.Lk + j];
+                if (w != T(0)) a = at::vec::fmadd(V(w), load(DO + so.at(b, h, i) + c, n), a);
+              }
+              store(a, dvr + c, n);
+            });
+            for_each_vec<T>(d.D, [&](int64_t c, int64_t n) {
+              V a = load(dkr + c, n);
+              for (int64_t i = 0; i < R; ++i) {
+                const T w = dsbuf[i * d.Lk + j];
+                if (w != T(0)) a = at::vec::fmadd(V(w), load(qs.data() + i * d.D + c, n), a);
+              }
+              store(a, dkr + c, n);
+            });
+          }
+        }
+        for (int64_t i = 0; i < R; ++i)
+          if (!spans[i].empty()) axpy(DQ + ((b * d.Hq + h) * d.Lq + i) * d.D, dq_rows.data() + i * d.D, d.D, T(1));
       }
     }
   });
+}
+
+// backward_kernel with K and V in the storage type the forward read them in.
+template <typename T>
+void tile_backward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& go, const at::Tensor& qT,
+                   const at::Tensor& doT, const at::Tensor& lse, const at::Tensor& delta,
+                   const Mask<T>& mask, const Dropout& drop, const MaskGrad<T>& mg, T scale,
+                   int64_t chunks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16_kv)
+      return backward_kernel<float, c10::BFloat16>(d, q, k, v, go, qT, doT, lse, delta, mask, drop,
+                                                   mg, scale, chunks, dq, dk, dv);
+  }
+  TORCH_CHECK(!bf16_kv, "seqkern attention: bf16 K and V need float32 compute");
+  backward_kernel<T>(d, q, k, v, go, qT, doT, lse, delta, mask, drop, mg, scale, chunks, dq, dk, dv);
 }
 
 // decode_backward_kernel with K and V in the storage type the forward read them in.
@@ -1579,9 +1730,18 @@ at::ScalarType compute_type(at::ScalarType t) {
 
 // Last dimension contiguous in the compute dtype (a no-op for the usual layouts, including
 // slices of a packed qkv projection and views into a KV cache).
+// t in type ct, rows contiguous. A conversion writes a new tensor into empty_large's memory:
+// torch's .to() maps its result one page fault at a time, and converting a (2, 16, 4104, 64)
+// bf16 cache to float32 that way took 9.5 ms, against 1.1 ms into memory already mapped.
+at::Tensor converted(const at::Tensor& t, at::ScalarType ct) {
+  if (t.scalar_type() == ct) return t;
+  at::Tensor x = empty_large(t.sizes(), t.options().dtype(ct));
+  x.copy_(t);
+  return x;
+}
 at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType ct) {
-  at::Tensor x = t.to(ct);
-  return x.stride(-1) == 1 ? x : x.contiguous();
+  if (t.scalar_type() == ct) return t.stride(-1) == 1 ? t : t.contiguous();
+  return converted(t, ct);
 }
 
 Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -1659,7 +1819,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const Dims d = check_inputs(q, k, v);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   const at::ScalarType ct = compute_type(q.scalar_type());
-  const bool decode = d.decode_rows();
+  const bool decode = use_decode(d, q.scalar_type());
   // The bf16 tile kernel and the bf16 decode kernel write bf16 outputs themselves.
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
@@ -1669,7 +1829,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   if (out.numel() == 0 || lse.numel() == 0 || d.Lk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out.to(q.scalar_type()), lse};
+    return {converted(out, q.scalar_type()), lse};
   }
   if (amx) {
     at::Tensor mask_hold, len_hold;
@@ -1678,10 +1838,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     auto kernel = bf16_few_queries(d) ? forward_kernel_bf16_few : forward_kernel_bf16_amx;
     kernel(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
-    return {out.to(q.scalar_type()), lse};
+    return {converted(out, q.scalar_type()), lse};
   }
-  // decoding reads a bf16 cache as it is stored (see decode_forward_kernel)
-  const at::ScalarType kv_type = bf16_kv ? at::kBFloat16 : ct;
+  // bf16 K and V are read as stored: the decode kernel widens them in registers, the tile
+  // kernel block by block (kv_rows)
+  const bool bf16_tiles = !decode && q.scalar_type() == at::kBFloat16 && ct == at::kFloat;
+  const at::ScalarType kv_type = bf16_kv || bf16_tiles ? at::kBFloat16 : ct;
   at::Tensor qc = rows_contiguous(q, ct);
   at::Tensor kc = rows_contiguous(k, kv_type), vc = rows_contiguous(v, kv_type);
   at::Tensor mask_hold, len_hold;
@@ -1689,12 +1851,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                           window, mask_hold, len_hold);
     if (!decode) {
-      forward_kernel<scalar_t>(d, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
+      tile_forward<scalar_t>(d, bf16_tiles, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
     } else {
       decode_forward<scalar_t>(d, bf16_kv, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
     }
   });
-  return {out.to(q.scalar_type()), lse};
+  return {converted(out, q.scalar_type()), lse};
 }
 
 // Δ (B, H, L) in the compute type T: Δ_i = Σ_c dO_ic·O_ic per query row, read in the storage
@@ -1781,7 +1943,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   chunks = std::max<int64_t>(chunks, 1);
 
   const bool direct = chunks == 1;  // else the chunks' partial dK, dV are summed
-  const bool decode = d.decode_rows();
+  const bool decode = use_decode(d, q.scalar_type());
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   // the bf16 tile kernel's dQ accumulator is as wide as its packed operands
   at::Tensor dq = empty_large({d.B, d.Hq, d.Lq, amx ? amx_width(d.D) : d.D}, q.options().dtype(ct)).zero_();
@@ -1803,8 +1965,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
                              static_cast<float>(scale), chunks, dq, dk_acc, dv_acc);
     dq = dq.mul_(scale).narrow(-1, 0, d.D);
   } else {
-    // the decode kernels read a bf16 cache as it is stored
-    const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
+    // bf16 K and V are read as stored, as in the forward
+    const bool bf16_kv = q.scalar_type() == at::kBFloat16 && ct == at::kFloat;
     const at::ScalarType kv_type = bf16_kv ? at::kBFloat16 : ct;
     at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, kv_type),
                vc = rows_contiguous(v, kv_type);
@@ -1821,8 +1983,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
         const at::Tensor delta = row_dots<scalar_t, scalar_t>(go, rows_contiguous(out, ct));
         const at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
         const at::Tensor doT = pack_blocks_t<scalar_t>(go, kBlockQ, scalar_t(1));
-        backward_kernel<scalar_t>(d, qc, kc, vc, go, qT, doT, lse.contiguous(), delta, mask,
-                                  drop, mg, (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
+        tile_backward<scalar_t>(d, bf16_kv, qc, kc, vc, go, qT, doT, lse.contiguous(), delta,
+                                mask, drop, mg, (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
       }
     });
     dq.mul_(scale);
@@ -1831,7 +1993,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dv = direct ? dv_acc.squeeze(2) : dv_acc.sum(2);
   at::Tensor dmask = mask_grad ? mgrad.buffer.sum(0).view(mgrad.shape).to(attn_mask->scalar_type())
                                : at::empty({0}, q.options());
-  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()), dmask};
+  return {converted(dq, q.scalar_type()), converted(dk, q.scalar_type()), converted(dv, q.scalar_type()), dmask};
 }
 
 // Materialises what the kernels regenerate tile by tile; for tests and the reference.
