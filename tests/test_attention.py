@@ -489,12 +489,14 @@ def cache_with_garbage(k, v, n, how):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("how", ["bool", "key_lengths"])
-def test_decode_ignores_masked_garbage_in_the_cache(dtype, how):
+@pytest.mark.parametrize("Lq", [1, 6])
+def test_decode_ignores_masked_garbage_in_the_cache(dtype, how, Lq):
     """A preallocated cache may hold NaN or inf past the tokens written so far; a key ruled out
-    by the mask must not reach the output, whatever the cache holds there."""
+    by the mask must not reach the output, whatever the cache holds there (also with several
+    rows, whose bf16 key chunks are widened once for all of them)."""
     gen = torch.Generator().manual_seed(5)
-    q, k, v = make_inputs((1, 2, 2, 1, 100, 64, 64), dtype, gen)
-    n = 61
+    q, k, v = make_inputs((1, 2, 2, Lq, 300, 64, 64), dtype, gen)
+    n = 161
     kc, vc, kw = cache_with_garbage(k, v, n, how)
     with torch.no_grad():
         got = sdpa(q, kc, vc, **kw)

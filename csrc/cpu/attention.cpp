@@ -768,11 +768,12 @@ void weighted_rows_sum(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t 
 }
 
 // s[j − keys.lo] = scale·(q·k_j) for the keys of query i (then the explicit mask); returns their
-// maximum. Shared by the decode forward and its backward, which must recompute the very same
+// maximum; key j is row j − k0 of kbase (k0 > 0: a chunk copied from key k0 on). Shared by the
+// decode forward and its backward, which must recompute the very same
 // scores: exp(s − lse) are then the forward's weights to the last bit of s.
 template <typename T, typename S>
 T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, const Mask<T>& mask,
-                int64_t b, int64_t h, int64_t i, Span keys, T* s) {
+                int64_t b, int64_t h, int64_t i, Span keys, T* s, int64_t k0 = 0) {
   using V = Vec<T>;
   T mx = neg_inf<T>();
   int64_t j = keys.lo;
@@ -780,7 +781,7 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
     if (!mask.has_explicit()) {
       V mxv(neg_inf<T>());
       for (; j + kDecodeKeys <= keys.hi; j += kDecodeKeys) {
-        const V sc = dot_16_keys(q, kbase + j * ldk, ldk, D) * V(scale);
+        const V sc = dot_16_keys(q, kbase + (j - k0) * ldk, ldk, D) * V(scale);
         sc.store(s + (j - keys.lo));
         mxv = running_max(mxv, sc);
       }
@@ -788,7 +789,7 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
     }
   }
   for (; j < keys.hi; ++j) {
-    const S* kr = kbase + j * ldk;
+    const S* kr = kbase + (j - k0) * ldk;
     V a(T(0));
     for_each_vec<T>(D, [&](int64_t c, int64_t n) { a = at::vec::fmadd(load(q + c, n), load(kr + c, n), a); });
     T sc = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, a) * scale;
@@ -829,9 +830,12 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   const int64_t RG = d.B * d.Hq >= at::get_num_threads() ? d.Lq : 1;  // rows per task
   const int64_t groups = (d.Lq + RG - 1) / RG;
   const int64_t KC = RG > 1 ? 128 : std::max<int64_t>(d.Lk, 1);
+  const int64_t kWidenRows = KC + 32;
   at::parallel_for(0, d.B * d.Hq * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(RG * d.Lk), acc(RG * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
     std::vector<T> mx(RG), sum(RG);
+    const bool widening = !std::is_same_v<S, T> && RG > 1;  // see widened_chunk
+    std::vector<T> kw(widening ? kWidenRows * d.D : 0), vw(widening ? kWidenRows * d.Dv : 0);
     std::vector<Span> keys(RG);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i0 = task % groups * RG, h = (task / groups) % d.Hq, b = task / (groups * d.Hq);
@@ -849,14 +853,35 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
         const int64_t lo = keys[i].lo + c * KC;
         return Span{lo, std::min(lo + KC, keys[i].hi)};
       };
-      for (int64_t c = 0; c < chunks; ++c)
+      // With several rows a bf16 chunk is widened once into a small buffer (from key u.lo on)
+      // rather than by every row; exact, so the scores are the backward's to the bit. 8 rows
+      // against a 4096-token cache took 3.4 ms in bf16, 2.75 in fp32. Chunks of the rows start
+      // together or a few keys apart; a wider union is read in place.
+      const bool widen = !std::is_same_v<S, T> && R > 1;
+      auto widened_chunk = [&](int64_t c, const S* src, int64_t ld, int64_t E, T* buf) {
+        Span u{d.Lk, 0};
         for (int64_t i = 0; i < R; ++i) {
           const Span ck = chunk(i, c);
           if (ck.empty()) continue;
-          const T m = decode_scores(Q + sq.at(b, h, i0 + i), kbase, sk.l, d.D, scale, mask, b, h,
-                                    i0 + i, ck, s.data() + i * d.Lk + c * KC);
+          u.lo = std::min(u.lo, ck.lo);
+          u.hi = std::max(u.hi, ck.hi);
+        }
+        if (u.empty() || u.hi - u.lo > kWidenRows) return Span{0, 0};
+        kv_rows(src + u.lo * ld, ld, u.hi - u.lo, E, buf);
+        return u;
+      };
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Span u = widen ? widened_chunk(c, kbase, sk.l, d.D, kw.data()) : Span{0, 0};
+        for (int64_t i = 0; i < R; ++i) {
+          const Span ck = chunk(i, c);
+          if (ck.empty()) continue;
+          const T* q = Q + sq.at(b, h, i0 + i);
+          T* out_s = s.data() + i * d.Lk + c * KC;
+          const T m = !u.empty() ? decode_scores(q, kw.data(), d.D, d.D, scale, mask, b, h, i0 + i, ck, out_s, u.lo)
+                                 : decode_scores(q, kbase, sk.l, d.D, scale, mask, b, h, i0 + i, ck, out_s);
           if (!std::isnan(mx[i]) && !(m <= mx[i])) mx[i] = m;  // a NaN max sticks: NaN output
         }
+      }
       for (int64_t i = 0; i < R; ++i) {
         T* p = s.data() + i * d.Lk;
         if (keys[i].empty() || mx[i] == neg_inf<T>()) continue;  // no allowed key
@@ -873,14 +898,18 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
         }
       }
       std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Span u = widen ? widened_chunk(c, vbase, sv.l, d.Dv, vw.data()) : Span{0, 0};
         for (int64_t i = 0; i < R; ++i) {
           const Span ck = chunk(i, c);
           if (ck.empty() || mx[i] == neg_inf<T>()) continue;
-          weighted_rows_sum(s.data() + i * d.Lk + c * KC, ck.hi - ck.lo, vbase + ck.lo * sv.l, sv.l,
-                            d.Dv, mask.has_explicit() || drop.active, part.data());
+          const T* p = s.data() + i * d.Lk + c * KC;
+          const bool skip = mask.has_explicit() || drop.active;
+          if (!u.empty()) weighted_rows_sum(p, ck.hi - ck.lo, vw.data() + (ck.lo - u.lo) * d.Dv, d.Dv, d.Dv, skip, part.data());
+          else weighted_rows_sum(p, ck.hi - ck.lo, vbase + ck.lo * sv.l, sv.l, d.Dv, skip, part.data());
           axpy(acc.data() + i * d.Dv, part.data(), d.Dv, T(1));
         }
+      }
       for (int64_t i = 0; i < R; ++i) {
         S* o = O + ((b * d.Hq + h) * d.Lq + i0 + i) * d.Dv;
         double* l = LSE + (b * d.Hq + h) * d.Lq + i0 + i;
