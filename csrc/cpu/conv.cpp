@@ -82,10 +82,6 @@ at::ScalarType compute_type(const at::Tensor& t) {
   return st == at::kBFloat16 ? at::kFloat : st;
 }
 
-at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) {
-  return t.defined() ? t.to(ct).contiguous() : t;
-}
-
 const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
   static const at::Tensor undefined;
   return t.has_value() ? *t : undefined;
@@ -343,9 +339,11 @@ T dot(const T* a, const T* b, int64_t n) {
 constexpr int64_t kRowChunk = 512;  // columns of the L1 accumulator in the head region
 
 // One depthwise row: y[t] = act(bias + Σ_k w_k x_ext[t − s_k]).
-template <typename T>
-void depthwise_row_forward(const Geom& g, const T* xr, const T* ir, const T* w, T bias, T* yr,
+// S: the storage type of x and y (bf16 is read and written as stored, computed in fp32).
+template <typename T, typename S = T>
+void depthwise_row_forward(const Geom& g, const S* xr, const T* ir, const T* w, T bias, S* yr,
                            T* pr, int64_t act) {
+  constexpr bool same = std::is_same_v<S, T>;
   const int64_t head = std::min(g.P, g.L);
   alignas(64) T acc[kRowChunk];
   for (int64_t t0 = 0; t0 < head; t0 += kRowChunk) {
@@ -354,19 +352,26 @@ void depthwise_row_forward(const Geom& g, const T* xr, const T* ir, const T* w, 
     for (int64_t k = 0; k < g.K; ++k) {
       const int64_t s = g.shift(k);
       const int64_t a = std::max(t0, s);
-      if (a < t1) axpy<T>(acc + (a - t0), xr + (a - s), t1 - a, w[k]);
+      if (a < t1) {
+        if constexpr (same) {
+          axpy<T>(acc + (a - t0), xr + (a - s), t1 - a, w[k]);
+        } else {
+          for (int64_t t = a; t < t1; ++t) acc[t - t0] += w[k] * static_cast<T>(xr[t - s]);
+        }
+      }
       const int64_t e = std::min(t1, s);
       if (ir && t0 < e) axpy<T>(acc, ir + (g.P + t0 - s), e - t0, w[k]);
     }
+    if constexpr (!same) bias_activate_row<T>(acc, pr ? pr + t0 : nullptr, t1 - t0, bias, act);
     std::copy(acc, acc + (t1 - t0), yr + t0);
   }
-  bias_activate_row<T>(yr, pr, head, bias, act);
+  if constexpr (same) bias_activate_row<T>(yr, pr, head, bias, act);
   // Interior: every tap reads x, so the whole sum, the bias and the activation stay in a
   // register and y is written once.
   const Vec<T> vb(bias);
   const int64_t n = g.L - head;
-  const T* xs = xr + head;
-  T* ys = yr + head;
+  const S* xs = xr + head;
+  S* ys = yr + head;
   T* ps = pr ? pr + head : nullptr;
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
     Vec<T> v = vb;
@@ -377,15 +382,15 @@ void depthwise_row_forward(const Geom& g, const T* xr, const T* ir, const T* w, 
   });
 }
 
-template <typename T>
-void depthwise_forward(const Geom& g, const T* x, const T* init, const T* w, const T* bias, T* y,
+template <typename T, typename S = T>
+void depthwise_forward(const Geom& g, const S* x, const T* init, const T* w, const T* bias, S* y,
                        T* pre, int64_t act) {
   const int64_t rows = g.B * g.Cin;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.L, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r % g.Cin;
-      depthwise_row_forward<T>(g, x + r * g.L, init ? init + r * g.P : nullptr, w + c * g.K,
+      depthwise_row_forward<T, S>(g, x + r * g.L, init ? init + r * g.P : nullptr, w + c * g.K,
                                bias ? bias[c] : T(0), y + r * g.L, pre ? pre + r * g.L : nullptr,
                                act);
     }
@@ -529,12 +534,24 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
   TORCH_CHECK(act >= kNone && act <= kTanh, "seqkern conv: unknown activation code ", act);
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in);
-  at::Tensor x = as_compute(x_in, ct), w = as_compute(w_in, ct);
-  at::Tensor bias = as_compute(opt(bias_in), ct), init = as_compute(opt(init_in), ct);
+  // Depthwise is memory bound: bf16 x and y are read and written as stored, not converted.
+  const bool bf16_rows = st == at::kBFloat16 && is_depthwise(g) && g.L > 0;
+  at::Tensor x = contiguous_as(x_in, bf16_rows ? st : ct), w = contiguous_as(w_in, ct);
+  at::Tensor bias = contiguous_as(opt(bias_in), ct), init = contiguous_as(opt(init_in), ct);
   if (init.defined())
     TORCH_CHECK(init.dim() == 3 && init.size(0) == g.B && init.size(1) == g.Cin &&
                     init.size(2) == g.P,
                 "seqkern conv: initial_state must be (B, C_in, (K-1)*dilation)");
+  if (bf16_rows) {
+    at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());
+    const bool keep = save_preact && act == kSilu;
+    at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options().dtype(ct))
+                          : at::empty({0}, x.options().dtype(ct));
+    depthwise_forward<float, c10::BFloat16>(
+        g, x.data_ptr<c10::BFloat16>(), ptr_or_null<float>(init), w.data_ptr<float>(),
+        ptr_or_null<float>(bias), y.data_ptr<c10::BFloat16>(), keep ? pre.data_ptr<float>() : nullptr, act);
+    return {y, pre};
+  }
   at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());
   const bool keep = save_preact && act == kSilu;
   at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options()) : at::empty({0}, x.options());
@@ -552,7 +569,7 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
                               y.data_ptr<scalar_t>(), pp, act);
     }
   });
-  return {y.to(st), pre};
+  return {contiguous_as(y, st), pre};
 }
 
 // Returns {dx, dweight, dbias (empty unless has_bias), dinit (empty unless init given)}.
@@ -565,8 +582,8 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   const Geom g = make_geom(x_in, w_in, dilation, groups);
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in);
-  at::Tensor x = as_compute(x_in, ct), w = as_compute(w_in, ct);
-  at::Tensor init = as_compute(opt(init_in), ct);
+  at::Tensor x = contiguous_as(x_in, ct), w = contiguous_as(w_in, ct);
+  at::Tensor init = contiguous_as(opt(init_in), ct);
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({g.B, g.Cout, g.L}),
               "seqkern conv: grad_output has shape ", grad_in.sizes());
   // The depthwise kernel reads a strided gradient directly (see depthwise_backward).
@@ -574,8 +591,8 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   at::Tensor gy = strided_ok ? grad_in : contiguous_as(grad_in, ct);
   at::Tensor dz = gy;
   if (act != kNone) {
-    at::Tensor y = act == kSilu ? at::Tensor() : as_compute(y_in, ct);
-    at::Tensor pre = act == kSilu ? as_compute(pre_in, ct) : at::Tensor();
+    at::Tensor y = act == kSilu ? at::Tensor() : contiguous_as(y_in, ct);
+    at::Tensor pre = act == kSilu ? contiguous_as(pre_in, ct) : at::Tensor();
     TORCH_CHECK(act != kSilu || pre.numel() == gy.numel(),
                 "seqkern conv: silu backward needs the saved pre-activation");
     dz = empty_large(gy.sizes(), gy.options());
@@ -608,7 +625,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
       dw.copy_(dwp.permute({1, 2, 0}));
     }
   });
-  return {dx.to(st), dw.to(st), db.to(st), dinit.to(st)};
+  return {contiguous_as(dx, st), contiguous_as(dw, st), contiguous_as(db, st), contiguous_as(dinit, st)};
 }
 
 // ------------------------------------------------------------- WaveNet block --------------
@@ -765,11 +782,11 @@ std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor
   const Block k = make_block(x_in, conv_w, skip_w, res_w, dilation);
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in);
-  at::Tensor x = as_compute(x_in, ct);
+  at::Tensor x = contiguous_as(x_in, ct);
   at::Tensor wp = conv_w.to(ct).permute({2, 0, 1}).contiguous();
-  at::Tensor cb = as_compute(opt(conv_b), ct), sb = as_compute(opt(skip_b), ct),
-             rb = as_compute(opt(res_b), ct), init = as_compute(opt(init_in), ct);
-  at::Tensor ws = as_compute(skip_w, ct), wr = as_compute(res_w, ct);
+  at::Tensor cb = contiguous_as(opt(conv_b), ct), sb = contiguous_as(opt(skip_b), ct),
+             rb = contiguous_as(opt(res_b), ct), init = contiguous_as(opt(init_in), ct);
+  at::Tensor ws = contiguous_as(skip_w, ct), wr = contiguous_as(res_w, ct);
   if (init.defined())
     TORCH_CHECK(init.sizes() == at::IntArrayRef({k.g.B, k.R, k.g.P}),
                 "seqkern wavenet: initial_state must be (B, R, (K-1)*dilation)");
@@ -784,7 +801,7 @@ std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor
         wr.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), res.data_ptr<scalar_t>(),
         skip.data_ptr<scalar_t>(), save ? h.data_ptr<scalar_t>() : nullptr);
   });
-  return {res.to(st), skip.to(st), h};
+  return {contiguous_as(res, st), contiguous_as(skip, st), h};
 }
 
 // Returns {dx, dconv_w, dconv_b, dskip_w, dskip_b, dres_w, dres_b, dinit}; bias gradients are
@@ -798,11 +815,11 @@ std::vector<at::Tensor> wavenet_backward(
   const Geom& g = k.g;
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in);
-  at::Tensor x = as_compute(x_in, ct);
+  at::Tensor x = contiguous_as(x_in, ct);
   at::Tensor wp = conv_w.to(ct).permute({2, 0, 1}).contiguous();
-  at::Tensor cb = as_compute(opt(conv_b), ct), init = as_compute(opt(init_in), ct);
-  at::Tensor ws = as_compute(skip_w, ct), wr = as_compute(res_w, ct);
-  at::Tensor h = as_compute(h_in, ct);
+  at::Tensor cb = contiguous_as(opt(conv_b), ct), init = contiguous_as(opt(init_in), ct);
+  at::Tensor ws = contiguous_as(skip_w, ct), wr = contiguous_as(res_w, ct);
+  at::Tensor h = contiguous_as(h_in, ct);
   TORCH_CHECK(h.sizes() == at::IntArrayRef({g.B, 2 * k.G, g.L}),
               "seqkern wavenet: backward needs the saved conv output h");
   at::Tensor gres = contiguous_as(grad_res, ct), gskip = contiguous_as(grad_skip, ct);
@@ -828,8 +845,8 @@ std::vector<at::Tensor> wavenet_backward(
         dwr.data_ptr<scalar_t>(), p(drb, true));
   });
   at::Tensor dcw = dwp.permute({1, 2, 0}).contiguous();
-  return {dx.to(st), dcw.to(st), dcb.to(st), dws.to(st), dsb.to(st), dwr.to(st), drb.to(st),
-          dinit.to(st)};
+  return {contiguous_as(dx, st), contiguous_as(dcw, st), contiguous_as(dcb, st), contiguous_as(dws, st), contiguous_as(dsb, st), contiguous_as(dwr, st), contiguous_as(drb, st),
+          contiguous_as(dinit, st)};
 }
 
 // ------------------------------------------------------------- WaveNet generation -------
@@ -958,7 +975,7 @@ std::vector<at::Tensor> wavenet_stack_step(
     }
   });
   if (st != ct)
-    for (auto& t : out) t = t.to(st);
+    for (auto& t : out) t = contiguous_as(t, st);
   return out;
 }
 

@@ -226,6 +226,12 @@ SEQKERN_INLINE void store(const Vec<T>& v, T* p, int64_t count) {
   else v.store(p, count);
 }
 
+// count floats rounded to bf16 (nearest even) and stored: kernels that compute in fp32 write
+// bf16 storage directly.
+SEQKERN_INLINE void store(const Vec<float>& v, c10::BFloat16* p, int64_t count) {
+  store_bf16_pair(v, Vec<float>(0.0f), p, count);
+}
+
 // out[0:n] += w · src[0:n]
 template <typename T>
 inline void axpy(T* out, const T* src, int64_t n, T w) {
