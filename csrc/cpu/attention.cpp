@@ -1759,18 +1759,10 @@ at::ScalarType compute_type(at::ScalarType t) {
 
 // Last dimension contiguous in the compute dtype (a no-op for the usual layouts, including
 // slices of a packed qkv projection and views into a KV cache).
-// t in type ct, rows contiguous. A conversion writes a new tensor into empty_large's memory:
-// torch's .to() maps its result one page fault at a time, and converting a (2, 16, 4104, 64)
-// bf16 cache to float32 that way took 9.5 ms, against 1.1 ms into memory already mapped.
-at::Tensor converted(const at::Tensor& t, at::ScalarType ct) {
-  if (t.scalar_type() == ct) return t;
-  at::Tensor x = empty_large(t.sizes(), t.options().dtype(ct));
-  x.copy_(t);
-  return x;
-}
+// t in type ct with contiguous rows (see contiguous_as).
 at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType ct) {
-  if (t.scalar_type() == ct) return t.stride(-1) == 1 ? t : t.contiguous();
-  return converted(t, ct);
+  if (t.scalar_type() == ct && t.stride(-1) == 1) return t;
+  return contiguous_as(t, ct);
 }
 
 Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -1858,7 +1850,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   if (out.numel() == 0 || lse.numel() == 0 || d.Lk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
-    return {converted(out, q.scalar_type()), lse};
+    return {contiguous_as(out, q.scalar_type()), lse};
   }
   if (amx) {
     at::Tensor mask_hold, len_hold;
@@ -1867,7 +1859,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     auto kernel = bf16_few_queries(d) ? forward_kernel_bf16_few : forward_kernel_bf16_amx;
     kernel(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
-    return {converted(out, q.scalar_type()), lse};
+    return {contiguous_as(out, q.scalar_type()), lse};
   }
   // bf16 K and V are read as stored: the decode kernel widens them in registers, the tile
   // kernel block by block (kv_rows)
@@ -1885,7 +1877,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
       decode_forward<scalar_t>(d, bf16_kv, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
     }
   });
-  return {converted(out, q.scalar_type()), lse};
+  return {contiguous_as(out, q.scalar_type()), lse};
 }
 
 // Δ (B, H, L) in the compute type T: Δ_i = Σ_c dO_ic·O_ic per query row, read in the storage
@@ -2022,7 +2014,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dv = direct ? dv_acc.squeeze(2) : dv_acc.sum(2);
   at::Tensor dmask = mask_grad ? mgrad.buffer.sum(0).view(mgrad.shape).to(attn_mask->scalar_type())
                                : at::empty({0}, q.options());
-  return {converted(dq, q.scalar_type()), converted(dk, q.scalar_type()), converted(dv, q.scalar_type()), dmask};
+  return {contiguous_as(dq, q.scalar_type()), contiguous_as(dk, q.scalar_type()), contiguous_as(dv, q.scalar_type()), dmask};
 }
 
 // Materialises what the kernels regenerate tile by tile; for tests and the reference.

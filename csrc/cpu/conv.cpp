@@ -87,19 +87,6 @@ const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : undefined;
 }
 
-// t in dtype ct and contiguous; a copy, when one is needed, goes to huge pages too (incoming
-// gradients are often expanded, e.g. the gradient of y.sum()).
-at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct) {
-  if (!t.defined() || (t.scalar_type() == ct && t.is_contiguous())) return t;
-  at::Tensor out = empty_large(t.sizes(), t.options().dtype(ct));
-  const auto strides = t.strides();
-  if (t.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t v) { return v == 0; })) {
-    out.fill_(t.reshape(-1)[0].item());  // a broadcast scalar: copy_ would crawl through it
-  } else {
-    out.copy_(t);
-  }
-  return out;
-}
 
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {

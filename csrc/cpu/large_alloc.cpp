@@ -15,6 +15,7 @@
 #include <c10/core/Allocator.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -129,6 +130,18 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   static LargeBlockAllocator alloc;
   return at::detail::empty_generic(sizes, &alloc, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), c10::nullopt);
+}
+
+at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct) {
+  if (!t.defined() || (t.scalar_type() == ct && t.is_contiguous())) return t;
+  at::Tensor out = empty_large(t.sizes(), t.options().dtype(ct));
+  const auto strides = t.strides();
+  if (t.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t v) { return v == 0; })) {
+    out.fill_(t.reshape(-1)[0].item());  // a broadcast scalar: copy_ would crawl through it
+  } else {
+    out.copy_(t);
+  }
+  return out;
 }
 
 int64_t large_alloc_cached_bytes() { return int64_t(cache().cached()); }

@@ -486,7 +486,7 @@ std::vector<at::Tensor> backward_impl(
 
 at::Tensor compute_copy(const at::Tensor& t, at::ScalarType ct) {
   if (!t.defined()) return t;
-  return t.to(ct).contiguous();
+  return contiguous_as(t, ct);
 }
 
 at::ScalarType compute_type(at::ScalarType st) {
@@ -734,7 +734,8 @@ std::vector<at::Tensor> recurrent_forward(
     });
   }
   // h_n rows beyond batch_sizes[0] do not exist: the batch is batch_sizes[0] == h0.size(0).
-  return {out.to(st), h_state.to(st), c_state.to(st), ws_gates, ws_cells, ws_hprev};
+  return {contiguous_as(out, st), contiguous_as(h_state, st), contiguous_as(c_state, st), ws_gates, ws_cells,
+          ws_hprev};
 }
 
 std::vector<at::Tensor> recurrent_backward(
@@ -806,7 +807,7 @@ std::vector<at::Tensor> recurrent_backward(
                                 ws_hprev.contiguous(), reverse, bf);
   });
   // Gradients come back in the dtype of what they differentiate.
-  auto cast = [](const at::Tensor& g, at::ScalarType s) { return g.defined() ? g.to(s) : g; };
+  auto cast = [](const at::Tensor& g, at::ScalarType s) { return contiguous_as(g, s); };
   return {cast(r[0], st), cast(r[1], st), cast(r[2], st), cast(r[3], w_ih_.scalar_type()),
           cast(r[4], w_hh_.scalar_type()), cast(r[5], st), cast(r[6], st), cast(r[7], st),
           cast(r[8], st)};
