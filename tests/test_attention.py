@@ -487,6 +487,23 @@ def cache_with_garbage(k, v, n, how):
     return kc, vc, dict(key_lengths=torch.full((k.shape[0],), n))
 
 
+@pytest.mark.parametrize("Lq", [2, 4, 8])
+def test_decode_backward_row_without_keys_beside_rows_that_start_late(Lq):
+    """A row the mask leaves without keys, beside rows whose keys start past 0 (a window): the
+    decode backward fills its per-row buffers over the rows' union of keys, and an empty row
+    once made that fill run backwards, off the buffer (a segfault)."""
+    gen = torch.Generator().manual_seed(Lq)
+    q, k, v = make_inputs((1, 2, 2, Lq, 40, 16, 16), torch.float64, gen)
+    m = torch.zeros(1, 1, Lq, 40, dtype=torch.bool)
+    m[..., 1:, 10:30] = True  # row 0 may see nothing
+    kw = dict(attn_mask=m, is_causal=True, window=20, causal_alignment="bottom_right")
+    go = torch.randn(1, 2, Lq, 16, generator=gen, dtype=torch.float64)
+    got = forward_backward(sdpa, q, k, v, go, **kw)
+    want = forward_backward(ref.scaled_dot_product_attention, q, k, v, go, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("how", ["bool", "key_lengths"])
 @pytest.mark.parametrize("Lq", [1, 6])

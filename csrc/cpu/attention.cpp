@@ -1394,28 +1394,16 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   });
 }
 
-// forward_kernel with K and V in the compute type, or (float only) in bf16.
-template <typename T>
-void tile_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& v, T scale, const Mask<T>& mask, const Dropout& drop,
-                  at::Tensor& out, at::Tensor& lse) {
+
+// f(S{}) for the storage type S of K and V: bf16 where the inputs are (kernels computing in
+// float32 read them as stored and widen them in cache), else the compute type T.
+template <typename T, typename F>
+void with_kv_type(bool bf16_kv, F&& f) {
   if constexpr (std::is_same_v<T, float>) {
-    if (bf16_kv) return forward_kernel<float, c10::BFloat16>(d, q, k, v, scale, mask, drop, out, lse);
+    if (bf16_kv) return f(c10::BFloat16{});
   }
   TORCH_CHECK(!bf16_kv, "seqkern attention: bf16 K and V need float32 compute");
-  forward_kernel<T>(d, q, k, v, scale, mask, drop, out, lse);
-}
-
-// decode_forward_kernel with K and V in the compute type, or (float only) in bf16.
-template <typename T>
-void decode_forward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, T scale, const Mask<T>& mask, const Dropout& drop,
-                    at::Tensor& out, at::Tensor& lse) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (bf16_kv) return decode_forward_kernel<float, c10::BFloat16>(d, q, k, v, scale, mask, drop, out, lse);
-  }
-  TORCH_CHECK(!bf16_kv, "seqkern attention: a bf16 KV cache needs float32 compute");
-  decode_forward_kernel<T>(d, q, k, v, scale, mask, drop, out, lse);
+  f(T{});
 }
 
 // ------------------------------------------------------------------ backward ---------------
@@ -1625,11 +1613,13 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
         for (int64_t i = 0; i < R; ++i) {
           T* p = pbuf.data() + i * d.Lk;
           T* ds = dsbuf.data() + i * d.Lk;
-          std::fill(p + all.lo, p + spans[i].lo, T(0));
-          std::fill(ds + all.lo, ds + spans[i].lo, T(0));
-          std::fill(p + spans[i].hi, p + all.hi, T(0));
-          std::fill(ds + spans[i].hi, ds + all.hi, T(0));
-          nchunks = std::max(nchunks, (spans[i].hi - spans[i].lo + KC - 1) / KC);
+          // zeros on the union outside the row's keys (all of it for a row without keys)
+          const Span sp = spans[i].empty() ? Span{all.lo, all.lo} : spans[i];
+          std::fill(p + all.lo, p + sp.lo, T(0));
+          std::fill(ds + all.lo, ds + sp.lo, T(0));
+          std::fill(p + sp.hi, p + all.hi, T(0));
+          std::fill(ds + sp.hi, ds + all.hi, T(0));
+          nchunks = std::max(nchunks, (sp.hi - sp.lo + KC - 1) / KC);
         }
         for (int64_t c = 0; c < nchunks; ++c)
           for (int64_t i = 0; i < R; ++i) {
@@ -1719,37 +1709,7 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
   });
 }
 
-// backward_kernel with K and V in the storage type the forward read them in.
-template <typename T>
-void tile_backward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& go, const at::Tensor& qT,
-                   const at::Tensor& doT, const at::Tensor& lse, const at::Tensor& delta,
-                   const Mask<T>& mask, const Dropout& drop, const MaskGrad<T>& mg, T scale,
-                   int64_t chunks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (bf16_kv)
-      return backward_kernel<float, c10::BFloat16>(d, q, k, v, go, qT, doT, lse, delta, mask, drop,
-                                                   mg, scale, chunks, dq, dk, dv);
-  }
-  TORCH_CHECK(!bf16_kv, "seqkern attention: bf16 K and V need float32 compute");
-  backward_kernel<T>(d, q, k, v, go, qT, doT, lse, delta, mask, drop, mg, scale, chunks, dq, dk, dv);
-}
 
-// decode_backward_kernel with K and V in the storage type the forward read them in.
-template <typename T>
-void decode_backward(const Dims& d, bool bf16_kv, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& go, const at::Tensor& lse,
-                     const Mask<T>& mask, const Dropout& drop, const MaskGrad<T>& mg, T scale,
-                     int64_t chunks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (bf16_kv) {
-      decode_backward_kernel<float, c10::BFloat16>(d, q, k, v, go, lse, mask, drop, mg, scale,
-                                                   chunks, dq, dk, dv);
-      return;
-    }
-  }
-  decode_backward_kernel<T>(d, q, k, v, go, lse, mask, drop, mg, scale, chunks, dq, dk, dv);
-}
 
 // ------------------------------------------------------------------ entry points -----------
 
@@ -1872,9 +1832,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                           window, mask_hold, len_hold);
     if (!decode) {
-      tile_forward<scalar_t>(d, bf16_tiles, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
+      with_kv_type<scalar_t>(bf16_tiles, [&](auto s) {
+        forward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
+      });
     } else {
-      decode_forward<scalar_t>(d, bf16_kv, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
+      with_kv_type<scalar_t>(bf16_kv, [&](auto s) {
+        decode_forward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
+      });
     }
   });
   return {contiguous_as(out, q.scalar_type()), lse};
@@ -1998,14 +1962,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
                                             window, mask_hold, len_hold);
       const MaskGrad<scalar_t> mg = mask_grad ? mgrad.view<scalar_t>(d) : MaskGrad<scalar_t>();
       if (decode) {
-        decode_backward<scalar_t>(d, bf16_kv, qc, kc, vc, go, lse.contiguous(), mask, drop, mg,
-                                  (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
+        with_kv_type<scalar_t>(bf16_kv, [&](auto s) {
+          decode_backward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, go, lse.contiguous(), mask,
+                                                        drop, mg, (scalar_t)scale, chunks, dq,
+                                                        dk_acc, dv_acc);
+        });
       } else {
         const at::Tensor delta = row_dots<scalar_t, scalar_t>(go, rows_contiguous(out, ct));
         const at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
         const at::Tensor doT = pack_blocks_t<scalar_t>(go, kBlockQ, scalar_t(1));
-        tile_backward<scalar_t>(d, bf16_kv, qc, kc, vc, go, qT, doT, lse.contiguous(), delta,
-                                mask, drop, mg, (scalar_t)scale, chunks, dq, dk_acc, dv_acc);
+        with_kv_type<scalar_t>(bf16_kv, [&](auto s) {
+          backward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, go, qT, doT, lse.contiguous(),
+                                                 delta, mask, drop, mg, (scalar_t)scale, chunks,
+                                                 dq, dk_acc, dv_acc);
+        });
       }
     });
     dq.mul_(scale);
