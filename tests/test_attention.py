@@ -357,6 +357,24 @@ def test_grouped_backward_split_and_thread_count_agree(B, Hkv, g):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Lq", [2, 6])
+def test_few_query_forward_is_bitwise_independent_of_threads(dtype, Lq):
+    """With fewer (batch, head) pairs than threads the decode forward gives each thread one row;
+    the keys are still summed in the same chunks, so the output does not change by an ulp."""
+    gen = torch.Generator().manual_seed(Lq)
+    q, k, v = (torch.randn(1, 1, n, 64, generator=gen).to(dtype) for n in (Lq, 300, 300))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(sdpa(q, k, v, is_causal=True, causal_alignment="bottom_right"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("chunks", [[1] * 10, [4, 1, 5], [10]])
 @pytest.mark.parametrize("window", [None, 4])
 def test_decode_with_cache_equals_full(chunks, window):
@@ -488,15 +506,20 @@ def cache_with_garbage(k, v, n, how):
 
 
 @pytest.mark.parametrize("Lq", [2, 4, 8])
-def test_decode_backward_row_without_keys_beside_rows_that_start_late(Lq):
-    """A row the mask leaves without keys, beside rows whose keys start past 0 (a window): the
-    decode backward fills its per-row buffers over the rows' union of keys, and an empty row
-    once made that fill run backwards, off the buffer (a segfault)."""
+@pytest.mark.parametrize("how", ["mask", "key_lengths"])
+def test_decode_backward_row_without_keys_beside_rows_that_start_late(Lq, how):
+    """A row left without keys (by the mask, or by key_lengths with bottom-right alignment),
+    beside rows whose keys start past 0 (a window): the decode backward fills its per-row
+    buffers over the rows' union of keys, and an empty row once made that fill run backwards,
+    off the buffer (a segfault)."""
     gen = torch.Generator().manual_seed(Lq)
     q, k, v = make_inputs((1, 2, 2, Lq, 40, 16, 16), torch.float64, gen)
-    m = torch.zeros(1, 1, Lq, 40, dtype=torch.bool)
-    m[..., 1:, 10:30] = True  # row 0 may see nothing
-    kw = dict(attn_mask=m, is_causal=True, window=20, causal_alignment="bottom_right")
+    kw = dict(is_causal=True, window=20, causal_alignment="bottom_right")
+    if how == "mask":
+        kw["attn_mask"] = torch.zeros(1, 1, Lq, 40, dtype=torch.bool)
+        kw["attn_mask"][..., 1:, 10:30] = True  # row 0 may see nothing
+    else:  # row i's window starts at key 21 − Lq + i: the last row's, at 20, is past the length
+        kw["key_lengths"] = torch.tensor([20])
     go = torch.randn(1, 2, Lq, 16, generator=gen, dtype=torch.float64)
     got = forward_backward(sdpa, q, k, v, go, **kw)
     want = forward_backward(ref.scaled_dot_product_attention, q, k, v, go, **kw)

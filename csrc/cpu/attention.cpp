@@ -826,10 +826,11 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   // row would, and the backward recomputes identical scores), each chunk of K and V read from
   // memory once and then from L1 for the other rows. Row by row, each row streamed the whole
   // cache: 4 rows against 4096 fp32 keys, 16 heads, took 3.7× one row's time. With fewer
-  // (batch, head) pairs than threads a task is one row, so that every thread has one.
+  // (batch, head) pairs than threads a task is one row, so that every thread has one; its keys
+  // are still summed in chunks of KC, so the result does not depend on the thread count.
   const int64_t RG = d.B * d.Hq >= at::get_num_threads() ? d.Lq : 1;  // rows per task
   const int64_t groups = (d.Lq + RG - 1) / RG;
-  const int64_t KC = RG > 1 ? 128 : std::max<int64_t>(d.Lk, 1);
+  const int64_t KC = d.Lq > 1 ? 128 : std::max<int64_t>(d.Lk, 1);
   const int64_t kWidenRows = KC + 32;
   at::parallel_for(0, d.B * d.Hq * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(RG * d.Lk), acc(RG * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
