@@ -108,7 +108,7 @@ def requested() -> str | None:
 # float16 path (nor have torch's own CPU kernels). The Triton kernels accumulate in float32, so a
 # float64 input there would silently get float32 precision: it runs on the reference instead.
 KERNEL_DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
 }
 

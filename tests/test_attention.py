@@ -103,7 +103,7 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-FLOOR = {torch.float32: 2e-6, torch.bfloat16: 4e-3}
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
 AMX = registry.availability("cpu")[0] and seqkern._ext._C.attention_bf16_amx()
 
 
@@ -121,7 +121,7 @@ def test_float64_matches_reference(shape, kind):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", ["none", "causal", "window_br", "causal+bool+key_lengths",
                                   "additive"])
@@ -193,7 +193,7 @@ def test_drop_in_for_torch_including_top_left_causal(Lq, Lk):
                                atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("Lq,Lk", [(10, 0), (2, 0), (0, 10)])
 def test_empty_sequences(dtype, Lq, Lk):
     """No keys: every query sees nothing and gets zeros (no crash, no NaN); no queries: empty."""
@@ -273,7 +273,7 @@ def test_gradcheck_float64(kind, Hq, Hkv, Lq):
     assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, v)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["none", "causal+bool+key_lengths", "window_br", "additive",
                                   "additive+dropout", "causal+dropout"])
 @pytest.mark.parametrize("Lq", [9, 3], ids=["tiles", "decode"])
@@ -463,7 +463,7 @@ def test_nan_query_gives_nan_in_its_row_only(dtype, Lq, Lk):
                                atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("Lk, D, Dv", [(16, 16, 16), (47, 40, 24), (1001, 64, 64),
                                        (333, 200, 256), (100, 8, 130)])
 @pytest.mark.parametrize("Lq", [1, 3, 8])

@@ -1,6 +1,6 @@
 """The C++ causal conv and WaveNet-block kernels against the float64 reference.
 
-Tolerance rule for float32/bfloat16: the kernel's max error against the float64 reference may be
+Tolerance rule for float32/bfloat16/float16: the kernel's max error against the float64 reference may be
 at most twice torch's own error in that dtype (F.conv1d on the left-padded input, autograd for
 the gradients) plus a small floor relative to the result's magnitude. float64 must agree to
 1e-10 relative.
@@ -22,7 +22,7 @@ from conftest import requires_cpu_ext, stable_seed
 pytestmark = pytest.mark.skipif(not registry.availability("cpu")[0],
                                 reason="the C++ extension is not built")
 
-FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 ACT_FN = {None: lambda y: y, "relu": torch.relu, "silu": F.silu, "tanh": torch.tanh}
 
 
@@ -82,7 +82,7 @@ def conv_case(B, Cin, Cout, L, K, d, groups, dtype, activation=None, bias=True, 
         [x, w, b, s], [(B, Cout, L)], dtype, seed)
 
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 GRID = [  # B, C_in, C_out, L, K, d, groups
     (1, 1, 1, 1, 1, 1, 1),
@@ -220,12 +220,13 @@ def _opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("groups,activation", [(1, 0), (2, 1), (4, 2), (4, 3)])
-def test_opcheck_conv(groups, activation):
-    x = torch.randn(2, 4, 11, requires_grad=True)
-    w = torch.randn(6 if groups != 4 else 4, 4 // groups, 3, requires_grad=True)
-    b = torch.randn(w.shape[0], requires_grad=True)
-    s = torch.randn(2, 4, 4, requires_grad=True)
+def test_opcheck_conv(groups, activation, dtype):
+    x = torch.randn(2, 4, 11, dtype=dtype, requires_grad=True)
+    w = torch.randn(6 if groups != 4 else 4, 4 // groups, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(w.shape[0], dtype=dtype, requires_grad=True)
+    s = torch.randn(2, 4, 4, dtype=dtype, requires_grad=True)
     _opcheck(ops._conv_op, (x, w, b, s, 2, groups, activation, True))
     _opcheck(ops._conv_op, (x.detach(), w.detach(), None, None, 2, groups, activation, False))
     y, pre = ops._conv_op(x.detach(), w.detach(), b.detach(), s.detach(), 2, groups, activation,

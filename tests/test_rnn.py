@@ -236,11 +236,13 @@ def test_opcheck(mode, kw):
     torch.library.opcheck(ops._recurrent_layer_op, (mode, x, bs, h0, c0, *args, True, True))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_opcheck_bfloat16_tiles(mode):
-    """The registration in bfloat16 at a batch (B = 9) that takes the brgemm path where present."""
+def test_opcheck_low_precision(mode, dtype):
+    """The registration in bfloat16 (at a batch, B = 9, that takes the brgemm path where present)
+    and float16 (computed in float32)."""
     x, bs, h0, c0, w = make_case(mode, 9, 8, 16, [5, 5, 4, 4, 3, 3, 2, 2, 1], torch.float32)
-    bf = lambda t: None if t is None else t.bfloat16()  # noqa: E731
+    bf = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     x, h0, c0 = bf(x), bf(h0), bf(c0)
     args = [bf(w.get(k)) for k in ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr")]
     torch.library.opcheck(ops._recurrent_layer_op, (mode, x, bs, h0, c0, *args, False, False))

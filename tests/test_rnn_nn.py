@@ -1,5 +1,6 @@
 """seqkern.nn recurrent modules as drop-ins for torch.nn: same parameters, outputs, states and
 gradients across configurations; PackedSequence and lengths=; cells; step(); torch.compile."""
+import copy
 import itertools
 import random
 
@@ -11,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqkern
 import seqkern.nn as snn
+from seqkern import registry
 
 PAIRS = {"lstm": (torch.nn.LSTM, snn.LSTM), "gru": (torch.nn.GRU, snn.GRU),
          "rnn": (torch.nn.RNN, snn.RNN)}
@@ -368,13 +370,29 @@ def test_empty_batch_gives_empty_outputs_as_torch(kind, batch_first):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-def test_float16_modules_run_as_torch(kind):
-    """float16 has no kernel: the modules compute it on the reference, as torch's CPU RNNs do."""
-    t, s = make_pair(kind, 5, 7, dtype=torch.float16, num_layers=2)
-    x = torch.randn(6, 3, 5).half()
-    for a, b in zip(_flat(s(x)), _flat(t(x))):
-        assert a.dtype == torch.float16
-        torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=2e-3)
+@pytest.mark.parametrize("bidir", [False, True])
+def test_float16_modules_within_torch_error(kind, bidir):
+    """float16 runs on the kernels, computed in float32 (as bfloat16 is): outputs, final states
+    and gradients (input and parameters) are at most ~2x as far from float64 as torch's own
+    float16 module."""
+    assert registry.select("rnn", "cpu", torch.float16) == "cpu"
+    t, s = make_pair(kind, 5, 7, dtype=torch.float16, num_layers=2, bidirectional=bidir)
+    exact = copy.deepcopy(t).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 3, 5, generator=gen)
+
+    def run(m, dtype):
+        xi = x.to(dtype).requires_grad_(True)
+        outs = _flat(m(xi))
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum()
+                   for o in outs)
+        grads = torch.autograd.grad(loss, [xi, *m.parameters()])
+        return [o.double() for o in outs] + [g.double() for g in grads]
+
+    want = run(exact, torch.float64)
+    for a, b, e in zip(run(s, torch.float16), run(t, torch.float16), want):
+        bound = 2 * (b - e).abs().max().item() + 1e-3 * max(1.0, e.abs().max().item())
+        assert (a - e).abs().max().item() <= bound
 
 
 def test_lstm_cell_and_step_bad_state_or_input():

@@ -1736,8 +1736,9 @@ Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "seqkern attention: q, k, v dtypes differ: ", q.scalar_type(), ", ",
               k.scalar_type(), ", ", v.scalar_type());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
-                  q.scalar_type() == at::kBFloat16,
-              "seqkern attention: dtype must be float32, float64 or bfloat16, got ", q.scalar_type());
+                  q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "seqkern attention: dtype must be float32, float64, bfloat16 or float16, got ",
+              q.scalar_type());
   Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
   TORCH_CHECK(k.size(0) == d.B && v.size(0) == d.B, "seqkern attention: batch sizes differ");
   TORCH_CHECK(k.size(3) == d.D, "seqkern attention: q and k head dims differ: ", d.D, " vs ", k.size(3));

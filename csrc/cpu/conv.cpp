@@ -77,9 +77,9 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, int64_t dilation, int64
 
 at::ScalarType compute_type(const at::Tensor& t) {
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
               "seqkern conv: unsupported dtype ", st);
-  return st == at::kBFloat16 ? at::kFloat : st;
+  return st == at::kBFloat16 || st == at::kHalf ? at::kFloat : st;
 }
 
 const at::Tensor& opt(const c10::optional<at::Tensor>& t) {

@@ -490,9 +490,9 @@ at::Tensor compute_copy(const at::Tensor& t, at::ScalarType ct) {
 }
 
 at::ScalarType compute_type(at::ScalarType st) {
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
-              "seqkern: recurrent kernels support float32, float64 and bfloat16, got ", st);
-  return st == at::kBFloat16 ? at::kFloat : st;
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              "seqkern: recurrent kernels support float32, float64, bfloat16 and float16, got ", st);
+  return st == at::kBFloat16 || st == at::kHalf ? at::kFloat : st;
 }
 
 // That t, where given, has exactly the shape `want`; the error names it as (a, b).

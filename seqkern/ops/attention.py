@@ -255,7 +255,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
       Unlike torch, it may be combined with ``is_causal``.
 
     Rows with no allowed key return zeros. ``value`` may have a head dim other than query's.
-    The cpu backend runs float32, float64 and bfloat16; other dtypes use the reference.
+    The cpu backend runs float32, float64, bfloat16 and float16 (the last two computed in
+    float32); other dtypes use the reference.
 
     ``dropout_p`` drops attention weights as torch does (always, not only in training), with a
     pattern drawn from torch's default generator: ``torch.manual_seed`` reproduces it, but it is

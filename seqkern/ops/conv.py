@@ -26,7 +26,7 @@ _SILU = 2
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.bfloat16 else dtype
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def conv_state_size(kernel_size: int, dilation: int) -> int:

@@ -23,7 +23,7 @@ _WEIGHT_KEYS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.bfloat16 else dtype
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 # ---------------------------------------------------------------- custom ops (C++ CPU) -----
