@@ -527,7 +527,7 @@ def test_decode_backward_row_without_keys_beside_rows_that_start_late(Lq, how):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("how", ["bool", "key_lengths"])
 @pytest.mark.parametrize("Lq", [1, 6])
 def test_decode_ignores_masked_garbage_in_the_cache(dtype, how, Lq):
@@ -545,7 +545,7 @@ def test_decode_ignores_masked_garbage_in_the_cache(dtype, how, Lq):
     torch.testing.assert_close(got, want, **garbage_tolerance(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("how", ["bool", "key_lengths"])
 def test_decode_backward_ignores_masked_garbage_in_the_cache(dtype, how):
     """The backward of a few-row step over a cache with NaN/inf past the valid keys: gradients

@@ -1396,16 +1396,21 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
 }
 
 
-// f(S{}) for the storage type S of K and V: bf16 where the inputs are (kernels computing in
-// float32 read them as stored and widen them in cache), else the compute type T.
+// f(S{}) for the storage type S of K and V: bf16 or fp16 where the inputs are (kernels
+// computing in float32 read them as stored and widen them in cache), else the compute type T.
 template <typename T, typename F>
-void with_kv_type(bool bf16_kv, F&& f) {
+void with_kv_type(at::ScalarType kv, F&& f) {
   if constexpr (std::is_same_v<T, float>) {
-    if (bf16_kv) return f(c10::BFloat16{});
+    if (kv == at::kBFloat16) return f(c10::BFloat16{});
+    if (kv == at::kHalf) return f(c10::Half{});
   }
-  TORCH_CHECK(!bf16_kv, "seqkern attention: bf16 K and V need float32 compute");
+  TORCH_CHECK(kv == c10::CppTypeToScalarType<T>::value, "seqkern attention: ", kv,
+              " K and V need float32 compute");
   f(T{});
 }
+
+// bf16 and fp16 inputs: computed in fp32, K and V read as stored.
+bool narrow_type(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 // ------------------------------------------------------------------ backward ---------------
 
@@ -1805,9 +1810,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const bool decode = use_decode(d, q.scalar_type());
   // The bf16 tile kernel and the bf16 decode kernel write bf16 outputs themselves.
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
-  const bool bf16_kv = decode && q.scalar_type() == at::kBFloat16;
+  const bool narrow_kv = decode && narrow_type(q.scalar_type());  // decode writes it too
   at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv},
-                               q.options().dtype(amx || bf16_kv ? q.scalar_type() : ct));
+                               q.options().dtype(amx || narrow_kv ? q.scalar_type() : ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kDouble));
   if (out.numel() == 0 || lse.numel() == 0 || d.Lk == 0) {  // no keys: every row sees nothing
     out.zero_();
@@ -1823,10 +1828,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
     return {contiguous_as(out, q.scalar_type()), lse};
   }
-  // bf16 K and V are read as stored: the decode kernel widens them in registers, the tile
+  // bf16/fp16 K and V are read as stored: the decode kernel widens them in registers, the tile
   // kernel block by block (kv_rows)
-  const bool bf16_tiles = !decode && q.scalar_type() == at::kBFloat16 && ct == at::kFloat;
-  const at::ScalarType kv_type = bf16_kv || bf16_tiles ? at::kBFloat16 : ct;
+  const bool narrow_tiles = !decode && narrow_type(q.scalar_type()) && ct == at::kFloat;
+  const at::ScalarType kv_type = narrow_kv || narrow_tiles ? q.scalar_type() : ct;
   at::Tensor qc = rows_contiguous(q, ct);
   at::Tensor kc = rows_contiguous(k, kv_type), vc = rows_contiguous(v, kv_type);
   at::Tensor mask_hold, len_hold;
@@ -1834,11 +1839,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     const auto mask = make_mask<scalar_t>(d, attn_mask, key_lengths, is_causal, bottom_right,
                                           window, mask_hold, len_hold);
     if (!decode) {
-      with_kv_type<scalar_t>(bf16_tiles, [&](auto s) {
+      with_kv_type<scalar_t>(kv_type, [&](auto s) {
         forward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
       });
     } else {
-      with_kv_type<scalar_t>(bf16_kv, [&](auto s) {
+      with_kv_type<scalar_t>(kv_type, [&](auto s) {
         decode_forward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, (scalar_t)scale, mask, drop, out, lse);
       });
     }
@@ -1953,8 +1958,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     dq = dq.mul_(scale).narrow(-1, 0, d.D);
   } else {
     // bf16 K and V are read as stored, as in the forward
-    const bool bf16_kv = q.scalar_type() == at::kBFloat16 && ct == at::kFloat;
-    const at::ScalarType kv_type = bf16_kv ? at::kBFloat16 : ct;
+    const at::ScalarType kv_type = narrow_type(q.scalar_type()) && ct == at::kFloat ? q.scalar_type() : ct;
     at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, kv_type),
                vc = rows_contiguous(v, kv_type);
     at::Tensor go = rows_contiguous(grad_out, ct);
@@ -1964,7 +1968,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
                                             window, mask_hold, len_hold);
       const MaskGrad<scalar_t> mg = mask_grad ? mgrad.view<scalar_t>(d) : MaskGrad<scalar_t>();
       if (decode) {
-        with_kv_type<scalar_t>(bf16_kv, [&](auto s) {
+        with_kv_type<scalar_t>(kv_type, [&](auto s) {
           decode_backward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, go, lse.contiguous(), mask,
                                                         drop, mg, (scalar_t)scale, chunks, dq,
                                                         dk_acc, dv_acc);
@@ -1973,7 +1977,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
         const at::Tensor delta = row_dots<scalar_t, scalar_t>(go, rows_contiguous(out, ct));
         const at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
         const at::Tensor doT = pack_blocks_t<scalar_t>(go, kBlockQ, scalar_t(1));
-        with_kv_type<scalar_t>(bf16_kv, [&](auto s) {
+        with_kv_type<scalar_t>(kv_type, [&](auto s) {
           backward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, go, qT, doT, lse.contiguous(),
                                                  delta, mask, drop, mg, (scalar_t)scale, chunks,
                                                  dq, dk_acc, dv_acc);

@@ -521,22 +521,24 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
   TORCH_CHECK(act >= kNone && act <= kTanh, "seqkern conv: unknown activation code ", act);
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in);
-  // Depthwise is memory bound: bf16 x and y are read and written as stored, not converted.
-  const bool bf16_rows = st == at::kBFloat16 && is_depthwise(g) && g.L > 0;
-  at::Tensor x = contiguous_as(x_in, bf16_rows ? st : ct), w = contiguous_as(w_in, ct);
+  // Depthwise is memory bound: bf16/fp16 x and y are read and written as stored, not converted.
+  const bool narrow_rows = (st == at::kBFloat16 || st == at::kHalf) && is_depthwise(g) && g.L > 0;
+  at::Tensor x = contiguous_as(x_in, narrow_rows ? st : ct), w = contiguous_as(w_in, ct);
   at::Tensor bias = contiguous_as(opt(bias_in), ct), init = contiguous_as(opt(init_in), ct);
   if (init.defined())
     TORCH_CHECK(init.dim() == 3 && init.size(0) == g.B && init.size(1) == g.Cin &&
                     init.size(2) == g.P,
                 "seqkern conv: initial_state must be (B, C_in, (K-1)*dilation)");
-  if (bf16_rows) {
+  if (narrow_rows) {
     at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());
     const bool keep = save_preact && act == kSilu;
     at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options().dtype(ct))
                           : at::empty({0}, x.options().dtype(ct));
-    depthwise_forward<float, c10::BFloat16>(
-        g, x.data_ptr<c10::BFloat16>(), ptr_or_null<float>(init), w.data_ptr<float>(),
-        ptr_or_null<float>(bias), y.data_ptr<c10::BFloat16>(), keep ? pre.data_ptr<float>() : nullptr, act);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "seqkern_depthwise_forward_16bit", [&] {
+      depthwise_forward<float, scalar_t>(
+          g, x.data_ptr<scalar_t>(), ptr_or_null<float>(init), w.data_ptr<float>(),
+          ptr_or_null<float>(bias), y.data_ptr<scalar_t>(), keep ? pre.data_ptr<float>() : nullptr, act);
+    });
     return {y, pre};
   }
   at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());

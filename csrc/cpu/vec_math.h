@@ -209,16 +209,19 @@ SEQKERN_INLINE Vec<T> load(const T* p, int64_t count) {
   return count == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, count);
 }
 
-// count bfloat16 values widened to a float vector (lanes past count are zero), so kernels can
-// read bf16 storage directly and compute in fp32.
-inline Vec<float> load(const c10::BFloat16* p, int64_t count) {
+// count bfloat16 or float16 values widened to a float vector (lanes past count are zero), so
+// kernels can read 16-bit storage directly and compute in fp32.
+template <typename R>
+SEQKERN_INLINE Vec<float> load_widened(const R* p, int64_t count) {
   if (count == Vec<float>::size()) {
     Vec<float> out;
     at::vec::load_to_float(p, out);
     return out;
   }
-  return std::get<0>(at::vec::convert_to_float<c10::BFloat16>(Vec<c10::BFloat16>::loadu(p, count)));
+  return std::get<0>(at::vec::convert_to_float<R>(at::vec::Vectorized<R>::loadu(p, count)));
 }
+inline Vec<float> load(const c10::BFloat16* p, int64_t count) { return load_widened(p, count); }
+inline Vec<float> load(const c10::Half* p, int64_t count) { return load_widened(p, count); }
 
 template <typename T>
 SEQKERN_INLINE void store(const Vec<T>& v, T* p, int64_t count) {
@@ -226,10 +229,20 @@ SEQKERN_INLINE void store(const Vec<T>& v, T* p, int64_t count) {
   else v.store(p, count);
 }
 
-// count floats rounded to bf16 (nearest even) and stored: kernels that compute in fp32 write
-// bf16 storage directly.
+// count floats rounded to bf16 or fp16 (nearest even) and stored: kernels that compute in fp32
+// write 16-bit storage directly.
 SEQKERN_INLINE void store(const Vec<float>& v, c10::BFloat16* p, int64_t count) {
   store_bf16_pair(v, Vec<float>(0.0f), p, count);
+}
+SEQKERN_INLINE void store(const Vec<float>& v, c10::Half* p, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (count == 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << count) - 1), h);
+#else
+  const auto h = at::vec::convert_from_float<c10::Half>(v, Vec<float>(0.0f));
+  h.store(p, count);
+#endif
 }
 
 // out[0:n] += w · src[0:n]
