@@ -104,9 +104,9 @@ def requested() -> str | None:
     return None
 
 
-# dtypes the kernels compute in; the others run on the reference. The cpu kernels have no fused
-# float16 path (nor have torch's own CPU kernels). The Triton kernels accumulate in float32, so a
-# float64 input there would silently get float32 precision: it runs on the reference instead.
+# dtypes the kernels compute in; the others run on the reference. The cpu kernels compute
+# bfloat16 and float16 in float32. The Triton kernels accumulate in float32, so a float64 input
+# there would silently get float32 precision: it runs on the reference instead.
 KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.bfloat16, torch.float16),

@@ -564,7 +564,7 @@ def test_decode_backward_ignores_masked_garbage_in_the_cache(dtype, how):
         torch.testing.assert_close(a, b, **garbage_tolerance(dtype), msg=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("Lq", [5, 40, 70])
 def test_tiles_ignore_garbage_past_key_lengths(dtype, Lq):
     """key_lengths marks a padded cache's valid prefix: NaN/inf past it must not reach any output
