@@ -226,7 +226,6 @@ void scale_row(T* x, int64_t n, T a) {
   scaled_row_to(x, n, a, x);
 }
 
-
 // ------------------------------------------------------------------ masks ------------------
 
 // Everything that decides whether query i may see key j (SPEC "Causal masked attention").
@@ -835,7 +834,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   at::parallel_for(0, d.B * d.Hq * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(RG * d.Lk), acc(RG * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
     std::vector<T> mx(RG), sum(RG);
-    const bool widening = !std::is_same_v<S, T> && RG > 1;  // see widened_chunk
+    const bool widening = !std::is_same_v<S, T> && RG > 1;  // see widened_chunk (R == RG then)
     std::vector<T> kw(widening ? kWidenRows * d.D : 0), vw(widening ? kWidenRows * d.Dv : 0);
     std::vector<Span> keys(RG);
     for (int64_t task = begin; task < end; ++task) {
@@ -858,7 +857,6 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
       // rather than by every row; exact, so the scores are the backward's to the bit. 8 rows
       // against a 4096-token cache took 3.4 ms in bf16, 2.75 in fp32. Chunks of the rows start
       // together or a few keys apart; a wider union is read in place.
-      const bool widen = !std::is_same_v<S, T> && R > 1;
       auto widened_chunk = [&](int64_t c, const S* src, int64_t ld, int64_t E, T* buf) {
         Span u{d.Lk, 0};
         for (int64_t i = 0; i < R; ++i) {
@@ -872,7 +870,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
         return u;
       };
       for (int64_t c = 0; c < chunks; ++c) {
-        const Span u = widen ? widened_chunk(c, kbase, sk.l, d.D, kw.data()) : Span{0, 0};
+        const Span u = widening ? widened_chunk(c, kbase, sk.l, d.D, kw.data()) : Span{0, 0};
         for (int64_t i = 0; i < R; ++i) {
           const Span ck = chunk(i, c);
           if (ck.empty()) continue;
@@ -899,13 +897,13 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
         }
       }
       std::fill(acc.begin(), acc.end(), T(0));
+      const bool skip = mask.has_explicit() || drop.active;
       for (int64_t c = 0; c < chunks; ++c) {
-        const Span u = widen ? widened_chunk(c, vbase, sv.l, d.Dv, vw.data()) : Span{0, 0};
+        const Span u = widening ? widened_chunk(c, vbase, sv.l, d.Dv, vw.data()) : Span{0, 0};
         for (int64_t i = 0; i < R; ++i) {
           const Span ck = chunk(i, c);
           if (ck.empty() || mx[i] == neg_inf<T>()) continue;
           const T* p = s.data() + i * d.Lk + c * KC;
-          const bool skip = mask.has_explicit() || drop.active;
           if (!u.empty()) weighted_rows_sum(p, ck.hi - ck.lo, vw.data() + (ck.lo - u.lo) * d.Dv, d.Dv, d.Dv, skip, part.data());
           else weighted_rows_sum(p, ck.hi - ck.lo, vbase + ck.lo * sv.l, sv.l, d.Dv, skip, part.data());
           axpy(acc.data() + i * d.Dv, part.data(), d.Dv, T(1));
@@ -1395,7 +1393,6 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   });
 }
 
-
 // f(S{}) for the storage type S of K and V: bf16 or fp16 where the inputs are (kernels
 // computing in float32 read them as stored and widen them in cache), else the compute type T.
 template <typename T, typename F>
@@ -1408,9 +1405,6 @@ void with_kv_type(at::ScalarType kv, F&& f) {
               " K and V need float32 compute");
   f(T{});
 }
-
-// bf16 and fp16 inputs: computed in fp32, K and V read as stored.
-bool narrow_type(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 // ------------------------------------------------------------------ backward ---------------
 
@@ -1589,8 +1583,7 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
   const int64_t R = d.Lq;
   constexpr int64_t KC = 128;  // keys per chunk, a multiple of 16 as in the forward
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> pbuf(R * d.Lk), dsbuf(R * d.Lk), keep(drop.active ? d.Lk : 0), qs(R * d.D), dq_row(d.D),
-        dq_rows(R * d.D);
+    std::vector<T> pbuf(R * d.Lk), dsbuf(R * d.Lk), keep(drop.active ? d.Lk : 0), qs(R * d.D), dq_row(d.D);
     std::vector<Span> spans(R);
     T* const mg = mgrad.data ? mgrad.target() : nullptr;
     for (int64_t task = begin; task < end; ++task) {
@@ -1639,7 +1632,6 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
         for (int64_t i = 0; i < R; ++i) {
           const int64_t row = (b * d.Hq + h) * d.Lq + i;
           const Span keys = spans[i];
-          std::fill(dq_rows.begin() + i * d.D, dq_rows.begin() + (i + 1) * d.D, T(0));
           if (keys.empty()) continue;
           const int64_t nk = keys.hi - keys.lo;
           T* p = pbuf.data() + i * d.Lk + keys.lo;
@@ -1676,8 +1668,9 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
           }
           scaled_row_to(Q + sq.at(b, h, i), d.D, scale, qs.data() + i * d.D);
         }
-        // Chunk by chunk of keys: dQ_i += Σ_j dS_ij·k_j (·scale by the caller), and
-        // dV_j += Σ_i (P ⊙ z)_ij·dO_i, dK_j += Σ_i dS_ij·(scale·q_i); weights of 0 add nothing
+        // Chunk by chunk of keys: dQ_i += Σ_j dS_ij·k_j (·scale by the caller; the row is this
+        // task's alone), dV_j += Σ_i (P ⊙ z)_ij·dO_i and dK_j += Σ_i dS_ij·(scale·q_i); weights
+        // of 0 add nothing
         for (int64_t j0 = all.lo; j0 < all.hi; j0 += KC) {
           const int64_t j1 = std::min(j0 + KC, all.hi);
           for (int64_t i = 0; i < R; ++i) {
@@ -1685,7 +1678,7 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
             if (lo >= hi) continue;
             weighted_rows_sum(dsbuf.data() + i * d.Lk + lo, hi - lo, kbase + lo * sk.l, sk.l, d.D,
                               true, dq_row.data());
-            axpy(dq_rows.data() + i * d.D, dq_row.data(), d.D, T(1));
+            axpy(DQ + ((b * d.Hq + h) * d.Lq + i) * d.D, dq_row.data(), d.D, T(1));
           }
           for (int64_t j = j0; j < j1; ++j) {
             T* dvr = dvb + j * d.Dv;
@@ -1708,14 +1701,10 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
             });
           }
         }
-        for (int64_t i = 0; i < R; ++i)
-          if (!spans[i].empty()) axpy(DQ + ((b * d.Hq + h) * d.Lq + i) * d.D, dq_rows.data() + i * d.D, d.D, T(1));
       }
     }
   });
 }
-
-
 
 // ------------------------------------------------------------------ entry points -----------
 
@@ -1723,9 +1712,8 @@ at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Last dimension contiguous in the compute dtype (a no-op for the usual layouts, including
-// slices of a packed qkv projection and views into a KV cache).
-// t in type ct with contiguous rows (see contiguous_as).
+// t in type ct with its last dimension contiguous (a no-op for the usual layouts, including
+// slices of a packed qkv projection and views into a KV cache; see contiguous_as).
 at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType ct) {
   if (t.scalar_type() == ct && t.stride(-1) == 1) return t;
   return contiguous_as(t, ct);
@@ -1810,7 +1798,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const bool decode = use_decode(d, q.scalar_type());
   // The bf16 tile kernel and the bf16 decode kernel write bf16 outputs themselves.
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
-  const bool narrow_kv = decode && narrow_type(q.scalar_type());  // decode writes it too
+  const bool narrow_kv = decode && at::isReducedFloatingType(q.scalar_type());  // decode writes it too
   at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv},
                                q.options().dtype(amx || narrow_kv ? q.scalar_type() : ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kDouble));
@@ -1830,7 +1818,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   }
   // bf16/fp16 K and V are read as stored: the decode kernel widens them in registers, the tile
   // kernel block by block (kv_rows)
-  const bool narrow_tiles = !decode && narrow_type(q.scalar_type()) && ct == at::kFloat;
+  const bool narrow_tiles = !decode && at::isReducedFloatingType(q.scalar_type()) && ct == at::kFloat;
   const at::ScalarType kv_type = narrow_kv || narrow_tiles ? q.scalar_type() : ct;
   at::Tensor qc = rows_contiguous(q, ct);
   at::Tensor kc = rows_contiguous(k, kv_type), vc = rows_contiguous(v, kv_type);
@@ -1958,7 +1946,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     dq = dq.mul_(scale).narrow(-1, 0, d.D);
   } else {
     // bf16 K and V are read as stored, as in the forward
-    const at::ScalarType kv_type = narrow_type(q.scalar_type()) && ct == at::kFloat ? q.scalar_type() : ct;
+    const at::ScalarType kv_type = at::isReducedFloatingType(q.scalar_type()) && ct == at::kFloat ? q.scalar_type() : ct;
     at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, kv_type),
                vc = rows_contiguous(v, kv_type);
     at::Tensor go = rows_contiguous(grad_out, ct);

@@ -79,14 +79,13 @@ at::ScalarType compute_type(const at::Tensor& t) {
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
               "seqkern conv: unsupported dtype ", st);
-  return st == at::kBFloat16 || st == at::kHalf ? at::kFloat : st;
+  return at::isReducedFloatingType(st) ? at::kFloat : st;
 }
 
 const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
   static const at::Tensor undefined;
   return t.has_value() ? *t : undefined;
 }
-
 
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
@@ -522,18 +521,18 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in);
   // Depthwise is memory bound: bf16/fp16 x and y are read and written as stored, not converted.
-  const bool narrow_rows = (st == at::kBFloat16 || st == at::kHalf) && is_depthwise(g) && g.L > 0;
+  const bool narrow_rows = at::isReducedFloatingType(st) && is_depthwise(g) && g.L > 0;
   at::Tensor x = contiguous_as(x_in, narrow_rows ? st : ct), w = contiguous_as(w_in, ct);
   at::Tensor bias = contiguous_as(opt(bias_in), ct), init = contiguous_as(opt(init_in), ct);
   if (init.defined())
     TORCH_CHECK(init.dim() == 3 && init.size(0) == g.B && init.size(1) == g.Cin &&
                     init.size(2) == g.P,
                 "seqkern conv: initial_state must be (B, C_in, (K-1)*dilation)");
+  at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());  // in x's type: st when narrow_rows
+  const bool keep = save_preact && act == kSilu;
+  at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options().dtype(ct))
+                        : at::empty({0}, x.options().dtype(ct));
   if (narrow_rows) {
-    at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());
-    const bool keep = save_preact && act == kSilu;
-    at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options().dtype(ct))
-                          : at::empty({0}, x.options().dtype(ct));
     AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "seqkern_depthwise_forward_16bit", [&] {
       depthwise_forward<float, scalar_t>(
           g, x.data_ptr<scalar_t>(), ptr_or_null<float>(init), w.data_ptr<float>(),
@@ -541,9 +540,6 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
     });
     return {y, pre};
   }
-  at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());
-  const bool keep = save_preact && act == kSilu;
-  at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_conv_forward", [&] {
     const scalar_t* ip = ptr_or_null<scalar_t>(init);
     const scalar_t* bp = ptr_or_null<scalar_t>(bias);
@@ -614,7 +610,8 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
       dw.copy_(dwp.permute({1, 2, 0}));
     }
   });
-  return {contiguous_as(dx, st), contiguous_as(dw, st), contiguous_as(db, st), contiguous_as(dinit, st)};
+  return {contiguous_as(dx, st), contiguous_as(dw, st), contiguous_as(db, st),
+          contiguous_as(dinit, st)};
 }
 
 // ------------------------------------------------------------- WaveNet block --------------
@@ -834,8 +831,9 @@ std::vector<at::Tensor> wavenet_backward(
         dwr.data_ptr<scalar_t>(), p(drb, true));
   });
   at::Tensor dcw = dwp.permute({1, 2, 0}).contiguous();
-  return {contiguous_as(dx, st), contiguous_as(dcw, st), contiguous_as(dcb, st), contiguous_as(dws, st), contiguous_as(dsb, st), contiguous_as(dwr, st), contiguous_as(drb, st),
-          contiguous_as(dinit, st)};
+  return {contiguous_as(dx, st), contiguous_as(dcw, st), contiguous_as(dcb, st),
+          contiguous_as(dws, st), contiguous_as(dsb, st), contiguous_as(dwr, st),
+          contiguous_as(drb, st), contiguous_as(dinit, st)};
 }
 
 // ------------------------------------------------------------- WaveNet generation -------

@@ -484,15 +484,10 @@ std::vector<at::Tensor> backward_impl(
 
 // ---------------------------------------------------------------- checks & dtype glue ------
 
-at::Tensor compute_copy(const at::Tensor& t, at::ScalarType ct) {
-  if (!t.defined()) return t;
-  return contiguous_as(t, ct);
-}
-
 at::ScalarType compute_type(at::ScalarType st) {
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
               "seqkern: recurrent kernels support float32, float64, bfloat16 and float16, got ", st);
-  return st == at::kBFloat16 || st == at::kHalf ? at::kFloat : st;
+  return at::isReducedFloatingType(st) ? at::kFloat : st;
 }
 
 // That t, where given, has exactly the shape `want`; the error names it as (a, b).
@@ -709,12 +704,12 @@ std::vector<at::Tensor> recurrent_forward(
     }
   }
   // fp32 copies of what the bf16 operands do not replace
-  auto x = bf.x.defined() ? x_ : compute_copy(x_, ct);
-  auto w_ih = bf.w_ih.defined() ? w_ih_ : compute_copy(w_ih_, ct);
-  auto w_hh = bf.w_hh.defined() ? w_hh_ : compute_copy(w_hh_, ct);
-  auto h0 = compute_copy(h0_, ct), c0 = compute_copy(opt(c0_), ct);
-  auto b_ih = compute_copy(opt(b_ih_), ct), b_hh = compute_copy(opt(b_hh_), ct);
-  auto w_peep = compute_copy(opt(w_peep_), ct), w_hr = compute_copy(opt(w_hr_), ct);
+  auto x = bf.x.defined() ? x_ : contiguous_as(x_, ct);
+  auto w_ih = bf.w_ih.defined() ? w_ih_ : contiguous_as(w_ih_, ct);
+  auto w_hh = bf.w_hh.defined() ? w_hh_ : contiguous_as(w_hh_, ct);
+  auto h0 = contiguous_as(h0_, ct), c0 = contiguous_as(opt(c0_), ct);
+  auto b_ih = contiguous_as(opt(b_ih_), ct), b_hh = contiguous_as(opt(b_hh_), ct);
+  auto w_peep = contiguous_as(opt(w_peep_), ct), w_hr = contiguous_as(opt(w_hr_), ct);
 
   const int64_t Hs = h0.size(1);
   const bool lstm = cell == Cell::Lstm;
@@ -734,8 +729,8 @@ std::vector<at::Tensor> recurrent_forward(
     });
   }
   // h_n rows beyond batch_sizes[0] do not exist: the batch is batch_sizes[0] == h0.size(0).
-  return {contiguous_as(out, st), contiguous_as(h_state, st), contiguous_as(c_state, st), ws_gates, ws_cells,
-          ws_hprev};
+  return {contiguous_as(out, st), contiguous_as(h_state, st), contiguous_as(c_state, st),
+          ws_gates, ws_cells, ws_hprev};
 }
 
 std::vector<at::Tensor> recurrent_backward(
@@ -791,15 +786,15 @@ std::vector<at::Tensor> recurrent_backward(
   // W_ih itself if the bf16 GEMMs turn out unavailable); the output only feeds the RNN cells'
   // derivative. Measured bf16 LSTM training, T = 100, B = 32, H = I = 256: these copies were
   // ~4 % of the call.
-  auto x = bf.x.defined() ? bf.x : compute_copy(x_, ct);
-  auto w_ih = bf.w_ih.defined() ? bf.w_ih : compute_copy(w_ih_, ct);
-  auto w_hh = bf.w_hh.defined() ? bf.w_hh : compute_copy(w_hh_, ct);
-  auto b_ih = compute_copy(opt(b_ih_), ct), b_hh = compute_copy(opt(b_hh_), ct);
-  auto w_peep = compute_copy(opt(w_peep_), ct), w_hr = compute_copy(opt(w_hr_), ct);
-  auto g_out = compute_copy(opt(grad_out), ct), g_hn = compute_copy(opt(grad_hn), ct);
-  auto g_cn = compute_copy(opt(grad_cn), ct);
+  auto x = bf.x.defined() ? bf.x : contiguous_as(x_, ct);
+  auto w_ih = bf.w_ih.defined() ? bf.w_ih : contiguous_as(w_ih_, ct);
+  auto w_hh = bf.w_hh.defined() ? bf.w_hh : contiguous_as(w_hh_, ct);
+  auto b_ih = contiguous_as(opt(b_ih_), ct), b_hh = contiguous_as(opt(b_hh_), ct);
+  auto w_peep = contiguous_as(opt(w_peep_), ct), w_hr = contiguous_as(opt(w_hr_), ct);
+  auto g_out = contiguous_as(opt(grad_out), ct), g_hn = contiguous_as(opt(grad_hn), ct);
+  auto g_cn = contiguous_as(opt(grad_cn), ct);
   const bool rnn_cell = cell == Cell::RnnTanh || cell == Cell::RnnRelu;
-  auto y = rnn_cell ? compute_copy(out, ct) : at::Tensor();
+  auto y = rnn_cell ? contiguous_as(out, ct) : at::Tensor();
   std::vector<at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_backward", [&] {
     r = backward_impl<scalar_t>(cell, L, g_out, g_hn, g_cn, x, w_ih, w_hh, b_ih, b_hh, w_peep,
