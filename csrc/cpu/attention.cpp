@@ -524,6 +524,15 @@ void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, con
   rows_lse(mi, mx, sm, l);
 }
 
+// write_output_rows into a bf16 output, or a float32 one (o32 non-null): the unrounded output
+// a training forward keeps for the backward's Δ (see attention_forward).
+inline void write_output_rows_bf16(int64_t mi, int64_t Dv, const float* acc, int64_t ld_acc,
+                                   const float* sm, const float* mx, float keep_scale,
+                                   c10::BFloat16* o16, float* o32, int64_t offset, double* l) {
+  if (o32) write_output_rows<float, float>(mi, Dv, acc, ld_acc, sm, mx, keep_scale, o32 + offset, l);
+  else write_output_rows<float, c10::BFloat16>(mi, Dv, acc, ld_acc, sm, mx, keep_scale, o16 + offset, l);
+}
+
 // The online softmax of a transposed score tile st (nk keys × mp queries, rows ld apart) down
 // its columns, W queries per vector: folds the tile into the running max mx and sum sm, rescales
 // the accumulator rows (acc, Dv apart) of the queries whose max moved, and leaves the weights
@@ -1096,7 +1105,8 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
   const Strides sq(q_);
   const bf16* Q = q_.data_ptr<bf16>();
-  bf16* O = out.data_ptr<bf16>();
+  float* O32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
+  bf16* O = O32 ? nullptr : out.data_ptr<bf16>();
   double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group();
   const float ninf = neg_inf<float>();
@@ -1172,9 +1182,9 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         at::native::cpublas::brgemm(mi, Dvp, khi - klo, BK, Dvp, Dvp, true, P.data() + klo,
                                     VP + blk * BK * Dvp + klo * Dvp, acc.data(), true);
       }
-      write_output_rows(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
-                        static_cast<float>(drop.keep_scale),
-                        O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
+      write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
+                             static_cast<float>(drop.keep_scale), O, O32,
+                             ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
     }
     at::native::cpublas::brgemm_release(true);
   });
@@ -1207,7 +1217,8 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
   TORCH_INTERNAL_ASSERT(BQ <= kFewRowsMax);
   const Strides sq(q_), sk(k_), sv(v_);
   const bf16 *Q = q_.data_ptr<bf16>(), *K = k_.data_ptr<bf16>(), *Vb = v_.data_ptr<bf16>();
-  bf16* O = out.data_ptr<bf16>();
+  float* O32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
+  bf16* O = O32 ? nullptr : out.data_ptr<bf16>();
   double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group(), mi = d.Lq;
   const int64_t k_row_bytes = d.D * int64_t(sizeof(bf16)), v_row_bytes = d.Dv * int64_t(sizeof(bf16));
@@ -1260,9 +1271,9 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
                                 return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
                               });
       }
-      write_output_rows<float, bf16>(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(),
-                                     static_cast<float>(drop.keep_scale),
-                                     O + (b * d.Hq + h) * d.Lq * d.Dv, LSE + (b * d.Hq + h) * d.Lq);
+      write_output_rows_bf16(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(),
+                             static_cast<float>(drop.keep_scale), O, O32,
+                             (b * d.Hq + h) * d.Lq * d.Dv, LSE + (b * d.Hq + h) * d.Lq);
     }
     at::native::cpublas::brgemm_release(true);
   });
@@ -1791,21 +1802,26 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_lengths,
     bool is_causal, bool bottom_right, int64_t window, double scale, double dropout_p,
-    const c10::optional<at::Tensor>& dropout_seed) {
+    const c10::optional<at::Tensor>& dropout_seed, bool out_fp32) {
   const Dims d = check_inputs(q, k, v);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   const at::ScalarType ct = compute_type(q.scalar_type());
   const bool decode = use_decode(d, q.scalar_type());
+  // A bf16/fp16 output in float32, as computed: the backward's Δ = rowsum(dO ⊙ O) is a
+  // difference of near-equal terms for a peaked row, and with O rounded to bf16 it kept that
+  // rounding (dK 3.9× torch's error at Dv ≠ D, where torch computes exactly).
+  const bool wide = out_fp32 && at::isReducedFloatingType(q.scalar_type());
+  const at::ScalarType out_type = wide ? at::kFloat : q.scalar_type();
   // The bf16 tile kernel and the bf16 decode kernel write bf16 outputs themselves.
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   const bool narrow_kv = decode && at::isReducedFloatingType(q.scalar_type());  // decode writes it too
   at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv},
-                               q.options().dtype(amx || narrow_kv ? q.scalar_type() : ct));
+                               q.options().dtype(amx ? out_type : narrow_kv ? q.scalar_type() : ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kDouble));
   if (out.numel() == 0 || lse.numel() == 0 || d.Lk == 0) {  // no keys: every row sees nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
-    return {contiguous_as(out, q.scalar_type()), lse};
+    return {contiguous_as(out, out_type), lse};
   }
   if (amx) {
     at::Tensor mask_hold, len_hold;
@@ -1814,7 +1830,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     auto kernel = bf16_few_queries(d) ? forward_kernel_bf16_few : forward_kernel_bf16_amx;
     kernel(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
-    return {contiguous_as(out, q.scalar_type()), lse};
+    return {out, lse};
   }
   // bf16/fp16 K and V are read as stored: the decode kernel widens them in registers, the tile
   // kernel block by block (kv_rows)
@@ -1836,7 +1852,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
       });
     }
   });
-  return {contiguous_as(out, q.scalar_type()), lse};
+  // (the decode backward sums Δ from its weights and does not read O: a bf16 one widens here)
+  return {contiguous_as(out, out_type), lse};
 }
 
 // Δ (B, H, L) in the compute type T: Δ_i = Σ_c dO_ic·O_ic per query row, read in the storage
@@ -1936,7 +1953,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   } else if (amx) {
     at::Tensor qb = rows_contiguous(q, at::kBFloat16), kb = rows_contiguous(k, at::kBFloat16),
                vb = rows_contiguous(v, at::kBFloat16), go = rows_contiguous(grad_out, at::kBFloat16);
-    at::Tensor delta = row_dots<float, c10::BFloat16>(go, rows_contiguous(out, at::kBFloat16));
+    // Δ from the float32 output when the forward kept it (out_fp32), else from the bf16 one
+    at::Tensor delta = out.scalar_type() == at::kFloat
+        ? row_dots<float, float>(rows_contiguous(grad_out, at::kFloat), rows_contiguous(out, at::kFloat))
+        : row_dots<float, c10::BFloat16>(go, rows_contiguous(out, at::kBFloat16));
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
@@ -2005,11 +2025,12 @@ void register_attention(pybind11::module_& m) {
         "Whether bfloat16 attention forward runs on oneDNN brgemm (AMX) tiles on this CPU");
   m.def("attention_forward", &cpu::attention_forward, kReleaseGil,
         "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "
-        "bottom_right, window, scale, dropout_p, dropout_seed) -> (out, lse)",
+        "bottom_right, window, scale, dropout_p, dropout_seed, out_fp32) -> (out, lse); out in "
+        "float32 for bf16/fp16 inputs when out_fp32 (what the backward wants), else q's dtype",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("attn_mask"),
         pybind11::arg("key_lengths"), pybind11::arg("is_causal"), pybind11::arg("bottom_right"),
         pybind11::arg("window"), pybind11::arg("scale"), pybind11::arg("dropout_p") = 0.0,
-        pybind11::arg("dropout_seed") = pybind11::none());
+        pybind11::arg("dropout_seed") = pybind11::none(), pybind11::arg("out_fp32") = false);
   m.def("attention_backward", &cpu::attention_backward, kReleaseGil,
         "Attention backward recomputing scores from lse: -> (dq, dk, dv, d attn_mask or empty)",
         pybind11::arg("grad_out"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),

@@ -23,7 +23,8 @@ __all__ = ["scaled_dot_product_attention", "dropout_keep_mask"]
 def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                           key_lengths: Optional[Tensor], is_causal: bool, bottom_right: bool,
                           window: int, scale: float, dropout_p: float,
-                          dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                          dropout_seed: Optional[Tensor],
+                          out_fp32: bool = False) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> (out (B, Hq, Lq, Dv),
     log-sum-exp (B, Hq, Lq) in float64 for every input dtype; -inf for rows with no allowed
     key). float64 because the backward recomputes each weight as exp(score - lse): with peaked
@@ -31,17 +32,25 @@ def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[T
     the row, 20x that of the forward's own weights.
     With ``dropout_p`` > 0 the weights are dropped by the pattern ``dropout_keep_mask`` gives for
     ``dropout_seed`` (a one-element int64 tensor); the log-sum-exp is that of the undropped
-    weights."""
+    weights.
+    With ``out_fp32``, a bfloat16 or float16 ``out`` comes in float32, unrounded: what the
+    backward wants for Δ = rowsum(dO ⊙ O), where rounding O would cost accuracy (callers that
+    train round their copy for the user)."""
     out, lse = _ext._C.attention_forward(q, k, v, attn_mask, key_lengths, is_causal,
-                                         bottom_right, window, scale, dropout_p, dropout_seed)
+                                         bottom_right, window, scale, dropout_p, dropout_seed,
+                                         out_fp32)
     return out, lse
+
+
+def _out_dtype(q: Tensor, out_fp32: bool) -> torch.dtype:
+    return torch.float32 if out_fp32 and q.dtype in (torch.bfloat16, torch.float16) else q.dtype
 
 
 @_attention_forward_op.register_fake
 def _(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale, dropout_p,
-      dropout_seed):
+      dropout_seed, out_fp32=False):
     B, Hq, Lq, _ = q.shape
-    return (q.new_empty((B, Hq, Lq, v.shape[-1])),
+    return (q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=_out_dtype(q, out_fp32)),
             q.new_empty((B, Hq, Lq), dtype=torch.float64))
 
 
@@ -84,7 +93,7 @@ def _saveable(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale, dropout_p,
-     dropout_seed) = inputs
+     dropout_seed, *_out_fp32) = inputs
     out, lse = output
     ctx.args = (is_causal, bottom_right, window, scale, dropout_p)
     ctx.save_for_backward(q, k, v, out, lse, _saveable(attn_mask), _saveable(key_lengths),
@@ -106,7 +115,7 @@ def _backward_with(backward_fn, ctx, grad_out):
     dq, dk, dv, dmask = backward_fn(grad_out.contiguous(), q, k, v, out, lse, attn_mask,
                                     key_lengths, *ctx.args, dropout_seed, mask_grad)
     dmask = dmask.view(attn_mask.shape) if mask_grad else None
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -292,13 +301,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                              _draw_seed() if p else None)
         else:
             p = float(dropout_p)
-            args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None)
+            # training in bf16/fp16: the output in float32 for the backward, rounded here
+            train = _ext.needs_grad(q, k, v, m)
+            args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None,
+                    train and q.dtype in (torch.bfloat16, torch.float16))
             if not _ext.direct_call_ok(q, k, v, m, kl):
                 out, _ = _attention_forward_op(*args)
-            elif _ext.needs_grad(q, k, v, m):
+            elif train:
                 out, _ = _EagerAttention.apply(*args)
             else:  # eager inference: nothing to record, so no dispatch at all
                 out, _ = _ext._C.attention_forward(*args)
+            out = out.to(q.dtype)
         return out.squeeze(1) if squeeze else out
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
         attn_mask = attn_mask.to(query.dtype)  # the reference computes in query's dtype

@@ -63,11 +63,15 @@ def _conv_backward_cuda(grad_y, x, weight, initial_state, y, preact, dilation, g
 
 
 def _attention_cuda(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
-                    dropout_p, dropout_seed):
+                    dropout_p, dropout_seed, out_fp32=False):
+    import torch
+
     from seqkern.triton import attention
 
+    out_dtype = torch.float32 if out_fp32 and q.dtype in (torch.bfloat16, torch.float16) else None
     out, lse = attention.attention_forward(q, k, v, attn_mask, key_lengths, is_causal,
-                                           bottom_right, window, scale, dropout_p, dropout_seed)
+                                           bottom_right, window, scale, dropout_p, dropout_seed,
+                                           out_dtype=out_dtype)
     return out, lse.double()  # the op's contract; the Triton kernels keep it in float32
 
 
@@ -75,7 +79,8 @@ def _attention_backward_cuda(grad_out, q, k, v, out, lse, attn_mask, key_lengths
                              bottom_right, window, scale, dropout_p, dropout_seed, mask_grad):
     from seqkern.triton import attention
 
-    dq, dk, dv, dm = attention.attention_backward(grad_out, q, k, v, out, lse.float(), attn_mask,
+    # (a float32 grad_out comes from rounding a float32 out: its values are q's dtype's)
+    dq, dk, dv, dm = attention.attention_backward(grad_out.to(q.dtype), q, k, v, out, lse.float(), attn_mask,
                                                   key_lengths, is_causal, bottom_right, window,
                                                   scale, dropout_p, dropout_seed, mask_grad)
     return dq, dk, dv, dm if dm is not None else q.new_empty((0,))

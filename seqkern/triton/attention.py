@@ -479,14 +479,15 @@ def _forward_launcher():
 
 
 def attention_forward(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
-                      dropout_p: float = 0.0, dropout_seed=None):
+                      dropout_p: float = 0.0, dropout_seed=None, out_dtype=None):
     """Same contract as ``seqkern::attention_forward``: 4-D q, k, v → (out, lse (B, Hq, Lq)),
-    lse in float32 here. Dropout drops the pattern ``seqkern.ops.dropout_keep_mask`` gives."""
+    lse in float32 here, out in ``out_dtype`` (default q's). Dropout drops the pattern
+    ``seqkern.ops.dropout_keep_mask`` gives."""
     check_device(q)
     B, Hq, Lq, D, Hkv, Lk, DV, delta, mask, ms, kl, flags = _common(
         q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window)
     flags["DROPOUT"] = bool(dropout_p)
-    out = q.new_empty((B, Hq, Lq, DV))
+    out = q.new_empty((B, Hq, Lq, DV), dtype=out_dtype or q.dtype)
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
     args = (q, k, v, mask, kl, out, lse, *q.stride(), *k.stride(), *v.stride(), *ms,
             *out.stride(), Hq, Hq // Hkv, Lq, Lk, D, DV, scale * math.log2(math.e), delta,
