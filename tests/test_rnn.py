@@ -319,13 +319,19 @@ class TestBadInput:
 @pytest.mark.parametrize("mode,kw", [("rnn_tanh", {}), ("rnn_relu", {}), ("lstm", {}),
                                      ("lstm", {"peep": True}), ("gru", {})])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads,split", [(1, None), (2, None), (2, "units"), (2, "rows")])
 @pytest.mark.parametrize("I", [20, 300], ids=["projection_in_loop", "projection_gemm"])
-def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, I):
+def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, split, I,
+                                                 monkeypatch):
     """Sizes that take the fused float32 loop (H = 129 leaves a partial vector panel, the batch
     is ragged) on one and two threads: forward and gradients within the tolerance rule of the
     float64 reference. With B ≥ 8, I = 20 has the loop compute the input projection itself
-    and I = 300 reads it from one GEMM over all steps."""
+    and I = 300 reads it from one GEMM over all steps. Two threads share each step's hidden
+    units or split the batch rows (by work: the rows are sorted by length), forced both ways
+    in forward and backward, besides the default choice."""
+    if split:
+        monkeypatch.setenv("SEQKERN_RNN_SPLIT", split)
+        monkeypatch.setenv("SEQKERN_RNN_SPLIT_BWD", split)
     x, bs, h0, c0, w = make_case(mode, 9, I, 129, [23, 23, 20, 17, 9, 9, 4, 2, 1],
                                  torch.float64, scale=0.2, **kw)
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
@@ -333,6 +339,32 @@ def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, I)
     torch.set_num_threads(threads)
     try:
         _, (o64, g64) = run_both(mode, x, bs, h0, c0, w, reverse)  # float64 reference
+        (o32, g32), (r32, rg32) = run_both(mode, f32(x), bs, f32(h0), f32(c0),
+                                           {k: f32(v) for k, v in w.items()}, reverse)
+    finally:
+        torch.set_num_threads(old)
+    for exact, ours, plain in zip(o64 + g64, o32 + g32, r32 + rg32):
+        err_o = (ours.double() - exact).abs().max().item()
+        err_t = (plain.double() - exact).abs().max().item()
+        assert err_o <= 2 * err_t + 2e-5, (err_o, err_t)
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("split", ["units", "rows"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_float32_many_rows_per_thread(mode, split, reverse, monkeypatch):
+    """40 ragged rows and H = 200, where each thread's share of the rows is swept one k block
+    of the weight panels at a time (panels larger than L1), rows split either way."""
+    monkeypatch.setenv("SEQKERN_RNN_SPLIT", split)
+    monkeypatch.setenv("SEQKERN_RNN_SPLIT_BWD", split)
+    gen = torch.Generator().manual_seed(40)
+    lengths = sorted(torch.randint(1, 31, (40,), generator=gen).tolist(), reverse=True)
+    x, bs, h0, c0, w = make_case(mode, 40, 20, 200, lengths, torch.float64, scale=0.1)
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, (o64, g64) = run_both(mode, x, bs, h0, c0, w, reverse)
         (o32, g32), (r32, rg32) = run_both(mode, f32(x), bs, f32(h0), f32(c0),
                                            {k: f32(v) for k, v in w.items()}, reverse)
     finally:
