@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import seqkern
 import seqkern.nn as snn
 from seqkern import registry
+from seqkern.ops import rnn as ops
 
 PAIRS = {"lstm": (torch.nn.LSTM, snn.LSTM), "gru": (torch.nn.GRU, snn.GRU),
          "rnn": (torch.nn.RNN, snn.RNN)}
@@ -308,6 +309,86 @@ def test_torch_compile_fullgraph():
     compiled(x).sum().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _training_results(fn, x, m, *args):
+    """[loss, dx, every parameter's gradient] of fn(x, *args) → a scalar."""
+    xx = x.clone().requires_grad_()
+    m.zero_grad()
+    loss = fn(xx, *args)
+    loss.backward()
+    return [loss.detach(), xx.grad] + [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_compile_fullgraph_with_lengths(cls, batch_first):
+    """lengths= compiles whole (the packing is one op with data-dependent output sizes):
+    training matches eager, and new lengths run the same graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = getattr(snn, cls)(5, 6, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn(3, 7, 5) if batch_first else torch.randn(7, 3, 5)
+
+    def loss(x, lengths):
+        out, h = m(x, lengths=lengths)
+        h = h[0] if isinstance(h, tuple) else h
+        return out.square().sum() + h.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for lengths in (torch.tensor([7, 2, 5]), torch.tensor([1, 1, 4])):
+        want = _training_results(loss, x, m, lengths)
+        got = _training_results(compiled, x, m, lengths)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        compiled(x, torch.tensor([8, 2, 5]))
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_torch_compile_fullgraph_with_packed_sequence(cls, enforce_sorted, with_state):
+    """A PackedSequence built outside the compiled region (torch's packing itself cannot be
+    traced): its batch size is a value of batch_sizes, read by an op when nothing else gives it."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    m = getattr(snn, cls)(5, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(7, 3, 5)
+    lengths = torch.tensor([7, 5, 2]) if enforce_sorted else torch.tensor([5, 7, 2])
+    h = torch.randn(4, 3, 6)
+    hx = ((h, torch.randn(4, 3, 6)) if cls == "LSTM" else h) if with_state else None
+
+    def loss(x):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths,
+                                                         enforce_sorted=enforce_sorted)
+        return compiled_body(packed) if compiling else body(packed)
+
+    def body(packed):
+        out, st = m(packed, hx)
+        st = st[0] if isinstance(st, tuple) else st
+        return out.data.square().sum() + st.sum()
+
+    compiled_body = torch.compile(body, fullgraph=True, backend="aot_eager")
+    compiling = False
+    want = _training_results(loss, x, m)
+    compiling = True
+    got = _training_results(loss, x, m)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_ops_opcheck():
+    x = torch.randn(6, 4, 3)
+    lengths = torch.tensor([2, 6, 1, 4])
+    torch.library.opcheck(ops._pack_by_lengths_op, (x, lengths))
+    data, batch_sizes, sorted_idx, unsorted_idx, rows = ops._pack_by_lengths_op(x, lengths)
+    want = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    for a, b in zip((data, batch_sizes, sorted_idx, unsorted_idx), want):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(ops._zero_states_op, (batch_sizes, x, 2, 5, 3))
+    h, c = ops._zero_states_op(batch_sizes, x, 2, 5, 3)
+    assert h.shape == (2, 4, 5) and c.shape == (2, 4, 3) and not h.any() and not c.any()
 
 
 class TestModuleErrors:

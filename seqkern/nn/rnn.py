@@ -220,7 +220,14 @@ class _RecurrentBase(nn.Module):
                 raise ValueError("lengths= cannot be combined with a PackedSequence input")
             data, batch_sizes, sorted_idx, unsorted_idx = input
             self._check_input(data, 2, "PackedSequence.data", weights)
-            B = int(batch_sizes[0])
+            if not torch.compiler.is_compiling():
+                B = int(batch_sizes[0])
+            elif sorted_idx is not None:  # traced: batch_sizes[0] is a value, not a shape
+                B = sorted_idx.shape[0]
+            elif hx is not None:
+                B = (hx[0] if is_lstm and isinstance(hx, (tuple, list)) else hx).shape[-2]
+            else:
+                B = None  # the zero states' op reads it
         else:
             if not isinstance(input, Tensor):
                 raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
@@ -239,7 +246,11 @@ class _RecurrentBase(nn.Module):
                 lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
                 if lengths.shape != (B,):
                     raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-            if lengths is not None and B > 0:
+            if lengths is not None and B > 0 and torch.compiler.is_compiling():
+                # one op whose outputs have data-dependent sizes; it checks the lengths itself
+                data, batch_sizes, sorted_idx, unsorted_idx, rows = ops._pack_by_lengths_op(
+                    x, lengths)
+            elif lengths is not None and B > 0:
                 if int(lengths.min()) < 1 or int(lengths.max()) > T:
                     raise ValueError(f"lengths must lie in [1, T={T}], got min {int(lengths.min())}"
                                      f" max {int(lengths.max())}")
@@ -248,7 +259,11 @@ class _RecurrentBase(nn.Module):
                 data = x.contiguous().view(T * B, x.shape[2])
                 batch_sizes = self._uniform_batch_sizes(T, B)
 
-        if hx is None:
+        if hx is None and B is None:
+            h0, c0 = ops._zero_states_op(batch_sizes, data.detach(), LD, Hs,
+                                         self.hidden_size if is_lstm else 0)
+            c0 = c0 if is_lstm else None
+        elif hx is None:
             h0 = data.new_zeros(LD, B, Hs)
             c0 = data.new_zeros(LD, B, self.hidden_size) if is_lstm else None
         else:
@@ -270,7 +285,7 @@ class _RecurrentBase(nn.Module):
                 h0 = h0.index_select(1, sorted_idx)
                 c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
 
-        if B == 0:  # an empty batch: empty outputs, and the (empty) states as given, as torch
+        if B is not None and B == 0:  # an empty batch: empty outputs, and the states as given
             width = (2 if self.bidirectional else 1) * Hs
             output = data.new_zeros((0, T, width) if self.batch_first else (T, 0, width))
             return output, ((h0.clone(), c0.clone()) if is_lstm else h0.clone())

@@ -123,7 +123,7 @@ def _layer_grads(ctx, g_out, g_hn, g_cn, backward_fn):
      ws_hprev) = ctx.saved_tensors
     if g_hn is None:
         g_hn = torch.zeros_like(h0)
-    if g_cn is not None and g_cn.numel() == 0:
+    if ctx.mode != "lstm":  # c_n is an empty placeholder (by mode, not numel: B may be symbolic)
         g_cn = None
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr = backward_fn(
         ctx.mode, g_out, g_hn, g_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, out,
@@ -205,6 +205,63 @@ def _pack_rows(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     unsorted_idx = torch.empty_like(sorted_idx).scatter_(0, sorted_idx, torch.arange(B))
     return (x.reshape(T * B, x.shape[2]).index_select(0, rows), batch_sizes,
             sorted_idx.to(x.device), unsorted_idx.to(x.device), rows)
+
+
+@torch.library.custom_op("seqkern::pack_by_lengths", mutates_args=())
+def _pack_by_lengths_op(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """_pack_rows as one op, for torch.compile: the packed row count and the number of steps
+    are data-dependent (its fake gives them as unbacked sizes), which traced tensor code cannot
+    express. Checks the lengths, which a traced caller cannot do without a graph break."""
+    T, B = x.shape[0], x.shape[1]
+    if lengths.shape != (B,) or lengths.dtype != torch.int64:
+        raise ValueError(f"lengths must be int64 of shape ({B},), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        raise ValueError(f"lengths must lie in [1, T={T}], got min {int(lengths.min())} max "
+                         f"{int(lengths.max())}")
+    return _pack_rows(x, lengths.cpu())
+
+
+@_pack_by_lengths_op.register_fake
+def _(x, lengths):
+    ctx = torch.library.get_ctx()
+    T, B = x.shape[0], x.shape[1]
+    n = ctx.new_dynamic_size()  # packed rows, Σ lengths (≤ T·B)
+    steps = ctx.new_dynamic_size()  # max(lengths) (≤ T)
+    return (x.new_empty((n, x.shape[2])), lengths.new_empty((steps,), device="cpu"),
+            lengths.new_empty((B,), device=x.device), lengths.new_empty((B,), device=x.device),
+            lengths.new_empty((n,), device=x.device))
+
+
+def _pack_by_lengths_backward(ctx, g_data, *_):
+    T, B = ctx.shape
+    return _unpack_rows(g_data, ctx.saved_tensors[0], T, B), None
+
+
+def _pack_by_lengths_setup(ctx, inputs, output):
+    ctx.shape = tuple(inputs[0].shape[:2])
+    ctx.save_for_backward(output[4])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+_pack_by_lengths_op.register_autograd(_pack_by_lengths_backward,
+                                      setup_context=_pack_by_lengths_setup)
+
+
+@torch.library.custom_op("seqkern::zero_states", mutates_args=())
+def _zero_states_op(batch_sizes: Tensor, like: Tensor, layers: int, h_width: int,
+                    c_width: int) -> tuple[Tensor, Tensor]:
+    """Zero initial states (layers, B, h_width) and (layers, B, c_width) for a packed batch,
+    B = batch_sizes[0]: under torch.compile a value read from a tensor, which only an op (whose
+    fake gives B as an unbacked size) can turn into a shape without a graph break."""
+    B = int(batch_sizes[0])
+    return like.new_zeros(layers, B, h_width), like.new_zeros(layers, B, c_width)
+
+
+@_zero_states_op.register_fake
+def _(batch_sizes, like, layers, h_width, c_width):
+    B = torch.library.get_ctx().new_dynamic_size()
+    return like.new_empty((layers, B, h_width)), like.new_empty((layers, B, c_width))
 
 
 def _unpack_rows(data: Tensor, rows: Tensor, T: int, B: int) -> Tensor:
