@@ -1027,6 +1027,26 @@ def test_compile_fullgraph_mask_gradient_and_dropout():
     assert not torch.allclose(out, want[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_compile_fullgraph_low_precision_training(dtype):
+    """Compiled bf16/fp16 training traces the float32 output the backward uses for Δ and the
+    rounding after it: outputs in the input dtype, gradients equal to eager's."""
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = make_inputs((2, 4, 2, 37, 37, 16, 24), dtype, gen)
+    go = torch.randn(2, 4, 37, 24, generator=gen).to(dtype)
+    got = forward_backward(compiled, q, k, v, go)
+    want = forward_backward(f, q, k, v, go)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_window_with_key_lengths_leaves_some_rows_nothing(dtype):
     """A sliding window and a key length together leave late query rows with no key (their

@@ -1,5 +1,9 @@
 """The C++ recurrent kernels (one layer, one direction) against the reference: outputs, final
 states, every gradient; gradcheck in float64; opcheck of the custom ops; dtypes; bad input."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -329,9 +333,11 @@ def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, sp
     and I = 300 reads it from one GEMM over all steps. Two threads share each step's hidden
     units or split the batch rows (by work: the rows are sorted by length), forced both ways
     in forward and backward, besides the default choice."""
-    if split:
-        monkeypatch.setenv("SEQKERN_RNN_SPLIT", split)
-        monkeypatch.setenv("SEQKERN_RNN_SPLIT_BWD", split)
+    for var in ("SEQKERN_RNN_SPLIT", "SEQKERN_RNN_SPLIT_BWD"):
+        if split:
+            monkeypatch.setenv(var, split)
+        else:
+            monkeypatch.delenv(var, raising=False)
     x, bs, h0, c0, w = make_case(mode, 9, I, 129, [23, 23, 20, 17, 9, 9, 4, 2, 1],
                                  torch.float64, scale=0.2, **kw)
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
@@ -347,6 +353,40 @@ def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, sp
         err_o = (ours.double() - exact).abs().max().item()
         err_t = (plain.double() - exact).abs().max().item()
         assert err_o <= 2 * err_t + 2e-5, (err_o, err_t)
+
+
+_SMALLER_TEAM = """
+import torch
+from seqkern.ops import rnn as ops
+torch.manual_seed(0)
+torch.set_num_threads(2)
+w = {"w_ih": torch.randn(64, 32) * 0.2, "w_hh": torch.randn(64, 64) * 0.2}
+x, h0 = torch.randn(20 * 16, 32), torch.zeros(16, 64)
+bs = torch.full((20,), 16, dtype=torch.int64)
+out, hn, _ = ops.recurrent_layer("rnn_tanh", x, bs, h0, None, w)
+ref = torch.nn.functional.linear
+h, want = h0, []
+for t in range(20):
+    h = torch.tanh(ref(x[t * 16:(t + 1) * 16], w["w_ih"]) + ref(h, w["w_hh"]))
+    want.append(h)
+err = (out - torch.cat(want)).abs().max().item()
+print("ERR", err)
+assert err < 1e-4, err
+"""
+
+
+@pytest.mark.parametrize("split", ["units", "rows", "auto"])
+def test_fused_loop_with_a_smaller_openmp_team(split):
+    """OpenMP may start fewer threads than asked (OMP_THREAD_LIMIT, nested regions): the batch
+    rows must then be split over the threads that did start (review: rows owned by a thread id
+    that never ran were left unwritten)."""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    env.pop("SEQKERN_RNN_SPLIT", None)
+    if split != "auto":
+        env["SEQKERN_RNN_SPLIT"] = split
+    r = subprocess.run([sys.executable, "-c", _SMALLER_TEAM], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])

@@ -324,7 +324,7 @@ def _training_results(fn, x, m, *args):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_torch_compile_fullgraph_with_lengths(cls, batch_first):
     """lengths= compiles whole (the packing is one op with data-dependent output sizes):
-    training matches eager, and new lengths run the same graph."""
+    training matches eager, for two sets of lengths, and bad lengths still raise."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     m = getattr(snn, cls)(5, 6, num_layers=2, bidirectional=True, batch_first=batch_first)
@@ -345,7 +345,7 @@ def test_torch_compile_fullgraph_with_lengths(cls, batch_first):
         compiled(x, torch.tensor([8, 2, 5]))
 
 
-@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_torch_compile_fullgraph_with_packed_sequence(cls, enforce_sorted, with_state):

@@ -1086,7 +1086,8 @@ SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m
   max_out = ymax * kLn2 + m;  // back to the natural units of m (-inf stays -inf)
 }
 
-// q, k, v bf16 with the last dimension contiguous; out (bf16) and lse as in forward_kernel.
+// q, k, v bf16 with the last dimension contiguous; out (bf16, or float32 when the caller keeps
+// the unrounded output for the backward) and lse as in forward_kernel.
 // More than 32 queries: fewer take forward_kernel_bf16_few below, whose P stays in fp32 (with P
 // rounded to bf16, a peaked row's dS = P ⊙ (dP − Δ), Δ = rowsum(dO ⊙ O), kept the rounding: bf16
 // dK was 4× less accurate than torch's at Lq = 5, where torch takes its exact math path).
@@ -1812,7 +1813,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   // rounding (dK 3.9× torch's error at Dv ≠ D, where torch computes exactly).
   const bool wide = out_fp32 && at::isReducedFloatingType(q.scalar_type());
   const at::ScalarType out_type = wide ? at::kFloat : q.scalar_type();
-  // The bf16 tile kernel and the bf16 decode kernel write bf16 outputs themselves.
+  // The bf16 tile kernels write their output themselves (bf16, or float32 if wide), the decode
+  // kernel in the storage type; the fp32 tile kernel writes float32.
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   const bool narrow_kv = decode && at::isReducedFloatingType(q.scalar_type());  // decode writes it too
   at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv},

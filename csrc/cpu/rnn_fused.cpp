@@ -328,7 +328,7 @@ bool split_by_rows(bool backward, Cell cell, int nt, int64_t B, int64_t weight_b
   // Measured (2 threads, medians, rows against units): the backward at I = H = 128..256,
   // B = 16..32 1.06–1.33× faster, B = 8 0.98–1.04×, neutral at H = 512, 0.98–1.0× at H = 1024
   // (weights past L2); the RNN forward 1.08–1.5× at B ≥ 16, 0.90× at B = 8 (4 rows a thread:
-  // a 4-row tile). The gated cells' forward was 0.82–1.0× but for one shape (GRU
+  // a 4-row tile). The gated cells' forward was 0.69–1.0× but for one shape (GRU
   // T = 500, B = 16, I = 64, H = 128: 1.10×): their step is 3–4× longer, the barrier a smaller
   // part of it, and each thread then streams all G·H·(H + I) weights instead of half.
   const bool rnn = cell == Cell::RnnTanh || cell == Cell::RnnRelu;
@@ -460,7 +460,6 @@ void forward_loop(const ForwardArgs& a) {
   const int64_t weight_bytes = G * H * (H + (fuse_x ? I : 0)) * int64_t(sizeof(float));
   const bool by_rows = !amx && split_by_rows(false, C, at::get_num_threads(), B, weight_bytes);
   const int nt = by_rows ? at::get_num_threads() : thread_count(B, G * H, H, P);
-  const std::vector<int64_t> rows = by_rows ? row_split(L, nt) : std::vector<int64_t>{0, B};
   TORCH_INTERNAL_ASSERT(!amx || !fuse_x || (a.x_bf16 && a.w_ih_bf16 && I % 2 == 0));
   // A rows are [h | x_t] and one product per panel covers both, except for GRU, whose n gate
   // keeps x·W_in apart: there x_t is a second product (A = x rows as given).
@@ -495,6 +494,8 @@ void forward_loop(const ForwardArgs& a) {
       pack_gate_panels(wp, a.w_hh, G, H, H, U, p0, p1);
       if (fuse_x) pack_gate_panels(wxp, a.w_ih, G, H, I, U, p0, p1);
     }
+    // (split for the team OpenMP gave, which may be smaller than asked: nested, thread limits)
+    const std::vector<int64_t> rows = by_rows ? row_split(L, n_threads) : std::vector<int64_t>{0, B};
     const int64_t r0 = by_rows ? rows[tid] : 0, r1 = by_rows ? rows[tid + 1] : B;
     if (by_rows) {
       p0 = 0, p1 = P;
@@ -651,7 +652,6 @@ void backward_loop(const BackwardArgs& a) {
   PanelBuffer wb = amx ? PanelBuffer() : column_panel_buffer(GH, H, U);
   const bool by_rows = !amx && split_by_rows(true, C, at::get_num_threads(), B, GH * H * int64_t(sizeof(float)));
   const int nt = by_rows ? at::get_num_threads() : thread_count(B, GH, H, P);
-  const std::vector<int64_t> rows = by_rows ? row_split(L, nt) : std::vector<int64_t>{0, B};
   constexpr bool accumulate = C == Cell::Gru;
   // bf16: the gate gradients of each step in bf16 (double-buffered: a thread writes step s − 1's
   // while the other may still read step s's) as the A operand of the brgemm
@@ -666,6 +666,8 @@ void backward_loop(const BackwardArgs& a) {
     int64_t p0 = P * tid / n_threads, p1 = P * (tid + 1) / n_threads;
     if (amx) wbb.pack(p0, p1);
     else pack_column_panels(wb, a.w_hh, GH, H, U, p0, p1);
+    // (split for the team OpenMP gave, which may be smaller than asked: nested, thread limits)
+    const std::vector<int64_t> rows = by_rows ? row_split(L, n_threads) : std::vector<int64_t>{0, B};
     const int64_t r0 = by_rows ? rows[tid] : 0, r1 = by_rows ? rows[tid + 1] : B;
     if (by_rows) {
       p0 = 0, p1 = P;

@@ -301,10 +301,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                              _draw_seed() if p else None)
         else:
             p = float(dropout_p)
-            # training in bf16/fp16: the output in float32 for the backward, rounded here
+            # training in bf16/fp16: the output in float32 for the backward's Δ, rounded here
+            # (not with ≤ 4 queries: the decode backward sums Δ from its weights)
             train = _ext.needs_grad(q, k, v, m)
             args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None,
-                    train and q.dtype in (torch.bfloat16, torch.float16))
+                    train and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] > 4)
             if not _ext.direct_call_ok(q, k, v, m, kl):
                 out, _ = _attention_forward_op(*args)
             elif train:

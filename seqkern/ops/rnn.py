@@ -216,7 +216,9 @@ def _pack_by_lengths_op(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Ten
     if lengths.shape != (B,) or lengths.dtype != torch.int64:
         raise ValueError(f"lengths must be int64 of shape ({B},), got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")
-    if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+    if B == 0:
+        raise ValueError("pack_by_lengths needs a non-empty batch")
+    if int(lengths.min()) < 1 or int(lengths.max()) > T:
         raise ValueError(f"lengths must lie in [1, T={T}], got min {int(lengths.min())} max "
                          f"{int(lengths.max())}")
     return _pack_rows(x, lengths.cpu())
