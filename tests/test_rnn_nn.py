@@ -345,6 +345,25 @@ def test_torch_compile_fullgraph_with_lengths(cls, batch_first):
         compiled(x, torch.tensor([8, 2, 5]))
 
 
+def test_torch_compile_inductor_with_lengths():
+    """The same with Inductor, which generates code around the ops' unbacked sizes."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    m = snn.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 7, 5)
+
+    def loss(x, lengths):
+        out, (h, c) = m(x, lengths=lengths)
+        return out.square().sum() + h.sum() + c.sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    lengths = torch.tensor([7, 2, 5])
+    want = _training_results(loss, x, m, lengths)
+    got = _training_results(compiled, x, m, lengths)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 @pytest.mark.parametrize("with_state", [False, True])
