@@ -14,7 +14,9 @@
 //
 // Threads split the hidden units and stay alive for the whole sequence (one OpenMP region,
 // not one per step); a step only needs every thread's slice of h before the next one starts,
-// so there is exactly one barrier per step, forward and backward. h is double-buffered.
+// so there is exactly one barrier per step (StepBarrier), forward and backward. h is
+// double-buffered. Where the barrier costs more than it saves, threads split the batch rows
+// instead and need none (split_by_rows).
 //
 // Backward per step: phase 1 (own units) turns dh, dc into the gate gradients; after the
 // barrier, phase 2 computes dh_prev = dgates · W_hh for the thread's own columns, which are the
@@ -26,8 +28,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <thread>
 #include <cstdlib>
 #include <memory>
 #include <vector>
@@ -353,6 +359,38 @@ std::vector<int64_t> row_split(const Layout& L, int nt) {
   return rows;
 }
 
+// The per-step barrier of the units split: a counter and a generation flag on their own cache
+// lines, spun on with `pause`, yielding the core after 1000 spins, or 50 when there are more
+// threads than hardware threads (a thread spinning would keep the one it waits for off a core).
+// libgomp's barrier does more per call (team and task bookkeeping): measured forward, 2
+// threads, B = 1, T = 500, µs per step, omp barrier → this: RNN H = 128 1.01 → 0.88, H = 256
+// 2.98 → 2.75, GRU H = 128 1.86 → 1.67, LSTM H = 128 3.05 → 2.89; unchanged (±0.5 %) at B ≥ 8.
+// Release on arrival and acquire on leaving make every thread's writes of the step (its slice
+// of h) visible to all after it, as the OpenMP barrier's flush did.
+struct StepBarrier {
+  alignas(64) std::atomic<int> count{0};
+  alignas(64) std::atomic<int> generation{0};
+  int n = 1, spin_limit = 1000;
+  void set_threads(int threads) {
+    n = threads;
+    const unsigned hw = std::thread::hardware_concurrency();
+    spin_limit = hw != 0 && unsigned(threads) > hw ? 50 : 1000;
+  }
+  void wait() {
+    if (n <= 1) return;
+    const int gen = generation.load(std::memory_order_relaxed);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count.store(0, std::memory_order_relaxed);
+      generation.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      _mm_pause();
+      if (spins > spin_limit) std::this_thread::yield();
+    }
+  }
+};
+
 // ------------------------------------------------------------------ forward ----------------
 
 // The epilogue of a tile reads xg and writes out (and, in training, the saved gates) at rows
@@ -481,10 +519,13 @@ void forward_loop(const ForwardArgs& a) {
       std::copy(a.x_bf16 + (o + r) * I, a.x_bf16 + (o + r + 1) * I, dst + r * ldhb + wb.Kh);
   };
   if (x_in_a) copy_x_rows(0, hbbuf.data(), 0, B);
+  StepBarrier step_barrier;
 
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), n_threads = omp_get_num_threads();
+#pragma omp single
+    step_barrier.set_threads(n_threads);
     // this thread's panels (all of them when it owns rows) and rows [r0, r1) of each step
     int64_t p0 = P * tid / n_threads, p1 = P * (tid + 1) / n_threads;
     if (amx) {
@@ -598,9 +639,7 @@ void forward_loop(const ForwardArgs& a) {
       }
       if (x_in_a && s + 1 < L.T)
         copy_x_rows(s + 1, hbn, B * tid / n_threads, B * (tid + 1) / n_threads);
-      if (!by_rows) {
-#pragma omp barrier
-      }
+      if (!by_rows) step_barrier.wait();
     }
     if (amx) at::native::cpublas::brgemm_release(true);
   }
@@ -658,10 +697,13 @@ void backward_loop(const BackwardArgs& a) {
   VnniColumnPanels wbb = amx ? VnniColumnPanels(a.w_hh_bf16, GH, H, U) : VnniColumnPanels();
   const int64_t ldg = amx ? padded_stride(wbb.K) : 0;
   std::vector<c10::BFloat16> gbuf(amx ? 2 * B * ldg : 0, c10::BFloat16(0.0f));
+  StepBarrier step_barrier;
 
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), n_threads = omp_get_num_threads();
+#pragma omp single
+    step_barrier.set_threads(n_threads);
     // panels and rows as in forward_loop
     int64_t p0 = P * tid / n_threads, p1 = P * (tid + 1) / n_threads;
     if (amx) wbb.pack(p0, p1);
@@ -696,9 +738,7 @@ void backward_loop(const BackwardArgs& a) {
                 at::vec::convert(a.drec + (o + m) * GH + g * H + u0, gb + m * ldg + g * H + u0, n);
           }
         });
-      if (!by_rows) {
-#pragma omp barrier
-      }
+      if (!by_rows) step_barrier.wait();
       for (int64_t p = p0; p < p1; ++p) {
         if (amx) {
           for (int64_t m0 = 0; m0 < bs; m0 += kAmxRows) {
