@@ -320,6 +320,24 @@ class TestBadInput:
                                               None, False, False)
 
 
+def check_float32_within_torch_error(mode, x, bs, h0, c0, w, reverse, threads):
+    """The float64 case run in float32 on `threads` threads: outputs and gradients within 2×
+    (plus a floor) of plain PyTorch's float32 error against the float64 reference."""
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, (o64, g64) = run_both(mode, x, bs, h0, c0, w, reverse)  # float64 reference
+        (o32, g32), (r32, rg32) = run_both(mode, f32(x), bs, f32(h0), f32(c0),
+                                           {k: f32(v) for k, v in w.items()}, reverse)
+    finally:
+        torch.set_num_threads(old)
+    for exact, ours, plain in zip(o64 + g64, o32 + g32, r32 + rg32):
+        err_o = (ours.double() - exact).abs().max().item()
+        err_t = (plain.double() - exact).abs().max().item()
+        assert err_o <= 2 * err_t + 2e-5, (err_o, err_t)
+
+
 @pytest.mark.parametrize("mode,kw", [("rnn_tanh", {}), ("rnn_relu", {}), ("lstm", {}),
                                      ("lstm", {"peep": True}), ("gru", {})])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -340,19 +358,7 @@ def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, sp
             monkeypatch.delenv(var, raising=False)
     x, bs, h0, c0, w = make_case(mode, 9, I, 129, [23, 23, 20, 17, 9, 9, 4, 2, 1],
                                  torch.float64, scale=0.2, **kw)
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _, (o64, g64) = run_both(mode, x, bs, h0, c0, w, reverse)  # float64 reference
-        (o32, g32), (r32, rg32) = run_both(mode, f32(x), bs, f32(h0), f32(c0),
-                                           {k: f32(v) for k, v in w.items()}, reverse)
-    finally:
-        torch.set_num_threads(old)
-    for exact, ours, plain in zip(o64 + g64, o32 + g32, r32 + rg32):
-        err_o = (ours.double() - exact).abs().max().item()
-        err_t = (plain.double() - exact).abs().max().item()
-        assert err_o <= 2 * err_t + 2e-5, (err_o, err_t)
+    check_float32_within_torch_error(mode, x, bs, h0, c0, w, reverse, threads)
 
 
 _SMALLER_TEAM = """
@@ -400,19 +406,7 @@ def test_fused_float32_many_rows_per_thread(mode, split, reverse, monkeypatch):
     gen = torch.Generator().manual_seed(40)
     lengths = sorted(torch.randint(1, 31, (40,), generator=gen).tolist(), reverse=True)
     x, bs, h0, c0, w = make_case(mode, 40, 20, 200, lengths, torch.float64, scale=0.1)
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _, (o64, g64) = run_both(mode, x, bs, h0, c0, w, reverse)
-        (o32, g32), (r32, rg32) = run_both(mode, f32(x), bs, f32(h0), f32(c0),
-                                           {k: f32(v) for k, v in w.items()}, reverse)
-    finally:
-        torch.set_num_threads(old)
-    for exact, ours, plain in zip(o64 + g64, o32 + g32, r32 + rg32):
-        err_o = (ours.double() - exact).abs().max().item()
-        err_t = (plain.double() - exact).abs().max().item()
-        assert err_o <= 2 * err_t + 2e-5, (err_o, err_t)
+    check_float32_within_torch_error(mode, x, bs, h0, c0, w, reverse, 2)
 
 
 @pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
