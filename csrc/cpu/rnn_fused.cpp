@@ -32,10 +32,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
-#include <thread>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "cpu/gemm.h"
