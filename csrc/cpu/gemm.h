@@ -24,9 +24,10 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, 
              int64_t ldb, T beta, T* C, int64_t ldc);
 
 // A weight matrix used as the right-hand side of many GEMMs with the same shape (the
-// recurrent matrix, once per time step). With MKL it is packed once into MKL's internal panel
-// layout (cblas_sgemm_pack), so the per-step calls skip re-packing it — the dominant cost of a
-// small-M GEMM. Computes C[M×N] = A[M×K] · op(W) + beta·C, op(W) = Wᵀ (W stored N×K) when
+// recurrent matrix, once per time step). With MKL and max_m ≥ 2 it is packed once into MKL's
+// internal panel layout (cblas_sgemm_pack), so the per-step calls skip re-packing it, a large
+// cost of a small-M GEMM; with max_m ≤ 1 (or 0: the caller's choice not to pack) the calls use
+// W as stored. Computes C[M×N] = A[M×K] · op(W) + beta·C, op(W) = Wᵀ (W stored N×K) when
 // w_trans, else W (stored K×N). M may vary between calls up to max_m.
 template <typename T>
 class PackedWeight {

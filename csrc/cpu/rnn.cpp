@@ -83,11 +83,13 @@ const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
 }
 
 // The per-step loop's recurrent products reuse W_hh packed by MKL (PackedWeight) once packing
-// is paid for: about 64 rows of products over the sequence, and never for a few steps or a
-// single row. Measured forward, 2 threads, packed against not: B = 2, T = 4..6 and B = 3,
-// T = 5 1.1–1.9× slower packed; B = 4, T = 8..16 1.2× slower to even; B = 16, T = 12 and
-// B = 8, T = 20 1.06–1.7× faster packed; B = 1: a 4 MB W_hh took 1.2 ms to pack for a 5-step
-// call (1618 against 391 µs), and long sequences gained nothing.
+// is paid for: about 64 rows of products over the sequence, not for a few steps (PackedWeight
+// itself never packs for single rows). Measured forward, 2 threads, packed against not: GRU and
+// LSTM with B = 2, T = 4..6 or B = 3, T = 5 1.1–1.9× slower packed (B = 1, T = 5, H = 512:
+// packing the 4 MB W_hh took 1.2 ms of a 1618 µs LSTM call, 395 µs without); Cho GRU and
+// projected LSTM (the cells that still pack: the others take the fused loop from 16 rows)
+// with B = 4, T = 8..16 1.2× slower to even, B = 16, T = 12 and B = 8, T = 20 1.06–1.7×
+// faster packed.
 static int64_t packed_rows(const Layout& L) { return L.T >= 4 && L.N >= 64 ? L.B : 0; }
 
 // ---------------------------------------------------------------- forward -----------------

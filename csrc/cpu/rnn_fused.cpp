@@ -361,7 +361,8 @@ std::vector<int64_t> row_split(const Layout& L, int nt) {
 
 // The per-step barrier of the units split: a counter and a generation flag on their own cache
 // lines, spun on with `pause`, yielding the core after 1000 spins, or 50 when there are more
-// threads than hardware threads (a thread spinning would keep the one it waits for off a core).
+// threads than processors to run them (a thread spinning would keep the one it waits for off a
+// core). It never sleeps, as libgomp's eventually does: a step is microseconds to milliseconds.
 // libgomp's barrier does more per call (team and task bookkeeping): measured forward, 2
 // threads, B = 1, T = 500, µs per step, omp barrier → this: RNN H = 128 1.01 → 0.88, H = 256
 // 2.98 → 2.75, GRU H = 128 1.86 → 1.67, LSTM H = 128 3.05 → 2.89; unchanged (±0.5 %) at B ≥ 8.
@@ -369,22 +370,24 @@ std::vector<int64_t> row_split(const Layout& L, int nt) {
 // of h) visible to all after it, as the OpenMP barrier's flush did.
 struct StepBarrier {
   alignas(64) std::atomic<int> count{0};
-  alignas(64) std::atomic<int> generation{0};
-  int n = 1, spin_limit = 1000;
+  alignas(64) std::atomic<unsigned> generation{0};
+  alignas(64) int n = 1;  // (read-only during the steps)
+  unsigned spin_limit = 1000;
   void set_threads(int threads) {
+    // the processors this process may run on (its affinity mask), not all the machine's
+    static const int procs = omp_get_num_procs();
     n = threads;
-    const unsigned hw = std::thread::hardware_concurrency();
-    spin_limit = hw != 0 && unsigned(threads) > hw ? 50 : 1000;
+    spin_limit = threads > procs ? 50 : 1000;
   }
   void wait() {
     if (n <= 1) return;
-    const int gen = generation.load(std::memory_order_relaxed);
+    const unsigned gen = generation.load(std::memory_order_relaxed);
     if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
       count.store(0, std::memory_order_relaxed);
       generation.store(gen + 1, std::memory_order_release);
       return;
     }
-    for (int spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+    for (unsigned spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
       _mm_pause();
       if (spins > spin_limit) std::this_thread::yield();
     }
