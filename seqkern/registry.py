@@ -113,6 +113,13 @@ KERNEL_DTYPES = {
 }
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for inputs of `dtype`, and keep what they save for the
+    backward in: float32 for bfloat16 and float16, else the dtype itself. One rule for the
+    custom ops' fakes and for every backend's kernels registered under them."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 @torch.compiler.assume_constant_result
 def select(family: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The backend that runs `family` for tensors on `device` (of `dtype`, when given: a

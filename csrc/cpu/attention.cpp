@@ -1724,6 +1724,13 @@ at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The type the fp32/fp64 kernels read K and V in: bf16 and fp16 as stored (the decode kernels
+// widen them in registers, the tile kernels block by block: kv_rows), else the compute type.
+// Forward and backward must agree: the backward recomputes the forward's scores.
+at::ScalarType kv_storage_type(at::ScalarType t) {
+  return at::isReducedFloatingType(t) ? t : compute_type(t);
+}
+
 // t in type ct with its last dimension contiguous (a no-op for the usual layouts, including
 // slices of a packed qkv projection and views into a KV cache; see contiguous_as).
 at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType ct) {
@@ -1816,9 +1823,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   // The bf16 tile kernels write their output themselves (bf16, or float32 if wide), the decode
   // kernel in the storage type; the fp32 tile kernel writes float32.
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
-  const bool narrow_kv = decode && at::isReducedFloatingType(q.scalar_type());  // decode writes it too
+  const bool narrow_out = decode && at::isReducedFloatingType(q.scalar_type());  // decode writes it too
   at::Tensor out = empty_large({d.B, d.Hq, d.Lq, d.Dv},
-                               q.options().dtype(amx ? out_type : narrow_kv ? q.scalar_type() : ct));
+                               q.options().dtype(amx ? out_type : narrow_out ? q.scalar_type() : ct));
   at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, q.options().dtype(at::kDouble));
   if (out.numel() == 0 || lse.numel() == 0 || d.Lk == 0) {  // no keys: every row sees nothing
     out.zero_();
@@ -1834,10 +1841,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
     return {out, lse};
   }
-  // bf16/fp16 K and V are read as stored: the decode kernel widens them in registers, the tile
-  // kernel block by block (kv_rows)
-  const bool narrow_tiles = !decode && at::isReducedFloatingType(q.scalar_type()) && ct == at::kFloat;
-  const at::ScalarType kv_type = narrow_kv || narrow_tiles ? q.scalar_type() : ct;
+  const at::ScalarType kv_type = kv_storage_type(q.scalar_type());
   at::Tensor qc = rows_contiguous(q, ct);
   at::Tensor kc = rows_contiguous(k, kv_type), vc = rows_contiguous(v, kv_type);
   at::Tensor mask_hold, len_hold;
@@ -1967,8 +1971,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
                              static_cast<float>(scale), chunks, dq, dk_acc, dv_acc);
     dq = dq.mul_(scale).narrow(-1, 0, d.D);
   } else {
-    // bf16 K and V are read as stored, as in the forward
-    const at::ScalarType kv_type = at::isReducedFloatingType(q.scalar_type()) && ct == at::kFloat ? q.scalar_type() : ct;
+    const at::ScalarType kv_type = kv_storage_type(q.scalar_type());
     at::Tensor qc = rows_contiguous(q, ct), kc = rows_contiguous(k, kv_type),
                vc = rows_contiguous(v, kv_type);
     at::Tensor go = rows_contiguous(grad_out, ct);

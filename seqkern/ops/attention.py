@@ -42,15 +42,12 @@ def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[T
     return out, lse
 
 
-def _out_dtype(q: Tensor, out_fp32: bool) -> torch.dtype:
-    return torch.float32 if out_fp32 and q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-
-
 @_attention_forward_op.register_fake
 def _(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale, dropout_p,
       dropout_seed, out_fp32=False):
     B, Hq, Lq, _ = q.shape
-    return (q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=_out_dtype(q, out_fp32)),
+    return (q.new_empty((B, Hq, Lq, v.shape[-1]),
+                        dtype=registry.compute_dtype(q.dtype) if out_fp32 else q.dtype),
             q.new_empty((B, Hq, Lq), dtype=torch.float64))
 
 
@@ -301,11 +298,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                              _draw_seed() if p else None)
         else:
             p = float(dropout_p)
-            # training in bf16/fp16: the output in float32 for the backward's Δ, rounded here
-            # (not with ≤ 4 queries: the decode backward sums Δ from its weights)
+            # training: the output in the compute dtype (float32 for bf16/fp16) for the
+            # backward's Δ, rounded here (not with ≤ 4 queries: the decode backward sums Δ from
+            # its weights)
             train = _ext.needs_grad(q, k, v, m)
             args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None,
-                    train and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] > 4)
+                    train and q.shape[-2] > 4)
             if not _ext.direct_call_ok(q, k, v, m, kl):
                 out, _ = _attention_forward_op(*args)
             elif train:

@@ -25,10 +25,6 @@ _ACT_CODE = {None: 0, "none": 0, "relu": 1, "silu": 2, "tanh": 3}
 _SILU = 2
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
 def conv_state_size(kernel_size: int, dilation: int) -> int:
     """Columns of history a causal conv layer carries: (K − 1) · d."""
     return (kernel_size - 1) * dilation
@@ -50,7 +46,7 @@ def _conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: O
 @_conv_op.register_fake
 def _(x, weight, bias, initial_state, dilation, groups, activation, save_preact):
     B, _, L = x.shape
-    ct = _compute_dtype(x.dtype)
+    ct = registry.compute_dtype(x.dtype)
     keep = save_preact and activation == _SILU
     return (x.new_empty((B, weight.shape[0], L)),
             x.new_empty((B, weight.shape[0], L) if keep else (0,), dtype=ct))
@@ -113,7 +109,7 @@ def _(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight, res_bias, i
     B, R, L = x.shape
     return (x.new_empty((B, R, L)), x.new_empty((B, skip_weight.shape[0], L)),
             x.new_empty((B, conv_weight.shape[0], L) if save else (0,),
-                        dtype=_compute_dtype(x.dtype)))
+                        dtype=registry.compute_dtype(x.dtype)))
 
 
 @torch.library.custom_op("seqkern::wavenet_block_backward", mutates_args=(), device_types="cpu")

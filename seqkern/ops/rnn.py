@@ -22,10 +22,6 @@ MODES = ref.MODES
 _WEIGHT_KEYS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
 # ---------------------------------------------------------------- custom ops (C++ CPU) -----
 
 @torch.library.custom_op("seqkern::recurrent_layer", mutates_args=(), device_types="cpu")
@@ -45,7 +41,7 @@ def _(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, revers
     G = ref.gate_count(mode)
     H = w_hh.shape[0] // G
     N, B, Hs = x.shape[0], h0.shape[0], h0.shape[1]
-    ct = _compute_dtype(x.dtype)
+    ct = registry.compute_dtype(x.dtype)
     lstm = mode == "lstm"
     gates_rows = N if save and G > 1 else 0
     gates_cols = 4 * H if mode == "gru" else G * H

@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from seqkern import registry
+
 __all__ = ["importable", "install"]
 
 
@@ -34,12 +36,6 @@ def _lazy(module: str, name: str):
     return call
 
 
-def _compute_dtype(dtype):
-    import torch
-
-    return torch.float32 if dtype == torch.bfloat16 else dtype
-
-
 def _conv_cuda(x, weight, bias, initial_state, dilation, groups, activation, save_preact):
     from seqkern.ops.conv import _SILU
     from seqkern.triton import conv
@@ -47,7 +43,7 @@ def _conv_cuda(x, weight, bias, initial_state, dilation, groups, activation, sav
     act = {0: None, 1: "relu", 2: "silu", 3: "tanh"}[activation]
     y, pre = conv.conv_forward(x, weight, bias, initial_state, dilation, groups, act,
                                save_preact and activation == _SILU)
-    return y, pre.to(_compute_dtype(x.dtype))
+    return y, pre.to(registry.compute_dtype(x.dtype))
 
 
 def _conv_backward_cuda(grad_y, x, weight, initial_state, y, preact, dilation, groups,
@@ -64,14 +60,12 @@ def _conv_backward_cuda(grad_y, x, weight, initial_state, y, preact, dilation, g
 
 def _attention_cuda(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
                     dropout_p, dropout_seed, out_fp32=False):
-    import torch
-
     from seqkern.triton import attention
 
-    out_dtype = torch.float32 if out_fp32 and q.dtype in (torch.bfloat16, torch.float16) else None
     out, lse = attention.attention_forward(q, k, v, attn_mask, key_lengths, is_causal,
                                            bottom_right, window, scale, dropout_p, dropout_seed,
-                                           out_dtype=out_dtype)
+                                           out_dtype=registry.compute_dtype(q.dtype) if out_fp32
+                                           else None)
     return out, lse.double()  # the op's contract; the Triton kernels keep it in float32
 
 
@@ -92,7 +86,7 @@ def _wavenet_cuda(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weight,
 
     res, skip, h = conv.wavenet_forward(x, conv_weight, conv_bias, skip_weight, skip_bias,
                                         res_weight, res_bias, initial_state, dilation, save)
-    return res, skip, h.to(_compute_dtype(x.dtype))
+    return res, skip, h.to(registry.compute_dtype(x.dtype))
 
 
 def install(family: str, *ops) -> None:
@@ -100,8 +94,6 @@ def install(family: str, *ops) -> None:
     (``ops`` in the order the family's ops module declares them)."""
     if not importable():
         return
-    from seqkern import registry
-
     registry.register(family, "triton")
     if family == "rnn":
         forward, backward = ops

@@ -626,10 +626,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, m, kl, is_causal: bool, bottom_ri
     elif q.device.type == "cuda":
         from seqkern.ops.attention import _attention_forward_op
 
-        # training in bf16/fp16: the output in float32 for the backward's Δ, rounded here
-        wide = needs_grad and q.dtype in (torch.bfloat16, torch.float16)
+        # training: the output in the compute dtype for the backward's Δ, rounded here
         out, _ = _attention_forward_op(q, k, v, m, kl, *flags, float(dropout_p), dropout_seed,
-                                       wide)
+                                       needs_grad)
         out = out.to(q.dtype)
     else:
         out = _Attention.apply(q, k, v, m, kl, *flags, float(dropout_p), dropout_seed)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from seqkern import _ext
+from seqkern import _ext, registry
 from seqkern.triton.common import check_device, dot_acc, dot_precision, sigmoid, tanh
 
 _MODE_CODE = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3, "gru_cho": 4}
@@ -377,15 +377,6 @@ def _schedule(batch_sizes: Tensor, reverse: bool, device) -> Tensor:
     return torch.tensor(sched, dtype=torch.int32).t().contiguous().to(device)
 
 
-def _compute_dtype(dtype):
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def _ws_dtype(dtype):
-    # ops.rnn's fake registration: bf16 saves fp32, fp16 keeps fp16, fp32/fp64 as is.
-    return torch.float32 if dtype == torch.bfloat16 else dtype
-
-
 def _dummy(x):
     return x.new_empty((1,))
 
@@ -403,7 +394,8 @@ def recurrent_forward(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_pe
     T = batch_sizes.shape[0]
     if int(batch_sizes[0]) != B:
         raise ValueError(f"batch_sizes[0] ({int(batch_sizes[0])}) must equal h0's batch ({B})")
-    ct, wt = _compute_dtype(x.dtype), _ws_dtype(x.dtype)
+    # computed, and saved for the backward, in the op's compute dtype (its fake says so)
+    ct = wt = registry.compute_dtype(x.dtype)
     # All steps' input projections in one matmul (fp32 accumulate; cuBLAS on GPU).
     xp = torch.addmm(b_ih.to(ct), x.to(ct), w_ih.to(ct).t()) if b_ih is not None \
         else x.to(ct) @ w_ih.to(ct).t()
@@ -444,7 +436,7 @@ def recurrent_backward(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w
     Hs = ws_hprev.shape[1]
     N, B = x.shape[0], grad_hn.shape[0]
     T = batch_sizes.shape[0]
-    ct = _compute_dtype(x.dtype)
+    ct = registry.compute_dtype(x.dtype)
     lstm, proj = mode == "lstm", w_hr is not None
     dh = grad_hn.to(ct).contiguous().clone()
     dc = (grad_cn.to(ct).contiguous().clone() if grad_cn is not None
