@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/dtype.h"
 #include "cpu/gemm.h"
 #include "cpu/large_alloc.h"
 #include "cpu/vec_math.h"
@@ -537,22 +538,33 @@ inline void write_output_rows_bf16(int64_t mi, int64_t Dv, const float* acc, int
 // its columns, W queries per vector: folds the tile into the running max mx and sum sm, rescales
 // the accumulator rows (acc, Dv apart) of the queries whose max moved, and leaves the weights
 // exp(s − max) in place, times keep (same layout) where given; the sum is over the weights
-// before dropout.
+// before dropout. With `cols` (the queries that may see each key, as from tile_setup), keys no
+// query of a vector may see get weight 0 without an exp: on a causal diagonal tile that is 3/8
+// of them, and the exp is most of this function's time.
 template <typename T>
 void softmax_columns(T* st, int64_t ld, int64_t nk, int64_t mp, int64_t mi, const T* keep, T* mx,
-                     T* sm, T* acc, int64_t Dv) {
+                     T* sm, T* acc, int64_t Dv, const Span* cols = nullptr) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   for (int64_t r0 = 0; r0 < mp; r0 += W) {
+    // keys [c0, c1) that some query of this vector may see: both ends of cols[c] are
+    // non-decreasing in c, so the others lie before c0 or after c1 (their scores are -inf)
+    int64_t c0 = 0, c1 = nk;
+    if (cols) {
+      while (c0 < nk && cols[c0].hi <= r0) ++c0;
+      while (c1 > c0 && cols[c1 - 1].lo >= r0 + W) --c1;
+    }
+    for (int64_t c = 0; c < c0; ++c) V(T(0)).store(st + c * ld + r0);
+    for (int64_t c = c1; c < nk; ++c) V(T(0)).store(st + c * ld + r0);
     V bmax(neg_inf<T>());
-    for (int64_t c = 0; c < nk; ++c) bmax = running_max(bmax, V::loadu(st + c * ld + r0));
+    for (int64_t c = c0; c < c1; ++c) bmax = running_max(bmax, V::loadu(st + c * ld + r0));
     OnlineSoftmaxLanes<T> os;
     os.max = V::loadu(mx + r0);
     os.sum = V::loadu(sm + r0);
     V shift;
     const V alpha = os.update_max(bmax, shift);
     V colsum(T(0));
-    for (int64_t c = 0; c < nk; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       T* s = st + c * ld + r0;
       const V p = vexp(V::loadu(s) - shift);
       colsum = colsum + p;
@@ -622,7 +634,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
 
       const Span keys = block_keys(mask, b, i0, mi);
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
-        const int64_t nk = std::min(BK, d.Lk - j0);
+        // (keys past keys.hi are seen by no query of the block)
+        const int64_t nk = std::min(BK, keys.hi - j0);
         if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
         const auto [kj, ldk] = kv_rows(kbase + j0 * sk.l, sk.l, nk, d.D, kbuf.data());
         const auto [vj, ldv] = kv_rows(vbase + j0 * sv.l, sv.l, nk, d.Dv, vbuf.data());
@@ -635,7 +648,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
         if (drop.active)
           for (int64_t c = 0; c < nk; ++c) keep_down_column(rk_lo, rk_hi, mp, j0 + c, drop.threshold, keep.data() + c * BQ);
         softmax_columns<T>(ST.data(), BQ, nk, mp, mi, drop.active ? keep.data() : nullptr,
-                           mx.data(), sm.data(), acc.data(), d.Dv);
+                           mx.data(), sm.data(), acc.data(), d.Dv, cols);
         // O_i += P·V_j, P read from Sᵀ (row stride 1, k stride BQ)
         tile_gemm_impl<T>(mi, nk, ST.data(), 1, BQ, vj, ldv, acc.data(), d.Dv, true,
                           [&](int64_t r0, int64_t r1) {
@@ -1720,15 +1733,11 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
 
 // ------------------------------------------------------------------ entry points -----------
 
-at::ScalarType compute_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The type the fp32/fp64 kernels read K and V in: bf16 and fp16 as stored (the decode kernels
 // widen them in registers, the tile kernels block by block: kv_rows), else the compute type.
 // Forward and backward must agree: the backward recomputes the forward's scores.
 at::ScalarType kv_storage_type(at::ScalarType t) {
-  return at::isReducedFloatingType(t) ? t : compute_type(t);
+  return at::isReducedFloatingType(t) ? t : compute_type(t, "seqkern attention");
 }
 
 // t in type ct with its last dimension contiguous (a no-op for the usual layouts, including
@@ -1813,7 +1822,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     const c10::optional<at::Tensor>& dropout_seed, bool out_fp32) {
   const Dims d = check_inputs(q, k, v);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
-  const at::ScalarType ct = compute_type(q.scalar_type());
+  const at::ScalarType ct = compute_type(q.scalar_type(), "seqkern attention");
   const bool decode = use_decode(d, q.scalar_type());
   // A bf16/fp16 output in float32, as computed: the backward's Δ = rowsum(dO ⊙ O) is a
   // difference of near-equal terms for a peaked row, and with O rounded to bf16 it kept that
@@ -1927,7 +1936,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     int64_t window, double scale, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed, bool mask_grad) {
   const Dims d = check_inputs(q, k, v);
-  const at::ScalarType ct = compute_type(q.scalar_type());
+  const at::ScalarType ct = compute_type(q.scalar_type(), "seqkern attention");
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   MaskGradBuffer mgrad;
   if (mask_grad) mgrad = mask_grad_buffer(d, attn_mask, ct);

@@ -38,6 +38,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cpu/dtype.h"
 #include "cpu/gemm.h"
 #include "cpu/large_alloc.h"
 #include "cpu/vec_math.h"
@@ -73,13 +74,6 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, int64_t dilation, int64
   TORCH_CHECK(w.size(1) == g.Cin_g, "seqkern conv: weight has ", w.size(1),
               " input channels per group, expected ", g.Cin_g);
   return g;
-}
-
-at::ScalarType compute_type(const at::Tensor& t) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "seqkern conv: unsupported dtype ", st);
-  return at::isReducedFloatingType(st) ? at::kFloat : st;
 }
 
 const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
@@ -519,7 +513,7 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
   const Geom g = make_geom(x_in, w_in, dilation, groups);
   TORCH_CHECK(act >= kNone && act <= kTanh, "seqkern conv: unknown activation code ", act);
   const auto st = x_in.scalar_type();
-  const auto ct = compute_type(x_in);
+  const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   // Depthwise is memory bound: bf16/fp16 x and y are read and written as stored, not converted.
   const bool narrow_rows = at::isReducedFloatingType(st) && is_depthwise(g) && g.L > 0;
   at::Tensor x = contiguous_as(x_in, narrow_rows ? st : ct), w = contiguous_as(w_in, ct);
@@ -566,7 +560,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
                                       bool has_bias) {
   const Geom g = make_geom(x_in, w_in, dilation, groups);
   const auto st = x_in.scalar_type();
-  const auto ct = compute_type(x_in);
+  const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct), w = contiguous_as(w_in, ct);
   at::Tensor init = contiguous_as(opt(init_in), ct);
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({g.B, g.Cout, g.L}),
@@ -767,7 +761,7 @@ std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor
                                         int64_t dilation, bool save) {
   const Block k = make_block(x_in, conv_w, skip_w, res_w, dilation);
   const auto st = x_in.scalar_type();
-  const auto ct = compute_type(x_in);
+  const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct);
   at::Tensor wp = conv_w.to(ct).permute({2, 0, 1}).contiguous();
   at::Tensor cb = contiguous_as(opt(conv_b), ct), sb = contiguous_as(opt(skip_b), ct),
@@ -800,7 +794,7 @@ std::vector<at::Tensor> wavenet_backward(
   const Block k = make_block(x_in, conv_w, skip_w, res_w, dilation);
   const Geom& g = k.g;
   const auto st = x_in.scalar_type();
-  const auto ct = compute_type(x_in);
+  const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct);
   at::Tensor wp = conv_w.to(ct).permute({2, 0, 1}).contiguous();
   at::Tensor cb = contiguous_as(opt(conv_b), ct), init = contiguous_as(opt(init_in), ct);
@@ -872,7 +866,7 @@ std::vector<at::Tensor> wavenet_stack_step(
     TORCH_CHECK(dilations[i] >= 1, "seqkern wavenet step: dilations[", i, "] must be >= 1, got ",
                 dilations[i]);
   const auto st = x_in.scalar_type();
-  const auto ct = compute_type(x_in);
+  const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   const int64_t B = x_in.size(0), R = x_in.size(1);
   const int64_t S = skip_w[0].size(0);
   auto o = x_in.options().dtype(ct);

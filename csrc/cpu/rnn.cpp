@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "cpu/dtype.h"
 #include "cpu/gemm.h"
 #include "cpu/large_alloc.h"
 #include "cpu/rnn.h"
@@ -494,12 +495,6 @@ std::vector<at::Tensor> backward_impl(
 
 // ---------------------------------------------------------------- checks & dtype glue ------
 
-at::ScalarType compute_type(at::ScalarType st) {
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "seqkern: recurrent kernels support float32, float64, bfloat16 and float16, got ", st);
-  return at::isReducedFloatingType(st) ? at::kFloat : st;
-}
-
 // That t, where given, has exactly the shape `want`; the error names it as (a, b).
 void check_shape(const char* who, const char* name, const at::Tensor& t,
                  std::initializer_list<int64_t> want) {
@@ -687,7 +682,7 @@ std::vector<at::Tensor> recurrent_forward(
     TORCH_CHECK(!t->defined() || (t->scalar_type() == st && t->device() == x_.device()),
                 "seqkern cpu recurrence: ", name, " must have x's dtype and device (", st, ", ",
                 x_.device(), "), got (", t->scalar_type(), ", ", t->device(), ")");
-  const auto ct = compute_type(st);
+  const auto ct = compute_type(st, "seqkern: the recurrent kernels");
   Layout L(batch_sizes);
   const int64_t G = gate_count(cell), H = w_hh_.size(0) / G;
   // bfloat16 weights and inputs: the products take bf16 operands with fp32 sums; the state and
@@ -753,7 +748,7 @@ std::vector<at::Tensor> recurrent_backward(
     const at::Tensor& ws_cells, const at::Tensor& ws_hprev, bool reverse) {
   const Cell cell = parse_cell(mode);
   const auto st = x_.scalar_type();
-  const auto ct = compute_type(st);
+  const auto ct = compute_type(st, "seqkern: the recurrent kernels");
   Layout L(batch_sizes);
   TORCH_CHECK(ws_hprev.dim() == 2 && ws_hprev.size(0) == L.N,
               "seqkern cpu recurrence backward: the forward did not save activations "
