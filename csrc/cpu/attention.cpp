@@ -189,6 +189,18 @@ inline Span union_rows(const Span* rows, int64_t r0, int64_t r1, int64_t align) 
   return u;
 }
 
+// Keys [c0, c1) of a transposed tile (cols[c]: the queries that may see key c) that some query
+// of the vector of queries [r0, r0 + W) may see: both ends of cols[c] are non-decreasing in c,
+// so every other key lies before c0 or from c1 on. Their weights are 0 without an exp; on a
+// causal diagonal tile that is 3/8 of them.
+template <int64_t W>
+SEQKERN_INLINE Span vector_keys(const Span* cols, int64_t nk, int64_t r0) {
+  int64_t c0 = 0, c1 = nk;
+  while (c0 < nk && cols[c0].hi <= r0) ++c0;
+  while (c1 > c0 && cols[c1 - 1].lo >= r0 + W) --c1;
+  return Span{c0, c1};
+}
+
 // ------------------------------------------------------------------ row helpers ------------
 
 template <typename T>
@@ -538,22 +550,15 @@ inline void write_output_rows_bf16(int64_t mi, int64_t Dv, const float* acc, int
 // its columns, W queries per vector: folds the tile into the running max mx and sum sm, rescales
 // the accumulator rows (acc, Dv apart) of the queries whose max moved, and leaves the weights
 // exp(s − max) in place, times keep (same layout) where given; the sum is over the weights
-// before dropout. With `cols` (the queries that may see each key, as from tile_setup), keys no
-// query of a vector may see get weight 0 without an exp: on a causal diagonal tile that is 3/8
-// of them, and the exp is most of this function's time.
+// before dropout. With `cols` (as from tile_setup), keys no query of a vector may see get weight
+// 0 without an exp (vector_keys).
 template <typename T>
 void softmax_columns(T* st, int64_t ld, int64_t nk, int64_t mp, int64_t mi, const T* keep, T* mx,
                      T* sm, T* acc, int64_t Dv, const Span* cols = nullptr) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   for (int64_t r0 = 0; r0 < mp; r0 += W) {
-    // keys [c0, c1) that some query of this vector may see: both ends of cols[c] are
-    // non-decreasing in c, so the others lie before c0 or after c1 (their scores are -inf)
-    int64_t c0 = 0, c1 = nk;
-    if (cols) {
-      while (c0 < nk && cols[c0].hi <= r0) ++c0;
-      while (c1 > c0 && cols[c1 - 1].lo >= r0 + W) --c1;
-    }
+    const auto [c0, c1] = cols ? vector_keys<W>(cols, nk, r0) : Span{0, nk};
     for (int64_t c = 0; c < c0; ++c) V(T(0)).store(st + c * ld + r0);
     for (int64_t c = c1; c < nk; ++c) V(T(0)).store(st + c * ld + r0);
     V bmax(neg_inf<T>());
@@ -1529,7 +1534,13 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
               V shift, low;
               backward_shift(l + r0, std::min(W, mi - r0), shift, low);
               const V dlv = V::loadu(dl + r0, std::min(W, mi - r0));
+              const auto [c0, c1] = vector_keys<W>(cols, nk, r0);
               for (int64_t cc = 0; cc < nk; ++cc) {
+                if (cc >= c0 && cc < c1) continue;
+                V(T(0)).store(PT.data() + cc * BQ + r0);
+                V(T(0)).store(dST.data() + cc * BQ + r0);
+              }
+              for (int64_t cc = c0; cc < c1; ++cc) {
                 T* p = PT.data() + cc * BQ + r0;
                 T* ds = dST.data() + cc * BQ + r0;
                 const V pv = vexp(V::loadu(p) - shift - low);
