@@ -239,6 +239,14 @@ void scale_row(T* x, int64_t n, T a) {
   scaled_row_to(x, n, a, x);
 }
 
+// Σ_c x_c·y_c over n values stored in S, computed in T.
+template <typename T, typename S>
+SEQKERN_INLINE T row_dot(const S* x, const S* y, int64_t n) {
+  Vec<T> acc(T(0));
+  for_each_vec<T>(n, [&](int64_t c, int64_t m) { acc = at::vec::fmadd(load(x + c, m), load(y + c, m), acc); });
+  return at::vec::vec_reduce_all<T>([](Vec<T> u, Vec<T> w) { return u + w; }, acc);
+}
+
 // ------------------------------------------------------------------ masks ------------------
 
 // Everything that decides whether query i may see key j (SPEC "Causal masked attention").
@@ -471,28 +479,6 @@ void transpose_scaled(const T* src, int64_t ld_src, int64_t rows, int64_t cols, 
       at::vec::map([scale](Vec<T> x) { return x * Vec<T>(scale); }, d, d, rows);
     std::fill(d + rows, d + rows_to, T(0));
   }
-}
-
-// dst (B, H, ⌈L/BQ⌉, E, BQ): each block of BQ rows of src (B, H, L, E) transposed and
-// multiplied by `scale`, zero-padded, so a block is one contiguous E × BQ operand.
-template <typename T>
-at::Tensor pack_blocks_t(const at::Tensor& src, int64_t BQ, T scale) {
-  const int64_t B = src.size(0), H = src.size(1), L = src.size(2), E = src.size(3);
-  const int64_t nb = (L + BQ - 1) / BQ;
-  at::Tensor dst = empty_large({B, H, nb, E, BQ}, src.options());
-  const Strides ss(src);
-  const T* S = src.data_ptr<T>();
-  T* D = dst.data_ptr<T>();
-  at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t blk = t % nb, h = (t / nb) % H, b = t / (nb * H);
-      const int64_t i0 = blk * BQ, mi = std::min(BQ, L - i0);
-      const T* s = S + ss.at(b, h, i0);
-      T* d = D + t * E * BQ;
-      transpose_scaled(s, ss.l, mi, E, scale, d, BQ, BQ);
-    }
-  });
-  return dst;
 }
 
 // ------------------------------------------------------------------ forward ----------------
@@ -1463,27 +1449,32 @@ SEQKERN_INLINE void backward_shift(const double* lse, int64_t n, Vec<T>& hi, Vec
 // block j is visited; dQ rows accumulate in dq (each query head belongs to one task).
 //   Sᵀ = K_j·(scale·Qᵢ)ᵀ, Pᵀ = exp(Sᵀ − lse) (see split_lse), dPᵀ = V_j·dOᵢᵀ,
 //   dSᵀ = Pᵀ ⊙ (dPᵀ − Δ),
-//   dV_j += Pᵀ·dOᵢ, dK_j += dSᵀ·Qᵢ (·scale at the end), dQᵢ += dS·K_j (·scale by the caller).
-// qT, doT are query-side blocks packed by pack_blocks_t (qT already scaled).
+//   dV_j += Pᵀ·dOᵢ, dK_j += dSᵀ·Qᵢ (·scale at the end), dQᵢ += dS·K_j (·scale at the end).
+// Each query head belongs to one task, so the task prepares the query-side operands of its
+// heads itself, just before it uses them: the transposed blocks (scale·Qᵢ)ᵀ and dOᵢᵀ, the rows
+// Δ = rowsum(dO ⊙ O), and dQ zeroed, then scaled at the end. As separate passes over the whole
+// tensors (three packs, a zero_ and a mul_) they were a fifth of the fp32 backward at L = 128,
+// and wrote and re-read twice Q's size.
 template <typename T, typename S = T>
 void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
-                     const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& qT_,
-                     const at::Tensor& doT_, const at::Tensor& lse_, const at::Tensor& delta_,
-                     const Mask<T>& mask, const Dropout& drop, const MaskGrad<T>& mgrad,
-                     T scale, int64_t chunks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                     const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& o_,
+                     const at::Tensor& lse_, const Mask<T>& mask, const Dropout& drop,
+                     const MaskGrad<T>& mgrad, T scale, int64_t chunks, at::Tensor& dq,
+                     at::Tensor& dk, at::Tensor& dv) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   constexpr int64_t BQ = kBlockQ, BK = kBlockK;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ;
-  const Strides sq(q_), sk(k_), sv(v_), so(do_);
-  const T *Q = q_.data_ptr<T>(), *DO = do_.data_ptr<T>(), *QT = qT_.data_ptr<T>(),
-          *DOT = doT_.data_ptr<T>(), *DELTA = delta_.data_ptr<T>();
+  const Strides sq(q_), sk(k_), sv(v_), so(do_), sout(o_);
+  const T *Q = q_.data_ptr<T>(), *DO = do_.data_ptr<T>(), *O = o_.data_ptr<T>();
   const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
   constexpr bool widen = !std::is_same_v<S, T>;
   const double* LSE = lse_.data_ptr<double>();
   T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
+  const int64_t qt_size = nqb * d.D * BQ, dot_size = nqb * d.Dv * BQ;
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> QT, DOT, DELTA;  // the task's heads' query-side operands
     std::vector<T> PT(BK * BQ), dST(BK * BQ), dk_loc(BK * d.D), dv_loc(BK * d.Dv);
     std::vector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
     std::vector<T> keep(drop.active ? BK * BQ : 0);
@@ -1495,6 +1486,23 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       const auto [b, hk, h_begin, h_end, acc_row] = KvTask(d, chunks, task);
       const S* kbase = K + sk.at(b, hk);
       const S* vbase = Vp + sv.at(b, hk);
+      const int64_t nh = h_end - h_begin;
+      QT.resize(nh * qt_size);
+      DOT.resize(nh * dot_size);
+      DELTA.resize(nh * d.Lq);
+      for (int64_t h = h_begin; h < h_end; ++h) {
+        const int64_t hl = h - h_begin;
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
+          transpose_scaled(Q + sq.at(b, h, i0), sq.l, mi, d.D, scale,
+                           QT.data() + hl * qt_size + qb * d.D * BQ, BQ, BQ);
+          transpose_scaled(DO + so.at(b, h, i0), so.l, mi, d.Dv, T(1),
+                           DOT.data() + hl * dot_size + qb * d.Dv * BQ, BQ, BQ);
+        }
+        for (int64_t i = 0; i < d.Lq; ++i)
+          DELTA[hl * d.Lq + i] = row_dot<T>(DO + so.at(b, h, i), O + sout.at(b, h, i), d.Dv);
+        std::fill_n(DQ + (b * d.Hq + h) * d.Lq * d.D, d.Lq * d.D, T(0));
+      }
 
       for (int64_t j0 = 0; j0 < d.Lk; j0 += BK) {
         const int64_t nk = std::min(BK, d.Lk - j0);
@@ -1509,11 +1517,11 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
             const Span keys = block_keys(mask, b, i0, mi);
             if (keys.hi <= j0 || keys.lo >= j0 + nk) continue;
             if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
-            const int64_t blk = (b * d.Hq + h) * nqb + qb;
-            const T* qT = QT + blk * d.D * BQ;
-            const T* doT = DOT + blk * d.Dv * BQ;
+            const int64_t hl = h - h_begin;
+            const T* qT = QT.data() + hl * qt_size + qb * d.D * BQ;
+            const T* doT = DOT.data() + hl * dot_size + qb * d.Dv * BQ;
             const double* l = LSE + (b * d.Hq + h) * d.Lq + i0;
-            const T* dl = DELTA + (b * d.Hq + h) * d.Lq + i0;
+            const T* dl = DELTA.data() + hl * d.Lq + i0;
             auto col_spans = [&](int64_t depth) {
               return [&, depth](int64_t r0, int64_t r1) {
                 return std::pair<Span, Span>{union_rows(cols, r0, r1, W), Span{0, depth}};
@@ -1581,6 +1589,7 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
         for (int64_t i = 0; i < nk * d.D; ++i) dkd[i] = dk_loc[i] * scale;
         std::copy(dv_loc.begin(), dv_loc.begin() + nk * d.Dv, DV + (acc_row * d.Lk + j0) * d.Dv);
       }
+      for (int64_t h = h_begin; h < h_end; ++h) scale_row(DQ + (b * d.Hq + h) * d.Lq * d.D, d.Lq * d.D, scale);
     }
   });
 }
@@ -1895,10 +1904,7 @@ at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
   at::parallel_for(0, B * H * L, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t % L, h = (t / L) % H, bi = t / (L * H);
-      const S *x = A + sa.at(bi, h, i), *y = Bp + sb.at(bi, h, i);
-      V acc(T(0));
-      for_each_vec<T>(E, [&](int64_t c, int64_t n) { acc = at::vec::fmadd(load(x + c, n), load(y + c, n), acc); });
-      O[t] = at::vec::vec_reduce_all<T>([](V u, V w) { return u + w; }, acc);
+      O[t] = row_dot<T>(A + sa.at(bi, h, i), Bp + sb.at(bi, h, i), E);
     }
   });
   return out;
@@ -1968,12 +1974,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const bool direct = chunks == 1;  // else the chunks' partial dK, dV are summed
   const bool decode = use_decode(d, q.scalar_type());
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
-  // the bf16 tile kernel's dQ accumulator is as wide as its packed operands
-  at::Tensor dq = empty_large({d.B, d.Hq, d.Lq, amx ? amx_width(d.D) : d.D}, q.options().dtype(ct)).zero_();
+  // the bf16 tile kernel's dQ accumulator is as wide as its packed operands; backward_kernel
+  // zeroes and scales its dQ rows itself, the others' are zeroed here and scaled after
+  at::Tensor dq = empty_large({d.B, d.Hq, d.Lq, amx ? amx_width(d.D) : d.D}, q.options().dtype(ct));
+  if (decode || amx) dq.zero_();
   at::Tensor dk_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.D}, q.options().dtype(ct));
   at::Tensor dv_acc = empty_large({d.B, d.Hkv, chunks, d.Lk, d.Dv}, q.options().dtype(ct));
   if (dq.numel() == 0 || dk_acc.numel() == 0 || dv_acc.numel() == 0 || d.Lq == 0 || d.Lk == 0) {
-    dq = dq.narrow(-1, 0, d.D);
+    dq = dq.zero_().narrow(-1, 0, d.D);
     dk_acc.zero_();
     dv_acc.zero_();
   } else if (amx) {
@@ -2006,18 +2014,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
                                                         drop, mg, (scalar_t)scale, chunks, dq,
                                                         dk_acc, dv_acc);
         });
+        dq.mul_(scale);
       } else {
-        const at::Tensor delta = row_dots<scalar_t, scalar_t>(go, rows_contiguous(out, ct));
-        const at::Tensor qT = pack_blocks_t<scalar_t>(qc, kBlockQ, (scalar_t)scale);
-        const at::Tensor doT = pack_blocks_t<scalar_t>(go, kBlockQ, scalar_t(1));
+        const at::Tensor oc = rows_contiguous(out, ct);
         with_kv_type<scalar_t>(kv_type, [&](auto s) {
-          backward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, go, qT, doT, lse.contiguous(),
-                                                 delta, mask, drop, mg, (scalar_t)scale, chunks,
-                                                 dq, dk_acc, dv_acc);
+          backward_kernel<scalar_t, decltype(s)>(d, qc, kc, vc, go, oc, lse.contiguous(), mask,
+                                                 drop, mg, (scalar_t)scale, chunks, dq, dk_acc,
+                                                 dv_acc);
         });
       }
     });
-    dq.mul_(scale);
   }
   at::Tensor dk = direct ? dk_acc.squeeze(2) : dk_acc.sum(2);
   at::Tensor dv = direct ? dv_acc.squeeze(2) : dv_acc.sum(2);
