@@ -473,16 +473,26 @@ def test_peaked_scores_underflow_to_zero_weights(dtype, Lq, Lk, kind):
         assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("Lq, Lk", [(200, 200), (2, 500)], ids=["self", "decode"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq, Lk", [(200, 200), (2, 500), (1, 7), (4, 64), (8, 139)],
+                         ids=["self", "decode", "decode_few_keys", "decode_4", "decode_8"])
 def test_nan_query_gives_nan_in_its_row_only(dtype, Lq, Lk):
-    """A NaN in one query makes its scores NaN: its output row is NaN, as in torch, and the other
-    rows are untouched (the exp keeps NaN rather than clamping it to a weight of 0)."""
+    """A NaN in one query makes its scores NaN: its output row is NaN, as in torch's math path,
+    and the other rows are untouched (the exp keeps NaN rather than clamping it to a weight of
+    0); its gradients are NaN too. The decode kernels (≤ 8 queries) once dropped a NaN score
+    from the row maximum where they take keys one at a time (float64, and float32 with fewer
+    than 16 keys), which gave the row zeros."""
     gen = torch.Generator().manual_seed(stable_seed(dtype, Lq, Lk))
     q, k, v = (torch.randn(1, 2, n, 32, generator=gen).to(dtype) for n in (Lq, Lk, Lk))
     q[0, 1, Lq // 2, 5] = float("nan")
+    q.requires_grad_()
+    k.requires_grad_()
     out = sdpa(q, k, v)
     assert torch.isnan(out[0, 1, Lq // 2]).all()
+    out.sum().backward()
+    assert torch.isnan(q.grad[0, 1, Lq // 2]).all() and torch.isnan(k.grad[0, 1]).any()
+    assert torch.isfinite(q.grad[0, 0]).all() and torch.isfinite(k.grad[0, 0]).all()
+    out = out.detach()
     rest = torch.ones(Lq, dtype=torch.bool)
     rest[Lq // 2] = False
     assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, rest]).all()
@@ -1060,6 +1070,16 @@ def test_window_with_key_lengths_leaves_some_rows_nothing(dtype):
     assert torch.isfinite(got).all()
     assert (got[0, :, 150:] == 0).all()  # rows whose window lies past key 100
     torch.testing.assert_close(got.double(), exact, atol=FLOOR[dtype] * 8, rtol=0.02)
+
+
+@pytest.mark.parametrize("window", [2**63 - 1, 2**70, 1001])
+def test_window_past_every_key_is_no_window(window):
+    """Any window at least Lq + Lk rules nothing out, however large the int (beyond int64 too)."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = make_inputs((1, 2, 2, 300, 700, 32, 32), torch.float64, gen)
+    with torch.no_grad():
+        got = sdpa(q, k, v, is_causal=True, window=window)
+    torch.testing.assert_close(got, ref.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_dispatch_modes_and_tracing_see_the_registered_op():

@@ -107,6 +107,8 @@ def test_mha_errors():
         m(x, x, x, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="embed_dim=16"):
         m(torch.randn(2, 5, 8), x, x)
+    with pytest.raises(ValueError, match=r"same batch size.*key \(3, 5, 16\)"):
+        m(x, torch.randn(3, 5, 16), torch.randn(3, 5, 16))
 
 
 # ---------------------------------------------------------------- CausalSelfAttention --------

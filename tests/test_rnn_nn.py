@@ -217,6 +217,10 @@ def test_cells_empty_batch(kind):
         with torch.set_grad_enabled(grad):
             want, got = _flat(t(torch.empty(0, 5))), _flat(s(torch.empty(0, 5)))
         assert [a.shape for a in got] == [a.shape for a in want]
+        assert [a.requires_grad for a in got] == [a.requires_grad for a in want]
+    x = torch.empty(0, 5, requires_grad=True)  # a loss on an empty batch back-propagates, as torch's
+    sum(a.sum() for a in _flat(s(x))).backward()
+    assert x.grad.shape == (0, 5) and not s.weight_hh.grad.any()
 
 
 @pytest.mark.parametrize("state", [lambda: torch.zeros(1, 1, 7), lambda: "x",
@@ -467,6 +471,12 @@ def test_empty_batch_gives_empty_outputs_as_torch(kind, batch_first):
     assert [a.shape for a in _flat(s(x, hx))] == [a.shape for a in _flat(t(x, hx))]
     uni = make_pair(kind, 5, 7)[1]
     assert uni.step(torch.randn(0, 5, dtype=torch.float64))[0].shape == (0, 7)
+    # connected to autograd as torch's are: a loss on them back-propagates (zero gradients)
+    xg = x.clone().requires_grad_()
+    got, want = _flat(s(xg)), _flat(t(xg))
+    assert [a.requires_grad for a in got] == [a.requires_grad for a in want] == [True] * len(got)
+    sum(a.sum() for a in got).backward()
+    assert xg.grad.shape == x.shape and not s.weight_ih_l0.grad.any()
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])

@@ -490,8 +490,9 @@ void transpose_scaled(const T* src, int64_t ld_src, int64_t rows, int64_t cols, 
 // bf16 one rounds lse·log2(e) to fp32, as its weights are rounded to bf16 anyway.
 template <typename T>
 double row_lse(T mx, T sum) {
-  return sum > T(0) ? static_cast<double>(mx) + std::log(static_cast<double>(sum))
-                    : neg_inf<double>();
+  if (sum > T(0)) return static_cast<double>(mx) + std::log(static_cast<double>(sum));
+  // no allowed key: -inf; NaN scores (sum NaN) keep NaN, so the backward's weights are NaN too
+  return std::isnan(sum) ? std::numeric_limits<double>::quiet_NaN() : neg_inf<double>();
 }
 
 // row_lse of n rows, a vector of doubles at a time: a scalar log per row was 3.6 % of a bf16
@@ -506,7 +507,7 @@ void rows_lse(int64_t n, const T* mx, const T* sum, double* l) {
     for (int64_t i = 0; i < WD; ++i) sums[i] = i < m && sum[r0 + i] > T(0) ? double(sum[r0 + i]) : 1.0;
     VD::loadu(sums).log().store(logs);
     for (int64_t i = 0; i < m; ++i)
-      l[r0 + i] = sum[r0 + i] > T(0) ? static_cast<double>(mx[r0 + i]) + logs[i] : neg_inf<double>();
+      l[r0 + i] = sum[r0 + i] > T(0) ? static_cast<double>(mx[r0 + i]) + logs[i] : row_lse(mx[r0 + i], sum[r0 + i]);
   }
 }
 
@@ -811,7 +812,7 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
       else sc += mask.amask[idx];
     }
     s[j - keys.lo] = sc;
-    mx = std::max(mx, sc);
+    if (!(sc <= mx) && !std::isnan(mx)) mx = sc;  // a NaN score makes the max NaN, and the row
   }
   return mx;
 }

@@ -184,6 +184,10 @@ class MultiheadAttention(nn.Module):
             key = value = query
         N, L, _ = query.shape
         H, hd = self.num_heads, self.head_dim
+        if key.shape[0] != N or value.shape[0] != N or key.shape[1] != value.shape[1]:
+            raise ValueError(f"query, key and value must have the same batch size and key/value the "
+                             f"same length; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                             f"value {tuple(value.shape)} (batch_first={self.batch_first})")
 
         q, k, v = self._project(query, key, value)  # (N, L|S, E)
         if self.bias_k is not None:

@@ -287,8 +287,10 @@ class _RecurrentBase(nn.Module):
 
         if B is not None and B == 0:  # an empty batch: empty outputs, and the states as given
             width = (2 if self.bidirectional else 1) * Hs
-            output = data.new_zeros((0, T, width) if self.batch_first else (T, 0, width))
-            return output, ((h0.clone(), c0.clone()) if is_lstm else h0.clone())
+            sources = [data, h0] + ([c0] if is_lstm else []) + [t for w in weights for t in w.values()]
+            output = _in_graph(data.new_zeros((0, T, width) if self.batch_first else (T, 0, width)), sources)
+            h_n = _in_graph(h0.clone(), sources)
+            return output, ((h_n, _in_graph(c0.clone(), sources)) if is_lstm else h_n)
         out, h_n, c_n = ops._recurrence(self.mode, data, batch_sizes, h0, c0, weights,
                                         self.num_layers, self.bidirectional, self.dropout,
                                         self.training, check=False)
@@ -491,8 +493,9 @@ class _CellBase(nn.Module):
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
         if B == 0:  # an empty batch, as torch's cells allow
-            h_n = xb.new_zeros(0, self.hidden_size)
-            c_n = xb.new_zeros(0, self.hidden_size) if self.mode == "lstm" else None
+            sources = [xb, h, c] + list(params.values())
+            h_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources)
+            c_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources) if self.mode == "lstm" else None
         elif _one_step_kernel_applies(self.mode, xb, [h] + ([c] if c is not None else []),
                                       list(params.values())):
             h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, params["w_ih"], params["w_hh"],
@@ -505,6 +508,17 @@ class _CellBase(nn.Module):
             h_n = h_n.squeeze(0)
             c_n = c_n.squeeze(0) if c_n is not None else None
         return h_n, c_n
+
+
+def _in_graph(empty: Tensor, sources) -> Tensor:
+    """`empty` (no elements) as a function of `sources`, as torch's empty-batch results are: a
+    loss built on it back-propagates (zero gradients) instead of finding no grad_fn."""
+    if not torch.is_grad_enabled():
+        return empty
+    for t in sources:
+        if t is not None and t.requires_grad:
+            empty = empty + t.sum() * 0  # a scalar broadcast over no elements
+    return empty
 
 
 class RNNCell(_CellBase):

@@ -289,7 +289,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             if m is not None and m.dim() == 3:
                 m = m.unsqueeze(1)
         kl = key_lengths.to(device=q.device, dtype=torch.int64) if key_lengths is not None else None
-        flags = (bool(is_causal), causal_alignment == "bottom_right", int(window or 0), float(scale))
+        # a window past Lq + Lk rules nothing out: clamped, so any int fits the op's int64
+        window = min(int(window), q.shape[-2] + k.shape[-2] + 1) if window else 0
+        flags = (bool(is_causal), causal_alignment == "bottom_right", window, float(scale))
         if backend == "triton":
             from seqkern.triton import attention as triton_attention
 
