@@ -35,6 +35,11 @@ constexpr int kNV = 4;
 // groups: the rows of Sᵀ).
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 96;
+// The forward's key tiles: its 128 × 64 score tile and the 64 × D transposed queries just fill
+// L1, and fewer tiles mean fewer online-softmax rescales of the accumulator. Measured, causal
+// fp32, one thread, 128 against 96 keys: 2–5 % faster at (B, H, L, D) = (16, 8, 128, 64),
+// (4, 4, 256, 64), (1, 8, 1024, 64), (1, 4, 2048, 128); the backward was within ±1 %.
+constexpr int64_t kForwardBlockK = 128;
 // Up to kDecodeRows query rows the row-wise decode kernels run; up to kDecodeRowsMax too, except
 // for bf16 where AMX serves (see use_decode).
 constexpr int64_t kDecodeRows = 4;
@@ -595,7 +600,8 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                     at::Tensor& out, at::Tensor& lse) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  constexpr int64_t BQ = kBlockQ, BK = kBlockK;
+  constexpr int64_t BQ = kBlockQ;
+  constexpr int64_t BK = kForwardBlockK;
   constexpr bool widen = !std::is_same_v<S, T>;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ;
   const Strides sq(q_), sk(k_), sv(v_);
@@ -1464,7 +1470,8 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                      at::Tensor& dk, at::Tensor& dv) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  constexpr int64_t BQ = kBlockQ, BK = kBlockK;
+  constexpr int64_t BQ = kBlockQ;
+  constexpr int64_t BK = kBlockK;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ;
   const Strides sq(q_), sk(k_), sv(v_), so(do_), sout(o_);
   const T *Q = q_.data_ptr<T>(), *DO = do_.data_ptr<T>(), *O = o_.data_ptr<T>();
