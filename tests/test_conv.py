@@ -487,3 +487,22 @@ def test_fused_wavenet_stack_step_checks_every_layer():
         with torch.no_grad(), pytest.raises(RuntimeError, match=match):
             ops.wavenet_stack_step(torch.randn(2, 4), wn.initial_state(2),
                                    [tuple(b) for b in blocks], wn.dilations)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("groups", [1, 2], ids=["dense", "depthwise"])
+def test_silu_of_extreme_preactivations_as_torch(dtype, groups):
+    """silu(z) = z·σ(z) at |z| up to 3e38 and ±inf: σ is 0 where e^{-z} overflows, so silu is -0
+    (and NaN at -inf, 0·-inf), as torch's; it once came out as z·4.5e-39 (-1.35 at -3e38)."""
+    z = torch.tensor([float("-inf"), -3e38, -1e30, -1e4, -88.5, -80.0, -1.0, 0.0, 1.0, 1e30,
+                      float("inf")])
+    x = torch.stack([z, z]).unsqueeze(0).to(dtype).requires_grad_()  # (1, 2, L)
+    w = torch.ones(2, 2 // groups, 1, dtype=dtype) / (2 // groups)  # passes z through
+    got = ops.causal_conv1d(x, w, None, 1, groups, "silu")
+    tol = dict(rtol=1.6e-2, atol=1e-30) if dtype == torch.bfloat16 else {}
+    want = F.silu(x.detach().float()).to(dtype).float()
+    torch.testing.assert_close(got.float(), want, equal_nan=True, **tol)
+    got.backward(torch.ones_like(got))
+    xr = x.detach().float().requires_grad_()
+    F.silu(xr).backward(torch.ones_like(xr))
+    torch.testing.assert_close(x.grad.float(), xr.grad.to(dtype).float(), equal_nan=True, **tol)

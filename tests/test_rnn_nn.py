@@ -1,6 +1,7 @@
 """seqkern.nn recurrent modules as drop-ins for torch.nn: same parameters, outputs, states and
 gradients across configurations; PackedSequence and lengths=; cells; step(); torch.compile."""
 import copy
+import io
 import itertools
 import random
 
@@ -704,3 +705,34 @@ def test_dropout_with_one_layer_warns_as_torch():
         snn.LSTM(3, 4, dropout=0.5)
     with pytest.warns(UserWarning, match="dropout"):
         torch.nn.LSTM(3, 4, dropout=0.5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_module_is_clean_after_transforms_and_fake_mode(kind):
+    """A call under torch.func.grad/jvp or FakeTensorMode leaves nothing of the transform in the
+    module: a later plain call (no_grad, inference_mode), deepcopy and torch.save work. (The
+    padded input's batch_sizes were cached on the module, and once held a GradTrackingTensor or
+    a FakeTensor.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m = make_pair(kind, 3, 4)[1]
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want = copy.deepcopy(m)(x)[0]
+
+    def fake_call(x):
+        with FakeTensorMode(allow_non_fake_inputs=True) as fm:
+            m(fm.from_tensor(x))
+
+    for transformed in (lambda x: torch.func.grad(lambda x: m(x)[0].sum())(x),
+                        lambda x: torch.func.jvp(lambda x: m(x)[0], (x,), (torch.ones_like(x),)),
+                        fake_call):
+        m.__dict__.pop("_batch_sizes_cache", None)  # as a first call with this shape would
+        transformed(x)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x)[0], want, rtol=0, atol=0)
+        with torch.inference_mode():
+            torch.testing.assert_close(m(x)[0], want, rtol=0, atol=0)
+        m.__dict__.pop("_batch_sizes_cache", None)
+        transformed(x)
+        torch.save(copy.deepcopy(m), io.BytesIO())

@@ -152,11 +152,14 @@ SEQKERN_INLINE Vec<T> gate_div(const Vec<T>& a, const Vec<T>& b) {
   return a / b;
 }
 
-// σ(x) = 1 / (1 + e^{-x}); e^{-x} saturates for very negative x, giving 0 to float precision.
+// σ(x) = 1 / (1 + e^{-x}). Below x = -88.3, where exp_accurate clamps (e^{-x} would overflow),
+// σ is 0: the clamped quotient, ~4.5e-39, times a huge x made silu(-3e38) = -1.35 (torch: -0).
 template <typename T>
 SEQKERN_INLINE Vec<T> sigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
-  if constexpr (std::is_same_v<T, float>) return gate_div(one, one + exp_accurate(x.neg()));
+  if constexpr (std::is_same_v<T, float>)
+    return Vec<float>::blendv(gate_div(one, one + exp_accurate(x.neg())), Vec<float>(0.0f),
+                              x < Vec<float>(-88.3f));
   else return one / (one + x.neg().exp());
 }
 

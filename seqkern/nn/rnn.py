@@ -320,7 +320,9 @@ class _RecurrentBase(nn.Module):
     def _uniform_batch_sizes(self, T: int, B: int) -> Tensor:
         """batch_sizes = [B] * T of a padded input, kept from the last call: the kernels only
         read it, and building it each call was ~2 µs of a ~100 µs call at B = 1."""
-        if torch.compiler.is_compiling():
+        if not _ext.direct_call_ok():
+            # traced, transformed (torch.func) or under a mode (FakeTensorMode): the tensor made
+            # here is a wrapper or a fake that must not outlive the call in the module
             return torch.full((T,), B, dtype=torch.int64)
         cached = self.__dict__.get("_batch_sizes_cache")
         if cached is None or cached[0] != (T, B):
