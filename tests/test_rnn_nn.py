@@ -736,3 +736,45 @@ def test_module_is_clean_after_transforms_and_fake_mode(kind):
         m.__dict__.pop("_batch_sizes_cache", None)
         transformed(x)
         torch.save(copy.deepcopy(m), io.BytesIO())
+
+
+_FAST_CASES = [(kind, cfg) for kind in ("lstm", "gru", "rnn") for cfg in (
+    dict(), dict(num_layers=3, bidirectional=True, batch_first=True), dict(bias=False),
+    dict(num_layers=2, dropout=0.5), dict(unbatched=True))] + [
+    ("lstm", dict(num_layers=2, proj_size=3)), ("rnn", dict(nonlinearity="relu")),
+    ("lstm", dict(peephole=True, bidirectional=True)), ("gru", dict(reset_after=False, num_layers=2))]
+
+
+@pytest.mark.parametrize("kind, cfg", _FAST_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_inference_fast_path_equals_general_path(kind, cfg, dtype):
+    """Inference calls with zero initial states take _inference_forward (each layer's kernel
+    called directly); its outputs and final states equal the general path's (a grad-enabled
+    call) and, where torch has the model, torch's. Training mode with inter-layer dropout and
+    inputs the general path must reject do not take it."""
+    cfg = dict(cfg)
+    unbatched = cfg.pop("unbatched", False)
+    native = not (cfg.get("peephole") or cfg.get("reset_after") is False)
+    scls = PAIRS[kind][1]
+    s = scls(5, 7, **cfg).to(dtype).eval()
+    x = torch.randn(6, 5, dtype=dtype) if unbatched else torch.randn(4, 6, 5, dtype=dtype)
+    with torch.no_grad():
+        assert s._inference_forward(x) is not None
+        got = _flat(s(x))
+        s.train()
+        assert (s._inference_forward(x) is not None) == (s.dropout == 0 or s.num_layers == 1)
+        s.eval()
+        assert s._inference_forward(torch.randn(4, 6, 3, dtype=dtype)) is None
+    general = [a.detach() for a in _flat(s(x))]  # grad enabled: the general path
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    assert [a.shape for a in got] == [a.shape for a in general]
+    for a, b in zip(got, general):
+        torch.testing.assert_close(a, b, **tol)
+    if native:
+        t = PAIRS[kind][0](5, 7, **cfg).to(dtype).eval()
+        t.load_state_dict(s.state_dict())
+        with torch.no_grad():
+            for a, b in zip(got, _flat(t(x))):
+                torch.testing.assert_close(a, b, **tol)
+    with pytest.raises(ValueError, match="input_size=5"), torch.no_grad():
+        s(torch.randn(4, 6, 3, dtype=dtype))

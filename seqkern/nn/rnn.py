@@ -95,6 +95,8 @@ class _RecurrentBase(nn.Module):
                     names["w_peep"] = "weight_peep" + sfx
                     setattr(self, names["w_peep"], nn.Parameter(torch.empty(3, hidden_size, **kw)))
                 self._names.append(names)
+        # the weight names in the order the kernels take them (None: not in this module)
+        self._kernel_args = [tuple(names.get(k) for k in ops._WEIGHT_KEYS) for names in self._names]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -205,9 +207,62 @@ class _RecurrentBase(nn.Module):
                             f"{ref.device}), got ({t.dtype}, {t.device})")
 
     def forward(self, input, hx=None, lengths=None):
+        if hx is None and lengths is None and not torch.is_grad_enabled():
+            out = self._inference_forward(input)
+            if out is not None:
+                return out
         # torch.autocast: the recurrence runs in its dtype (torch's LSTM and RNN do on the CPU,
         # every torch RNN does on CUDA), the weights cast as autocast casts them
         return _autocast.run(self._forward, input, hx, lengths, self._weights())
+
+    def _inference_forward(self, input):
+        """forward(input) without autograd, for the commonest call (a padded tensor on the cpu
+        backend, zero initial states, no autocast, no inter-layer dropout), or None for any
+        other: each layer's kernel called directly with no per-layer Python. The general path
+        spent 27–34 µs of Python per call, a third of a 50-step B = 1 RNN call (78 µs); this
+        one about 10. Anything unusual (a bad shape or dtype included) takes the general path,
+        which checks it."""
+        if (type(input) is not Tensor or input.dim() not in (2, 3)
+                or input.shape[-1] != self.input_size or 0 in input.shape
+                or (self.training and self.dropout > 0 and self.num_layers > 1)
+                or torch.is_autocast_enabled(input.device.type)
+                or registry.select("rnn", input.device, input.dtype) != "cpu"):
+            return None
+        args = [[getattr(self, n) if n else None for n in names] for names in self._kernel_args]
+        w = args[0][0]
+        if (w.dtype != input.dtype or w.device != input.device
+                or not _ext.direct_call_ok(input, *(a for layer in args for a in layer))):
+            return None
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
+        T, B = x.shape[0], x.shape[1]
+        inp = x.contiguous().view(T * B, self.input_size)
+        batch_sizes = self._uniform_batch_sizes(T, B)
+        _, Hs = self._state_sizes()
+        h0 = inp.new_zeros(B, Hs)  # read only: one for every layer
+        c0 = inp.new_zeros(B, self.hidden_size) if self.mode == "lstm" else None
+        hs, cs = [], []
+        D = 2 if self.bidirectional else 1
+        for k in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                out, h, c, *_ = _ext._C.recurrent_forward(self.mode, inp, batch_sizes, h0, c0,
+                                                          *args[k * D + d], d == 1, False)
+                outs.append(out)
+                hs.append(h)
+                cs.append(c)
+            inp = outs[0] if D == 1 else torch.cat(outs, dim=1)
+        output = inp.view(T, B, -1)
+        h_n = torch.stack(hs)
+        c_n = torch.stack(cs) if self.mode == "lstm" else None
+        if not batched:
+            output, h_n = output.squeeze(1), h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, ((h_n, c_n) if self.mode == "lstm" else h_n)
 
     def _forward(self, input, hx, lengths, weights):
         is_lstm = self.mode == "lstm"
