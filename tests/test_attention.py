@@ -121,6 +121,31 @@ def test_float64_matches_reference(shape, kind):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("threads, B, Hq, Hkv", [(1, 1, 5, 1), (2, 1, 9, 1), (2, 1, 10, 2),
+                                                 (2, 1, 12, 1), (1, 2, 5, 1), (2, 1, 8, 1)])
+@pytest.mark.parametrize("Lq", [16, 3], ids=["tiles", "decode"])
+def test_gqa_group_splits_with_empty_chunks(threads, B, Hq, Hkv, Lq):
+    """With few (batch, kv head) pairs the backward splits each group of g query heads into
+    chunks of ⌈g/chunks⌉, which can leave the last chunks with no head (g = 5 in 4 chunks of 2):
+    their dK/dV partial sums are zeros, not uninitialised memory, and the tile kernel, which
+    prepares each chunk's heads, once failed there (vector::_M_default_append)."""
+    gen = torch.Generator().manual_seed(stable_seed(threads, B, Hq, Hkv, Lq))
+    shape = (B, Hq, Hkv, Lq, 40, 8, 8)
+    q, k, v = make_inputs(shape, torch.float64, gen)
+    go = torch.randn(B, Hq, Lq, 8, generator=gen, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = forward_backward(sdpa, q, k, v, go, enable_gqa=True, is_causal=True,
+                               causal_alignment="bottom_right")
+    finally:
+        torch.set_num_threads(before)
+    want = forward_backward(ref.scaled_dot_product_attention, q, k, v, go, enable_gqa=True,
+                            is_causal=True, causal_alignment="bottom_right")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", ["none", "causal", "window_br", "causal+bool+key_lengths",

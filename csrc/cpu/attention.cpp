@@ -397,7 +397,9 @@ struct KvTask {
     const int64_t g = d.group(), per = (g + chunks - 1) / chunks, c = t % chunks;
     hk = (t / chunks) % d.Hkv;
     b = t / (chunks * d.Hkv);
-    h_begin = hk * g + c * per;
+    // (the last chunks may be empty, h_begin == h_end: g = 5 in 4 chunks of 2 leaves none for
+    // the fourth, whose dK/dV rows must still be written, as zeros)
+    h_begin = std::min(hk * g + c * per, hk * g + g);
     h_end = std::min(hk * g + g, h_begin + per);
     acc_row = (b * d.Hkv + hk) * chunks + c;
   }
