@@ -778,3 +778,14 @@ def test_inference_fast_path_equals_general_path(kind, cfg, dtype):
                 torch.testing.assert_close(a, b, **tol)
     with pytest.raises(ValueError, match="input_size=5"), torch.no_grad():
         s(torch.randn(4, 6, 3, dtype=dtype))
+
+
+def test_inference_path_on_a_module_pickled_before_it_existed():
+    """A module unpickled from an earlier seqkern has no _kernel_args: the inference path
+    builds it rather than failing."""
+    t, s = make_pair("lstm", 3, 4, num_layers=2)
+    del s.__dict__["_kernel_args"]
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        assert s._inference_forward(x) is not None
+        torch.testing.assert_close(s(x)[0], t(x)[0], atol=1e-12, rtol=1e-10)

@@ -228,7 +228,11 @@ class _RecurrentBase(nn.Module):
                 or torch.is_autocast_enabled(input.device.type)
                 or registry.select("rnn", input.device, input.dtype) != "cpu"):
             return None
-        args = [[getattr(self, n) if n else None for n in names] for names in self._kernel_args]
+        names_by_layer = self.__dict__.get("_kernel_args")
+        if names_by_layer is None:  # a module pickled before this path existed
+            names_by_layer = self._kernel_args = [tuple(n.get(k) for k in ops._WEIGHT_KEYS)
+                                                  for n in self._names]
+        args = [[getattr(self, n) if n else None for n in names] for names in names_by_layer]
         w = args[0][0]
         if (w.dtype != input.dtype or w.device != input.device
                 or not _ext.direct_call_ok(input, *(a for layer in args for a in layer))):
