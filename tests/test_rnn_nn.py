@@ -789,3 +789,18 @@ def test_inference_path_on_a_module_pickled_before_it_existed():
     with torch.no_grad():
         assert s._inference_forward(x) is not None
         torch.testing.assert_close(s(x)[0], t(x)[0], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_meta_device_modules_under_no_grad(kind):
+    """Meta-device modules give meta outputs of the right shapes with and without grad (the
+    inference path once asked autocast about the meta device, which raises); a meta input to a
+    cpu module gets the general path's clear error."""
+    m = PAIRS[kind][1](5, 7, num_layers=2, bidirectional=True, device="meta")
+    x = torch.randn(3, 2, 5, device="meta")
+    with torch.no_grad():
+        out = _flat(m(x))
+    assert [a.shape for a in out] == [a.shape for a in _flat(m(x))]
+    assert all(a.device.type == "meta" for a in out)
+    with pytest.raises(TypeError, match="dtype/device"), torch.no_grad():
+        PAIRS[kind][1](5, 7)(x)

@@ -225,7 +225,7 @@ class _RecurrentBase(nn.Module):
         if (type(input) is not Tensor or input.dim() not in (2, 3)
                 or input.shape[-1] != self.input_size or 0 in input.shape
                 or (self.training and self.dropout > 0 and self.num_layers > 1)
-                or torch.is_autocast_enabled(input.device.type)
+                or input.device.type != "cpu" or torch.is_autocast_enabled("cpu")
                 or registry.select("rnn", input.device, input.dtype) != "cpu"):
             return None
         names_by_layer = self.__dict__.get("_kernel_args")
