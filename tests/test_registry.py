@@ -163,3 +163,34 @@ def test_select_hands_dtypes_without_cpu_kernels_to_the_reference():
         assert registry.select(family, "cpu", torch.complex64) == "reference"
         with seqkern.use_backend("cpu"):
             assert registry.select(family, "cpu", torch.complex64) == "reference"
+
+
+def test_negative_bit_views_are_read_as_their_values():
+    """A real tensor can be a negative-bit view (z.conj().imag): its memory holds -x. Made by
+    public ops it is strided (the imaginary parts of complex storage), so the kernels' entry
+    copies it, which materialises the values: each family equals torch on it. (Only the private
+    torch._neg_view makes a contiguous one, which the kernels would read raw.)"""
+    import torch.nn.functional as F
+
+    import seqkern.nn as snn
+    from seqkern.ops import conv as conv_ops
+
+    def neg_view(t):
+        v = torch.complex(torch.zeros_like(t), -t).conj().imag  # = t, stored negated
+        assert v.is_neg()
+        return v
+
+    torch.manual_seed(0)
+    x = neg_view(torch.randn(3, 2, 5))
+    m, t = snn.LSTM(5, 4), torch.nn.LSTM(5, 4)
+    t.load_state_dict(m.state_dict())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(m(x)[0], t(x)[0])
+    q = neg_view(torch.randn(1, 2, 8, 16))
+    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    torch.testing.assert_close(seqkern.ops.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    xc, w = neg_view(torch.randn(2, 4, 10)), torch.randn(4, 4, 3)
+    torch.testing.assert_close(conv_ops.causal_conv1d(xc, w, None, 1, 1, None),
+                               F.conv1d(F.pad(xc, (2, 0)), w))
