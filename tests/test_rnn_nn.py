@@ -784,7 +784,7 @@ def test_inference_path_on_a_module_pickled_before_it_existed():
     """A module unpickled from an earlier seqkern has no _kernel_args: the inference path
     builds it rather than failing."""
     t, s = make_pair("lstm", 3, 4, num_layers=2)
-    del s.__dict__["_kernel_args"]
+    s.__dict__.pop("_kernel_args", None)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     with torch.no_grad():
         assert s._inference_forward(x) is not None

@@ -1553,11 +1553,12 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
               backward_shift(l + r0, std::min(W, mi - r0), shift, low);
               const V dlv = V::loadu(dl + r0, std::min(W, mi - r0));
               const auto [c0, c1] = vector_keys<W>(cols, nk, r0);
-              for (int64_t cc = 0; cc < nk; ++cc) {
-                if (cc >= c0 && cc < c1) continue;
+              auto zero = [&](int64_t cc) {
                 V(T(0)).store(PT.data() + cc * BQ + r0);
                 V(T(0)).store(dST.data() + cc * BQ + r0);
-              }
+              };
+              for (int64_t cc = 0; cc < c0; ++cc) zero(cc);
+              for (int64_t cc = c1; cc < nk; ++cc) zero(cc);
               for (int64_t cc = c0; cc < c1; ++cc) {
                 T* p = PT.data() + cc * BQ + r0;
                 T* ds = dST.data() + cc * BQ + r0;

@@ -95,8 +95,6 @@ class _RecurrentBase(nn.Module):
                     names["w_peep"] = "weight_peep" + sfx
                     setattr(self, names["w_peep"], nn.Parameter(torch.empty(3, hidden_size, **kw)))
                 self._names.append(names)
-        # the weight names in the order the kernels take them (None: not in this module)
-        self._kernel_args = [tuple(names.get(k) for k in ops._WEIGHT_KEYS) for names in self._names]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -228,8 +226,10 @@ class _RecurrentBase(nn.Module):
                 or input.device.type != "cpu" or torch.is_autocast_enabled("cpu")
                 or registry.select("rnn", input.device, input.dtype) != "cpu"):
             return None
+        # each layer's weight names in the order the kernels take them (None: not in this
+        # module), derived from _names on first use (so also for a module pickled before)
         names_by_layer = self.__dict__.get("_kernel_args")
-        if names_by_layer is None:  # a module pickled before this path existed
+        if names_by_layer is None:
             names_by_layer = self._kernel_args = [tuple(n.get(k) for k in ops._WEIGHT_KEYS)
                                                   for n in self._names]
         args = [[getattr(self, n) if n else None for n in names] for names in names_by_layer]

@@ -395,7 +395,7 @@ def recurrent_forward(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_pe
     if int(batch_sizes[0]) != B:
         raise ValueError(f"batch_sizes[0] ({int(batch_sizes[0])}) must equal h0's batch ({B})")
     # computed, and saved for the backward, in the op's compute dtype (its fake says so)
-    ct = wt = registry.compute_dtype(x.dtype)
+    ct = registry.compute_dtype(x.dtype)
     # All steps' input projections in one matmul (fp32 accumulate; cuBLAS on GPU).
     xp = torch.addmm(b_ih.to(ct), x.to(ct), w_ih.to(ct).t()) if b_ih is not None \
         else x.to(ct) @ w_ih.to(ct).t()
@@ -404,10 +404,10 @@ def recurrent_forward(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_pe
     out = x.new_empty((N, Hs))
     h_n = x.new_zeros((B, Hs))
     c_n = x.new_zeros((B, H)) if lstm else x.new_empty((0,))
-    gates = x.new_empty((N, 4 * H if mode == "gru" else G * H) if G > 1 else (1,), dtype=wt)
-    cells = x.new_empty((N, 3 * H if proj else 2 * H) if lstm else (1,), dtype=wt)
-    hprev = x.new_empty((N, Hs), dtype=wt)
-    scratch = x.new_empty((B, H) if mode == "gru_cho" else (1,), dtype=wt)
+    gates = x.new_empty((N, 4 * H if mode == "gru" else G * H) if G > 1 else (1,), dtype=ct)
+    cells = x.new_empty((N, 3 * H if proj else 2 * H) if lstm else (1,), dtype=ct)
+    hprev = x.new_empty((N, Hs), dtype=ct)
+    scratch = x.new_empty((B, H) if mode == "gru_cho" else (1,), dtype=ct)
     sched = _schedule(batch_sizes, reverse, x.device)
     c0_ = c0.contiguous() if c0 is not None else _dummy(x)
     grid = (triton.cdiv(B, BLOCK_B),)
@@ -420,10 +420,10 @@ def recurrent_forward(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_pe
         MODE=code, HAS_BHH=b_hh is not None, HAS_PEEP=w_peep is not None, HAS_PROJ=proj,
         PREC=dot_precision(x.dtype), BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
     if not save:
-        empty = x.new_empty((0,), dtype=wt)
+        empty = x.new_empty((0,), dtype=ct)
         return out, h_n, c_n, empty, empty, empty
-    return (out, h_n, c_n, gates if G > 1 else x.new_empty((0, G * H), dtype=wt),
-            cells if lstm else x.new_empty((0, 2 * H), dtype=wt), hprev)
+    return (out, h_n, c_n, gates if G > 1 else x.new_empty((0, G * H), dtype=ct),
+            cells if lstm else x.new_empty((0, 2 * H), dtype=ct), hprev)
 
 
 def recurrent_backward(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh,
