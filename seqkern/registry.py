@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 from typing import Iterator
 
 import torch
@@ -67,9 +68,10 @@ def availability(backend: str) -> tuple[bool, str]:
 def _is_available(backend: str) -> bool:
     """availability(backend)[0] without building the reason (select() runs on every op call)."""
     if backend == "cpu":
-        from seqkern import _ext
-
-        return _ext._C is not None
+        ext = sys.modules.get("seqkern._ext")  # (an import statement here cost ~0.3 µs)
+        if ext is None:
+            from seqkern import _ext as ext
+        return ext._C is not None
     return availability(backend)[0]
 
 
@@ -93,12 +95,27 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+# os.environ.get of an unset variable raises and catches a KeyError inside (about 0.8 µs);
+# select() reads SEQKERN_BACKEND on every op call, so it looks in the mapping's own dict
+# (0.04 µs), which os.environ keeps in step with os.environ[...] = and del.
+_environ_data = getattr(os.environ, "_data", None)
+_backend_key = (os.environ.encodekey("SEQKERN_BACKEND")
+                if _environ_data is not None and hasattr(os.environ, "encodekey") else None)
+
+
+def _backend_env() -> str:
+    if _backend_key is not None:
+        raw = _environ_data.get(_backend_key)
+        return "" if raw is None else os.environ.decodevalue(raw)
+    return os.environ.get("SEQKERN_BACKEND", "")
+
+
 def requested() -> str | None:
     """The backend forced by use_backend() or SEQKERN_BACKEND, if any."""
     name = _forced.get()
     if name is not None:
         return name
-    env = os.environ.get("SEQKERN_BACKEND", "").strip()
+    env = _backend_env().strip()
     if env and env != "auto":
         return _check_name(env, "SEQKERN_BACKEND")
     return None

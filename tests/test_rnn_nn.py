@@ -804,3 +804,100 @@ def test_meta_device_modules_under_no_grad(kind):
     assert all(a.device.type == "meta" for a in out)
     with pytest.raises(TypeError, match="dtype/device"), torch.no_grad():
         PAIRS[kind][1](5, 7)(x)
+
+
+_CELLS = {"lstm": (torch.nn.LSTMCell, snn.LSTMCell), "gru": (torch.nn.GRUCell, snn.GRUCell),
+          "rnn": (torch.nn.RNNCell, snn.RNNCell)}
+_LAYERS = {"lstm": (torch.nn.LSTM, snn.LSTM), "gru": (torch.nn.GRU, snn.GRU),
+           "rnn": (torch.nn.RNN, snn.RNN)}
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("how", ["parametrize", "old_weight_norm", "assigned"])
+def test_inference_paths_read_reparametrized_weights(kind, how):
+    """The no-grad fast paths (cells, layers' forward, step) read parameters from the module's
+    own dict; a weight that a parametrization or an old-style weight_norm hook provides, or one
+    assigned afresh, is not a plain entry there and must still be the weight used."""
+    torch.manual_seed(0)
+    tcell, scell = _CELLS[kind]
+    tlayer, slayer = _LAYERS[kind]
+    t, s = tcell(6, 5).double(), scell(6, 5).double()
+    tl, sl = tlayer(6, 5).double(), slayer(6, 5).double()
+    s.load_state_dict(t.state_dict())
+    sl.load_state_dict(tl.state_dict())
+    for mod, name in ((t, "weight_hh"), (s, "weight_hh"), (tl, "weight_hh_l0"), (sl, "weight_hh_l0")):
+        if how == "parametrize":
+            torch.nn.utils.parametrize.register_parametrization(mod, name, _Scale())
+        elif how == "old_weight_norm":
+            torch.nn.utils.weight_norm(mod, name)
+            with torch.no_grad():
+                getattr(mod, name + "_g").mul_(0.5)
+        else:
+            setattr(mod, name, torch.nn.Parameter(getattr(mod, name).detach() * 0.5))
+    x = torch.randn(3, 6, dtype=torch.float64)
+    xs = torch.randn(4, 3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in zip(_flat(t(x)), _flat(s(x))):
+            torch.testing.assert_close(b, a)
+        for a, b in zip(_flat(tl(xs)), _flat(sl(xs))):
+            torch.testing.assert_close(b, a)
+        torch.testing.assert_close(sl.step(xs[0])[0], tl(xs[:1])[0][0])
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, w):
+        return w * 0.5
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cells_no_grad_bad_state_errors_as_with_grad(kind):
+    """Under no_grad the cells' one-step path must not change what bad input raises."""
+    cell = _CELLS[kind][1](4, 3)
+    x = torch.randn(2, 4)
+    bad_shape = torch.zeros(2, 5)
+    bad_dtype = torch.zeros(2, 3, dtype=torch.float64)
+    for h, err, match in ((bad_shape, ValueError, r"hx must have shape \(2, 3\), got \(2, 5\)"),
+                          (bad_dtype, TypeError, "hx must match the input's dtype")):
+        hx = (h, torch.zeros(2, 3)) if kind == "lstm" else h
+        for ctx in (torch.enable_grad(), torch.no_grad()):
+            with ctx, pytest.raises(err, match=match):
+                cell(x, hx)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input must be \(batch, 4\)"):
+        cell(torch.randn(2, 5))
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cells_no_grad_follow_the_backend_env_at_run_time(kind, monkeypatch):
+    """SEQKERN_BACKEND set while running is honoured on the next call, by the fast paths too."""
+    calls = []
+    real = seqkern._ext._C.cell_step
+    monkeypatch.setattr(seqkern._ext._C, "cell_step", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    cell = _CELLS[kind][1](4, 3)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        want = _flat(cell(x))
+        assert len(calls) == 1
+        monkeypatch.setenv("SEQKERN_BACKEND", "reference")
+        for a, b in zip(_flat(cell(x)), want):
+            torch.testing.assert_close(a, b)
+        assert len(calls) == 1
+        monkeypatch.delenv("SEQKERN_BACKEND")
+        cell(x)
+        assert len(calls) == 2
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cells_no_grad_non_contiguous_inputs(kind):
+    torch.manual_seed(1)
+    t, s = _CELLS[kind][0](5, 7), _CELLS[kind][1](5, 7)
+    s.load_state_dict(t.state_dict())
+    x = torch.randn(5, 3).t()
+    h = torch.randn(7, 3)[:, ::1].t()
+    hx = (h, torch.randn(3, 14)[:, ::2]) if kind == "lstm" else h
+    with torch.no_grad():
+        for a, b in zip(_flat(t(x, hx)), _flat(s(x, hx))):
+            torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5)
