@@ -361,6 +361,20 @@ def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, sp
     check_float32_within_torch_error(mode, x, bs, h0, c0, w, reverse, threads)
 
 
+@pytest.mark.parametrize("mode,kw", [("rnn_tanh", {}), ("lstm", {}), ("lstm", {"peep": True}),
+                                     ("gru", {})])
+@pytest.mark.parametrize("T", [4, 9, 15])
+@pytest.mark.parametrize("H", [1, 17, 128, 129])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_float32_single_short_sequence(mode, kw, T, H, threads):
+    """One sequence of 4..15 steps takes the fused loop when W_hh is at most 256 KB (LSTM
+    H = 128 is exactly that, H = 129 just over it: the per-step loop), forward and backward
+    alike: results and gradients within the tolerance rule of the float64 reference."""
+    x, bs, h0, c0, w = make_case(mode, 1, 23, H, [T], torch.float64, scale=H ** -0.5, **kw)
+    check_float32_within_torch_error(mode, x, bs, h0, c0, w, False, threads)
+    check_float32_within_torch_error(mode, x, bs, h0, c0, w, True, threads)
+
+
 _SMALLER_TEAM = """
 import torch
 from seqkern.ops import rnn as ops

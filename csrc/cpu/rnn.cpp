@@ -44,8 +44,8 @@ struct Bf16Operands {
 
 // Whether a bfloat16 layer runs its per-step products on brgemm tiles: the fused loop, and a
 // batch of at least 8 rows (below, a brgemm call costs more than the step's product).
-bool bf16_tiles(Cell cell, bool proj, const Layout& L) {
-  return L.B >= 8 && amx_recurrence_supported() && fused_supported(cell, proj, L);
+bool bf16_tiles(Cell cell, bool proj, const Layout& L, int64_t H) {
+  return L.B >= 8 && amx_recurrence_supported() && fused_supported(cell, proj, L, H);
 }
 
 // Whether a bfloat16 layer on brgemm tiles does its input projection in the loop too, as
@@ -115,7 +115,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // recurrent matmul folded in (GRU's b_hn multiplies with r, so it stays out).
   // The summed bias is added in the gate pass rather than pre-filled into xg, which would
   // cost one more full write of the (N, G·H) buffer.
-  const bool fuse_x = std::is_same_v<T, float> && fused_supported(cell, proj, L) &&
+  const bool fuse_x = std::is_same_v<T, float> && fused_supported(cell, proj, L, H) &&
                       (bf.x.defined() || (!xg_given.defined() && fuse_input_projection(L, I)));
   at::Tensor xg = xg_given.defined() ? xg_given
                   : fuse_x           ? at::Tensor()
@@ -150,7 +150,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   T* hsave = save ? ws_hprev.data_ptr<T>() : nullptr;
   const int64_t GH = G * H;
   if constexpr (std::is_same_v<T, float>) {
-    if (fused_supported(cell, proj, L)) {
+    if (fused_supported(cell, proj, L, H)) {
       ForwardArgs fa{cell, &L, H, reverse, fuse_x ? nullptr : xg.data_ptr<float>(),
                      data_or_null<float>(x), data_or_null<float>(w_ih), I, bz, b_hn, whh,
                      ptr(bf.w_hh), ptr(bf.x), ptr(bf.w_ih), peep_p,
@@ -353,7 +353,7 @@ std::vector<at::Tensor> backward_impl(
   const bool cho = cell == Cell::GruCho;
   bool fused = false;
   if constexpr (std::is_same_v<T, float>) {
-    if (fused_supported(cell, proj, L)) {
+    if (fused_supported(cell, proj, L, H)) {
       BackwardArgs ba{cell, &L, H, reverse, gout, whh, ptr(bf.w_hh), peep_p, gsv, csv, hsv, outp,
                       dhp, dcp, dxgp, drecp};
       fused_backward(ba);
@@ -693,7 +693,7 @@ std::vector<at::Tensor> recurrent_forward(
   if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 &&
       w_hh_.scalar_type() == at::kBFloat16 && L.N > 0) {
     const int64_t I = x_.size(1);
-    const bool amx = bf16_tiles(cell, w_hr_.has_value(), L);
+    const bool amx = bf16_tiles(cell, w_hr_.has_value(), L, H);
     if (amx) bf.w_hh = w_hh_.contiguous();
     if (amx && I % 2 == 0 && fuse_bf16_projection(cell, G * H * (H + I), L.B)) {
       bf.x = x_.contiguous();
@@ -784,7 +784,8 @@ std::vector<at::Tensor> recurrent_backward(
     bf.x = x_.contiguous();
     bf.w_ih = w_ih_.contiguous();
     // and, as in the forward, the recurrent product on brgemm tiles
-    if (w_hh_.scalar_type() == at::kBFloat16 && bf16_tiles(cell, w_hr_.has_value(), L))
+    if (w_hh_.scalar_type() == at::kBFloat16 &&
+        bf16_tiles(cell, w_hr_.has_value(), L, w_ih_.size(0) / gate_count(cell)))
       bf.w_hh = w_hh_.contiguous();
   }
   // fp32 copies only of what the bf16 operands do not replace (backward_impl converts x and

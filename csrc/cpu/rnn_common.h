@@ -121,9 +121,17 @@ struct BackwardArgs {
 // Packing W_hh costs about as much as T·B = 8 rows of recurrent GEMM, and reads and writes all
 // of W_hh once more: cells and streaming steps (T < 4) and very short sequences go to the
 // per-step loop, which calls the BLAS without packing (measured: an LSTMCell at B = 32,
-// H = 1024 spent a third of its time packing a 16 MB W_hh it then used once).
-inline bool fused_supported(Cell c, bool proj, const Layout& L) {
-  return !proj && c != Cell::GruCho && L.N >= 16 && L.T >= 4;
+// H = 1024 spent a third of its time packing a 16 MB W_hh it then used once). A single
+// sequence whose W_hh fits in 256 KB is the exception: there each per-step BLAS call (a
+// threaded GEMV) costs a fork and join, more than packing. Measured, 2 threads, µs per call,
+// per-step → fused, B = 1, T = 4 / 8 / 15: LSTM H = 64 21.7 → 18.9 / 32.2 → 23.7 / 49.0 →
+// 28.3, H = 128 29.1 → 28.5 / 51.4 → 40.4 / 84.3 → 56.1; GRU H = 128 28.3 → 25.0 / 43.5 →
+// 31.4 / 69.2 → 43.0; RNN H = 256 27.4 → 27.1 / 45.5 → 36.5 / 81.7 → 54.4; but LSTM
+// H = 256 (1 MB) 65.6 → 119 / 119 → 142 / 224 → 221, and B = 2 mixed (LSTM H = 128, T = 6:
+// 46.4 → 52.9; GRU 37.9 → 35.4).
+inline bool fused_supported(Cell c, bool proj, const Layout& L, int64_t H) {
+  if (proj || c == Cell::GruCho || L.T < 4) return false;
+  return L.N >= 16 || (L.B == 1 && gate_count(c) * H * H * int64_t(sizeof(float)) <= (256 << 10));
 }
 // Whether the fused loop should also compute the input projection, step by step, instead of
 // reading it from one GEMM over all steps done beforehand.
