@@ -24,6 +24,7 @@
 #include "cpu/dtype.h"
 #include "cpu/gemm.h"
 #include "cpu/large_alloc.h"
+#include "cpu/transpose.h"
 #include "cpu/vec_math.h"
 
 namespace seqkern::cpu {
@@ -478,8 +479,7 @@ void mask_tile_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t 
 template <typename T>
 void transpose_scaled(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T scale, T* dst,
                       int64_t ld_dst, int64_t rows_to) {
-  at::vec::transpose_mxn<T>(src, ld_src, dst, ld_dst, static_cast<int>(rows),
-                            static_cast<int>(cols));
+  transpose<T>(src, ld_src, dst, ld_dst, rows, cols);
   for (int64_t e = 0; e < cols; ++e) {
     T* d = dst + e * ld_dst;
     if (scale != T(1))

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/transpose.h"
 #include "cpu/rnn_cells.h"
 #include "cpu/rnn_common.h"
 #include "cpu/vec_math.h"
@@ -194,8 +195,8 @@ void pack_gate_panels(PanelBuffer& out, const float* w, int64_t G, int64_t H, in
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t g = 0; g < G; ++g) {
       const int n = static_cast<int>(std::min<int64_t>(PW, H - p * PW));
-      at::vec::transpose_mxn<float>(w + (g * H + p * PW) * K, K, out.data() + p * K * G * PW + g * PW,
-                                    G * PW, n, static_cast<int>(K));
+      transpose<float>(w + (g * H + p * PW) * K, K, out.data() + p * K * G * PW + g * PW, G * PW,
+                       n, K);
     }
 }
 
