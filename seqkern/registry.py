@@ -98,16 +98,17 @@ def use_backend(name: str) -> Iterator[None]:
 # os.environ.get of an unset variable raises and catches a KeyError inside (about 0.8 µs);
 # select() reads SEQKERN_BACKEND on every op call, so it looks in the mapping's own dict
 # (0.04 µs), which os.environ keeps in step with os.environ[...] = and del.
-_environ_data = getattr(os.environ, "_data", None)
-_backend_key = (os.environ.encodekey("SEQKERN_BACKEND")
-                if _environ_data is not None and hasattr(os.environ, "encodekey") else None)
+# (os.environ itself is looked up on each call: a test may replace it with a plain dict)
+_Environ = type(os.environ)
+_backend_key = os.environ.encodekey("SEQKERN_BACKEND") if hasattr(os.environ, "encodekey") else None
 
 
 def _backend_env() -> str:
-    if _backend_key is not None:
-        raw = _environ_data.get(_backend_key)
-        return "" if raw is None else os.environ.decodevalue(raw)
-    return os.environ.get("SEQKERN_BACKEND", "")
+    env = os.environ
+    if type(env) is _Environ and _backend_key is not None:
+        raw = env._data.get(_backend_key)
+        return "" if raw is None else env.decodevalue(raw)
+    return env.get("SEQKERN_BACKEND", "")
 
 
 def requested() -> str | None:

@@ -168,8 +168,8 @@ def test_select_hands_dtypes_without_cpu_kernels_to_the_reference():
 def test_negative_bit_views_are_read_as_their_values():
     """A real tensor can be a negative-bit view (z.conj().imag): its memory holds -x. Made by
     public ops it is strided (the imaginary parts of complex storage), so the kernels' entry
-    copies it, which materialises the values: each family equals torch on it. (Only the private
-    torch._neg_view makes a contiguous one, which the kernels would read raw.)"""
+    copies it, which materialises the values: each family equals torch on it. See below for
+    the dense ones."""
     import torch.nn.functional as F
 
     import seqkern.nn as snn
@@ -194,3 +194,58 @@ def test_negative_bit_views_are_read_as_their_values():
     xc, w = neg_view(torch.randn(2, 4, 10)), torch.randn(4, 4, 3)
     torch.testing.assert_close(conv_ops.causal_conv1d(xc, w, None, 1, 1, None),
                                F.conv1d(F.pad(xc, (2, 0)), w))
+
+
+def test_dense_negative_bit_views_are_read_as_their_values():
+    """z.conj().imag is dense when every dim has size 1, so a plain .contiguous() would hand the
+    kernels its negated memory. Cells, layers, attention and convolution, with and without
+    gradients, must read it as its value (found by review: GRUCell gave another result)."""
+    import torch.nn.functional as F
+
+    import seqkern.nn as snn
+    from seqkern.ops import conv as conv_ops
+
+    def neg_view(shape):
+        v = torch.randn(*shape, dtype=torch.complex64).conj().imag
+        assert v.is_neg() and v.is_contiguous()
+        return v
+
+    torch.manual_seed(0)
+    for tcls, scls in ((torch.nn.GRUCell, snn.GRUCell), (torch.nn.LSTMCell, snn.LSTMCell),
+                       (torch.nn.RNNCell, snn.RNNCell)):
+        t, s = tcls(1, 3), scls(1, 3)
+        s.load_state_dict(t.state_dict())
+        x = neg_view((1, 1))
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                for a, b in zip(torch.utils._pytree.tree_leaves(s(x)),
+                                torch.utils._pytree.tree_leaves(t(x))):
+                    torch.testing.assert_close(a, b)
+    m, t = snn.GRU(1, 3), torch.nn.GRU(1, 3)
+    t.load_state_dict(m.state_dict())
+    x = neg_view((1, 1, 1))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(m(x)[0], t(x)[0])
+            torch.testing.assert_close(m.step(x[0])[0], t(x)[0][0])
+    q = neg_view((1, 1, 1, 1))
+    k, v = torch.randn(1, 1, 3, 1), torch.randn(1, 1, 3, 1)
+    torch.testing.assert_close(seqkern.ops.scaled_dot_product_attention(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v))
+    xc, w = neg_view((1, 1, 1)), torch.randn(1, 1, 1)
+    torch.testing.assert_close(conv_ops.causal_conv1d(xc, w, None, 1, 1, None), F.conv1d(xc, w))
+
+
+def test_env_variable_read_when_os_environ_is_replaced(monkeypatch):
+    """A test may replace os.environ itself (mock.patch("os.environ", {...})): SEQKERN_BACKEND
+    is still read from whatever os.environ is now."""
+    import os
+
+    monkeypatch.setattr(os, "environ", {"SEQKERN_BACKEND": "reference"})
+    assert registry.requested() == "reference"
+    assert registry.select("rnn", "cpu") == "reference"
+    monkeypatch.setattr(os, "environ", {"SEQKERN_BACKEND": "bogus"})
+    with pytest.raises(ValueError, match="SEQKERN_BACKEND: unknown backend 'bogus'"):
+        registry.select("rnn", "cpu")
+    monkeypatch.setattr(os, "environ", {})
+    assert registry.requested() is None

@@ -901,3 +901,74 @@ def test_cells_no_grad_non_contiguous_inputs(kind):
     with torch.no_grad():
         for a, b in zip(_flat(t(x, hx)), _flat(s(x, hx))):
             torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_step_output_does_not_alias_the_state(kind):
+    """With one layer, step()'s output and the new state are equal but separate tensors: a
+    caller resetting a finished sequence's state in place keeps the output it already has."""
+    m = _LAYERS[kind][1](4, 3)
+    with torch.no_grad():
+        y, st = m.step(torch.randn(2, 4))
+        keep = y.clone()
+        for t in _flat(st):
+            t[:, 0] = 0
+    torch.testing.assert_close(y, keep)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_no_grad_states_can_be_written_with_grad_later(kind):
+    """States computed under no_grad (a burn-in) may be written in place with grad enabled,
+    e.g. from a learned initial state, as with torch.nn: they must not be no-grad views."""
+    m = _LAYERS[kind][1](4, 3)
+    learned = torch.nn.Parameter(torch.randn(3))
+    with torch.no_grad():
+        _, st = m(torch.randn(5, 2, 4))
+        _, st2 = m.step(torch.randn(2, 4))
+    for state in (st, st2):
+        h = _flat(state)[0]
+        h[:, 0] = learned
+        h.sum().backward()
+        assert learned.grad is not None
+        learned.grad = None
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cell_given_biases_after_construction_uses_them(kind):
+    """A bias=False cell given biases later uses them, with and without gradients, as torch's."""
+    torch.manual_seed(0)
+    tcls, scls = _CELLS[kind]
+    t, s = tcls(4, 3, bias=False), scls(4, 3, bias=False)
+    s.load_state_dict(t.state_dict())
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    for mod in (t, s):
+        torch.manual_seed(1)
+        mod.bias_ih = torch.nn.Parameter(torch.randn(G * 3))
+        mod.bias_hh = torch.nn.Parameter(torch.randn(G * 3))
+    x = torch.randn(2, 4)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for a, b in zip(_flat(t(x)), _flat(s(x))):
+                torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bad", ["w_hh_float64", "b_hh_float64", "w_hh_shape", "b_ih_shape",
+                                 "b_ih_2d", "w_hh_meta"])
+def test_cell_bad_parameter_errors_same_with_and_without_grad(kind, bad):
+    cell = _CELLS[kind][1](4, 3)
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    name, what = bad.rsplit("_", 1) if bad != "b_ih_2d" else ("b_ih", "2d")
+    attr = {"w_hh": "weight_hh", "b_hh": "bias_hh", "b_ih": "bias_ih"}[name]
+    old = getattr(cell, attr)
+    new = {"float64": lambda: old.detach().double(), "shape": lambda: torch.randn(old.shape[0] + 1, *old.shape[1:]),
+           "2d": lambda: torch.randn(G, 3), "meta": lambda: old.detach().to("meta")}[what]()
+    setattr(cell, attr, torch.nn.Parameter(new))
+    x = torch.randn(2, 4)
+    errors = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(Exception) as e:
+                cell(x)
+            errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1]

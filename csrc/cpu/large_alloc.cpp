@@ -133,7 +133,8 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
 }
 
 at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct) {
-  if (!t.defined() || (t.scalar_type() == ct && t.is_contiguous())) return t;
+  // (a negative-bit view holds -x in memory: copied, which materialises it, even when dense)
+  if (!t.defined() || (t.scalar_type() == ct && t.is_contiguous() && !t.is_neg())) return t;
   at::Tensor out = empty_large(t.sizes(), t.options().dtype(ct));
   const auto strides = t.strides();
   if (t.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t v) { return v == 0; })) {

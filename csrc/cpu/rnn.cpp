@@ -631,7 +631,7 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
     TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "seqkern cell_step: ",
                 name, " must be a CPU tensor of x's dtype ", x_.scalar_type(), ", got ",
                 t.scalar_type(), " on ", t.device());
-    return t.contiguous();
+    return t.resolve_neg().contiguous();  // (a negative-bit view holds -x in memory)
   };
   const at::Tensor x = same(x_, "x"), h = same(h_, "h"), w_ih = same(w_ih_, "w_ih"),
                    w_hh = same(w_hh_, "w_hh");

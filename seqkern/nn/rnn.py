@@ -264,8 +264,8 @@ class _RecurrentBase(nn.Module):
                 cs.append(c)
             inp = outs[0] if D == 1 else torch.cat(outs, dim=1)
         output = inp.view(T, B, -1)
-        h_n = hs[0].unsqueeze(0) if len(hs) == 1 else torch.stack(hs)
-        c_n = None if self.mode != "lstm" else cs[0].unsqueeze(0) if len(cs) == 1 else torch.stack(cs)
+        h_n = torch.stack(hs)  # (a copy: a view made under no_grad could not be written later)
+        c_n = torch.stack(cs) if self.mode == "lstm" else None
         if not batched:
             output, h_n = output.squeeze(1), h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
@@ -461,8 +461,8 @@ class _RecurrentBase(nn.Module):
             hs.append(hn)
             cs.append(cn)
             x = hn
-        h_n = hs[0].unsqueeze(0) if L == 1 else torch.stack(hs)
-        c_n = None if not lstm else cs[0].unsqueeze(0) if L == 1 else torch.stack(cs)
+        h_n = torch.stack(hs)  # (a copy: with one layer x_t's output is hs[0] itself)
+        c_n = torch.stack(cs) if lstm else None
         if unbatched:
             x, h_n, c_n = x.squeeze(0), h_n.squeeze(1), (c_n.squeeze(1) if lstm else None)
         return x, ((h_n, c_n) if lstm else h_n)
@@ -533,9 +533,27 @@ class _CellBase(nn.Module):
         if out is not None:
             return out
         params = {"w_ih": self.weight_ih, "w_hh": self.weight_hh}
-        if self.bias:
-            params["b_ih"], params["b_hh"] = self.bias_ih, self.bias_hh
+        # (the biases as they are now, as torch's cells read them: a bias=False cell may have
+        # been given some since)
+        for key, b in (("b_ih", self.bias_ih), ("b_hh", self.bias_hh)):
+            if b is not None:
+                params[key] = b
         return _autocast.run(self._run_with, x, h, c, params)  # torch.autocast: as the layers
+
+    def _params_well_formed(self, x, w_ih, w_hh, b_ih, b_hh) -> bool:
+        """Whether the parameters have the shapes, and x's dtype and device, that the one-step
+        kernel takes. When not, the general path runs and raises its own errors, so a bad
+        parameter reads the same with and without gradients."""
+        H = self.hidden_size
+        GH = (4 if self.mode == "lstm" else 3 if self.mode[0] == "g" else 1) * H
+        dt = x.dtype
+        if (w_ih.shape != (GH, self.input_size) or w_hh.shape != (GH, H) or w_ih.dtype != dt
+                or w_hh.dtype != dt or not w_ih.is_cpu or not w_hh.is_cpu):
+            return False
+        for b in (b_ih, b_hh):
+            if b is not None and (b.dtype != dt or not b.is_cpu or b.shape != (GH,)):
+                return False
+        return True
 
     def _step_direct(self, x, h, c):
         """(h', c') straight from ``_C.cell_step`` for the common streaming call: a plain cpu
@@ -563,7 +581,7 @@ class _CellBase(nn.Module):
         p = self._parameters  # (a parametrized or weight-normed weight is not in it: None)
         w_ih, w_hh, b_ih, b_hh = p.get("weight_ih"), p.get("weight_hh"), p.get("bias_ih"), p.get("bias_hh")
         if (w_ih is None or w_hh is None or (self.bias and (b_ih is None or b_hh is None))
-                or w_ih.dtype != x.dtype or not w_ih.is_cpu):
+                or not self._params_well_formed(x, w_ih, w_hh, b_ih, b_hh)):
             return None
         if (_ext.needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh)
                 or not _ext.direct_call_ok(x, h, c, w_ih, w_hh, b_ih, b_hh)
@@ -608,8 +626,10 @@ class _CellBase(nn.Module):
             sources = [xb, h, c] + list(params.values())
             h_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources)
             c_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources) if self.mode == "lstm" else None
-        elif _one_step_kernel_applies(self.mode, xb, [h] + ([c] if c is not None else []),
-                                      list(params.values())):
+        elif (self._params_well_formed(xb, params["w_ih"], params["w_hh"], params.get("b_ih"),
+                                       params.get("b_hh"))
+              and _one_step_kernel_applies(self.mode, xb, [h] + ([c] if c is not None else []),
+                                           list(params.values()))):
             h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, params["w_ih"], params["w_hh"],
                                          params.get("b_ih"), params.get("b_hh"))
             c_n = c_n if self.mode == "lstm" else None
