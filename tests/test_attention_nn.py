@@ -331,3 +331,52 @@ def test_kv_cache_training_mode_gradients_and_dtype_changes():
         md.float()
         with pytest.raises(TypeError, match="start a new cache"):
             md.step(x[:, 0], cache)
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+@pytest.mark.parametrize("chunks", [[1] * 200, [7, 1, 1, 30, 1, 5] * 12])
+def test_windowed_cache_stays_bounded_and_exact(window, chunks):
+    """With a sliding window the cache drops keys no query can reach any more: memory stays
+    bounded over long generation while every output equals the full forward's."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(16, 4, num_kv_heads=2, window=window).double()
+    x = torch.randn(2, sum(chunks), 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2)
+        outs, t = [], 0
+        for n in chunks:
+            outs.append(m.step(x[:, t], cache)[:, None] if n == 1 else m(x[:, t:t + n], cache))
+            t += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+    assert cache.length == x.shape[1] and cache.dropped > 0
+    assert cache.capacity <= 2 * (window + max(chunks)) + 16
+    m.window = window + 1  # the dropped keys would now be needed
+    with pytest.raises(RuntimeError, match="dropped keys older than its window"), torch.no_grad():
+        m.step(x[:, 0], cache)
+
+
+def test_cache_from_inference_mode_extends_outside_it():
+    """A prompt prefilled under torch.inference_mode (its buffers inference tensors) can be
+    decoded further under no_grad, or with grad enabled."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(16, 4).double()
+    x = torch.randn(1, 9, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+    for capacity in (0, 64):
+        with torch.inference_mode():
+            cache = m.new_cache(1, capacity)
+            first = m(x[:, :6], cache)
+        with torch.no_grad():
+            rest = [m.step(x[:, t], cache) for t in (6, 7)]
+        last = m.step(x[:, 8], cache)
+        torch.testing.assert_close(torch.cat([first, torch.stack(rest + [last], 1)], 1), full, **TOL)
+
+
+def test_step_without_a_cache_raises():
+    m = CausalSelfAttention(16, 4)
+    with pytest.raises(TypeError, match="step needs a KVCache"):
+        m.step(torch.randn(2, 16), None)
+    with pytest.raises(TypeError, match="cache must be a KVCache"):
+        m(torch.randn(2, 3, 16), cache=object())

@@ -242,22 +242,33 @@ def _pad_last(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 class KVCache:
-    """Keys and values seen so far, (B, Hkv, length, D) each, in buffers that grow geometrically
+    """Keys and values seen so far, (B, Hkv, ·, D) each, in buffers that grow geometrically
     (capacity doubles), so appending one token copies O(1) amortised, not the whole history.
+
+    With a sliding ``window`` (``CausalSelfAttention.new_cache`` passes the module's), no query
+    can see a key more than ``window − 1`` positions back, so when the buffer is full the
+    older keys are dropped (the last ``window − 1`` move to its front) instead of growing it:
+    memory stays bounded by about twice the window plus the longest chunk, as a rolling buffer.
+    ``length`` counts every token appended; ``dropped`` those no longer held.
 
     Appending writes into the buffers in place. When autograd records (grad enabled and the
     new keys or the cache require grad, e.g. a training-mode prefill then ``step``), it
     concatenates instead, so attention calls that saved earlier contents for backward keep
-    them: O(length) per append, correct gradients.
+    them: O(length) per append, correct gradients, nothing dropped. Buffers made under
+    ``torch.inference_mode`` are copied once into plain tensors when appended to outside it.
 
     The dtype and device are those given, else the first keys'. An empty cache follows the keys
     it gets (a module moved to float64 after ``new_cache``); a filled one refuses other dtypes.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int = 0,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, window: Optional[int] = None) -> None:
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self.shape = (batch_size, num_kv_heads, head_dim)
+        self.window = window
         self.length = 0
+        self.dropped = 0
         self._device, self._dtype = device, dtype
         self.k = self.v = None
         if capacity > 0:
@@ -269,15 +280,27 @@ class KVCache:
 
     def _reserve(self, n: int) -> None:
         B, Hkv, D = self.shape
+        held = self.length - self.dropped
         k = torch.empty(B, Hkv, n, D, device=self._device, dtype=self._dtype)
         v = torch.empty(B, Hkv, n, D, device=self._device, dtype=self._dtype)
-        if self.length:
-            k[:, :, :self.length] = self.k[:, :, :self.length]
-            v[:, :, :self.length] = self.v[:, :, :self.length]
+        if held:
+            k[:, :, :held] = self.k[:, :, :held]
+            v[:, :, :held] = self.v[:, :, :held]
         self.k, self.v = k, v
 
+    def _drop_outside_window(self) -> None:
+        """Moves the last window − 1 held keys to the front of the buffers, dropping the rest."""
+        held, keep = self.length - self.dropped, self.window - 1
+        if held <= keep:
+            return
+        if keep:
+            self.k[:, :, :keep] = self.k[:, :, held - keep:held].clone()
+            self.v[:, :, :keep] = self.v[:, :, held - keep:held].clone()
+        self.dropped += held - keep
+
     def append(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
-        """Appends (B, Hkv, Lc, D) keys/values; returns views of everything cached."""
+        """Appends (B, Hkv, Lc, D) keys/values; returns views of everything held (the newest
+        last; with a window, at least the window − 1 keys before the new ones)."""
         B, Hkv, D = self.shape
         if tuple(k_new.shape[:2]) != (B, Hkv) or k_new.shape[3] != D or k_new.shape != v_new.shape:
             raise ValueError(f"cache holds (B={B}, Hkv={Hkv}, ·, D={D}); got keys "
@@ -293,23 +316,30 @@ class KVCache:
             raise TypeError(f"the cache holds {self._dtype} on {self._device} but got keys of "
                             f"{k_new.dtype} on {k_new.device}: start a new cache (new_cache) "
                             "after changing the module's dtype or device")
-        n = self.length + k_new.shape[2]
+        held = self.length - self.dropped
         if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad or (
                 self.k is not None and (self.k.requires_grad or self.v.requires_grad))):
             # out of place: an earlier attention call may have saved the old contents
-            if self.length == 0:
+            if held == 0:
                 self.k, self.v = k_new, v_new
             else:
-                self.k = torch.cat([self.k[:, :, :self.length], k_new], dim=2)
-                self.v = torch.cat([self.v[:, :, :self.length], v_new], dim=2)
-            self.length = n
+                self.k = torch.cat([self.k[:, :, :held], k_new], dim=2)
+                self.v = torch.cat([self.v[:, :, :held], v_new], dim=2)
+            self.length += k_new.shape[2]
             return self.k, self.v
-        if n > self.capacity:
-            self._reserve(max(n, 2 * self.capacity, 16))
-        self.k[:, :, self.length:n] = k_new
-        self.v[:, :, self.length:n] = v_new
-        self.length = n
-        return self.k[:, :, :n], self.v[:, :, :n]
+        if (self.k is not None and self.k.is_inference()
+                and not torch.is_inference_mode_enabled()):
+            self._reserve(self.capacity)  # inference tensors cannot be written outside it
+        Lc = k_new.shape[2]
+        if held + Lc > self.capacity and self.window is not None:
+            self._drop_outside_window()
+            held = self.length - self.dropped
+        if held + Lc > self.capacity:
+            self._reserve(max(held + Lc, 2 * self.capacity, 16))
+        self.k[:, :, held:held + Lc] = k_new
+        self.v[:, :, held:held + Lc] = v_new
+        self.length += Lc
+        return self.k[:, :, :held + Lc], self.v[:, :, :held + Lc]
 
 
 class CausalSelfAttention(nn.Module):
@@ -344,8 +374,11 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
 
     def new_cache(self, batch_size: int, capacity: int = 0) -> KVCache:
+        """An empty cache for ``batch_size`` sequences; with this module's window, it holds
+        only the keys a window can still reach (see KVCache)."""
         p = self.qkv_proj.weight
-        return KVCache(batch_size, self.num_kv_heads, self.head_dim, capacity, p.device, p.dtype)
+        return KVCache(batch_size, self.num_kv_heads, self.head_dim, capacity, p.device, p.dtype,
+                       window=self.window)
 
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
@@ -358,6 +391,13 @@ class CausalSelfAttention(nn.Module):
             out = ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                    window=self.window)
         else:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache (from new_cache), got {type(cache).__name__}")
+            if cache.dropped and (self.window is None or cache.window is None
+                                  or self.window > cache.window):
+                raise RuntimeError(f"this cache dropped keys older than its window "
+                                   f"({cache.window}), which window={self.window} would need: "
+                                   "start a new cache (new_cache) after changing the window")
             k, v = cache.append(k, v)
             out = ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                    window=self.window,
@@ -366,6 +406,8 @@ class CausalSelfAttention(nn.Module):
 
     def step(self, x_t: Tensor, cache: KVCache) -> Tensor:
         """One token (B, embed_dim) -> (B, embed_dim), appending to ``cache``."""
+        if not isinstance(cache, KVCache):  # (forward(x, None) is attention over x alone)
+            raise TypeError(f"step needs a KVCache (from new_cache), got {type(cache).__name__}")
         if x_t.dim() != 2:
             raise ValueError(f"x_t must be (B, {self.embed_dim}), got {tuple(x_t.shape)}")
         return self.forward(x_t.unsqueeze(1), cache).squeeze(1)
