@@ -92,10 +92,6 @@ def direct_call_ok(*tensors) -> bool:
             or C._are_functorch_transforms_active() or C._is_torch_function_mode_enabled()):
         return False
     for t in tensors:
-        if t is not None and ((type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter)
-                              or t.is_neg()):
-            # (a negative-bit view, z.conj().imag, holds -x in memory; a contiguous one, which
-            # public ops make when every dim has size 1, would reach a kernel as is, while the
-            # custom op's dispatch materialises it)
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return False
     return True

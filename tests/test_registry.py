@@ -232,7 +232,7 @@ def test_dense_negative_bit_views_are_read_as_their_values():
     k, v = torch.randn(1, 1, 3, 1), torch.randn(1, 1, 3, 1)
     torch.testing.assert_close(seqkern.ops.scaled_dot_product_attention(q, k, v),
                                F.scaled_dot_product_attention(q, k, v))
-    xc, w = neg_view((1, 1, 1)), torch.randn(1, 1, 1)
+    xc, w = neg_view((1, 1, 1)), neg_view((1, 1, 1))
     torch.testing.assert_close(conv_ops.causal_conv1d(xc, w, None, 1, 1, None), F.conv1d(xc, w))
 
 

@@ -763,7 +763,7 @@ std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct);
-  at::Tensor wp = conv_w.to(ct).permute({2, 0, 1}).contiguous();
+  at::Tensor wp = contiguous_as(conv_w, ct).permute({2, 0, 1}).contiguous();
   at::Tensor cb = contiguous_as(opt(conv_b), ct), sb = contiguous_as(opt(skip_b), ct),
              rb = contiguous_as(opt(res_b), ct), init = contiguous_as(opt(init_in), ct);
   at::Tensor ws = contiguous_as(skip_w, ct), wr = contiguous_as(res_w, ct);
@@ -796,7 +796,7 @@ std::vector<at::Tensor> wavenet_backward(
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct);
-  at::Tensor wp = conv_w.to(ct).permute({2, 0, 1}).contiguous();
+  at::Tensor wp = contiguous_as(conv_w, ct).permute({2, 0, 1}).contiguous();
   at::Tensor cb = contiguous_as(opt(conv_b), ct), init = contiguous_as(opt(init_in), ct);
   at::Tensor ws = contiguous_as(skip_w, ct), wr = contiguous_as(res_w, ct);
   at::Tensor h = contiguous_as(h_in, ct);

@@ -15,7 +15,8 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 // memory. torch's .to()/.contiguous() map their result one page fault at a time: converting a
 // (2, 16, 4104, 64) bf16 tensor to float32 took 9.5 ms that way, 1.1 ms into mapped memory.
 // Incoming gradients are often expanded (the gradient of y.sum()): a broadcast scalar is
-// filled, not copied element by element.
+// filled, not copied element by element. A negative-bit view (z.conj().imag: memory holding
+// -t) is always copied, which materialises it: the kernels read raw memory.
 at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct);
 
 // Bytes currently held by the cache (freed blocks kept for reuse), and a way to give them back.

@@ -719,15 +719,31 @@ std::vector<at::Tensor> recurrent_forward(
   const int64_t Hs = h0.size(1);
   const bool lstm = cell == Cell::Lstm;
   auto opts = x_.options().dtype(ct);
+  // One inference step of a few sequences (the layers' streaming call, T = 1) is the cells'
+  // kernel: one parallel region with each thread's gates finished in it, where forward_impl
+  // allocates the projection and product tensors and runs the gate pass after the products.
+  // Measured, µs per call (2 threads, H = I = 128, B = 1): LSTM 16.5 → 9.7 (see the note).
+  const bool one_step = !save && L.T == 1 && L.B <= kFewRows && st == ct &&
+                        cell != Cell::GruCho && !w_peep.defined() && !w_hr.defined();
   at::Tensor out = empty_large({L.N, Hs}, opts);
-  at::Tensor h_state = h0.clone();
-  at::Tensor c_state = lstm ? c0.clone() : at::empty({0}, opts);
+  at::Tensor h_state = one_step ? at::empty_like(h0) : h0.clone();
+  at::Tensor c_state = !lstm ? at::empty({0}, opts) : one_step ? at::empty_like(c0) : c0.clone();
   at::Tensor ws_gates = empty_large({save && cell != Cell::RnnTanh && cell != Cell::RnnRelu
                                        ? L.N : 0,
                                    cell == Cell::Gru ? 4 * H : G * H}, opts);
   at::Tensor ws_cells = empty_large({save && lstm ? L.N : 0, w_hr.defined() ? 3 * H : 2 * H}, opts);
   at::Tensor ws_hprev = empty_large({save ? L.N : 0, Hs}, opts);
-  if (L.N > 0) {
+  if (L.N > 0 && one_step) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_step", [&] {
+      cell_step_kernel<scalar_t>(cell, L.B, x.size(1), H, x.data_ptr<scalar_t>(),
+                                 h0.data_ptr<scalar_t>(), lstm ? c0.data_ptr<scalar_t>() : nullptr,
+                                 w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+                                 data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
+                                 h_state.data_ptr<scalar_t>(),
+                                 lstm ? c_state.data_ptr<scalar_t>() : nullptr);
+    });
+    out.copy_(h_state);
+  } else if (L.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_forward", [&] {
       forward_impl<scalar_t>(cell, L, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, reverse,
                              out, h_state, c_state, ws_gates, ws_cells, ws_hprev, save, bf);
