@@ -24,6 +24,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The BLAS the kernels call (mkl, resolved from torch, or aten)");
   m.def("recurrent_forward", &seqkern::cpu::recurrent_forward, seqkern::kReleaseGil);
   m.def("recurrent_backward", &seqkern::cpu::recurrent_backward, seqkern::kReleaseGil);
+  m.def("recurrent_module_forward", &seqkern::cpu::recurrent_module_forward, seqkern::kReleaseGil,
+        "A recurrent module's no-grad forward with zero states, all layers in one call: (mode, "
+        "input, weights (6 per layer and direction), num_layers, bidirectional, batch_first) -> "
+        "[output, h_n, c_n or empty]");
   m.def("cell_step", &seqkern::cpu::cell_step, seqkern::kReleaseGil,
         "One inference step of a cell for at most 4 rows: (mode, x, h, c, w_ih, w_hh, b_ih, "
         "b_hh) -> [h', c' or empty]");

@@ -781,10 +781,11 @@ def test_inference_fast_path_equals_general_path(kind, cfg, dtype):
 
 
 def test_inference_path_on_a_module_pickled_before_it_existed():
-    """A module unpickled from an earlier seqkern has no _kernel_args: the inference path
-    builds it rather than failing."""
+    """A module unpickled from an earlier seqkern has no _kernel_arg_names (or the older
+    _kernel_args): the inference path builds it rather than failing."""
     t, s = make_pair("lstm", 3, 4, num_layers=2)
-    s.__dict__.pop("_kernel_args", None)
+    s.__dict__.pop("_kernel_arg_names", None)
+    s._kernel_args = [("weight_ih_l0",)]  # what an earlier version may have left
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     with torch.no_grad():
         assert s._inference_forward(x) is not None
@@ -1010,3 +1011,40 @@ def test_single_step_forward_matches_torch(kind, kw, B, dtype, given_state, monk
             want = t(x, hx)
     for a, b in zip(_flat(got), _flat(want)):
         torch.testing.assert_close(a, b, **tol)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind,kw", [("lstm", {"num_layers": 3, "bidirectional": True}),
+                                     ("gru", {"num_layers": 2, "batch_first": True}),
+                                     ("rnn", {"bidirectional": True, "batch_first": True}),
+                                     ("lstm", {"proj_size": 2, "num_layers": 2, "bidirectional": True}),
+                                     ("lstm", {"peephole": True}), ("gru", {"reset_after": False})])
+@pytest.mark.parametrize("shape", [(1, 1), (6, 1), (4, 3), (17, 5), None], ids=str)
+def test_inference_forward_one_call_matches_general_path(kind, kw, shape, monkeypatch):
+    """The no-grad forward runs every layer and direction in one C++ call; outputs and states
+    equal the general path's (the reference backend) for batched, batch_first and unbatched
+    input, projections, peepholes and Cho's GRU, and the output is laid out as torch's."""
+    torch.manual_seed(0)
+    cls = {"lstm": snn.LSTM, "gru": snn.GRU, "rnn": snn.RNN}[kind]
+    kw = dict(kw)
+    if kind == "gru" and "reset_after" in kw:
+        m = cls(5, 4, reset_after=kw.pop("reset_after"), **kw).double()
+    else:
+        m = cls(5, 4, **kw).double()
+    calls = []
+    real = seqkern._ext._C.recurrent_module_forward
+    monkeypatch.setattr(seqkern._ext._C, "recurrent_module_forward",
+                        lambda *a: calls.append(1) or real(*a), raising=False)
+    if shape is None:
+        x = torch.randn(7, 5, dtype=torch.float64)  # unbatched
+    else:
+        T, B = shape
+        x = torch.randn(*((B, T) if m.batch_first else (T, B)), 5, dtype=torch.float64)
+    with torch.no_grad():
+        got = m(x)
+        with seqkern.use_backend("reference"):
+            want = m(x)
+    assert len(calls) == 1
+    for a, b in zip(_flat(got), _flat(want)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

@@ -754,6 +754,58 @@ std::vector<at::Tensor> recurrent_forward(
           ws_gates, ws_cells, ws_hprev};
 }
 
+// The layer loop of ops._recurrence for its commonest call, in C++: at B = 1 a streaming call's
+// Python per layer (zero states, views, stacking) cost more than a short step (see the note).
+std::vector<at::Tensor> recurrent_module_forward(
+    const std::string& mode, const at::Tensor& input,
+    const std::vector<c10::optional<at::Tensor>>& weights, int64_t num_layers, bool bidirectional,
+    bool batch_first) {
+  const Cell cell = parse_cell(mode);
+  const int64_t D = bidirectional ? 2 : 1;
+  TORCH_CHECK(num_layers >= 1 && int64_t(weights.size()) == 6 * num_layers * D,
+              "seqkern recurrent_module_forward: expected 6 weights for each of ", num_layers * D,
+              " layers and directions, got ", weights.size());
+  TORCH_CHECK(input.dim() == 2 || input.dim() == 3,
+              "seqkern recurrent_module_forward: input must be 2-D or 3-D, got ", input.sizes());
+  const bool unbatched = input.dim() == 2;
+  const at::Tensor seq = unbatched ? input.unsqueeze(1) : batch_first ? input.transpose(0, 1) : input;
+  const int64_t T = seq.size(0), B = seq.size(1);
+  TORCH_CHECK(T > 0 && B > 0, "seqkern recurrent_module_forward: empty input ", input.sizes());
+  at::Tensor x = seq.reshape({T * B, seq.size(2)});
+  const at::Tensor batch_sizes = at::full({T}, B, at::kLong);
+  const bool lstm = cell == Cell::Lstm;
+  std::vector<at::Tensor> hs, cs;
+  for (int64_t k = 0; k < num_layers; ++k) {
+    std::vector<at::Tensor> outs;
+    for (int64_t d = 0; d < D; ++d) {
+      const auto* w = weights.data() + 6 * (k * D + d);
+      TORCH_CHECK(w[0].has_value() && w[1].has_value(),
+                  "seqkern recurrent_module_forward: layer ", k, " lacks weight_ih or weight_hh");
+      const int64_t H = w[0]->size(0) / gate_count(cell);
+      const int64_t Hs = w[5].has_value() ? w[5]->size(0) : H;
+      const at::Tensor h0 = at::zeros({B, Hs}, x.options());
+      const c10::optional<at::Tensor> c0 =
+          lstm ? c10::optional<at::Tensor>(at::zeros({B, H}, x.options())) : c10::nullopt;
+      auto r = recurrent_forward(mode, x, batch_sizes, h0, c0, *w[0], *w[1], w[2], w[3], w[4],
+                                 w[5], d == 1, false);
+      outs.push_back(r[0]);
+      hs.push_back(r[1]);
+      cs.push_back(r[2]);
+    }
+    x = D == 1 ? outs[0] : at::cat(outs, 1);
+  }
+  at::Tensor output = x.view({T, B, x.size(1)});
+  at::Tensor h_n = at::stack(hs), c_n = lstm ? at::stack(cs) : at::Tensor();
+  if (unbatched) {
+    output = output.squeeze(1);
+    h_n = h_n.squeeze(1);
+    if (lstm) c_n = c_n.squeeze(1);
+  } else if (batch_first) {
+    output = output.transpose(0, 1);
+  }
+  return {output, h_n, c_n};
+}
+
 std::vector<at::Tensor> recurrent_backward(
     const std::string& mode, const c10::optional<at::Tensor>& grad_out,
     const c10::optional<at::Tensor>& grad_hn, const c10::optional<at::Tensor>& grad_cn,

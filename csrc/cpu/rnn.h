@@ -37,6 +37,16 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x,
                                   const c10::optional<at::Tensor>& b_ih,
                                   const c10::optional<at::Tensor>& b_hh);
 
+// A whole module's forward without autograd, zero initial states and equal lengths (what
+// torch.nn.LSTM(x) does under no_grad): every layer and direction in one call. input: (T, B, I),
+// (B, T, I) with batch_first, or (T, I) unbatched; weights: per layer and direction in order,
+// recurrent_forward's six (w_ih, w_hh, b_ih, b_hh, w_peep, w_hr), None where absent.
+// Returns {output, h_n, c_n (LSTM) or empty} shaped as torch.nn's.
+std::vector<at::Tensor> recurrent_module_forward(
+    const std::string& mode, const at::Tensor& input,
+    const std::vector<c10::optional<at::Tensor>>& weights, int64_t num_layers, bool bidirectional,
+    bool batch_first);
+
 // Whether bfloat16 recurrences at B ≥ 8 run their products on oneDNN brgemm (AMX) tiles here
 // (AVX-512 build, a CPU oneDNN packs bf16 for, SEQKERN_RNN_AMX not "0").
 bool recurrent_bf16_amx();

@@ -219,58 +219,31 @@ class _RecurrentBase(nn.Module):
     def _inference_forward(self, input):
         """forward(input) without autograd, for the commonest call (a padded tensor on the cpu
         backend, zero initial states, no autocast, no inter-layer dropout), or None for any
-        other: each layer's kernel called directly with no per-layer Python. The general path
-        spent 27–34 µs of Python per call, a third of a 50-step B = 1 RNN call (78 µs); this
-        one about 10. Anything unusual (a bad shape or dtype included) takes the general path,
-        which checks it."""
+        other: all layers and directions in one C++ call (recurrent_module_forward), which
+        also makes the zero states and shapes the outputs. The general path spent 27–34 µs of
+        Python per call, a third of a 50-step B = 1 RNN call (78 µs); this one about 8 (see the
+        note). Anything unusual (a bad shape or dtype included) takes the general path, which
+        checks it."""
         if (type(input) is not Tensor or input.dim() not in (2, 3)
                 or input.shape[-1] != self.input_size or 0 in input.shape
                 or (self.training and self.dropout > 0 and self.num_layers > 1)
                 or not input.is_cpu or torch.is_autocast_enabled("cpu")
                 or registry.select("rnn", _CPU, input.dtype) != "cpu"):
             return None
-        # each layer's weight names in the order the kernels take them (None: not in this
-        # module), derived from _names on first use (so also for a module pickled before)
-        names_by_layer = self.__dict__.get("_kernel_args")
-        if names_by_layer is None:
-            names_by_layer = self._kernel_args = [tuple(n.get(k) for k in ops._WEIGHT_KEYS)
-                                                  for n in self._names]
+        # the weight names in the order the kernel takes them, six per layer and direction
+        # (None: not in this module), derived from _names on first use (so also for a module
+        # pickled before)
+        names = self.__dict__.get("_kernel_arg_names")
+        if names is None:
+            names = self._kernel_arg_names = tuple(n.get(k) for n in self._names
+                                                   for k in ops._WEIGHT_KEYS)
         p = self._parameters  # (getattr costs 0.7 µs a name; a parametrized weight is not here)
-        args = [[(p.get(n) if n in p else getattr(self, n)) if n else None for n in names]
-                for names in names_by_layer]
-        w = args[0][0]
-        if (w.dtype != input.dtype or not w.is_cpu
-                or not _ext.direct_call_ok(input, *(a for layer in args for a in layer))):
+        flat = [(p[n] if n in p else getattr(self, n)) if n else None for n in names]
+        w = flat[0]
+        if w.dtype != input.dtype or not w.is_cpu or not _ext.direct_call_ok(input, *flat):
             return None
-        batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first:
-            x = x.transpose(0, 1)
-        T, B = x.shape[0], x.shape[1]
-        inp = x.contiguous().view(T * B, self.input_size)
-        batch_sizes = self._uniform_batch_sizes(T, B)
-        _, Hs = self._state_sizes()
-        h0 = inp.new_zeros(B, Hs)  # read only: one for every layer
-        c0 = inp.new_zeros(B, self.hidden_size) if self.mode == "lstm" else None
-        hs, cs = [], []
-        D = 2 if self.bidirectional else 1
-        for k in range(self.num_layers):
-            outs = []
-            for d in range(D):
-                out, h, c, *_ = _ext._C.recurrent_forward(self.mode, inp, batch_sizes, h0, c0,
-                                                          *args[k * D + d], d == 1, False)
-                outs.append(out)
-                hs.append(h)
-                cs.append(c)
-            inp = outs[0] if D == 1 else torch.cat(outs, dim=1)
-        output = inp.view(T, B, -1)
-        h_n = torch.stack(hs)  # (a copy: a view made under no_grad could not be written later)
-        c_n = torch.stack(cs) if self.mode == "lstm" else None
-        if not batched:
-            output, h_n = output.squeeze(1), h_n.squeeze(1)
-            c_n = c_n.squeeze(1) if c_n is not None else None
-        elif self.batch_first:
-            output = output.transpose(0, 1)
+        output, h_n, c_n = _ext._C.recurrent_module_forward(
+            self.mode, input, flat, self.num_layers, self.bidirectional, self.batch_first)
         return output, ((h_n, c_n) if self.mode == "lstm" else h_n)
 
     def _forward(self, input, hx, lengths, weights):
