@@ -113,6 +113,15 @@ def test_mha_errors():
 
 # ---------------------------------------------------------------- CausalSelfAttention --------
 
+def _decode_in_chunks(m, x, chunks, cache):
+    """m's outputs for x fed through `cache` in chunks of the given sizes (1: step())."""
+    outs, t = [], 0
+    for n in chunks:
+        outs.append(m.step(x[:, t], cache)[:, None] if n == 1 else m(x[:, t:t + n], cache))
+        t += n
+    return torch.cat(outs, dim=1)
+
+
 @pytest.mark.parametrize("num_kv_heads", [8, 2, 1])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("chunks", [[1] * 24, [7, 1, 1, 15], [24]], ids=["tokens", "mixed", "one"])
@@ -123,11 +132,7 @@ def test_cache_decoding_equals_full_forward(num_kv_heads, window, chunks):
     with torch.no_grad():
         full = m(x)
         cache = m.new_cache(2)
-        outs, t = [], 0
-        for n in chunks:
-            outs.append(m.step(x[:, t], cache)[:, None] if n == 1 else m(x[:, t:t + n], cache))
-            t += n
-        torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+        torch.testing.assert_close(_decode_in_chunks(m, x, chunks, cache), full, **TOL)
         with seqkern.use_backend("reference"):
             torch.testing.assert_close(m(x), full, **TOL)
     assert cache.length == 24
@@ -344,11 +349,7 @@ def test_windowed_cache_stays_bounded_and_exact(window, chunks):
     with torch.no_grad():
         full = m(x)
         cache = m.new_cache(2)
-        outs, t = [], 0
-        for n in chunks:
-            outs.append(m.step(x[:, t], cache)[:, None] if n == 1 else m(x[:, t:t + n], cache))
-            t += n
-    torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+        torch.testing.assert_close(_decode_in_chunks(m, x, chunks, cache), full, **TOL)
     assert cache.length == x.shape[1] and cache.dropped > 0
     assert cache.capacity <= 2 * (window + max(chunks)) + 16
     m.window = window + 1  # the dropped keys would now be needed
