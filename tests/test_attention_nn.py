@@ -381,3 +381,33 @@ def test_step_without_a_cache_raises():
         m.step(torch.randn(2, 16), None)
     with pytest.raises(TypeError, match="cache must be a KVCache"):
         m(torch.randn(2, 3, 16), cache=object())
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_cache_mixing_recorded_and_no_grad_appends_keeps_backward(window):
+    """A recorded (grad) append leaves the cache holding tensors attention saved for backward;
+    a later no-grad append, which may drop old keys, must not write into them."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(16, 4, window=window).double()
+    x = torch.randn(1, 20, 16, dtype=torch.float64)
+    cache = m.new_cache(1)
+    y = m(x[:, :16], cache)  # exactly fills a 16-slot buffer
+    with torch.no_grad():
+        m.step(x[:, 16], cache)
+    y.sum().backward()  # raised: a saved tensor modified in place
+    assert m.qkv_proj.weight.grad is not None
+
+
+def test_widening_the_window_before_any_drop_stays_exact():
+    """A cache made for a narrow window, used by the module after its window widened, keeps
+    what the wider window needs when it has not dropped anything yet."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(16, 4, window=2).double()
+    cache = m.new_cache(1)
+    m.window = None
+    x = torch.randn(1, 18, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+        got = _decode_in_chunks(m, x, [16, 1, 1], cache)
+    torch.testing.assert_close(got, full, **TOL)
+    assert cache.dropped == 0

@@ -232,6 +232,18 @@ def test_dense_negative_bit_views_are_read_as_their_values():
     k, v = torch.randn(1, 1, 3, 1), torch.randn(1, 1, 3, 1)
     torch.testing.assert_close(seqkern.ops.scaled_dot_product_attention(q, k, v),
                                F.scaled_dot_product_attention(q, k, v))
+    # D = 1 rows have stride 1 however they are strided; and an additive mask
+    qn, kn, vn = (torch.randn(2, 2, 5, dtype=torch.complex64).conj().imag.unsqueeze(-1)
+                  for _ in range(3))
+    mask = torch.randn(5, 5, dtype=torch.complex64).conj().imag
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(seqkern.ops.scaled_dot_product_attention(qn, kn, vn),
+                                       F.scaled_dot_product_attention(qn, kn, vn))
+            torch.testing.assert_close(
+                seqkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     xc, w = neg_view((1, 1, 1)), neg_view((1, 1, 1))
     torch.testing.assert_close(conv_ops.causal_conv1d(xc, w, None, 1, 1, None), F.conv1d(xc, w))
 

@@ -1048,3 +1048,16 @@ def test_inference_forward_one_call_matches_general_path(kind, kw, shape, monkey
     for a, b in zip(_flat(got), _flat(want)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_no_grad_output_can_be_written_with_grad_later(kind):
+    """As torch's (batch_first=False, batched), the no-grad forward's output is no view, so it
+    may be modified in place with grad enabled later."""
+    m = _LAYERS[kind][1](4, 3, num_layers=2)
+    p = torch.nn.Parameter(torch.randn(3))
+    with torch.no_grad():
+        out, _ = m(torch.randn(5, 2, 4))
+    out.mul_(p)
+    out.sum().backward()
+    assert p.grad is not None

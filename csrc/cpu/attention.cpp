@@ -1774,8 +1774,8 @@ at::ScalarType kv_storage_type(at::ScalarType t) {
 // t in type ct with its last dimension contiguous (a no-op for the usual layouts, including
 // slices of a packed qkv projection and views into a KV cache; see contiguous_as).
 at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType ct) {
-  if (t.scalar_type() == ct && t.stride(-1) == 1) return t;
-  return contiguous_as(t, ct);
+  if (t.scalar_type() == ct && t.stride(-1) == 1 && !t.is_neg()) return t;
+  return contiguous_as(t, ct);  // (which materialises a negative-bit view)
 }
 
 Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -1826,7 +1826,9 @@ Mask<T> make_mask(const Dims& d, const c10::optional<at::Tensor>& attn_mask,
       m.bmask = mask_hold.data_ptr<bool>();
     } else {
       // convert before expanding so a broadcast mask is not materialised at full size
-      mask_hold = am.to(c10::CppTypeToScalarType<T>::value).expand({d.B, d.Hq, d.Lq, d.Lk});
+      // (resolve_neg: a negative-bit view's memory holds -mask)
+      mask_hold = am.resolve_neg().to(c10::CppTypeToScalarType<T>::value)
+                      .expand({d.B, d.Hq, d.Lq, d.Lk});
       m.amask = mask_hold.data_ptr<T>();
     }
     m.sb = mask_hold.stride(0);

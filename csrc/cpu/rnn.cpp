@@ -694,12 +694,12 @@ std::vector<at::Tensor> recurrent_forward(
       w_hh_.scalar_type() == at::kBFloat16 && L.N > 0) {
     const int64_t I = x_.size(1);
     const bool amx = bf16_tiles(cell, w_hr_.has_value(), L, H);
-    if (amx) bf.w_hh = w_hh_.contiguous();
+    if (amx) bf.w_hh = w_hh_.resolve_neg().contiguous();
     if (amx && I % 2 == 0 && fuse_bf16_projection(cell, G * H * (H + I), L.B)) {
-      bf.x = x_.contiguous();
-      bf.w_ih = w_ih_.contiguous();
+      bf.x = x_.resolve_neg().contiguous();
+      bf.w_ih = w_ih_.resolve_neg().contiguous();
     } else {
-      auto xb = x_.contiguous(), wb = w_ih_.contiguous();
+      auto xb = x_.resolve_neg().contiguous(), wb = w_ih_.resolve_neg().contiguous();
       at::Tensor xg = empty_large({L.N, G * H}, x_.options().dtype(ct));
       if (gemm_bf16(false, true, L.N, G * H, I, xb.data_ptr<at::BFloat16>(), I,
                        wb.data_ptr<at::BFloat16>(), I, xg.data_ptr<float>(), G * H))
@@ -794,7 +794,9 @@ std::vector<at::Tensor> recurrent_module_forward(
     }
     x = D == 1 ? outs[0] : at::cat(outs, 1);
   }
-  at::Tensor output = x.view({T, B, x.size(1)});
+  // (resized, not viewed: torch's output is no view, and one made under no_grad could not be
+  // written in place with grad enabled later)
+  at::Tensor output = x.resize_({T, B, x.size(1)});
   at::Tensor h_n = at::stack(hs), c_n = lstm ? at::stack(cs) : at::Tensor();
   if (unbatched) {
     output = output.squeeze(1);
@@ -849,12 +851,12 @@ std::vector<at::Tensor> recurrent_backward(
   }
   Bf16Operands bf;  // bf16 inputs: the large weight-gradient GEMMs in bf16
   if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 && L.N > 0) {
-    bf.x = x_.contiguous();
-    bf.w_ih = w_ih_.contiguous();
+    bf.x = x_.resolve_neg().contiguous();
+    bf.w_ih = w_ih_.resolve_neg().contiguous();
     // and, as in the forward, the recurrent product on brgemm tiles
     if (w_hh_.scalar_type() == at::kBFloat16 &&
         bf16_tiles(cell, w_hr_.has_value(), L, w_ih_.size(0) / gate_count(cell)))
-      bf.w_hh = w_hh_.contiguous();
+      bf.w_hh = w_hh_.resolve_neg().contiguous();
   }
   // fp32 copies only of what the bf16 operands do not replace (backward_impl converts x and
   // W_ih itself if the bf16 GEMMs turn out unavailable); the output only feeds the RNN cells'

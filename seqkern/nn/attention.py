@@ -327,9 +327,11 @@ class KVCache:
                 self.v = torch.cat([self.v[:, :, :held], v_new], dim=2)
             self.length += k_new.shape[2]
             return self.k, self.v
-        if (self.k is not None and self.k.is_inference()
-                and not torch.is_inference_mode_enabled()):
-            self._reserve(self.capacity)  # inference tensors cannot be written outside it
+        if self.k is not None and (self.k.requires_grad or self.v.requires_grad or (
+                self.k.is_inference() and not torch.is_inference_mode_enabled())):
+            # fresh buffers: those of a recorded append may be saved for a backward, and
+            # inference tensors cannot be written outside inference mode
+            self._reserve(self.capacity)
         Lc = k_new.shape[2]
         if held + Lc > self.capacity and self.window is not None:
             self._drop_outside_window()
@@ -393,11 +395,13 @@ class CausalSelfAttention(nn.Module):
         else:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache (from new_cache), got {type(cache).__name__}")
-            if cache.dropped and (self.window is None or cache.window is None
-                                  or self.window > cache.window):
-                raise RuntimeError(f"this cache dropped keys older than its window "
-                                   f"({cache.window}), which window={self.window} would need: "
-                                   "start a new cache (new_cache) after changing the window")
+            if cache.window is not None and (self.window is None or self.window > cache.window):
+                if cache.dropped:
+                    raise RuntimeError(f"this cache dropped keys older than its window "
+                                       f"({cache.window}), which window={self.window} would "
+                                       "need: start a new cache (new_cache) after changing "
+                                       "the window")
+                cache.window = self.window  # nothing dropped yet: it keeps what this one needs
             k, v = cache.append(k, v)
             out = ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                    window=self.window,
