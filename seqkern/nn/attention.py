@@ -65,7 +65,9 @@ class MultiheadAttention(nn.Module):
     requested. With ``need_weights=True`` (torch's default) it falls back to the reference path,
     which materialises the (L, S) weights. Differences from torch: a query that
     every mask rules out gives zeros, not NaN; ``is_causal=True`` without ``attn_mask`` is
-    accepted and means a causal mask.
+    accepted and means a causal mask; the kernels' backward is not differentiable again, so a
+    double backward (``create_graph=True``, e.g. a gradient penalty) raises a clear error on
+    the kernel path, where torch's supports it (``seqkern.use_backend("reference")`` does).
     """
 
     __constants__ = ["batch_first"]
