@@ -722,7 +722,8 @@ std::vector<at::Tensor> recurrent_forward(
   // One inference step of a few sequences (the layers' streaming call, T = 1) is the cells'
   // kernel: one parallel region with each thread's gates finished in it, where forward_impl
   // allocates the projection and product tensors and runs the gate pass after the products.
-  // Measured, µs per call (2 threads, H = I = 128, B = 1): LSTM 16.5 → 9.7 (see the note).
+  // Measured, µs per call (2 threads, H = I = 128, B = 1): LSTM 14.3 → 11.2, GRU 11.8 → 9.7,
+  // RNN 8.4 → 7.3; LSTM H = 64, B = 4: 16.2 → 11.5.
   const bool one_step = !save && L.T == 1 && L.B <= kFewRows && st == ct &&
                         cell != Cell::GruCho && !w_peep.defined() && !w_hr.defined();
   at::Tensor out = empty_large({L.N, Hs}, opts);

@@ -220,10 +220,10 @@ class _RecurrentBase(nn.Module):
         """forward(input) without autograd, for the commonest call (a padded tensor on the cpu
         backend, zero initial states, no autocast, no inter-layer dropout), or None for any
         other: all layers and directions in one C++ call (recurrent_module_forward), which
-        also makes the zero states and shapes the outputs. The general path spent 27–34 µs of
-        Python per call, a third of a 50-step B = 1 RNN call (78 µs); this one about 8 (see the
-        note). Anything unusual (a bad shape or dtype included) takes the general path, which
-        checks it."""
+        also makes the zero states and shapes the outputs. A 1-step B = 1 LSTM (H = 128) call
+        took 40.9 µs with this loop in Python and 24.2 with it in C++ (the kernel: 11).
+        Anything unusual (a bad shape or dtype included) takes the general path, which checks
+        it."""
         if (type(input) is not Tensor or input.dim() not in (2, 3)
                 or input.shape[-1] != self.input_size or 0 in input.shape
                 or (self.training and self.dropout > 0 and self.num_layers > 1)
