@@ -261,3 +261,24 @@ def test_env_variable_read_when_os_environ_is_replaced(monkeypatch):
         registry.select("rnn", "cpu")
     monkeypatch.setattr(os, "environ", {})
     assert registry.requested() is None
+
+
+def test_dense_float16_negative_bit_inputs_widened_correctly():
+    """torch 2.13's copy_ from a dense float16 negative-bit tensor into float32 drops the bit;
+    the kernels widen such inputs after resolving it (attention and recurrences compute fp16
+    in fp32). Made with the private torch._neg_view: public ops make these only when every dim
+    has size 1."""
+    import torch.nn.functional as F
+
+    import seqkern.nn as snn
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float16) for _ in range(3))
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    for args in ((torch._neg_view(-q), k, v), (q, torch._neg_view(-k), v), (q, k, torch._neg_view(-v))):
+        got = seqkern.ops.scaled_dot_product_attention(*args, is_causal=True)
+        torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+    m = snn.LSTM(8, 8).half()
+    x = torch.randn(5, 2, 8, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(torch._neg_view(-x))[0], m(x)[0])

@@ -140,7 +140,9 @@ at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct) {
   if (t.numel() > 0 && std::all_of(strides.begin(), strides.end(), [](int64_t v) { return v == 0; })) {
     out.fill_(t.reshape(-1)[0].item());  // a broadcast scalar: copy_ would crawl through it
   } else {
-    out.copy_(t);
+    // (resolved first: torch 2.13's copy_ from a float16 negative-bit tensor into float32
+    // drops the bit)
+    out.copy_(t.is_neg() ? t.resolve_neg() : t);
   }
   return out;
 }
