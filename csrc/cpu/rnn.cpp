@@ -631,7 +631,7 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
     TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "seqkern cell_step: ",
                 name, " must be a CPU tensor of x's dtype ", x_.scalar_type(), ", got ",
                 t.scalar_type(), " on ", t.device());
-    return t.resolve_neg().contiguous();  // (a negative-bit view holds -x in memory)
+    return contiguous_as(t, t.scalar_type());  // (materialises a negative-bit view too)
   };
   const at::Tensor x = same(x_, "x"), h = same(h_, "h"), w_ih = same(w_ih_, "w_ih"),
                    w_hh = same(w_hh_, "w_hh");
@@ -694,12 +694,12 @@ std::vector<at::Tensor> recurrent_forward(
       w_hh_.scalar_type() == at::kBFloat16 && L.N > 0) {
     const int64_t I = x_.size(1);
     const bool amx = bf16_tiles(cell, w_hr_.has_value(), L, H);
-    if (amx) bf.w_hh = w_hh_.resolve_neg().contiguous();
+    if (amx) bf.w_hh = contiguous_as(w_hh_, at::kBFloat16);
     if (amx && I % 2 == 0 && fuse_bf16_projection(cell, G * H * (H + I), L.B)) {
-      bf.x = x_.resolve_neg().contiguous();
-      bf.w_ih = w_ih_.resolve_neg().contiguous();
+      bf.x = contiguous_as(x_, at::kBFloat16);
+      bf.w_ih = contiguous_as(w_ih_, at::kBFloat16);
     } else {
-      auto xb = x_.resolve_neg().contiguous(), wb = w_ih_.resolve_neg().contiguous();
+      auto xb = contiguous_as(x_, at::kBFloat16), wb = contiguous_as(w_ih_, at::kBFloat16);
       at::Tensor xg = empty_large({L.N, G * H}, x_.options().dtype(ct));
       if (gemm_bf16(false, true, L.N, G * H, I, xb.data_ptr<at::BFloat16>(), I,
                        wb.data_ptr<at::BFloat16>(), I, xg.data_ptr<float>(), G * H))
@@ -775,18 +775,19 @@ std::vector<at::Tensor> recurrent_module_forward(
   at::Tensor x = seq.reshape({T * B, seq.size(2)});
   const at::Tensor batch_sizes = at::full({T}, B, at::kLong);
   const bool lstm = cell == Cell::Lstm;
+  for (int64_t i = 0; i < num_layers * D; ++i)
+    TORCH_CHECK(weights[6 * i].has_value() && weights[6 * i + 1].has_value(),
+                "seqkern recurrent_module_forward: layer ", i / D, " lacks weight_ih or weight_hh");
+  // zero initial states, read only: one pair for every layer (all have the same H and Hs)
+  const int64_t H = weights[0]->size(0) / gate_count(cell);
+  const at::Tensor h0 = at::zeros({B, weights[5].has_value() ? weights[5]->size(0) : H}, x.options());
+  const c10::optional<at::Tensor> c0 =
+      lstm ? c10::optional<at::Tensor>(at::zeros({B, H}, x.options())) : c10::nullopt;
   std::vector<at::Tensor> hs, cs;
   for (int64_t k = 0; k < num_layers; ++k) {
     std::vector<at::Tensor> outs;
     for (int64_t d = 0; d < D; ++d) {
       const auto* w = weights.data() + 6 * (k * D + d);
-      TORCH_CHECK(w[0].has_value() && w[1].has_value(),
-                  "seqkern recurrent_module_forward: layer ", k, " lacks weight_ih or weight_hh");
-      const int64_t H = w[0]->size(0) / gate_count(cell);
-      const int64_t Hs = w[5].has_value() ? w[5]->size(0) : H;
-      const at::Tensor h0 = at::zeros({B, Hs}, x.options());
-      const c10::optional<at::Tensor> c0 =
-          lstm ? c10::optional<at::Tensor>(at::zeros({B, H}, x.options())) : c10::nullopt;
       auto r = recurrent_forward(mode, x, batch_sizes, h0, c0, *w[0], *w[1], w[2], w[3], w[4],
                                  w[5], d == 1, false);
       outs.push_back(r[0]);
@@ -852,12 +853,12 @@ std::vector<at::Tensor> recurrent_backward(
   }
   Bf16Operands bf;  // bf16 inputs: the large weight-gradient GEMMs in bf16
   if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 && L.N > 0) {
-    bf.x = x_.resolve_neg().contiguous();
-    bf.w_ih = w_ih_.resolve_neg().contiguous();
+    bf.x = contiguous_as(x_, at::kBFloat16);
+    bf.w_ih = contiguous_as(w_ih_, at::kBFloat16);
     // and, as in the forward, the recurrent product on brgemm tiles
     if (w_hh_.scalar_type() == at::kBFloat16 &&
         bf16_tiles(cell, w_hr_.has_value(), L, w_ih_.size(0) / gate_count(cell)))
-      bf.w_hh = w_hh_.resolve_neg().contiguous();
+      bf.w_hh = contiguous_as(w_hh_, at::kBFloat16);
   }
   // fp32 copies only of what the bf16 operands do not replace (backward_impl converts x and
   // W_ih itself if the bf16 GEMMs turn out unavailable); the output only feeds the RNN cells'

@@ -518,7 +518,7 @@ class _CellBase(nn.Module):
         kernel takes. When not, the general path runs and raises its own errors, so a bad
         parameter reads the same with and without gradients."""
         H = self.hidden_size
-        GH = (4 if self.mode == "lstm" else 3 if self.mode[0] == "g" else 1) * H
+        GH = gate_count(self.mode) * H
         dt = x.dtype
         if (w_ih.shape != (GH, self.input_size) or w_hh.shape != (GH, H) or w_ih.dtype != dt
                 or w_hh.dtype != dt or not w_ih.is_cpu or not w_hh.is_cpu):
