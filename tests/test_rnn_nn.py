@@ -1061,3 +1061,25 @@ def test_no_grad_output_can_be_written_with_grad_later(kind):
     out.mul_(p)
     out.sum().backward()
     assert p.grad is not None
+
+
+@requires_cpu_ext
+def test_module_forward_entry_rejects_bad_arguments():
+    """_C.recurrent_module_forward is only reached through checked modules, but called directly
+    with a wrong weight list, input rank or an empty input it raises, naming the problem."""
+    m = snn.LSTM(3, 4)
+    flat = [m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0, None, None]
+    f = seqkern._ext._C.recurrent_module_forward
+    with pytest.raises(RuntimeError, match="expected 6 weights for each of 2"):
+        f("lstm", torch.randn(5, 2, 3), flat, 2, False, False)
+    with pytest.raises(RuntimeError, match="input must be 2-D or 3-D"):
+        f("lstm", torch.randn(3), flat, 1, False, False)
+    with pytest.raises(RuntimeError, match="empty input"):
+        f("lstm", torch.randn(0, 2, 3), flat, 1, False, False)
+    with pytest.raises(RuntimeError, match="layer 0 lacks weight_ih or weight_hh"):
+        f("lstm", torch.randn(5, 2, 3), [None] + flat[1:], 1, False, False)
+    with pytest.raises(RuntimeError, match="weight_ih"):  # the kernel's own shape check
+        f("lstm", torch.randn(5, 2, 7), flat, 1, False, False)
+    with torch.no_grad():
+        out, h, c = f("lstm", torch.randn(5, 2, 3), flat, 1, False, False)
+    assert out.shape == (5, 2, 4) and h.shape == (1, 2, 4) and c.shape == (1, 2, 4)
