@@ -409,22 +409,29 @@ def test_grouped_backward_split_and_thread_count_agree(B, Hkv, g):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("Lq", [2, 6])
-def test_few_query_forward_is_bitwise_independent_of_threads(dtype, Lq):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq", [2, 3, 6])
+@pytest.mark.parametrize("window", [None, 5])
+def test_few_query_forward_is_bitwise_independent_of_threads(dtype, Lq, window):
     """With fewer (batch, head) pairs than threads the decode forward gives each thread one row;
-    the keys are still summed in the same chunks, so the output does not change by an ulp."""
+    the keys are still summed in the same chunks, and rows that share a bf16 key's load (pairs
+    with the same first key) sum in the one-row order, so the output does not change by an ulp.
+    A window gives every row a different first key: those are never paired."""
     gen = torch.Generator().manual_seed(Lq)
     q, k, v = (torch.randn(1, 1, n, 64, generator=gen).to(dtype) for n in (Lq, 300, 300))
+    kw = dict(is_causal=True, causal_alignment="bottom_right", window=window)
     threads = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append(sdpa(q, k, v, is_causal=True, causal_alignment="bottom_right"))
+            outs.append(sdpa(q, k, v, **kw))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
+    exact = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+    theirs = ref.scaled_dot_product_attention(q, k, v, **kw)
+    assert max_err(outs[0], exact) <= 2 * max_err(theirs, exact) + FLOOR[dtype]
 
 
 @pytest.mark.parametrize("chunks", [[1] * 10, [4, 1, 5], [10]])
