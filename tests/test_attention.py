@@ -1128,3 +1128,28 @@ def test_dispatch_modes_and_tracing_see_the_registered_op():
     gm = make_fx(lambda a, b, c: sdpa(a, b, c, is_causal=True))(q, k, v)
     assert "seqkern.attention_forward" in gm.code
     torch.testing.assert_close(gm(q, k, v), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq", [2, 3])
+def test_few_query_nan_score_gives_nan_for_any_thread_count(dtype, Lq):
+    """A NaN score among -inf ones (a cache holding inf and NaN inside the allowed keys) makes
+    the row NaN, as in the reference, however the keys were split into blocks: with one thread
+    a bf16 pair of rows shares its first 16-key block, with two each row is scored alone."""
+    Lk, D = 32, 16
+    q = torch.zeros(1, 1, Lq, D, dtype=dtype)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, Lk, D, dtype=dtype)
+    k[..., :, 0] = float("-inf")
+    k[..., 0, 0] = float("nan")
+    v = torch.ones(1, 1, Lk, 8, dtype=dtype)
+    kw = dict(is_causal=True, causal_alignment="bottom_right")
+    want = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+    assert want.isnan().all()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert sdpa(q, k, v, **kw).isnan().all(), f"{n} thread(s)"
+    finally:
+        torch.set_num_threads(threads)

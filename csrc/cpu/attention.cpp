@@ -926,7 +926,8 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
       for (; j + kDecodeKeys <= keys.hi; j += kDecodeKeys) {
         const V sc = dot_16_keys(q, kbase + (j - k0) * ldk, ldk, D) * V(scale);
         sc.store(s + (j - keys.lo));
-        mxv = running_max(mxv, sc);
+        mxv = at::vec::maximum(mxv, sc);  // NaN-propagating: the max must not depend on how
+                                          // the keys were split into blocks (paired rows)
       }
       mx = at::vec::vec_reduce_all<T>([](V x, V y) { return at::vec::maximum(x, y); }, mxv);
     }
@@ -968,8 +969,8 @@ std::pair<float, float> decode_scores_2_rows(const float* q0, const float* q1, c
     const V c = second * V(scale);
     a.store(s0 + j);
     c.store(s1 + j);
-    m0 = running_max(m0, a);
-    m1 = running_max(m1, c);
+    m0 = at::vec::maximum(m0, a);
+    m1 = at::vec::maximum(m1, c);
   }
   auto vmax = [](V x) { return at::vec::vec_reduce_all<float>([](V u, V w) { return at::vec::maximum(u, w); }, x); };
   auto combined = [](float a, float r) { return std::isnan(a) || r <= a ? a : r; };
@@ -1808,6 +1809,9 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
   // zero outside the row's keys.
   const int64_t R = d.Lq;
   constexpr int64_t KC = 128;  // keys per chunk, a multiple of 16 as in the forward
+  // bf16/fp16 caches: pairs of rows with the same first key share each key's load and widening
+  // (decode_scores_2_rows gives each score the one-row function's bits)
+  constexpr bool pair_rows = kBlockedDecode && !std::is_same_v<S, T> && std::is_same_v<T, float>;
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> pbuf(R * d.Lk), dsbuf(R * d.Lk), keep(drop.active ? d.Lk : 0), qs(R * d.D), dq_row(d.D);
     std::vector<Span> spans(R);
@@ -1850,10 +1854,25 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
           for (int64_t i = 0; i < R; ++i) {
             const int64_t lo = spans[i].lo + c * KC, hi = std::min(lo + KC, spans[i].hi);
             if (lo >= hi) continue;
-            decode_scores(Q + sq.at(b, h, i), kbase, sk.l, d.D, scale, mask, b, h, i, Span{lo, hi},
-                          pbuf.data() + i * d.Lk + lo);
-            decode_scores(DO + so.at(b, h, i), vbase, sv.l, d.Dv, T(1), no_mask, b, h, i,
-                          Span{lo, hi}, dsbuf.data() + i * d.Lk + lo);
+            T* p = pbuf.data() + i * d.Lk + lo;
+            T* ds = dsbuf.data() + i * d.Lk + lo;
+            if (pair_rows && i + 1 < R && !spans[i + 1].empty() && spans[i + 1].lo == spans[i].lo &&
+                lo < spans[i + 1].hi) {  // as in the forward: one load of each key for two rows
+              const Span k0{lo, hi}, k1{lo, std::min(lo + KC, spans[i + 1].hi)};
+              if (mask.has_explicit()) {
+                decode_scores(Q + sq.at(b, h, i), kbase, sk.l, d.D, scale, mask, b, h, i, k0, p);
+                decode_scores(Q + sq.at(b, h, i + 1), kbase, sk.l, d.D, scale, mask, b, h, i + 1, k1, p + d.Lk);
+              } else {
+                decode_scores_2_rows(Q + sq.at(b, h, i), Q + sq.at(b, h, i + 1), kbase, sk.l, d.D, scale,
+                                     mask, b, h, i, k0, k1, p, p + d.Lk);
+              }
+              decode_scores_2_rows(DO + so.at(b, h, i), DO + so.at(b, h, i + 1), vbase, sv.l, d.Dv, T(1),
+                                   no_mask, b, h, i, k0, k1, ds, ds + d.Lk);
+              ++i;
+              continue;
+            }
+            decode_scores(Q + sq.at(b, h, i), kbase, sk.l, d.D, scale, mask, b, h, i, Span{lo, hi}, p);
+            decode_scores(DO + so.at(b, h, i), vbase, sv.l, d.Dv, T(1), no_mask, b, h, i, Span{lo, hi}, ds);
           }
         for (int64_t i = 0; i < R; ++i) {
           const int64_t row = (b * d.Hq + h) * d.Lq + i;
