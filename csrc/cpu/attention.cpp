@@ -750,6 +750,15 @@ Vec<float> dot_16_keys_2_rows(const float*, const float*, const S*, int64_t, int
 // preallocated cache may hold anything, NaN included, where the mask rules it out. Without a
 // mask every row in the span is read, so a weight that underflows to 0 meets its V row as in a
 // matrix product (torch's too): 0·inf gives NaN.
+// Vector u of the column block from c0 of a row x (Dv values), widened to T; FULL: the whole
+// block lies inside Dv, so no load is partial.
+template <bool FULL, typename T, typename S>
+SEQKERN_INLINE Vec<T> block_vector(const S* x, int64_t c0, int u, int64_t Dv) {
+  constexpr int64_t W = Vec<T>::size();
+  const int64_t c = c0 + u * W;
+  return FULL ? load(x + c, W) : load(x + c, std::min<int64_t>(W, Dv - c));
+}
+
 template <int NV, bool FULL, typename T, typename S>
 void weighted_rows_sum_block(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t c0,
                              int64_t Dv, bool skip_zero, T* acc) {
@@ -759,8 +768,7 @@ void weighted_rows_sum_block(const T* p, int64_t nk, const S* v, int64_t ldv, in
   // passed by reference to a helper, made GCC keep them on the stack, a load and a store
   // around every FMA: this loop was a quarter of an 8-query forward against a 4096-token cache.
   auto row = [&](int64_t j, int u) __attribute__((always_inline)) {
-    const int64_t c = c0 + u * W;
-    return FULL ? load(v + j * ldv + c, W) : load(v + j * ldv + c, std::min<int64_t>(W, Dv - c));
+    return block_vector<FULL, T>(v + j * ldv, c0, u, Dv);
   };
   auto live = [&](int u) { return FULL || c0 + u * W < Dv; };
   V a0[NV], a1[NV];
@@ -806,8 +814,7 @@ void weighted_rows_sum_2_block(const T* const* p, const int64_t* n, const S* v, 
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   auto row = [&](int64_t j, int u) __attribute__((always_inline)) {
-    const int64_t c = c0 + u * W;
-    return FULL ? load(v + j * ldv + c, W) : load(v + j * ldv + c, std::min<int64_t>(W, Dv - c));
+    return block_vector<FULL, T>(v + j * ldv, c0, u, Dv);
   };
   auto live = [&](int u) { return FULL || c0 + u * W < Dv; };
   V a[2][2][NV];  // [row][even, odd key][vector]
