@@ -918,12 +918,12 @@ void weighted_rows_sum(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t 
 }
 
 // s[j − keys.lo] = scale·(q·k_j) for the keys of query i (then the explicit mask); returns their
-// maximum; key j is row j − k0 of kbase (k0 > 0: a chunk copied from key k0 on). Shared by the
-// decode forward and its backward, which must recompute the very same
-// scores: exp(s − lse) are then the forward's weights to the last bit of s.
+// maximum; key j is row j of kbase. Shared by the decode forward and its backward, which must
+// recompute the very same scores: exp(s − lse) are then the forward's weights to the last bit
+// of s.
 template <typename T, typename S>
 T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, const Mask<T>& mask,
-                int64_t b, int64_t h, int64_t i, Span keys, T* s, int64_t k0 = 0) {
+                int64_t b, int64_t h, int64_t i, Span keys, T* s) {
   using V = Vec<T>;
   T mx = neg_inf<T>();
   int64_t j = keys.lo;
@@ -931,7 +931,7 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
     if (!mask.has_explicit()) {
       V mxv(neg_inf<T>());
       for (; j + kDecodeKeys <= keys.hi; j += kDecodeKeys) {
-        const V sc = dot_16_keys(q, kbase + (j - k0) * ldk, ldk, D) * V(scale);
+        const V sc = dot_16_keys(q, kbase + j * ldk, ldk, D) * V(scale);
         sc.store(s + (j - keys.lo));
         mxv = at::vec::maximum(mxv, sc);  // NaN-propagating: the max must not depend on how
                                           // the keys were split into blocks (paired rows)
@@ -940,7 +940,7 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
     }
   }
   for (; j < keys.hi; ++j) {
-    const S* kr = kbase + (j - k0) * ldk;
+    const S* kr = kbase + j * ldk;
     V a(T(0));
     for_each_vec<T>(D, [&](int64_t c, int64_t n) { a = at::vec::fmadd(load(q + c, n), load(kr + c, n), a); });
     T sc = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, a) * scale;
@@ -955,9 +955,9 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
   return mx;
 }
 
-// decode_scores for query rows i and i + 1 whose key spans start together, without an explicit
-// mask: their common 16-key blocks two rows at a time (each key loaded once for both), the rest
-// of each row by decode_scores. Both start their blocks at keys.lo, and the paired blocks sum as
+// decode_scores for query rows i and i + 1 whose key spans start together: their common 16-key
+// blocks two rows at a time (each key loaded once for both), the rest of each row (all of it
+// under an explicit mask, which decode_scores applies key by key) by decode_scores. Both start their blocks at keys.lo, and the paired blocks sum as
 // the single ones do, so every score equals the one-row function's (the backward's) to the bit.
 template <typename S>
 std::pair<float, float> decode_scores_2_rows(const float* q0, const float* q1, const S* kbase,
@@ -967,7 +967,7 @@ std::pair<float, float> decode_scores_2_rows(const float* q0, const float* q1, c
                                              float* s1) {
   using V = Vec<float>;
   const int64_t lo = keys0.lo;
-  const int64_t nb = std::min(keys0.hi, keys1.hi) - lo;
+  const int64_t nb = mask.has_explicit() ? 0 : std::min(keys0.hi, keys1.hi) - lo;
   int64_t j = 0;
   V m0(neg_inf<float>()), m1(neg_inf<float>());
   for (; j + kDecodeKeys <= nb; j += kDecodeKeys) {
@@ -984,12 +984,6 @@ std::pair<float, float> decode_scores_2_rows(const float* q0, const float* q1, c
   const float r0 = decode_scores(q0, kbase, ldk, D, scale, mask, b, h, i, Span{lo + j, keys0.hi}, s0 + j);
   const float r1 = decode_scores(q1, kbase, ldk, D, scale, mask, b, h, i + 1, Span{lo + j, keys1.hi}, s1 + j);
   return {combined(vmax(m0), r0), combined(vmax(m1), r1)};
-}
-template <typename S>
-std::pair<double, double> decode_scores_2_rows(const double*, const double*, const S*, int64_t,
-                                               int64_t, double, const Mask<double>&, int64_t,
-                                               int64_t, int64_t, Span, Span, double*, double*) {
-  return {0.0, 0.0};  // never called: rows are paired in float only
 }
 
 // Few query rows (decoding against a KV cache): the tiled kernel keeps W queries per vector and
@@ -1021,12 +1015,12 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   const int64_t KC = d.Lq > 1 ? 128 : std::max<int64_t>(d.Lk, 1);
   // With a bf16 (or fp16) cache, pairs of rows share each key's load and widening, in their
   // scores and in P·V (where no explicit mask or dropout zeroes weights). Widening each chunk
-  // into a buffer once for all rows, as before, cost about one row's work more. Measured, B = 2,
-  // H = 16, D = 64, 2 threads, ms for 2 / 4 / 8 rows against 4096 cached keys: bf16 1.56 /
-  // 2.05 / 3.09 → 0.83 / 1.30 / 2.50 (fp32 1.58 / 1.96 / 2.74). In fp32 the pairs were 5–15 %
-  // slower, L2-resident or not: the lane sums, not the loads, bound that loop.
-  const bool pair_scores = kBlockedDecode && !std::is_same_v<S, T> && std::is_same_v<T, float> &&
-                           !mask.has_explicit();
+  // into a buffer once for all rows, as before, cost about one row's work more. Measured, D = 64,
+  // 2 threads, bf16 forward ms for 2 / 4 / 8 rows: B = 1, H = 4, 1024 keys (in L2) 0.071 /
+  // 0.090 / 0.130 → 0.045 / 0.065 / 0.104; B = 2, H = 16, 4096 keys 1.56 / 2.22 → 0.95 / 1.60
+  // at 2 / 4 rows. In fp32 the pairs were 5–15 % slower, L2-resident or not: the lane sums, not
+  // the loads, bound that loop.
+  constexpr bool pair_scores = kBlockedDecode && !std::is_same_v<S, T> && std::is_same_v<T, float>;
   const bool group_sums = !std::is_same_v<S, T> && !mask.has_explicit() && !drop.active;
   at::parallel_for(0, d.B * d.Hq * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(RG * d.Lk), acc(RG * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
@@ -1058,8 +1052,8 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
           if (ck.empty()) continue;
           const T* q = Q + sq.at(b, h, i0 + i);
           T* out_s = s.data() + i * d.Lk + c * KC;
-          if (pair_scores && i + 1 < R) {
-            const Span ck1 = chunk(i + 1, c);
+          if constexpr (pair_scores) {
+            const Span ck1 = i + 1 < R ? chunk(i + 1, c) : Span{0, 0};
             if (!ck1.empty() && ck1.lo == ck.lo) {
               const auto [m0, m1] = decode_scores_2_rows(q, Q + sq.at(b, h, i0 + i + 1), kbase, sk.l, d.D, scale,
                                                          mask, b, h, i0 + i, ck, ck1, out_s, out_s + d.Lk);
@@ -1863,20 +1857,16 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
             if (lo >= hi) continue;
             T* p = pbuf.data() + i * d.Lk + lo;
             T* ds = dsbuf.data() + i * d.Lk + lo;
-            if (pair_rows && i + 1 < R && !spans[i + 1].empty() && spans[i + 1].lo == spans[i].lo &&
-                lo < spans[i + 1].hi) {  // as in the forward: one load of each key for two rows
-              const Span k0{lo, hi}, k1{lo, std::min(lo + KC, spans[i + 1].hi)};
-              if (mask.has_explicit()) {
-                decode_scores(Q + sq.at(b, h, i), kbase, sk.l, d.D, scale, mask, b, h, i, k0, p);
-                decode_scores(Q + sq.at(b, h, i + 1), kbase, sk.l, d.D, scale, mask, b, h, i + 1, k1, p + d.Lk);
-              } else {
+            if constexpr (pair_rows) {  // as in the forward: one load of each key for two rows
+              if (i + 1 < R && !spans[i + 1].empty() && spans[i + 1].lo == spans[i].lo && lo < spans[i + 1].hi) {
+                const Span k0{lo, hi}, k1{lo, std::min(lo + KC, spans[i + 1].hi)};
                 decode_scores_2_rows(Q + sq.at(b, h, i), Q + sq.at(b, h, i + 1), kbase, sk.l, d.D, scale,
                                      mask, b, h, i, k0, k1, p, p + d.Lk);
+                decode_scores_2_rows(DO + so.at(b, h, i), DO + so.at(b, h, i + 1), vbase, sv.l, d.Dv, T(1),
+                                     no_mask, b, h, i, k0, k1, ds, ds + d.Lk);
+                ++i;
+                continue;
               }
-              decode_scores_2_rows(DO + so.at(b, h, i), DO + so.at(b, h, i + 1), vbase, sv.l, d.Dv, T(1),
-                                   no_mask, b, h, i, k0, k1, ds, ds + d.Lk);
-              ++i;
-              continue;
             }
             decode_scores(Q + sq.at(b, h, i), kbase, sk.l, d.D, scale, mask, b, h, i, Span{lo, hi}, p);
             decode_scores(DO + so.at(b, h, i), vbase, sv.l, d.Dv, T(1), no_mask, b, h, i, Span{lo, hi}, ds);
