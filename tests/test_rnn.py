@@ -75,7 +75,11 @@ def test_kernel_matches_reference_float64(mode, kw, reverse, B, I, H, lengths):
     (o1, g1), (o2, g2) = run_both(mode, x, bs, h0, c0, w, reverse)
     for a, b in zip(o1 + g1, o2 + g2):
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+        # Gradients reach several hundred while single elements cancel to near zero, so the
+        # absolute floor scales with the tensor: summation order alone (MKL picks kernels per
+        # CPU) moved such elements by 4e-11 on an AMD Zen 5, about 1e-13 of the tensor's size.
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, atol=1e-11 * scale, rtol=1e-9)
 
 
 @pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
