@@ -1147,7 +1147,7 @@ int64_t amx_key_block(const Dims& d) {
 int64_t amx_width(int64_t E) { return (E + 31) / 32 * 32; }
 
 bool amx_usable(const Dims& d) {
-  if (!bf16_brgemm_supported() || d.D % 2 || d.Dv % 2) return false;
+  if (!bf16_tiles_supported() || d.D % 2 || d.Dv % 2) return false;
   const char* env = std::getenv("SEQKERN_ATTENTION_AMX");  // "0": the fp32 tile kernels
   return !(env && env[0] == '0');
 }
@@ -1319,8 +1319,8 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         const Span used = union_rows(rows, 0, mi, CK);
         const int64_t klo = used.lo, khi = (used.hi + CK - 1) / CK * CK;
         // Kᵀ of the block is one VNNI matrix (ldb = BK): its columns [klo, khi) start 2·klo in
-        at::native::cpublas::brgemm(mi, khi - klo, d.D, sq.l, BK, BK, false, q,
-                                    KP + blk * d.D * BK + 2 * klo, S.data() + klo, true);
+        bf16_tile_product(mi, khi - klo, d.D, sq.l, BK, BK, false, q,
+                          KP + blk * d.D * BK + 2 * klo, S.data() + klo);
         for (int64_t r = 0; r < mi; ++r) {
           const float* s = S.data() + r * BK;
           bf16* p = P.data() + r * BK;
@@ -1365,14 +1365,14 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
           if (alpha != 1.0f) scale_row(acc.data() + r * Dvp, d.Dv, alpha);
         }
         // V is packed as pairs of key rows, so keys [klo, khi) start klo·Dvp elements in
-        at::native::cpublas::brgemm(mi, Dvp, khi - klo, BK, Dvp, Dvp, true, P.data() + klo,
-                                    VP + blk * BK * Dvp + klo * Dvp, acc.data(), true);
+        bf16_tile_product(mi, Dvp, khi - klo, BK, Dvp, Dvp, true, P.data() + klo,
+                          VP + blk * BK * Dvp + klo * Dvp, acc.data());
       }
       write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                              static_cast<float>(drop.keep_scale), O, O32,
                              ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
     }
-    at::native::cpublas::brgemm_release(true);
+    bf16_tile_release();
   });
 }
 
@@ -1439,9 +1439,8 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
         // keys [klo, khi) some query may see; the others are -inf'd by mask_tile_t
         const Span used = union_rows(rows, 0, mi, 1);
         const int64_t klo = used.lo, khi = used.hi;
-        at::native::cpublas::brgemm(khi - klo, BQ, d.D, sk.l, BQ, BQ, false,
-                                    kbase + (j0 + klo) * sk.l, QT.data(), ST.data() + klo * BQ,
-                                    true);
+        bf16_tile_product(khi - klo, BQ, d.D, sk.l, BQ, BQ, false,
+                          kbase + (j0 + klo) * sk.l, QT.data(), ST.data() + klo * BQ);
         for (int64_t c = klo; c < khi; ++c) scale_row(ST.data() + c * BQ, BQ, scale);
         mask_tile_t(mask, b, h, 0, j0, nk, BQ, cols, ST.data(), BQ, neg_inf<float>(),
                     mask.has_explicit());
@@ -1450,8 +1449,14 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
             keep_down_column(rk_lo, rk_hi, BQ, j0 + c, drop.threshold, keep.data() + c * BQ);
         softmax_columns<float>(ST.data(), BQ, nk, BQ, mi, drop.active ? keep.data() : nullptr,
                                mx.data(), sm.data(), acc.data(), d.Dv);
-        for (int64_t c = klo; c < khi; ++c)
-          at::vec::convert(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
+        // An explicit mask may rule out keys whose cache rows hold anything (NaN, inf): a key
+        // no row weighs enters as zeros, as the decode kernels skip weight-0 rows (0·NaN = NaN).
+        for (int64_t c = klo; c < khi; ++c) {
+          const float* pc = ST.data() + c * BQ;
+          if (mask.has_explicit() && std::all_of(pc, pc + mi, [](float x) { return x == 0.0f; }))
+            std::fill(VT.data() + c * d.Dv, VT.data() + (c + 1) * d.Dv, 0.0f);
+          else at::vec::convert(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
+        }
         tile_gemm_impl<float>(mi, nk, ST.data(), 1, BQ, VT.data(), d.Dv, acc.data(), d.Dv, true,
                               [&](int64_t r0, int64_t r1) {
                                 return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
@@ -1461,7 +1466,7 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
                              static_cast<float>(drop.keep_scale), O, O32,
                              (b * d.Hq + h) * d.Lq * d.Dv, LSE + (b * d.Hq + h) * d.Lq);
     }
-    at::native::cpublas::brgemm_release(true);
+    bf16_tile_release();
   });
 }
 
@@ -1519,10 +1524,10 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
             const int64_t qblk = (b * d.Hq + h) * nqb + qb;
             const double* l = LSE + (b * d.Hq + h) * d.Lq + i0;
             const float* dl = DELTA + (b * d.Hq + h) * d.Lq + i0;
-            at::native::cpublas::brgemm(mi, BK, d.D, sq.l, BK, BK, false, Q + sq.at(b, h, i0),
-                                        KT + kblk * d.D * BK, S.data(), true);
-            at::native::cpublas::brgemm(mi, BK, d.Dv, so.l, BK, BK, false, DO + so.at(b, h, i0),
-                                        VT + kblk * d.Dv * BK, dP.data(), true);
+            bf16_tile_product(mi, BK, d.D, sq.l, BK, BK, false, Q + sq.at(b, h, i0),
+                              KT + kblk * d.D * BK, S.data());
+            bf16_tile_product(mi, BK, d.Dv, so.l, BK, BK, false, DO + so.at(b, h, i0),
+                              VT + kblk * d.Dv * BK, dP.data());
             if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk_lo, rk_hi);
             for (int64_t r = 0; r < mip; ++r) {
               float* s = S.data() + r * BK;
@@ -1567,13 +1572,12 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                 at::vec::transpose_mxn<bf16>(Pb.data() + r * BK + cc, BK, PbT.data() + cc * BQ + r, BQ, m, n);
                 at::vec::transpose_mxn<bf16>(dSb.data() + r * BK + cc, BK, dSbT.data() + cc * BQ + r, BQ, m, n);
               }
-            at::native::cpublas::brgemm(nk, Dvp, mip, BQ, Dvp, Dvp, true, PbT.data(),
-                                        DOR + qblk * BQ * Dvp, dv_loc.data(), true);
-            at::native::cpublas::brgemm(nk, Dp, mip, BQ, Dp, Dp, true, dSbT.data(),
-                                        QR + qblk * BQ * Dp, dk_loc.data(), true);
-            at::native::cpublas::brgemm(mi, Dp, nkp, BK, Dp, Dp, true, dSb.data(),
-                                        KR + kblk * BK * Dp, DQ + ((b * d.Hq + h) * d.Lq + i0) * Dp,
-                                        true);
+            bf16_tile_product(nk, Dvp, mip, BQ, Dvp, Dvp, true, PbT.data(),
+                              DOR + qblk * BQ * Dvp, dv_loc.data());
+            bf16_tile_product(nk, Dp, mip, BQ, Dp, Dp, true, dSbT.data(),
+                              QR + qblk * BQ * Dp, dk_loc.data());
+            bf16_tile_product(mi, Dp, nkp, BK, Dp, Dp, true, dSb.data(),
+                              KR + kblk * BK * Dp, DQ + ((b * d.Hq + h) * d.Lq + i0) * Dp);
           }
         }
         float* dkd = DK + (acc_row * d.Lk + j0) * d.D;
@@ -1586,7 +1590,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
         }
       }
     }
-    at::native::cpublas::brgemm_release(true);
+    bf16_tile_release();
   });
 }
 
@@ -2259,7 +2263,7 @@ at::Tensor attention_dropout_mask(int64_t B, int64_t H, int64_t Lq, int64_t Lk, 
 
 namespace seqkern {
 void register_attention(pybind11::module_& m) {
-  m.def("attention_bf16_amx", &cpu::bf16_brgemm_supported,
+  m.def("attention_bf16_amx", &cpu::bf16_tiles_supported,
         "Whether bfloat16 attention forward runs on oneDNN brgemm (AMX) tiles on this CPU");
   m.def("attention_forward", &cpu::attention_forward, kReleaseGil,
         "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "

@@ -8,6 +8,7 @@
 #include <dlfcn.h>
 #include <immintrin.h>
 
+#include <cstring>
 #include <vector>
 
 namespace seqkern::cpu {
@@ -257,9 +258,125 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
   return true;
 }
 
-bool bf16_brgemm_supported() {
+namespace {
+bool onednn_bf16_brgemm() {
   static const bool can_pack = at::native::cpublas::could_pack(at::kBFloat16);
   return can_pack;
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool kDpbf16 = true;
+
+// C[MR × NV·16] (+)= A · B over K, the last of the NV vectors masked to `tail` columns. Each
+// k pair is one 32-bit word of an A row (broadcast) and one VNNI row of B; MR·NV accumulators
+// (24 at NV = 4) hide vdpbf16ps's latency.
+template <int MR, int NV>
+void dpbf16_tile(int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                 float* C, int64_t ldc, bool add_C, __mmask16 tail) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const __mmask16 mk = j == NV - 1 ? tail : __mmask16(0xffff);
+      c[m][j] = add_C ? _mm512_maskz_loadu_ps(mk, C + m * ldc + 16 * j) : _mm512_setzero_ps();
+    }
+  auto step = [&](const uint16_t* b, auto a_word) {
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      bv[j] = (__m512bh)(j == NV - 1 ? _mm512_maskz_loadu_epi32(tail, b + 32 * j)
+                                     : _mm512_loadu_si512(b + 32 * j));
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(a_word(m));
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) c[m][j] = _mm512_dpbf16_ps(c[m][j], a, bv[j]);
+    }
+  };
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk)
+    step(B + kk * 2 * ldb, [&](int m) {
+      int32_t w;
+      std::memcpy(&w, A + m * lda + 2 * kk, 4);
+      return w;
+    });
+  // odd K: the last element pairs with a zero (B's row after it is zero, A's may be anything)
+  if (K % 2) step(B + K2 * 2 * ldb, [&](int m) { return int32_t(A[m * lda + K - 1]); });
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const __mmask16 mk = j == NV - 1 ? tail : __mmask16(0xffff);
+      _mm512_mask_storeu_ps(C + m * ldc + 16 * j, mk, c[m][j]);
+    }
+}
+
+// Rows per tile for NV vectors: MR·NV accumulators + NV B vectors + 1 broadcast ≤ 32 registers.
+constexpr int dp_rows(int nv) { return nv >= 4 ? 6 : nv == 3 ? 8 : 12; }
+
+template <int NV, int MR>
+void dpbf16_rows(int mr, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                 int64_t ldb, float* C, int64_t ldc, bool add_C, __mmask16 tail) {
+  if constexpr (MR >= 1) {
+    if (mr == MR) return dpbf16_tile<MR, NV>(K, A, lda, B, ldb, C, ldc, add_C, tail);
+    dpbf16_rows<NV, MR - 1>(mr, K, A, lda, B, ldb, C, ldc, add_C, tail);
+  }
+}
+
+template <int NV>
+void dpbf16_columns(int64_t M, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                    int64_t ldb, float* C, int64_t ldc, bool add_C, __mmask16 tail) {
+  constexpr int MR = dp_rows(NV);
+  // near-equal row blocks (8 rows at MR = 6 as 4 + 4: a 2-row tile streams B for few products)
+  const int64_t nb = (M + MR - 1) / MR;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t m0 = M * b / nb, m1 = M * (b + 1) / nb;
+    dpbf16_rows<NV, MR>(static_cast<int>(m1 - m0), K, A + m0 * lda, lda, B, ldb, C + m0 * ldc,
+                        ldc, add_C, tail);
+  }
+}
+
+void dpbf16_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                    bool add_C, const uint16_t* A, const uint16_t* B, float* C) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t n = std::min<int64_t>(64, N - n0);
+    const int nv = static_cast<int>((n + 15) / 16);
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - 16 * (nv - 1))) - 1);
+    const uint16_t* b = B + 2 * n0;  // column n0 of every VNNI row
+    float* c = C + n0;
+    switch (nv) {
+      case 4: dpbf16_columns<4>(M, K, A, lda, b, ldb, c, ldc, add_C, tail); break;
+      case 3: dpbf16_columns<3>(M, K, A, lda, b, ldb, c, ldc, add_C, tail); break;
+      case 2: dpbf16_columns<2>(M, K, A, lda, b, ldb, c, ldc, add_C, tail); break;
+      default: dpbf16_columns<1>(M, K, A, lda, b, ldb, c, ldc, add_C, tail); break;
+    }
+  }
+}
+#else
+constexpr bool kDpbf16 = false;
+#endif
+}  // namespace
+
+bool bf16_tiles_supported() { return onednn_bf16_brgemm() || kDpbf16; }
+
+void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                       bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C) {
+  if (onednn_bf16_brgemm()) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, A, B, C, true);
+    return;
+  }
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  if (M > 0 && N > 0)
+    dpbf16_product(M, N, K, lda, ldb, ldc, add_C, reinterpret_cast<const uint16_t*>(A),
+                   reinterpret_cast<const uint16_t*>(B), C);
+#else
+  TORCH_CHECK(false, "seqkern: bf16_tile_product needs AMX or AVX512_BF16");
+#endif
+}
+
+void bf16_tile_release() {
+  if (onednn_bf16_brgemm()) at::native::cpublas::brgemm_release(true);
 }
 
 namespace {

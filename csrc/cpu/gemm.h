@@ -75,12 +75,19 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
                const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float* C,
                int64_t ldc);
 
-// Whether oneDNN can pack bf16 for its brgemm micro-kernels on this CPU (AMX or AVX512_BF16):
-// the bf16 attention forward and the bf16 recurrent product run on them
-// (at::native::cpublas::brgemm).
-bool bf16_brgemm_supported();
+// bf16 tile products: C[M×N] (+)= A[M×K] · B, A bf16 row-major (lda), B bf16 in the VNNI
+// order of pack_vnni below (ldb = its Np), fp32 C (ldc); with add_C the product is added to C.
+// The signature is oneDNN's brgemm (at::native::cpublas::brgemm), which serves where ATen can
+// pack bf16 for it (AMX). On a CPU with AVX512_BF16 and no AMX, oneDNN's ukernel is not
+// available and a register-tile kernel on vdpbf16ps runs instead (2 bf16 products per fp32
+// lane and instruction: twice the fp32 FMA rate). K may be odd (B's row after it zero).
+bool bf16_tiles_supported();
+void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                       bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C);
+// Ends a thread's run of bf16_tile_product calls (releases AMX state; nothing otherwise).
+void bf16_tile_release();
 
-// Right operands of that brgemm in oneDNN's bf16 VNNI order: B (Kp × Np) stored as Kp/2 rows
+// Right operands of bf16_tile_product in oneDNN's bf16 VNNI order: B (Kp × Np) stored as Kp/2 rows
 // of Np column pairs, out[(k/2)·2·Np + 2·n + k%2] = B[k][n] (ldb = Np). Entries past the
 // valid K × N block are zero, so a padded product adds nothing. (cpublas::pack would build a
 // oneDNN transform per call, ~0.1 ms each.)

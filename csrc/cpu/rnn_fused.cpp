@@ -591,12 +591,12 @@ void forward_loop(const ForwardArgs& a) {
           for (int64_t m0 = 0; m0 < bs; m0 += kAmxRows) {
             const int64_t mr = std::min(kAmxRows, bs - m0);
             float* cb = reinterpret_cast<float*>(accs.data());
-            at::native::cpublas::brgemm(mr, NV * kW, wb.K, ldhb, NV * kW, NV * kW, false,
-                                        hbp + m0 * ldhb, wb.panel(p), cb, true);
+            bf16_tile_product(mr, NV * kW, wb.K, ldhb, NV * kW, NV * kW, false,
+                              hbp + m0 * ldhb, wb.panel(p), cb);
             if (fuse_x && separate_x)
-              at::native::cpublas::brgemm(mr, NV * kW, I, I, NV * kW, NV * kW, false,
-                                          a.x_bf16 + (o + m0) * I, wxb.panel(p),
-                                          reinterpret_cast<float*>(xaccs.data()), true);
+              bf16_tile_product(mr, NV * kW, I, I, NV * kW, NV * kW, false,
+                                a.x_bf16 + (o + m0) * I, wxb.panel(p),
+                                reinterpret_cast<float*>(xaccs.data()));
             for (int64_t m = m0; m < m0 + mr; ++m) {
               if (m + 2 < bs) prefetch_forward_rows<C, 3>(a, o + m + 2, 1, pu0, pn);
               finish(p, m, accs.data() + (m - m0) * NV,
@@ -645,7 +645,7 @@ void forward_loop(const ForwardArgs& a) {
         copy_x_rows(s + 1, hbn, B * tid / n_threads, B * (tid + 1) / n_threads);
       if (!by_rows) step_barrier.wait();
     }
-    if (amx) at::native::cpublas::brgemm_release(true);
+    if (amx) bf16_tile_release();
   }
   // Each sequence's final state is its output at its last step: t = length − 1 going forward,
   // t = 0 going backward.
@@ -747,9 +747,9 @@ void backward_loop(const BackwardArgs& a) {
         if (amx) {
           for (int64_t m0 = 0; m0 < bs; m0 += kAmxRows) {
             const int64_t mr = std::min(kAmxRows, bs - m0);
-            at::native::cpublas::brgemm(mr, U * kW, wbb.K, ldg, U * kW, U * kW, false,
-                                        gb + m0 * ldg, wbb.panel(p),
-                                        reinterpret_cast<float*>(accs.data()), true);
+            bf16_tile_product(mr, U * kW, wbb.K, ldg, U * kW, U * kW, false,
+                              gb + m0 * ldg, wbb.panel(p),
+                              reinterpret_cast<float*>(accs.data()));
             for (int64_t m = m0; m < m0 + mr; ++m) finish(p, m, accs.data() + (m - m0) * U);
           }
           continue;
@@ -767,7 +767,7 @@ void backward_loop(const BackwardArgs& a) {
         });
       }
     }
-    if (amx) at::native::cpublas::brgemm_release(true);
+    if (amx) bf16_tile_release();
   }
 }
 
@@ -786,7 +786,7 @@ bool fuse_input_projection(const Layout& L, int64_t I) {
 // oneDNN's bf16 kernels are not known to take.
 bool amx_recurrence_supported() {
   const char* env = std::getenv("SEQKERN_RNN_AMX");  // "0": the float32 loop
-  return kW == 16 && bf16_brgemm_supported() && !(env && env[0] == '0');
+  return kW == 16 && bf16_tiles_supported() && !(env && env[0] == '0');
 }
 
 void fused_forward(const ForwardArgs& a) {
