@@ -32,7 +32,42 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One inference step of a cell for at most 4 rows: (mode, x, h, c, w_ih, w_hh, b_ih, "
         "b_hh) -> [h', c' or empty]");
   m.def("recurrent_bf16_amx", &seqkern::cpu::recurrent_bf16_amx,
-        "Whether bfloat16 recurrences (B >= 8) run their products on oneDNN brgemm (AMX) tiles");
+        "Whether bfloat16 recurrences (B >= 8) run their products on bf16 tiles (AMX through "
+        "oneDNN's brgemm, or AVX512_BF16)");
+  // Test hooks for the bf16 products the kernels share (float32 results, no autograd).
+  m.def("gemm_bf16", [](const at::Tensor& a, const at::Tensor& b, bool a_trans, bool b_trans) {
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.scalar_type() == at::kBFloat16 &&
+                b.scalar_type() == at::kBFloat16, "gemm_bf16: two 2-D bfloat16 matrices");
+    const auto A = a.contiguous(), B = b.contiguous();
+    const int64_t M = a_trans ? A.size(1) : A.size(0), K = a_trans ? A.size(0) : A.size(1);
+    const int64_t N = b_trans ? B.size(0) : B.size(1);
+    TORCH_CHECK((b_trans ? B.size(1) : B.size(0)) == K, "gemm_bf16: inner sizes differ");
+    at::Tensor C = at::full({M, N}, 7.0f, a.options().dtype(at::kFloat));
+    TORCH_CHECK(seqkern::cpu::gemm_bf16(a_trans, b_trans, M, N, K, A.data_ptr<at::BFloat16>(),
+                                         A.size(1), B.data_ptr<at::BFloat16>(), B.size(1),
+                                         C.data_ptr<float>(), N),
+                "gemm_bf16: no bf16 GEMM in this build");
+    return C;
+  });
+  m.def("bf16_tiles_supported", &seqkern::cpu::bf16_tiles_supported,
+        "Whether bf16_tile_product runs here (AMX through oneDNN's brgemm, or AVX512_BF16)");
+  m.def("bf16_tile_product", [](const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool add_c) {
+    // a (M × K, rows a.stride(0) apart) and b (K × N) bf16, b packed here; c (M × N) float32,
+    // updated in place
+    TORCH_CHECK(seqkern::cpu::bf16_tiles_supported(), "bf16_tile_product: not on this CPU");
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 &&
+                a.stride(0) >= a.size(1) && b.is_contiguous() && c.is_contiguous() &&
+                a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
+                c.scalar_type() == at::kFloat,
+                "bf16_tile_product: a with unit column stride, contiguous b (bf16), c (float32)");
+    const int64_t M = a.size(0), K = a.size(1), N = b.size(1), Kp = (K + 1) / 2 * 2;
+    const int64_t Np = N + 3;  // a leading dimension wider than N
+    std::vector<at::BFloat16> packed(Kp * Np);
+    seqkern::cpu::pack_vnni(b.data_ptr<at::BFloat16>(), N, K, N, Kp, Np, packed.data());
+    seqkern::cpu::bf16_tile_product(M, N, K, a.stride(0), Np, N, add_c, a.data_ptr<at::BFloat16>(),
+                                    packed.data(), c.data_ptr<float>());
+    seqkern::cpu::bf16_tile_release();
+  });
   m.def("alloc_cached_bytes", &seqkern::cpu::large_alloc_cached_bytes,
         "Bytes of freed large output blocks kept for reuse");
   m.def("alloc_release_cache", &seqkern::cpu::large_alloc_release_cache,

@@ -240,24 +240,6 @@ void PackedWeight<T>::multiply(int64_t M, const T* A, int64_t lda, T beta, T* C,
 template class PackedWeight<float>;
 template class PackedWeight<double>;
 
-bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
-               const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float* C,
-               int64_t ldc) {
-  const auto& b = blas();
-  if (!b.gemm_bf16 || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) ||
-      !fits_int(ldb) || !fits_int(ldc))
-    return false;
-  if (M == 0 || N == 0) return true;
-  if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
-    return true;
-  }
-  b.gemm_bf16(kRowMajor, a_trans ? kTrans : kNoTrans, b_trans ? kTrans : kNoTrans, (int)M, (int)N,
-              (int)K, 1.0f, reinterpret_cast<const uint16_t*>(A), (int)lda,
-              reinterpret_cast<const uint16_t*>(B), (int)ldb, 0.0f, C, (int)ldc);
-  return true;
-}
-
 namespace {
 bool onednn_bf16_brgemm() {
   static const bool can_pack = at::native::cpublas::could_pack(at::kBFloat16);
@@ -353,9 +335,85 @@ void dpbf16_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, i
     }
   }
 }
+
+// Large bf16 GEMMs (a recurrence's input projection and weight gradients) on the same tiles:
+// MKL's bf16 GEMM has no AVX512_BF16 kernel on AMD (measured on a Zen 5: ~170 GFLOP/s, its
+// fp32 speed; oneDNN's, which torch.mm calls but which has no fp32-output entry point, ~400).
+// B is packed once into VNNI panels of 64 columns; each task takes 96 rows × 256 columns and
+// walks K in blocks of 256, so its A block stays in L1/L2 across its four panels. With a_trans
+// (A stored K × M) each A block is transposed into the task's buffer as it is reached.
+constexpr int64_t kGemmPanel = 64, kGemmRows = 96, kGemmCols = 256, kGemmDepth = 256;
+
+void transpose_bf16(const at::BFloat16* src, int64_t lds, int64_t rows, int64_t cols,
+                    at::BFloat16* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; r += 32)
+    for (int64_t c = 0; c < cols; c += 32)
+      at::vec::transpose_mxn<c10::BFloat16>(src + r * lds + c, lds, dst + c * ldd + r, ldd,
+                                            static_cast<int>(std::min<int64_t>(32, rows - r)),
+                                            static_cast<int>(std::min<int64_t>(32, cols - c)));
+}
+
+void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
+                 const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb,
+                 float* C, int64_t ldc) {
+  constexpr int64_t NB = kGemmPanel;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return;
+  }
+  const int64_t Kp = (K + 1) / 2 * 2, n_panels = (N + NB - 1) / NB;
+  std::vector<at::BFloat16> Bp(n_panels * Kp * NB);
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<at::BFloat16> tmp(b_trans && K % 2 ? Kp * NB : 0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = std::min(NB, N - p * NB);
+      at::BFloat16* out = Bp.data() + p * Kp * NB;
+      if (!b_trans) {
+        pack_vnni(B + p * NB, ldb, K, n, Kp, NB, out);
+      } else if (K % 2 == 0) {
+        pack_vnni_transposed(B + p * NB * ldb, ldb, n, K, NB, out);
+      } else {  // op(B) = Bᵀ row-major into tmp first, then paired
+        std::fill(tmp.begin(), tmp.end(), at::BFloat16(0.0f));
+        transpose_bf16(B + p * NB * ldb, ldb, n, K, tmp.data(), NB);
+        pack_vnni(tmp.data(), NB, K, NB, Kp, NB, out);
+      }
+    }
+  });
+  const int64_t m_blocks = (M + kGemmRows - 1) / kGemmRows;
+  const int64_t n_groups = (N + kGemmCols - 1) / kGemmCols;
+  at::parallel_for(0, m_blocks * n_groups, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<at::BFloat16> At(a_trans ? kGemmRows * kGemmDepth : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t % m_blocks) * kGemmRows, n0 = (t / m_blocks) * kGemmCols;
+      const int64_t mr = std::min(kGemmRows, M - m0), nc = std::min(kGemmCols, N - n0);
+      for (int64_t k0 = 0; k0 < K; k0 += kGemmDepth) {
+        const int64_t kb = std::min(kGemmDepth, K - k0);
+        const uint16_t* a;
+        int64_t la;
+        if (a_trans) {
+          transpose_bf16(A + k0 * lda + m0, lda, kb, mr, At.data(), kGemmDepth);
+          a = reinterpret_cast<const uint16_t*>(At.data()), la = kGemmDepth;
+        } else {
+          a = reinterpret_cast<const uint16_t*>(A + m0 * lda + k0), la = lda;
+        }
+        for (int64_t c = 0; c < nc; c += NB) {
+          const int64_t p = (n0 + c) / NB;
+          dpbf16_product(mr, std::min(NB, nc - c), kb, la, NB, ldc, k0 > 0, a,
+                         reinterpret_cast<const uint16_t*>(Bp.data() + p * Kp * NB + k0 * NB),
+                         C + m0 * ldc + n0 + c);
+        }
+      }
+    }
+  });
+}
 #else
 constexpr bool kDpbf16 = false;
+void dpbf16_gemm(bool, bool, int64_t, int64_t, int64_t, const at::BFloat16*, int64_t,
+                 const at::BFloat16*, int64_t, float*, int64_t) {}
 #endif
+
+// MKL's bf16 GEMM is the one to use where it has AMX (or where this build has no dpbf16 path).
+bool dpbf16_gemm_preferred() { return kDpbf16 && !onednn_bf16_brgemm(); }
 }  // namespace
 
 bool bf16_tiles_supported() { return onednn_bf16_brgemm() || kDpbf16; }
@@ -378,6 +436,29 @@ void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb
 void bf16_tile_release() {
   if (onednn_bf16_brgemm()) at::native::cpublas::brgemm_release(true);
 }
+
+bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
+               const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float* C,
+               int64_t ldc) {
+  if (M == 0 || N == 0) return true;
+  if (dpbf16_gemm_preferred()) {
+    dpbf16_gemm(a_trans, b_trans, M, N, K, A, lda, B, ldb, C, ldc);
+    return true;
+  }
+  const auto& b = blas();
+  if (!b.gemm_bf16 || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) ||
+      !fits_int(ldb) || !fits_int(ldc))
+    return false;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return true;
+  }
+  b.gemm_bf16(kRowMajor, a_trans ? kTrans : kNoTrans, b_trans ? kTrans : kNoTrans, (int)M, (int)N,
+              (int)K, 1.0f, reinterpret_cast<const uint16_t*>(A), (int)lda,
+              reinterpret_cast<const uint16_t*>(B), (int)ldb, 0.0f, C, (int)ldc);
+  return true;
+}
+
 
 namespace {
 // o[2n] = r0[n], o[2n + 1] = r1[n] for n < N: as 32-bit words, o[n] = r0[n] | r1[n] << 16,

@@ -1,0 +1,83 @@
+"""The bf16 products the recurrent and attention kernels share (csrc/cpu/gemm.cpp): the tile
+product (oneDNN's brgemm on AMX, vdpbf16ps register tiles on AVX512_BF16) and the large bf16
+GEMM with fp32 results, against float64 products of the same bf16 values."""
+import pytest
+import torch
+
+from seqkern import registry
+
+from conftest import requires_cpu_ext
+
+pytestmark = requires_cpu_ext
+
+
+def _C():
+    import seqkern._ext as ext
+    return ext._C
+
+
+def within_torch_error(got, a, b):
+    """got's error against the float64 product is at most ~2x torch's float32 matmul's."""
+    exact = a.double() @ b.double()
+    torch32 = (a.float() @ b.float()).double()
+    err = (got.double() - exact).abs().max().item()
+    ref_err = (torch32 - exact).abs().max().item()
+    floor = 1e-6 * max(1.0, exact.abs().max().item())
+    assert err <= 2 * ref_err + floor, (err, ref_err)
+
+
+SIZES = [1, 2, 3, 16, 17, 64, 97, 130]
+
+
+@pytest.mark.parametrize("a_trans", [False, True])
+@pytest.mark.parametrize("b_trans", [False, True])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (3, 17, 5), (17, 64, 2), (97, 130, 33),
+                                   (130, 97, 64), (200, 300, 257), (5, 513, 300), (300, 3, 600)])
+def test_gemm_bf16_matches_float64(a_trans, b_trans, M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    a = torch.randn(M, K, generator=g).bfloat16()
+    b = torch.randn(K, N, generator=g).bfloat16()
+    a_st = a.t().contiguous() if a_trans else a
+    b_st = b.t().contiguous() if b_trans else b
+    got = _C().gemm_bf16(a_st, b_st, a_trans, b_trans)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    within_torch_error(got, a, b)
+
+
+def test_gemm_bf16_empty_inner_dimension_gives_zeros():
+    got = _C().gemm_bf16(torch.empty(4, 0, dtype=torch.bfloat16),
+                         torch.empty(0, 5, dtype=torch.bfloat16), False, False)
+    assert torch.equal(got, torch.zeros(4, 5))
+
+
+needs_tiles = pytest.mark.skipif(
+    not (registry.availability("cpu")[0] and _C().bf16_tiles_supported()),
+    reason="no bf16 tiles on this CPU (neither AMX nor AVX512_BF16)")
+
+
+@needs_tiles
+@pytest.mark.parametrize("add_c", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 64])
+@pytest.mark.parametrize("N", [1, 15, 16, 33, 64, 65, 200])
+@pytest.mark.parametrize("K", [1, 2, 31, 64, 129])
+def test_tile_product_matches_float64(add_c, M, N, K):
+    g = torch.Generator().manual_seed(M * 7 + N * 131 + K)
+    a = torch.randn(M, K, generator=g).bfloat16()
+    b = torch.randn(K, N, generator=g).bfloat16()
+    c0 = torch.randn(M, N, generator=g)
+    c = c0.clone()
+    _C().bf16_tile_product(a, b, c, add_c)
+    within_torch_error(c - c0 if add_c else c, a, b)
+
+
+@needs_tiles
+def test_tile_product_odd_k_ignores_what_follows_a_row():
+    """With odd K the last k pairs with a zero: the element after each row of A (here a NaN in
+    the padding of a wider matrix) must not reach the product."""
+    a = torch.randn(4, 7).bfloat16()
+    a_nan = torch.cat([a, torch.full((4, 1), float("nan")).bfloat16()], 1)
+    b = torch.randn(7, 20).bfloat16()
+    c = torch.empty(4, 20)
+    _C().bf16_tile_product(a_nan[:, :7], b, c, False)  # rows 8 apart
+    assert torch.isfinite(c).all()
+    within_torch_error(c, a, b)
