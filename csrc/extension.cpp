@@ -31,7 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_step", &seqkern::cpu::cell_step, seqkern::kReleaseGil,
         "One inference step of a cell for at most 4 rows: (mode, x, h, c, w_ih, w_hh, b_ih, "
         "b_hh) -> [h', c' or empty]");
-  m.def("recurrent_bf16_amx", &seqkern::cpu::recurrent_bf16_amx,
+  m.def("recurrent_bf16_tiles", &seqkern::cpu::recurrent_bf16_tiles,
         "Whether bfloat16 recurrences (B >= 8) run their products on bf16 tiles (AMX through "
         "oneDNN's brgemm, or AVX512_BF16)");
   // Test hooks for the bf16 products the kernels share (float32 results, no autograd).

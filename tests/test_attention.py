@@ -104,7 +104,7 @@ def max_err(a, b):
 
 
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
-AMX = registry.availability("cpu")[0] and seqkern._ext._C.attention_bf16_amx()
+AMX = registry.availability("cpu")[0] and seqkern._ext._C.attention_bf16_tiles()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -770,7 +770,7 @@ def test_bfloat16_paths(path, shape, kind, monkeypatch):
     fp32 tile kernels: outputs and every gradient within twice torch's bf16 error of the
     float64 reference."""
     if path == "brgemm" and not AMX:
-        pytest.skip("no AMX/bf16 brgemm on this CPU: the tile kernel serves bf16 (tested as 'tiles')")
+        pytest.skip("no bf16 tiles on this CPU (neither AMX nor AVX512_BF16): the fp32 tile kernel serves bf16 (tested as 'tiles')")
     monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
     gen = torch.Generator().manual_seed(stable_seed(shape, kind))
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
@@ -835,7 +835,7 @@ def test_additive_mask_gradient_float64(shape, which, kind):
 def test_additive_mask_gradient_low_precision(dtype, path, which, monkeypatch):
     """Each gradient, d(attn_mask) included, within 2× torch's own error in that dtype."""
     if path == "brgemm" and not AMX:
-        pytest.skip("no AMX/bf16 brgemm on this CPU: the tile kernel serves bf16 (tested as 'tiles')")
+        pytest.skip("no bf16 tiles on this CPU (neither AMX nor AVX512_BF16): the fp32 tile kernel serves bf16 (tested as 'tiles')")
     monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
     gen = torch.Generator().manual_seed(stable_seed(which, dtype))
     shape = (2, 4, 2, 70, 129, 40, 40)
@@ -934,7 +934,7 @@ def test_dropout_matches_reference_with_the_same_pattern(dtype, shape, kind, p):
 @pytest.mark.parametrize("path", ["brgemm", "tiles"])
 def test_dropout_bfloat16_paths(path, monkeypatch):
     if path == "brgemm" and not AMX:
-        pytest.skip("no AMX/bf16 brgemm on this CPU: the tile kernel serves bf16 (tested as 'tiles')")
+        pytest.skip("no bf16 tiles on this CPU (neither AMX nor AVX512_BF16): the fp32 tile kernel serves bf16 (tested as 'tiles')")
     monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
     gen = torch.Generator().manual_seed(8)
     q, k, v = make_inputs((1, 2, 1, 300, 600, 64, 64), torch.bfloat16, gen)

@@ -140,8 +140,8 @@ def bf16_path(path, monkeypatch):
     """Selects the bf16 recurrence path: 'brgemm' (oneDNN tiles; skipped where this build and
     CPU have none, since the fp32 loop then serves bf16 and is tested as 'fp32_loop')."""
     if path == "brgemm" and not (registry.availability("cpu")[0]
-                                 and seqkern._ext._C.recurrent_bf16_amx()):
-        pytest.skip("no oneDNN bf16 brgemm in this build/CPU: the fp32 loop serves bf16")
+                                 and seqkern._ext._C.recurrent_bf16_tiles()):
+        pytest.skip("no bf16 tiles in this build/CPU (neither AMX nor AVX512_BF16): the fp32 loop serves bf16")
     monkeypatch.setenv("SEQKERN_RNN_AMX", "1" if path == "brgemm" else "0")
 
 

@@ -2263,8 +2263,8 @@ at::Tensor attention_dropout_mask(int64_t B, int64_t H, int64_t Lq, int64_t Lk, 
 
 namespace seqkern {
 void register_attention(pybind11::module_& m) {
-  m.def("attention_bf16_amx", &cpu::bf16_tiles_supported,
-        "Whether bfloat16 attention forward runs on oneDNN brgemm (AMX) tiles on this CPU");
+  m.def("attention_bf16_tiles", &cpu::bf16_tiles_supported,
+        "Whether bfloat16 attention runs on bf16 tiles here (AMX through oneDNN's brgemm, or AVX512_BF16)");
   m.def("attention_forward", &cpu::attention_forward, kReleaseGil,
         "Flash-style attention forward: (q, k, v, attn_mask, key_lengths, is_causal, "
         "bottom_right, window, scale, dropout_p, dropout_seed, out_fp32) -> (out, lse); out in "

@@ -548,7 +548,7 @@ void check_common(Cell cell, const at::Tensor& x, const at::Tensor& batch_sizes,
 
 }  // namespace
 
-bool recurrent_bf16_amx() { return amx_recurrence_supported(); }
+bool recurrent_bf16_tiles() { return amx_recurrence_supported(); }
 
 namespace {
 

@@ -49,6 +49,6 @@ std::vector<at::Tensor> recurrent_module_forward(
 
 // Whether bfloat16 recurrences at B ≥ 8 run their products on oneDNN brgemm (AMX) tiles here
 // (AVX-512 build, a CPU oneDNN packs bf16 for, SEQKERN_RNN_AMX not "0").
-bool recurrent_bf16_amx();
+bool recurrent_bf16_tiles();
 
 }  // namespace seqkern::cpu
