@@ -32,7 +32,8 @@ SIZES = [1, 2, 3, 16, 17, 64, 97, 130]
 @pytest.mark.parametrize("a_trans", [False, True])
 @pytest.mark.parametrize("b_trans", [False, True])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (3, 17, 5), (17, 64, 2), (97, 130, 33),
-                                   (130, 97, 64), (200, 300, 257), (5, 513, 300), (300, 3, 600)])
+                                   (130, 97, 64), (200, 300, 257), (5, 513, 300), (300, 3, 600),
+                                   (33, 70, 4097)])
 def test_gemm_bf16_matches_float64(a_trans, b_trans, M, N, K):
     g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
     a = torch.randn(M, K, generator=g).bfloat16()

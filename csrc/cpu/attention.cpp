@@ -42,7 +42,7 @@ constexpr int64_t kBlockK = 96;
 // (4, 4, 256, 64), (1, 8, 1024, 64), (1, 4, 2048, 128); the backward was within ±1 %.
 constexpr int64_t kForwardBlockK = 128;
 // Up to kDecodeRows query rows the row-wise decode kernels run; up to kDecodeRowsMax too, except
-// for bf16 where AMX serves (see use_decode).
+// for bf16 where bf16 tiles serve (see use_decode).
 constexpr int64_t kDecodeRows = 4;
 constexpr int64_t kDecodeRowsMax = 8;
 
@@ -1157,10 +1157,12 @@ bool amx_usable(const Dims& d) {
 // against a 4096-token cache (B = 2, H = 16) forward 2.9 ms against the tile kernel's 4.3 (its
 // 16-query vectors half empty), forward+backward 23 ms both; self-attention at L = 8 (B = 256,
 // H = 8) forward+backward 6.3 against 15.1 ms; at 16 queries the tile kernel is ahead. With AMX,
-// bf16 at 5–32 queries has its own kernel (forward_kernel_bf16_few).
-bool use_decode(const Dims& d, at::ScalarType t) {
+// bf16 at 5–32 queries has its own kernel (forward_kernel_bf16_few), except under an explicit
+// mask: the decode kernels skip the keys it rules out, where a preallocated cache may hold NaN,
+// while tile products take 0·NaN from such rows (forward and backward alike).
+bool use_decode(const Dims& d, at::ScalarType t, bool explicit_mask) {
   if (d.Lq <= kDecodeRows) return true;
-  return d.Lq <= kDecodeRowsMax && !(t == at::kBFloat16 && amx_usable(d));
+  return d.Lq <= kDecodeRowsMax && (explicit_mask || !(t == at::kBFloat16 && amx_usable(d)));
 }
 
 // Row-major score tiles (the bf16 kernels): with an explicit mask, scores [lo, hi) of query i
@@ -1390,8 +1392,8 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
 constexpr int64_t kFewBlockK = 128;
 constexpr int64_t kFewRowsMax = 32;
 
-inline bool bf16_few_queries(const Dims& d) {
-  return d.Lq <= kFewRowsMax && !use_decode(d, at::kBFloat16) && amx_usable(d);
+inline bool bf16_few_queries(const Dims& d, bool explicit_mask) {
+  return d.Lq <= kFewRowsMax && !use_decode(d, at::kBFloat16, explicit_mask) && amx_usable(d);
 }
 
 void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
@@ -1449,14 +1451,8 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
             keep_down_column(rk_lo, rk_hi, BQ, j0 + c, drop.threshold, keep.data() + c * BQ);
         softmax_columns<float>(ST.data(), BQ, nk, BQ, mi, drop.active ? keep.data() : nullptr,
                                mx.data(), sm.data(), acc.data(), d.Dv);
-        // An explicit mask may rule out keys whose cache rows hold anything (NaN, inf): a key
-        // no row weighs enters as zeros, as the decode kernels skip weight-0 rows (0·NaN = NaN).
-        for (int64_t c = klo; c < khi; ++c) {
-          const float* pc = ST.data() + c * BQ;
-          if (mask.has_explicit() && std::all_of(pc, pc + mi, [](float x) { return x == 0.0f; }))
-            std::fill(VT.data() + c * d.Dv, VT.data() + (c + 1) * d.Dv, 0.0f);
-          else at::vec::convert(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
-        }
+        for (int64_t c = klo; c < khi; ++c)
+          at::vec::convert(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
         tile_gemm_impl<float>(mi, nk, ST.data(), 1, BQ, VT.data(), d.Dv, acc.data(), d.Dv, true,
                               [&](int64_t r0, int64_t r1) {
                                 return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
@@ -2046,7 +2042,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const Dims d = check_inputs(q, k, v);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   const at::ScalarType ct = compute_type(q.scalar_type(), "seqkern attention");
-  const bool decode = use_decode(d, q.scalar_type());
+  const bool decode = use_decode(d, q.scalar_type(), attn_mask.has_value() && attn_mask->defined());
   // A bf16/fp16 output in float32, as computed: the backward's Δ = rowsum(dO ⊙ O) is a
   // difference of near-equal terms for a peaked row, and with O rounded to bf16 it kept that
   // rounding (dK 3.9× torch's error at Dv ≠ D, where torch computes exactly).
@@ -2068,7 +2064,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
-    auto kernel = bf16_few_queries(d) ? forward_kernel_bf16_few : forward_kernel_bf16_amx;
+    auto kernel = bf16_few_queries(d, mask.has_explicit()) ? forward_kernel_bf16_few : forward_kernel_bf16_amx;
     kernel(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
     return {out, lse};
@@ -2183,7 +2179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   chunks = std::max<int64_t>(chunks, 1);
 
   const bool direct = chunks == 1;  // else the chunks' partial dK, dV are summed
-  const bool decode = use_decode(d, q.scalar_type());
+  const bool decode = use_decode(d, q.scalar_type(), attn_mask.has_value() && attn_mask->defined());
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   // the bf16 tile kernel's dQ accumulator is as wide as its packed operands; backward_kernel
   // zeroes and scales its dQ rows itself, the others' are zeroed here and scaled after

@@ -686,9 +686,9 @@ std::vector<at::Tensor> recurrent_forward(
   Layout L(batch_sizes);
   const int64_t G = gate_count(cell), H = w_hh_.size(0) / G;
   // bfloat16 weights and inputs: the products take bf16 operands with fp32 sums; the state and
-  // the gate math stay in fp32. Where oneDNN has bf16 brgemm kernels (AMX), the fused loop
+  // the gate math stay in fp32. Where bf16 tiles run (AMX or AVX512_BF16), the fused loop
   // does both products per step on them (the input projection too, when I is even: VNNI pairs
-  // rows of K); otherwise the input projection, half of the FLOPs, is one MKL bf16 GEMM.
+  // rows of K); otherwise the input projection, half of the FLOPs, is one bf16 GEMM (gemm_bf16).
   Bf16Operands bf;
   if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 &&
       w_hh_.scalar_type() == at::kBFloat16 && L.N > 0) {

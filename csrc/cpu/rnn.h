@@ -47,7 +47,7 @@ std::vector<at::Tensor> recurrent_module_forward(
     const std::vector<c10::optional<at::Tensor>>& weights, int64_t num_layers, bool bidirectional,
     bool batch_first);
 
-// Whether bfloat16 recurrences at B ≥ 8 run their products on oneDNN brgemm (AMX) tiles here
+// Whether bfloat16 recurrences at B ≥ 8 run their products on bf16 tiles here (AMX or AVX512_BF16)
 // (AVX-512 build, a CPU oneDNN packs bf16 for, SEQKERN_RNN_AMX not "0").
 bool recurrent_bf16_tiles();
 

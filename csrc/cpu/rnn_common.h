@@ -80,7 +80,7 @@ struct ForwardArgs {
   const float* b_hn;
   const float* w_hh;   // (G·H, H)
   // W_hh in bfloat16 (the module's own bf16 weights), or null: when set, the recurrent
-  // product runs on oneDNN brgemm (AMX) tiles with h rounded to bf16, as torch's bf16 LSTM does
+  // product runs on bf16 tiles (AMX or AVX512_BF16) with h rounded to bf16, as torch's bf16 LSTM does
   const c10::BFloat16* w_hh_bf16;
   // With w_hh_bf16 and no xg: x (N, I) and W_ih (G·H, I) in bf16, I even, for the projection
   const c10::BFloat16* x_bf16;
