@@ -1,4 +1,5 @@
 #include "cpu/gemm.h"
+#include "cpu/transpose.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -345,23 +346,10 @@ void dpbf16_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, i
 // (A stored K × M) each A block is transposed into the task's buffer as it is reached.
 constexpr int64_t kGemmPanel = 64, kGemmRows = 96, kGemmCols = 256, kGemmDepth = 256;
 
-void transpose_bf16(const at::BFloat16* src, int64_t lds, int64_t rows, int64_t cols,
-                    at::BFloat16* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; r += 32)
-    for (int64_t c = 0; c < cols; c += 32)
-      at::vec::transpose_mxn<c10::BFloat16>(src + r * lds + c, lds, dst + c * ldd + r, ldd,
-                                            static_cast<int>(std::min<int64_t>(32, rows - r)),
-                                            static_cast<int>(std::min<int64_t>(32, cols - c)));
-}
-
 void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
                  const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb,
                  float* C, int64_t ldc) {
   constexpr int64_t NB = kGemmPanel;
-  if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
-    return;
-  }
   const int64_t Kp = (K + 1) / 2 * 2, n_panels = (N + NB - 1) / NB;
   std::vector<at::BFloat16> Bp(n_panels * Kp * NB);
   at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
@@ -375,7 +363,7 @@ void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
         pack_vnni_transposed(B + p * NB * ldb, ldb, n, K, NB, out);
       } else {  // op(B) = Bᵀ row-major into tmp first, then paired
         std::fill(tmp.begin(), tmp.end(), at::BFloat16(0.0f));
-        transpose_bf16(B + p * NB * ldb, ldb, n, K, tmp.data(), NB);
+        transpose<at::BFloat16>(B + p * NB * ldb, ldb, tmp.data(), NB, n, K);
         pack_vnni(tmp.data(), NB, K, NB, Kp, NB, out);
       }
     }
@@ -392,7 +380,7 @@ void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
         const uint16_t* a;
         int64_t la;
         if (a_trans) {
-          transpose_bf16(A + k0 * lda + m0, lda, kb, mr, At.data(), kGemmDepth);
+          transpose<at::BFloat16>(A + k0 * lda + m0, lda, At.data(), kGemmDepth, kb, mr);
           a = reinterpret_cast<const uint16_t*>(At.data()), la = kGemmDepth;
         } else {
           a = reinterpret_cast<const uint16_t*>(A + m0 * lda + k0), la = lda;
@@ -441,17 +429,18 @@ void bf16_tile_release() {
 bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
                const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float* C,
                int64_t ldc) {
-  if (M == 0 || N == 0) return true;
-  if (dpbf16_gemm_preferred()) {
-    dpbf16_gemm(a_trans, b_trans, M, N, K, A, lda, B, ldb, C, ldc);
-    return true;
-  }
+  const bool own = dpbf16_gemm_preferred();
   const auto& b = blas();
-  if (!b.gemm_bf16 || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) ||
-      !fits_int(ldb) || !fits_int(ldc))
+  if (!own && (!b.gemm_bf16 || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) ||
+               !fits_int(ldb) || !fits_int(ldc)))
     return false;
+  if (M == 0 || N == 0) return true;
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return true;
+  }
+  if (own) {
+    dpbf16_gemm(a_trans, b_trans, M, N, K, A, lda, B, ldb, C, ldc);
     return true;
   }
   b.gemm_bf16(kRowMajor, a_trans ? kTrans : kNoTrans, b_trans ? kTrans : kNoTrans, (int)M, (int)N,
@@ -459,7 +448,6 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
               reinterpret_cast<const uint16_t*>(B), (int)ldb, 0.0f, C, (int)ldc);
   return true;
 }
-
 
 namespace {
 // o[2n] = r0[n], o[2n + 1] = r1[n] for n < N: as 32-bit words, o[n] = r0[n] | r1[n] << 16,

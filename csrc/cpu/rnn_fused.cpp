@@ -253,12 +253,8 @@ struct VnniPanels {
     // odd kw: rows k0.. of the row-major panel in tmp, tmp[k0 + k][g·PW + j] = src[g·H + p·PW + j][k]
     auto transpose_into = [&](const c10::BFloat16* src, int64_t kw, int64_t k0, int64_t p, int64_t n) {
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = 0; j < n; j += 32)  // at::vec transposes bf16 in blocks of ≤ 32 × 32
-          for (int64_t k = 0; k < kw; k += 32)
-            at::vec::transpose_mxn<c10::BFloat16>(
-                src + (g * H + p * PW + j) * kw + k, kw, tmp.data() + (k0 + k) * N + g * PW + j, N,
-                static_cast<int>(std::min<int64_t>(32, n - j)),
-                static_cast<int>(std::min<int64_t>(32, kw - k)));
+        transpose<c10::BFloat16>(src + (g * H + p * PW) * kw, kw, tmp.data() + k0 * N + g * PW, N,
+                                 n, kw);
     };
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = std::min<int64_t>(PW, H - p * PW);

@@ -82,7 +82,12 @@ inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t M,
     return;
   }
 #endif
-  at::vec::transpose_mxn<T>(src, lds, dst, ldd, static_cast<int>(M), static_cast<int>(N));
+  // at::vec's 16-bit specialisations take blocks of at most 32 × 32
+  for (int64_t i = 0; i < M; i += 32)
+    for (int64_t j = 0; j < N; j += 32)
+      at::vec::transpose_mxn<T>(src + i * lds + j, lds, dst + j * ldd + i, ldd,
+                                static_cast<int>(std::min<int64_t>(32, M - i)),
+                                static_cast<int>(std::min<int64_t>(32, N - j)));
 }
 
 }  // namespace seqkern::cpu
