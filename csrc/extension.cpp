@@ -61,6 +61,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                 c.scalar_type() == at::kFloat,
                 "bf16_tile_product: a with unit column stride, contiguous b (bf16), c (float32)");
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1), Kp = (K + 1) / 2 * 2;
+    TORCH_CHECK(b.size(0) == K && c.size(0) == M && c.size(1) == N,
+                "bf16_tile_product: a ", a.sizes(), ", b ", b.sizes(), " and c ", c.sizes(),
+                " do not form (M × K)·(K × N) = (M × N)");
     const int64_t Np = N + 3;  // a leading dimension wider than N
     std::vector<at::BFloat16> packed(Kp * Np);
     seqkern::cpu::pack_vnni(b.data_ptr<at::BFloat16>(), N, K, N, Kp, Np, packed.data());

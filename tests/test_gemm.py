@@ -82,3 +82,18 @@ def test_tile_product_odd_k_ignores_what_follows_a_row():
     _C().bf16_tile_product(a_nan[:, :7], b, c, False)  # rows 8 apart
     assert torch.isfinite(c).all()
     within_torch_error(c, a, b)
+
+
+def test_hooks_reject_bad_operands_by_name():
+    bf = torch.bfloat16
+    with pytest.raises(RuntimeError, match="gemm_bf16: inner sizes differ"):
+        _C().gemm_bf16(torch.ones(3, 4, dtype=bf), torch.ones(5, 2, dtype=bf), False, False)
+    with pytest.raises(RuntimeError, match="gemm_bf16: two 2-D bfloat16"):
+        _C().gemm_bf16(torch.ones(3, 4), torch.ones(4, 2, dtype=bf), False, False)
+    if _C().bf16_tiles_supported():
+        with pytest.raises(RuntimeError, match="bf16_tile_product: a with unit column stride"):
+            _C().bf16_tile_product(torch.ones(3, 4, dtype=bf), torch.ones(4, 2, dtype=bf),
+                                   torch.zeros(3, 2, dtype=torch.float64), False)
+        with pytest.raises(RuntimeError, match="bf16_tile_product: a .* do not form"):
+            _C().bf16_tile_product(torch.ones(3, 4, dtype=bf), torch.ones(5, 2, dtype=bf),
+                                   torch.zeros(3, 2), False)
