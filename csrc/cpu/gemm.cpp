@@ -410,7 +410,25 @@ bool bf16_tiles_supported() { return onednn_bf16_brgemm() || kDpbf16; }
 void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                        bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C) {
   if (onednn_bf16_brgemm()) {
-    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, A, B, C, true);
+    if (M <= 0 || N <= 0) return;
+    // AMX multiplies k pairs only: oneDNN's kernel for an odd K executes an illegal instruction
+    // (measured: SIGILL on a Xeon with AMX), so the last k is a rank-1 update here.
+    const int64_t Ke = K & ~int64_t(1);
+    if (Ke > 0) at::native::cpublas::brgemm(M, N, Ke, lda, ldb, ldc, add_C, A, B, C, true);
+    if (K % 2) {
+      const at::BFloat16* b_last = B + Ke * ldb;  // VNNI row pair Ke/2; its first of each pair
+      for (int64_t m = 0; m < M; ++m) {
+        const float a = static_cast<float>(A[m * lda + Ke]);
+        float* c = C + m * ldc;
+        const bool acc = add_C || Ke > 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const float t = a * static_cast<float>(b_last[2 * n]);
+          c[n] = acc ? c[n] + t : t;
+        }
+      }
+    } else if (Ke == 0 && !add_C) {
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    }
     return;
   }
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
