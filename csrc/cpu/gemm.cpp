@@ -7,8 +7,11 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <dlfcn.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -405,11 +408,131 @@ void dpbf16_gemm(bool, bool, int64_t, int64_t, int64_t, const at::BFloat16*, int
 bool dpbf16_gemm_preferred() { return kDpbf16 && !onednn_bf16_brgemm(); }
 }  // namespace
 
+namespace {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// ---- seqkern's own AMX tiles, for products of whole tiles ----
+// oneDNN's brgemm (through ATen) reached 0.65-1.3 TFLOP/s on the recurrent panel products
+// (64 x 64 x 512..1024, 2 threads), this loop 1.8: ATen looks its kernel up per call, and the
+// kernel walks a 64-row A that no longer fits L1 (measured with /tmp/amxb, not committed).
+// Linux grants a process the AMX tile state only on request (oneDNN requests it too).
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+bool own_amx() {
+  static const bool on = [] {
+    const char* env = std::getenv("SEQKERN_AMX_OWN");  // "0": oneDNN's brgemm for every shape
+    return onednn_bf16_brgemm() && amx_permitted() && !(env && env[0] == '0');
+  }();
+  return on;
+}
+
+// Whether this thread's tile registers hold seqkern's configuration (all eight 16 x 64 bytes).
+// ATen's brgemm caches which configuration it loaded last per thread; releasing through it
+// before loading ours makes its next call load its own again.
+thread_local bool own_tiles_loaded = false;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void load_own_tiles() {
+  if (own_tiles_loaded) return;
+  at::native::cpublas::brgemm_release(true);
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
+  _tile_loadconfig(&c);
+  own_tiles_loaded = true;
+}
+
+void release_own_tiles() {
+  if (!own_tiles_loaded) return;
+  _tile_release();
+  own_tiles_loaded = false;
+}
+
+// C[16·MT × 16·NT] (+)= A · B over K (a multiple of 32): C in tiles 0-3 ([m][n] = 2m + n),
+// A in 4-5, B in 6-7. Tile numbers are instruction immediates, hence the unrolled cases.
+template <int MT, int NT>
+inline void amx_block(int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
+                      int64_t ldb, float* C, int64_t ldc, bool add_C) {
+  const int64_t sa = lda * 2, sb = ldb * 4, sc = ldc * 4;
+  if (add_C) {
+    _tile_loadd(0, C, sc);
+    if constexpr (NT > 1) _tile_loadd(1, C + 16, sc);
+    if constexpr (MT > 1) _tile_loadd(2, C + 16 * ldc, sc);
+    if constexpr (MT > 1 && NT > 1) _tile_loadd(3, C + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (MT > 1) _tile_zero(2);
+    if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    const at::BFloat16* b = B + k * ldb;  // VNNI row pair k / 2
+    _tile_loadd(6, b, sb);
+    if constexpr (NT > 1) _tile_loadd(7, b + 32, sb);
+    _tile_loadd(4, A + k, sa);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT > 1) {
+      _tile_loadd(5, A + 16 * lda + k, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, C, sc);
+  if constexpr (NT > 1) _tile_stored(1, C + 16, sc);
+  if constexpr (MT > 1) _tile_stored(2, C + 16 * ldc, sc);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, C + 16 * ldc + 16, sc);
+}
+
+void amx_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                 bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C) {
+  load_own_tiles();
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    const bool two_m = M - m0 >= 32;
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      const bool two_n = N - n0 >= 32;
+      const at::BFloat16* a = A + m0 * lda;
+      const at::BFloat16* b = B + 2 * n0;
+      float* c = C + m0 * ldc + n0;
+      if (two_m && two_n) amx_block<2, 2>(K, a, lda, b, ldb, c, ldc, add_C);
+      else if (two_m) amx_block<2, 1>(K, a, lda, b, ldb, c, ldc, add_C);
+      else if (two_n) amx_block<1, 2>(K, a, lda, b, ldb, c, ldc, add_C);
+      else amx_block<1, 1>(K, a, lda, b, ldb, c, ldc, add_C);
+    }
+  }
+}
+
+#else
+bool own_amx() { return false; }
+void release_own_tiles() {}
+void amx_product(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const at::BFloat16*,
+                 const at::BFloat16*, float*) {}
+bool own_tiles_loaded = false;
+#endif
+}  // namespace
+
 bool bf16_tiles_supported() { return onednn_bf16_brgemm() || kDpbf16; }
+
+TileMultiples bf16_tile_multiples() {
+  return own_amx() ? TileMultiples{16, 16, 32} : TileMultiples{1, 1, 2};
+}
 
 void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                        bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C) {
+  if (own_amx() && M > 0 && N > 0 && K > 0 && M % 16 == 0 && N % 16 == 0 && K % 32 == 0) {
+    amx_product(M, N, K, lda, ldb, ldc, add_C, A, B, C);
+    return;
+  }
   if (onednn_bf16_brgemm()) {
+    own_tiles_loaded = false;  // ATen loads its configuration (it was told to forget its own)
     if (M <= 0 || N <= 0) return;
     // AMX multiplies k pairs only: oneDNN's kernel for an odd K executes an illegal instruction
     // (measured: SIGILL on a Xeon with AMX), so the last k is a rank-1 update here.
@@ -441,6 +564,7 @@ void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb
 }
 
 void bf16_tile_release() {
+  release_own_tiles();
   if (onednn_bf16_brgemm()) at::native::cpublas::brgemm_release(true);
 }
 

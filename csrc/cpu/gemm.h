@@ -84,6 +84,14 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
 bool bf16_tiles_supported();
 void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                        bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C);
+// The multiples of M, N and K at which bf16_tile_product runs whole tiles: on a CPU with AMX,
+// seqkern's own tile loop then runs (M, N in 16s, K in 32s) instead of oneDNN's brgemm. A
+// caller that owns its operand buffers pads them to these (zeros along K; extra rows of A read,
+// their rows of C written and ignored). {1, 1, 2} elsewhere.
+struct TileMultiples {
+  int64_t m, n, k;
+};
+TileMultiples bf16_tile_multiples();
 // Ends a thread's run of bf16_tile_product calls (releases AMX state; nothing otherwise).
 void bf16_tile_release();
 

@@ -59,6 +59,7 @@ bool bf16_tiles(Cell cell, bool proj, const Layout& L, int64_t H) {
 // 168 → 125; LSTM H = I = 1024 (8 MB) B = 64 294 → 337, B = 128 417 → 385; GRU H = I = 1024
 // (6 MB) B = 64 211 → 263, B = 128 204 → 241 (its x product is a second brgemm call).
 bool fuse_bf16_projection(Cell cell, int64_t weight_elems, int64_t B) {
+  if (const char* env = std::getenv("SEQKERN_RNN_BF16_FUSE")) return env[0] == '1';
   const int64_t per_thread = weight_elems * int64_t(sizeof(at::BFloat16)) / at::get_num_threads();
   const int64_t per_row = per_thread / std::max<int64_t>(B, 1);
   constexpr int64_t MB = int64_t(1) << 20, KB = int64_t(1) << 10;

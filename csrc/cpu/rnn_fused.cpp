@@ -216,11 +216,13 @@ void pack_column_panels(PanelBuffer& out, const float* w, int64_t GH, int64_t H,
     }
 }
 
+constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
 // bfloat16 weights W (G·H, Kw), W_hh, optionally stacked over W_ih (G·H, Kx) along k, as the
 // right operand of [h | x]·[W_hh | W_ih]ᵀ for oneDNN's brgemm: per panel the K × (G·U·W)
 // matrix of pack_gate_panels' layout, in bf16, then in the VNNI order brgemm reads (pairs of k
 // rows interleaved). W_ih's rows start at Kh = Kw rounded up to even (a zero row between);
-// K = Kh + Kx, Kx even.
+// K = Kh + Kx, Kx even, rounded up to a multiple of k_multiple with zero rows.
 struct VnniPanels {
   const c10::BFloat16 *w = nullptr, *wx = nullptr;
   int64_t Kw = 0, Kx = 0, G = 0, H = 0, U = 0;
@@ -228,9 +230,10 @@ struct VnniPanels {
   std::unique_ptr<c10::BFloat16[]> buf;  // uninitialised until pack()
   VnniPanels() = default;
   VnniPanels(const c10::BFloat16* w_, int64_t Kw_, const c10::BFloat16* wx_, int64_t Kx_,
-             int64_t G_, int64_t H_, int64_t U_)
+             int64_t G_, int64_t H_, int64_t U_, int64_t k_multiple)
       : w(w_), wx(wx_), Kw(Kw_), Kx(Kx_), G(G_), H(H_), U(U_), Kh((Kw_ + 1) / 2 * 2),
-        K(Kh + (wx_ ? Kx_ : 0)), N(G_ * U_ * kW), buf(new c10::BFloat16[panels(H_, U_) * K * N]) {}
+        K(round_up(Kh + (wx_ ? Kx_ : 0), k_multiple)), N(G_ * U_ * kW),
+        buf(new c10::BFloat16[panels(H_, U_) * K * N]) {}
 
   // Packs panels [p0, p1): each thread packs the panels it will use, in parallel, into its own
   // cache.
@@ -259,7 +262,9 @@ struct VnniPanels {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = std::min<int64_t>(PW, H - p * PW);
       if (Kw % 2 == 0) {
+        const int64_t k_end = Kh + (wx ? Kx : 0);  // rows past it pad K with zeros
         if (n < PW) std::memset(buf.get() + p * K * N, 0, K * N * sizeof(c10::BFloat16));
+        else std::memset(buf.get() + (p * K + k_end) * N, 0, (K - k_end) * N * sizeof(c10::BFloat16));
         transpose_vnni(w, Kw, 0, p, n);
         if (wx) transpose_vnni(wx, Kx, Kh, p, n);
         continue;
@@ -274,14 +279,15 @@ struct VnniPanels {
 };
 
 // bfloat16 W_hh (G·H, H) as the right operand of dgates·W_hh, per panel of U·W columns: the
-// (K × U·W) block of its rows, K = G·H rounded up to even (a zero row), columns past H zero.
+// (K × U·W) block of its rows, K = G·H rounded up to a multiple of k_multiple (even; zero
+// rows), columns past H zero.
 struct VnniColumnPanels {
   const c10::BFloat16* w = nullptr;
   int64_t GH = 0, H = 0, K = 0, N = 0;
   std::unique_ptr<c10::BFloat16[]> buf;  // uninitialised until pack()
   VnniColumnPanels() = default;
-  VnniColumnPanels(const c10::BFloat16* w_, int64_t GH_, int64_t H_, int64_t U)
-      : w(w_), GH(GH_), H(H_), K((GH_ + 1) / 2 * 2), N(U * kW),
+  VnniColumnPanels(const c10::BFloat16* w_, int64_t GH_, int64_t H_, int64_t U, int64_t k_multiple)
+      : w(w_), GH(GH_), H(H_), K(round_up(GH_, k_multiple)), N(U * kW),
         buf(new c10::BFloat16[panels(H_, U) * K * N]) {}
   void pack(int64_t p0, int64_t p1) {  // panels [p0, p1), as VnniPanels::pack
     for (int64_t p = p0; p < p1; ++p)
@@ -502,15 +508,17 @@ void forward_loop(const ForwardArgs& a) {
   // A rows are [h | x_t] and one product per panel covers both, except for GRU, whose n gate
   // keeps x·W_in apart: there x_t is a second product (A = x rows as given).
   const bool x_in_a = amx && fuse_x && !separate_x;
-  VnniPanels wb = amx ? VnniPanels(a.w_hh_bf16, H, x_in_a ? a.w_ih_bf16 : nullptr, I, G, H, U)
+  // The [h | x] rows and W's panels are padded to whole tiles (rows of A: Bp; K: zeros).
+  const TileMultiples tm = amx ? bf16_tile_multiples() : TileMultiples{1, 1, 2};
+  VnniPanels wb = amx ? VnniPanels(a.w_hh_bf16, H, x_in_a ? a.w_ih_bf16 : nullptr, I, G, H, U, tm.k)
                       : VnniPanels();
-  VnniPanels wxb = amx && fuse_x && separate_x ? VnniPanels(a.w_ih_bf16, I, nullptr, 0, G, H, U)
+  VnniPanels wxb = amx && fuse_x && separate_x ? VnniPanels(a.w_ih_bf16, I, nullptr, 0, G, H, U, 2)
                                                : VnniPanels();
-  const int64_t ldhb = amx ? padded_stride(wb.K) : 0;
-  std::vector<c10::BFloat16> hbbuf(amx ? 2 * B * ldhb : 0, c10::BFloat16(0.0f));
+  const int64_t ldhb = amx ? padded_stride(wb.K) : 0, Bp = round_up(B, tm.m);
+  std::vector<c10::BFloat16> hbbuf(amx ? 2 * Bp * ldhb : 0, c10::BFloat16(0.0f));
   for (int64_t b = 0; amx && b < B; ++b)
     for (int i = 0; i < 2; ++i)
-      at::vec::convert(a.h0 + b * H, hbbuf.data() + (i * B + b) * ldhb, H);
+      at::vec::convert(a.h0 + b * H, hbbuf.data() + (i * Bp + b) * ldhb, H);
   // x rows of step s into the A rows (ldhb apart) at column Kh, rows [r0, r1)
   auto copy_x_rows = [&](int64_t s, c10::BFloat16* dst, int64_t r0, int64_t r1) {
     const int64_t t = L.step(s, a.reverse), o = L.off[t];
@@ -545,7 +553,7 @@ void forward_loop(const ForwardArgs& a) {
     V acc[MR * NV], xacc[separate_x ? MR * NV : 1];
     const bool blocked = std::max(H, fuse_x ? I : 0) > k_block<NV>() && r1 - r0 > MR;
     // rows of accumulators kept in memory (the register path needs none)
-    const int64_t acc_rows = amx ? std::min<int64_t>(B, kAmxRows) : blocked ? B : 0;
+    const int64_t acc_rows = amx ? round_up(std::min<int64_t>(B, kAmxRows), tm.m) : blocked ? B : 0;
     std::vector<V> accs(acc_rows * NV), xaccs(fuse_x && separate_x ? acc_rows * NV : 0);
     for (int64_t s = 0; s < L.T; ++s) {
       const int64_t t = L.step(s, a.reverse), bs = std::min(L.bs[t], r1), o = L.off[t];
@@ -555,8 +563,8 @@ void forward_loop(const ForwardArgs& a) {
       }
       const float* hp = hbuf.data() + (s & 1) * B * ldh;
       float* hn = hbuf.data() + ((s + 1) & 1) * B * ldh;
-      const c10::BFloat16* hbp = amx ? hbbuf.data() + (s & 1) * B * ldhb : nullptr;
-      c10::BFloat16* hbn = amx ? hbbuf.data() + ((s + 1) & 1) * B * ldhb : nullptr;
+      const c10::BFloat16* hbp = amx ? hbbuf.data() + (s & 1) * Bp * ldhb : nullptr;
+      c10::BFloat16* hbn = amx ? hbbuf.data() + ((s + 1) & 1) * Bp * ldhb : nullptr;
       // The gate math of row m of a tile whose accumulators start at v (gate g, vector j at
       // v[g·U + j]; U > 1 only with one gate).
       auto finish = [&](int64_t p, int64_t m, const V* v, const V* xv) {
@@ -587,7 +595,7 @@ void forward_loop(const ForwardArgs& a) {
           for (int64_t m0 = 0; m0 < bs; m0 += kAmxRows) {
             const int64_t mr = std::min(kAmxRows, bs - m0);
             float* cb = reinterpret_cast<float*>(accs.data());
-            bf16_tile_product(mr, NV * kW, wb.K, ldhb, NV * kW, NV * kW, false,
+            bf16_tile_product(round_up(mr, tm.m), NV * kW, wb.K, ldhb, NV * kW, NV * kW, false,
                               hbp + m0 * ldhb, wb.panel(p), cb);
             if (fuse_x && separate_x)
               bf16_tile_product(mr, NV * kW, I, I, NV * kW, NV * kW, false,
@@ -694,9 +702,10 @@ void backward_loop(const BackwardArgs& a) {
   constexpr bool accumulate = C == Cell::Gru;
   // bf16: the gate gradients of each step in bf16 (double-buffered: a thread writes step s − 1's
   // while the other may still read step s's) as the A operand of the brgemm
-  VnniColumnPanels wbb = amx ? VnniColumnPanels(a.w_hh_bf16, GH, H, U) : VnniColumnPanels();
-  const int64_t ldg = amx ? padded_stride(wbb.K) : 0;
-  std::vector<c10::BFloat16> gbuf(amx ? 2 * B * ldg : 0, c10::BFloat16(0.0f));
+  const TileMultiples tm = amx ? bf16_tile_multiples() : TileMultiples{1, 1, 2};
+  VnniColumnPanels wbb = amx ? VnniColumnPanels(a.w_hh_bf16, GH, H, U, tm.k) : VnniColumnPanels();
+  const int64_t ldg = amx ? padded_stride(wbb.K) : 0, Bp = round_up(B, tm.m);
+  std::vector<c10::BFloat16> gbuf(amx ? 2 * Bp * ldg : 0, c10::BFloat16(0.0f));
   StepBarrier step_barrier;
 
 #pragma omp parallel num_threads(nt)
@@ -717,7 +726,7 @@ void backward_loop(const BackwardArgs& a) {
     }
     V acc[MR * U];
     const bool blocked = GH > k_block<U>() && r1 - r0 > MR;
-    std::vector<V> accs(amx ? std::min<int64_t>(B, kAmxRows) * U : blocked ? B * U : 0);
+    std::vector<V> accs(amx ? round_up(std::min<int64_t>(B, kAmxRows), tm.m) * U : blocked ? B * U : 0);
     // dh_prev of row m for the units of panel p, from its accumulators v
     auto finish = [&](int64_t p, int64_t m, const V* v) {
       for_panel_vectors<U>(p, H, [&](int j, int64_t u0, int64_t n) {
@@ -728,7 +737,7 @@ void backward_loop(const BackwardArgs& a) {
     for (int64_t s = L.T - 1; s >= 0; --s) {
       const int64_t t = L.step(s, a.reverse), bs = std::min(L.bs[t], r1), o = L.off[t];
       if (by_rows && bs <= r0) continue;  // none of this thread's sequences reach step t
-      c10::BFloat16* gb = amx ? gbuf.data() + (s & 1) * B * ldg : nullptr;
+      c10::BFloat16* gb = amx ? gbuf.data() + (s & 1) * Bp * ldg : nullptr;
       for (int64_t p = p0; p < p1; ++p)
         for_panel_vectors<U>(p, H, [&](int, int64_t u0, int64_t n) {
           for (int64_t m = r0; m < bs; ++m) {
@@ -743,7 +752,7 @@ void backward_loop(const BackwardArgs& a) {
         if (amx) {
           for (int64_t m0 = 0; m0 < bs; m0 += kAmxRows) {
             const int64_t mr = std::min(kAmxRows, bs - m0);
-            bf16_tile_product(mr, U * kW, wbb.K, ldg, U * kW, U * kW, false,
+            bf16_tile_product(round_up(mr, tm.m), U * kW, wbb.K, ldg, U * kW, U * kW, false,
                               gb + m0 * ldg, wbb.panel(p),
                               reinterpret_cast<float*>(accs.data()));
             for (int64_t m = m0; m < m0 + mr; ++m) finish(p, m, accs.data() + (m - m0) * U);
