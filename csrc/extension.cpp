@@ -51,9 +51,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("bf16_tiles_supported", &seqkern::cpu::bf16_tiles_supported,
         "Whether bf16_tile_product runs here (AMX through oneDNN's brgemm, or AVX512_BF16)");
-  m.def("bf16_tile_product", [](const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool add_c) {
+  m.def("bf16_tile_multiples", [] {
+    const auto t = seqkern::cpu::bf16_tile_multiples();
+    return std::make_tuple(t.m, t.n, t.k);
+  }, "(M, N, K) multiples at which bf16_tile_product runs whole tiles (seqkern's AMX loop)");
+  m.def("amx_tiles_built", &seqkern::cpu::amx_tiles_built,
+        "Whether this build holds seqkern's AMX tile loop");
+  m.def("bf16_tile_product", [](const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool add_c,
+                                bool release) {
     // a (M × K, rows a.stride(0) apart) and b (K × N) bf16, b packed here; c (M × N) float32,
-    // updated in place
+    // updated in place; without release the thread keeps its tile configuration for the next
+    // call (as the kernels' loops do)
     TORCH_CHECK(seqkern::cpu::bf16_tiles_supported(), "bf16_tile_product: not on this CPU");
     TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 &&
                 a.stride(0) >= a.size(1) && b.is_contiguous() && c.is_contiguous() &&
@@ -69,8 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     seqkern::cpu::pack_vnni(b.data_ptr<at::BFloat16>(), N, K, N, Kp, Np, packed.data());
     seqkern::cpu::bf16_tile_product(M, N, K, a.stride(0), Np, N, add_c, a.data_ptr<at::BFloat16>(),
                                     packed.data(), c.data_ptr<float>());
-    seqkern::cpu::bf16_tile_release();
-  });
+    if (release) seqkern::cpu::bf16_tile_release();
+  }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("add_c"), py::arg("release") = true);
   m.def("alloc_cached_bytes", &seqkern::cpu::large_alloc_cached_bytes,
         "Bytes of freed large output blocks kept for reuse");
   m.def("alloc_release_cache", &seqkern::cpu::large_alloc_release_cache,

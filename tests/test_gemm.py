@@ -97,3 +97,42 @@ def test_hooks_reject_bad_operands_by_name():
         with pytest.raises(RuntimeError, match="bf16_tile_product: a .* do not form"):
             _C().bf16_tile_product(torch.ones(3, 4, dtype=bf), torch.ones(5, 2, dtype=bf),
                                    torch.zeros(3, 2), False)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.skipif(not ({"amx_tile", "amx_bf16"} <= _cpu_flags()), reason="no AMX on this CPU")
+def test_amx_cpus_run_seqkerns_own_tiles():
+    """On a CPU with AMX, a native build runs whole-tile products on seqkern's own tile loop,
+    the shapes the recurrent kernels pad to (the tests of those kernels then exercise it)."""
+    if not _C().amx_tiles_built():
+        pytest.skip("built for a target without AMX (SEQKERN_ISA)")
+    assert tuple(_C().bf16_tile_multiples()) == (16, 16, 32)
+
+
+@needs_tiles
+def test_tile_products_of_mixed_shapes_on_one_thread():
+    """Whole-tile products (seqkern's AMX loop where there is AMX) and others (oneDNN's brgemm)
+    in turn on one thread without releasing the tiles in between, as the GRU loop does: each
+    path must load its own tile configuration after the other used the registers."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(32, 64, 64), (5, 15, 31), (16, 48, 96), (7, 64, 64), (64, 16, 32), (13, 33, 2),
+              (32, 64, 64)]
+    for add_c in (False, True):
+        for M, N, K in shapes:
+            a = torch.randn(M, K, generator=g).bfloat16()
+            b = torch.randn(K, N, generator=g).bfloat16()
+            c0 = torch.randn(M, N, generator=g)
+            c = c0.clone()
+            _C().bf16_tile_product(a, b, c, add_c, release=False)
+            within_torch_error(c - c0 if add_c else c, a, b)
+    _C().bf16_tile_product(a, b, c, add_c, release=True)

@@ -149,13 +149,16 @@ def bf16_path(path, monkeypatch):
                                      ("lstm", {"peep": True}), ("gru", {})])
 @pytest.mark.parametrize("I,H", [(24, 40), (17, 33)], ids=["I_even", "I_odd_H_odd"])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("path", ["brgemm", "fp32_loop"])
+@pytest.mark.parametrize("path", ["brgemm", "brgemm_apart", "fp32_loop"])
 def test_kernel_bfloat16_batched(mode, kw, I, H, reverse, path, monkeypatch):
     """bfloat16 at a batch (B = 9, ragged lengths) that takes the fused loop, with its products
-    on oneDNN brgemm tiles or in fp32: on tiles, with I even the input projection is done per
-    step as well, with I odd it is one GEMM. Outputs and final states within 2x the error of
-    the reference run in bf16, against float64."""
-    bf16_path(path, monkeypatch)
+    on bf16 tiles (AMX or AVX512_BF16; B = 9 rows and K padded to whole AMX tiles) or in fp32:
+    on tiles, with I even the input projection is done per step as well (or, 'apart', forced
+    to one GEMM beforehand), with I odd it is one GEMM. Outputs and final states within 2x the
+    error of the reference run in bf16, against float64."""
+    bf16_path(path.split("_")[0], monkeypatch)
+    if path == "brgemm_apart":
+        monkeypatch.setenv("SEQKERN_RNN_BF16_FUSE", "0")
     x, bs, h0, c0, w = make_case(mode, 9, I, H, [14, 14, 13, 11, 9, 9, 5, 2, 1], torch.float64,
                                  scale=0.3, **kw)
     check_bfloat16_forward(mode, x, x.bfloat16(), bs, h0, c0, w, reverse, 1e-3)

@@ -521,6 +521,14 @@ bool own_tiles_loaded = false;
 
 bool bf16_tiles_supported() { return onednn_bf16_brgemm() || kDpbf16; }
 
+bool amx_tiles_built() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 TileMultiples bf16_tile_multiples() {
   return own_amx() ? TileMultiples{16, 16, 32} : TileMultiples{1, 1, 2};
 }

@@ -92,6 +92,8 @@ struct TileMultiples {
   int64_t m, n, k;
 };
 TileMultiples bf16_tile_multiples();
+// Whether this build holds that AMX loop (compiled for a target with AMX: -march=native on one).
+bool amx_tiles_built();
 // Ends a thread's run of bf16_tile_product calls (releases AMX state; nothing otherwise).
 void bf16_tile_release();
 

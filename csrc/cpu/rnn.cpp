@@ -58,11 +58,16 @@ bool bf16_tiles(Cell cell, bool proj, const Layout& L, int64_t H) {
 // RNN H = I = 1024 (2 MB) B = 64 61 → 54; GRU H = I = 512 (1.5 MB) B = 8 14.6 → 21.7, B = 64
 // 168 → 125; LSTM H = I = 1024 (8 MB) B = 64 294 → 337, B = 128 417 → 385; GRU H = I = 1024
 // (6 MB) B = 64 211 → 263, B = 128 204 → 241 (its x product is a second brgemm call).
+// Those were on AVX512_BF16 tiles (Zen 5). seqkern's AMX tiles make the fused step's products
+// 4-5x cheaper, so the rows' share of the streaming decides alone (Xeon with AMX, T = 64,
+// I = H = 1024, apart → fused): LSTM B = 64 (128 KB a row) 80.5 → 66.8 ms, B = 8 19.5 → 30.2;
+// GRU B = 64 62.7 → 46.7, B = 8 13.5 → 22.9.
 bool fuse_bf16_projection(Cell cell, int64_t weight_elems, int64_t B) {
   if (const char* env = std::getenv("SEQKERN_RNN_BF16_FUSE")) return env[0] == '1';
   const int64_t per_thread = weight_elems * int64_t(sizeof(at::BFloat16)) / at::get_num_threads();
   const int64_t per_row = per_thread / std::max<int64_t>(B, 1);
   constexpr int64_t MB = int64_t(1) << 20, KB = int64_t(1) << 10;
+  if (bf16_tile_multiples().k == 32) return per_thread <= MB || per_row <= 128 * KB;
   return per_thread <= MB || (per_thread <= 2 * MB && per_row <= 128 * KB) ||
          (cell != Cell::Gru && per_row <= 64 * KB);
 }
