@@ -68,6 +68,9 @@ inline const char* required_cpu_flags() {
 #if defined(__AMX_TILE__)
          "amx_tile "
 #endif
+#if defined(__AMX_BF16__)
+         "amx_bf16 "
+#endif
       ;
 }
 

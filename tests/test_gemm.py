@@ -136,3 +136,33 @@ def test_tile_products_of_mixed_shapes_on_one_thread():
             _C().bf16_tile_product(a, b, c, add_c, release=False)
             within_torch_error(c - c0 if add_c else c, a, b)
     _C().bf16_tile_product(a, b, c, add_c, release=True)
+
+
+@needs_tiles
+@pytest.mark.parametrize("other", ["gemm_bf16", "matmul", "linear", "sdpa"])
+def test_tile_product_after_other_amx_users(other):
+    """Other AMX users on the thread (MKL's bf16 GEMM, oneDNN's matmul, torch's attention) load
+    or release the tile registers without telling anyone: a tile product after them must load
+    its own configuration again (running on theirs, or on released tiles, is SIGILL or wrong
+    tile shapes)."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(64, 64, generator=g).bfloat16()
+    b = torch.randn(64, 64, generator=g).bfloat16()
+    x = torch.randn(1, 2, 96, 64, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the other op on this same thread
+    try:
+        c = torch.empty(64, 64)
+        _C().bf16_tile_product(a, b, c, False, release=False)
+        if other == "gemm_bf16":
+            _C().gemm_bf16(x[0, 0], x[0, 1].t().contiguous(), False, False)
+        elif other == "matmul":
+            x[0, 0] @ x[0, 1].t()
+        elif other == "linear":
+            torch.nn.functional.linear(x[0, 0], x[0, 1])
+        else:
+            torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+        _C().bf16_tile_product(a, b, c, False, release=True)
+        within_torch_error(c, a, b)
+    finally:
+        torch.set_num_threads(threads)

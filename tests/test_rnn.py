@@ -183,6 +183,16 @@ def test_kernel_bfloat16_weights_past_l2(mode, B, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_kernel_bfloat16_with_mkldnn_disabled(mode, monkeypatch):
+    """torch.backends.mkldnn turned off at run time takes oneDNN's brgemm away: the bf16 loop
+    must still run (on seqkern's own tiles or in fp32), not throw inside its parallel region."""
+    bf16_path("brgemm", monkeypatch)
+    x, bs, h0, c0, w = make_case(mode, 9, 24, 40, [6] * 9, torch.float64, scale=0.3)
+    with torch.backends.mkldnn.flags(enabled=False):
+        check_bfloat16_forward(mode, x, x.bfloat16(), bs, h0, c0, w, False, 1e-3)
+
+
 def layer_grads(backend, mode, x, bs, h0, c0, w, dtype, reverse):
     """Gradients of a fixed random projection of (out, h_n, c_n) with respect to x, h0, c0 and
     every weight, the layer run by `backend` on leaves cast to dtype; returned in float64."""

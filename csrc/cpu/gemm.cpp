@@ -421,18 +421,15 @@ bool amx_permitted() {
   return ok;
 }
 
+// (Permission implies a CPU with AMX; the loop also needs no oneDNN, so it serves with mkldnn
+// disabled too.)
 bool own_amx() {
   static const bool on = [] {
     const char* env = std::getenv("SEQKERN_AMX_OWN");  // "0": oneDNN's brgemm for every shape
-    return onednn_bf16_brgemm() && amx_permitted() && !(env && env[0] == '0');
+    return amx_permitted() && !(env && env[0] == '0');
   }();
   return on;
 }
-
-// Whether this thread's tile registers hold seqkern's configuration (all eight 16 x 64 bytes).
-// ATen's brgemm caches which configuration it loaded last per thread; releasing through it
-// before loading ours makes its next call load its own again.
-thread_local bool own_tiles_loaded = false;
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -441,19 +438,30 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+const TileConfig& own_tile_config() {
+  static const TileConfig c = [] {
+    TileConfig t;
+    for (int i = 0; i < 8; ++i) t.colsb[i] = 64, t.rows[i] = 16;
+    return t;
+  }();
+  return c;
+}
+
+// The tile registers are shared with every other AMX user on the thread (oneDNN through ATen,
+// MKL, torch's own kernels), none of which tells the others what it loaded or released: the
+// configuration in force is read back (sttilecfg) and ours loaded when it differs. ATen caches
+// which configuration it loaded last, per thread; releasing through it first makes its next
+// brgemm load its own again.
 void load_own_tiles() {
-  if (own_tiles_loaded) return;
-  at::native::cpublas::brgemm_release(true);
-  TileConfig c;
-  for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
-  _tile_loadconfig(&c);
-  own_tiles_loaded = true;
+  TileConfig now;
+  _tile_storeconfig(&now);
+  if (std::memcmp(&now, &own_tile_config(), sizeof(TileConfig)) == 0) return;
+  if (onednn_bf16_brgemm()) at::native::cpublas::brgemm_release(true);
+  _tile_loadconfig(&own_tile_config());
 }
 
 void release_own_tiles() {
-  if (!own_tiles_loaded) return;
-  _tile_release();
-  own_tiles_loaded = false;
+  if (own_amx()) _tile_release();
 }
 
 // C[16·MT × 16·NT] (+)= A · B over K (a multiple of 32): C in tiles 0-3 ([m][n] = 2m + n),
@@ -514,12 +522,17 @@ void amx_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int6
 bool own_amx() { return false; }
 void release_own_tiles() {}
 void amx_product(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const at::BFloat16*,
-                 const at::BFloat16*, float*) {}
-bool own_tiles_loaded = false;
+                 const at::BFloat16*, float*) {
+  TORCH_CHECK(false, "seqkern: this build has no AMX tile loop");
+}
 #endif
 }  // namespace
 
-bool bf16_tiles_supported() { return onednn_bf16_brgemm() || kDpbf16; }
+// (oneDNN's brgemm only while mkldnn is enabled: torch.backends.mkldnn can turn it off at run
+// time, and ATen's brgemm then throws.)
+bool bf16_tiles_supported() {
+  return (onednn_bf16_brgemm() && at::globalContext().userEnabledMkldnn()) || kDpbf16;
+}
 
 bool amx_tiles_built() {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -539,8 +552,7 @@ void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb
     amx_product(M, N, K, lda, ldb, ldc, add_C, A, B, C);
     return;
   }
-  if (onednn_bf16_brgemm()) {
-    own_tiles_loaded = false;  // ATen loads its configuration (it was told to forget its own)
+  if (onednn_bf16_brgemm() && at::globalContext().userEnabledMkldnn()) {
     if (M <= 0 || N <= 0) return;
     // AMX multiplies k pairs only: oneDNN's kernel for an odd K executes an illegal instruction
     // (measured: SIGILL on a Xeon with AMX), so the last k is a rank-1 update here.

@@ -9,8 +9,10 @@
 //
 // The input projection x_t·W_ih is either read from one GEMM over all steps done beforehand or,
 // where that measured faster, accumulated into the same tiles (fuse_input_projection). With
-// bfloat16 weights at B ≥ 8 the tile products are oneDNN brgemm calls on AMX instead of the
-// register-tile GEMM below; the gate math is the same.
+// bfloat16 weights at B ≥ 8 the tile products are bf16 tile products (gemm.h:
+// bf16_tile_product: seqkern's AMX loop on operands padded to whole tiles, oneDNN's brgemm, or
+// vdpbf16ps register tiles) instead of the fp32 register-tile GEMM below; the gate math is the
+// same.
 //
 // Threads split the hidden units and stay alive for the whole sequence (one OpenMP region,
 // not one per step); a step only needs every thread's slice of h before the next one starts,
@@ -219,8 +221,8 @@ void pack_column_panels(PanelBuffer& out, const float* w, int64_t GH, int64_t H,
 constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // bfloat16 weights W (G·H, Kw), W_hh, optionally stacked over W_ih (G·H, Kx) along k, as the
-// right operand of [h | x]·[W_hh | W_ih]ᵀ for oneDNN's brgemm: per panel the K × (G·U·W)
-// matrix of pack_gate_panels' layout, in bf16, then in the VNNI order brgemm reads (pairs of k
+// right operand of [h | x]·[W_hh | W_ih]ᵀ for bf16_tile_product: per panel the K × (G·U·W)
+// matrix of pack_gate_panels' layout, in bf16, then in the VNNI order tiles read (pairs of k
 // rows interleaved). W_ih's rows start at Kh = Kw rounded up to even (a zero row between);
 // K = Kh + Kx, Kx even, rounded up to a multiple of k_multiple with zero rows.
 struct VnniPanels {
@@ -296,7 +298,7 @@ struct VnniColumnPanels {
   const c10::BFloat16* panel(int64_t p) const { return buf.get() + p * K * N; }
 };
 
-// Rows per brgemm call: its fp32 output (64 floats a row at most) stays in L1.
+// Rows per tile product call: its fp32 output (64 floats a row at most) stays in L1.
 constexpr int64_t kAmxRows = 64;
 
 // Packed weights a thread may stream per step when the threads split the batch (see
@@ -701,7 +703,7 @@ void backward_loop(const BackwardArgs& a) {
   const int nt = by_rows ? at::get_num_threads() : thread_count(B, GH, H, P);
   constexpr bool accumulate = C == Cell::Gru;
   // bf16: the gate gradients of each step in bf16 (double-buffered: a thread writes step s − 1's
-  // while the other may still read step s's) as the A operand of the brgemm
+  // while the other may still read step s's) as the A operand of the tile products
   const TileMultiples tm = amx ? bf16_tile_multiples() : TileMultiples{1, 1, 2};
   VnniColumnPanels wbb = amx ? VnniColumnPanels(a.w_hh_bf16, GH, H, U, tm.k) : VnniColumnPanels();
   const int64_t ldg = amx ? padded_stride(wbb.K) : 0, Bp = round_up(B, tm.m);
@@ -787,8 +789,8 @@ bool fuse_input_projection(const Layout& L, int64_t I) {
   return L.B >= 8 && I <= 256;
 }
 
-// Only in AVX-512 builds: with 8-lane vectors a GRU panel would be 24 columns wide, a width
-// oneDNN's bf16 kernels are not known to take.
+// Only in AVX-512 builds: with 8-lane vectors a GRU panel would be 24 columns wide, not a
+// whole number of tiles.
 bool amx_recurrence_supported() {
   const char* env = std::getenv("SEQKERN_RNN_AMX");  // "0": the float32 loop
   return kW == 16 && bf16_tiles_supported() && !(env && env[0] == '0');
