@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from seqkern import registry
+from seqkern._ext import cpu_flags
 
 from conftest import requires_cpu_ext
 
@@ -99,18 +100,7 @@ def test_hooks_reject_bad_operands_by_name():
                                    torch.zeros(3, 2), False)
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-@pytest.mark.skipif(not ({"amx_tile", "amx_bf16"} <= _cpu_flags()), reason="no AMX on this CPU")
+@pytest.mark.skipif(not ({"amx_tile", "amx_bf16"} <= cpu_flags()), reason="no AMX on this CPU")
 def test_amx_cpus_run_seqkerns_own_tiles():
     """On a CPU with AMX, a native build runs whole-tile products on seqkern's own tile loop,
     the shapes the recurrent kernels pad to (the tests of those kernels then exercise it)."""
