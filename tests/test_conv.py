@@ -298,7 +298,7 @@ def test_depthwise_backward_reads_strided_gradients(layout, C, L, K, d, dtype):
 
 
 def test_large_output_blocks_are_cached_and_reused():
-    """Outputs of 8 MB and more come from a block cache; a reused block must not leak the old
+    """Large outputs come from a block cache; a reused block must not leak the old
     contents into a new result, and the cache can be emptied."""
     from seqkern import _ext
 
@@ -318,6 +318,24 @@ def test_large_output_blocks_are_cached_and_reused():
     del y2
     _ext._C.alloc_release_cache()
     assert _ext._C.alloc_cached_bytes() == 0
+
+
+def test_block_cache_serves_nearby_sizes_from_one_block():
+    """A variable-length workload asks for a slightly different size each call: a freed block
+    serves requests down to 4/5 of its size, so the cache holds one block, not one per size."""
+    from seqkern import _ext
+
+    C = 64
+    w = torch.randn(C, 1, 3)
+    _ext._C.alloc_release_cache()
+    for L in range(40000, 32000, -500):  # 20.5 MB down to 16.6 MB outputs
+        x = torch.randn(2, C, L)
+        y = ops.causal_conv1d(x, w, groups=C)
+        torch.testing.assert_close(y, ref.depthwise_causal_conv1d(x, w, None, 1), rtol=1e-5,
+                                   atol=1e-5)
+        del y
+        assert _ext._C.alloc_cached_bytes() <= 2 * C * 40000 * 4 + (4 << 20)
+    _ext._C.alloc_release_cache()
 
 
 # ---------------------------------------------------------------- streaming ---------------

@@ -6,8 +6,8 @@
 // on free (they are above its mmap threshold), so every step of a training loop pays again.
 //
 // Two remedies, both what allocators such as jemalloc or PyTorch's CUDA caching allocator do:
-// blocks are backed by transparent huge pages (512x fewer faults), and freed blocks are kept
-// in a bounded cache and handed out again for a request of the same rounded size.
+// blocks of 8 MiB and more are backed by transparent huge pages (512x fewer faults), and freed
+// blocks are kept in a bounded cache and handed out again for a request of about their size.
 // SEQKERN_ALLOC_CACHE_MB sets the bound (default 1024; 0 disables the cache).
 #include "cpu/large_alloc.h"
 
@@ -17,10 +17,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <list>
 #include <map>
 #include <mutex>
 #include <new>
 #include <string>
+#include <vector>
 
 namespace seqkern::cpu {
 namespace {
@@ -58,37 +60,60 @@ struct Block {
   size_t bytes;
 };
 
+// Freed blocks by size, reused best-fit (the smallest block at least as large, if at most a
+// quarter larger: a variable-length batch asks for a slightly different size each call) and
+// evicted oldest first when a new block would pass the bound, so the cache follows the current
+// workload instead of filling with one-off sizes and then refusing everything.
 class BlockCache {
  public:
-  void* take(size_t bytes) {
+  // A cached block for `bytes` and its actual size, or {nullptr, 0}.
+  std::pair<void*, size_t> take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find(bytes);
-    if (it == free_.end()) return nullptr;
-    void* p = it->second;
-    free_.erase(it);
-    cached_ -= bytes;
-    return p;
+    auto it = by_size_.lower_bound(bytes);
+    if (it == by_size_.end() || it->first > bytes + bytes / 4) return {nullptr, 0};
+    const auto entry = it->second;
+    const std::pair<void*, size_t> got{entry->ptr, entry->bytes};
+    by_size_.erase(it);
+    age_.erase(entry);
+    cached_ -= got.second;
+    return got;
   }
-  // Keeps the block if it fits under the bound, else frees it.
+  // Keeps the block, evicting the oldest ones as needed to stay under the bound.
   void give(void* p, size_t bytes) {
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (cached_ + bytes <= cache_limit()) {
-        free_.emplace(bytes, p);
+      if (bytes > cache_limit()) {
+        evicted.push_back(p);
+      } else {
+        while (cached_ + bytes > cache_limit()) {
+          const auto oldest = age_.begin();
+          auto range = by_size_.equal_range(oldest->bytes);
+          for (auto it = range.first; it != range.second; ++it)
+            if (it->second == oldest) {
+              by_size_.erase(it);
+              break;
+            }
+          cached_ -= oldest->bytes;
+          evicted.push_back(oldest->ptr);
+          age_.erase(oldest);
+        }
+        age_.push_back(Block{p, bytes});
+        by_size_.emplace(bytes, std::prev(age_.end()));
         cached_ += bytes;
-        return;
       }
     }
-    std::free(p);
+    for (void* q : evicted) std::free(q);
   }
   void release() {
-    std::multimap<size_t, void*> blocks;
+    std::list<Block> blocks;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      blocks.swap(free_);
+      blocks.swap(age_);
+      by_size_.clear();
       cached_ = 0;
     }
-    for (auto& [bytes, p] : blocks) std::free(p);
+    for (auto& b : blocks) std::free(b.ptr);
   }
   size_t cached() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -97,7 +122,8 @@ class BlockCache {
 
  private:
   std::mutex mu_;
-  std::multimap<size_t, void*> free_;
+  std::list<Block> age_;  // oldest first
+  std::multimap<size_t, std::list<Block>::iterator> by_size_;
   size_t cached_ = 0;
 };
 
@@ -113,11 +139,14 @@ class LargeBlockAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     const c10::Device cpu(c10::DeviceType::CPU);
     if (n == 0) return {nullptr, nullptr, &release, cpu};
-    const bool huge = n >= kHugeBytes;
+    // (every block of 8 MiB or more is huge-page backed: what rounds up to 8 MiB counts as huge)
+    const bool huge = n > kHugeBytes - kSmallGrain;
     const size_t grain = huge ? kPage : kSmallGrain;
-    const size_t bytes = (n + grain - 1) / grain * grain;
-    void* p = cache().take(bytes);
-    if (!p) {
+    size_t bytes = (n + grain - 1) / grain * grain;
+    auto [p, got] = cache().take(bytes);
+    if (p) {
+      bytes = got;
+    } else {
       if (posix_memalign(&p, huge ? kPage : 4096, bytes) != 0) throw std::bad_alloc();
       if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advisory: without THP it is plain memory
     }
