@@ -50,7 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return C;
   });
   m.def("bf16_tiles_supported", &seqkern::cpu::bf16_tiles_supported,
-        "Whether bf16_tile_product runs here (AMX through oneDNN's brgemm, or AVX512_BF16)");
+        "Whether bf16_tile_product runs here (AMX, or AVX512_BF16)");
   m.def("bf16_tile_multiples", [] {
     const auto t = seqkern::cpu::bf16_tile_multiples();
     return std::make_tuple(t.m, t.n, t.k);

@@ -250,6 +250,12 @@ bool onednn_bf16_brgemm() {
   return can_pack;
 }
 
+// Whether ATen's brgemm serves now: torch.backends.mkldnn can turn oneDNN off at run time, and
+// ATen's brgemm then throws.
+bool aten_bf16_brgemm() {
+  return onednn_bf16_brgemm() && at::globalContext().userEnabledMkldnn();
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 constexpr bool kDpbf16 = true;
 
@@ -410,6 +416,7 @@ bool dpbf16_gemm_preferred() { return kDpbf16 && !onednn_bf16_brgemm(); }
 
 namespace {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+constexpr bool kAmxBuilt = true;
 // ---- seqkern's own AMX tiles, for products of whole tiles ----
 // oneDNN's brgemm (through ATen) reached 0.65-1.3 TFLOP/s on the recurrent panel products
 // (64 x 64 x 512..1024, 2 threads), this loop 1.8: ATen looks its kernel up per call, and the
@@ -519,6 +526,7 @@ void amx_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int6
 }
 
 #else
+constexpr bool kAmxBuilt = false;
 bool own_amx() { return false; }
 void release_own_tiles() {}
 void amx_product(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const at::BFloat16*,
@@ -528,19 +536,9 @@ void amx_product(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, con
 #endif
 }  // namespace
 
-// (oneDNN's brgemm only while mkldnn is enabled: torch.backends.mkldnn can turn it off at run
-// time, and ATen's brgemm then throws.)
-bool bf16_tiles_supported() {
-  return (onednn_bf16_brgemm() && at::globalContext().userEnabledMkldnn()) || kDpbf16;
-}
+bool bf16_tiles_supported() { return aten_bf16_brgemm() || kDpbf16; }
 
-bool amx_tiles_built() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool amx_tiles_built() { return kAmxBuilt; }
 
 TileMultiples bf16_tile_multiples() {
   return own_amx() ? TileMultiples{16, 16, 32} : TileMultiples{1, 1, 2};
@@ -552,7 +550,7 @@ void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb
     amx_product(M, N, K, lda, ldb, ldc, add_C, A, B, C);
     return;
   }
-  if (onednn_bf16_brgemm() && at::globalContext().userEnabledMkldnn()) {
+  if (aten_bf16_brgemm()) {
     if (M <= 0 || N <= 0) return;
     // AMX multiplies k pairs only: oneDNN's kernel for an odd K executes an illegal instruction
     // (measured: SIGILL on a Xeon with AMX), so the last k is a rank-1 update here.

@@ -170,14 +170,14 @@ SEQKERN_INLINE void for_panel_vectors(int64_t p, int64_t H, F&& f) {
   }
 }
 
-// Packed weights. Uninitialised but for the last panel, whose lanes past H must be zero.
 constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Uninitialised storage for n T on a 64-byte boundary, for the packed weight panels, which the
 // loops read in whole cache lines (vector and tile loads). new[] gave 16-byte alignment (large
 // blocks come from mmap with a 16-byte header), which splits every such load over two lines.
-// With both, the bf16 LSTM at T = 100, B = 8, I = H = 256 (AMX) took 1.22-1.40 ms in each of
-// six processes; before, 1.2-1.4 in some and 2.0-3.0 in others, by where malloc put them.
+// With this and the aligned step rows (StepBuffer), the bf16 LSTM at T = 100, B = 8,
+// I = H = 256 (AMX) took 1.22-1.40 ms in each of six processes; before, 1.2-1.4 in some and
+// 2.0-3.0 in others, by where malloc put them.
 template <typename T>
 class AlignedArray {
   struct Free {
@@ -195,6 +195,7 @@ class AlignedArray {
   explicit operator bool() const { return static_cast<bool>(p_); }
 };
 
+// Packed weights. Uninitialised but for the last panel, whose lanes past H must be zero.
 struct PanelBuffer {
   AlignedArray<float> buf;
   PanelBuffer() = default;  // none: the loop does not use these panels
@@ -330,25 +331,20 @@ constexpr int64_t kRowSplitWeightBytes = int64_t(1) << 20;
 // A row stride for the operand rows a panel GEMM walks down: rows whose stride is a multiple of
 // 4 KiB map to the same L1 sets, so with more rows than L1 ways (12) they evict each other
 // every k block. One extra cache line per row spreads them over the sets.
-int64_t padded_stride(int64_t n) {
-  const int64_t lines = (n + 15) / 16;
-  return (lines % 16 == 0 ? lines + 1 : lines) * 16;
-}
-// The same for bf16 rows, whole 64-byte lines of 32 elements.
-int64_t padded_stride_bf16(int64_t n) {
-  const int64_t lines = (n + 31) / 32;
-  return (lines % 16 == 0 ? lines + 1 : lines) * 32;
+// per_line: elements per 64-byte line (16 floats, 32 bf16).
+int64_t padded_stride(int64_t n, int64_t per_line = 16) {
+  const int64_t lines = (n + per_line - 1) / per_line;
+  return (lines % 16 == 0 ? lines + 1 : lines) * per_line;
 }
 
 // The per-step state rows the threads write in slices of hidden units (h, its bf16 copy, the
-// bf16 gate gradients), zeroed, from torch's 64-byte aligned allocator: with std::vector's
-// 16-byte alignment a cache line could straddle the two threads' slices in every row.
+// bf16 gate gradients), zeroed and 64-byte aligned: with std::vector's 16-byte alignment a
+// cache line could straddle the two threads' slices in every row.
 template <typename T>
 struct StepBuffer {
-  at::Tensor t;
-  explicit StepBuffer(int64_t n)
-      : t(at::zeros({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))) {}
-  T* data() { return t.data_ptr<T>(); }
+  AlignedArray<T> buf;
+  explicit StepBuffer(int64_t n) : buf(n) { std::fill(buf.get(), buf.get() + n, T(0.0f)); }
+  T* data() { return buf.get(); }
 };
 
 // One thread when a step is too small to pay for a barrier, unless W_hh is larger than about
@@ -549,12 +545,12 @@ void forward_loop(const ForwardArgs& a) {
   // keeps x·W_in apart: there x_t is a second product (A = x rows as given).
   const bool x_in_a = amx && fuse_x && !separate_x;
   // The [h | x] rows and W's panels are padded to whole tiles (rows of A: Bp; K: zeros).
-  const TileMultiples tm = amx ? bf16_tile_multiples() : TileMultiples{1, 1, 2};
+  const TileMultiples tm = bf16_tile_multiples();
   VnniPanels wb = amx ? VnniPanels(a.w_hh_bf16, H, x_in_a ? a.w_ih_bf16 : nullptr, I, G, H, U, tm.k)
                       : VnniPanels();
   VnniPanels wxb = amx && fuse_x && separate_x ? VnniPanels(a.w_ih_bf16, I, nullptr, 0, G, H, U, 2)
                                                : VnniPanels();
-  const int64_t ldhb = amx ? padded_stride_bf16(wb.K) : 0, Bp = round_up(B, tm.m);
+  const int64_t ldhb = amx ? padded_stride(wb.K, 32) : 0, Bp = round_up(B, tm.m);
   StepBuffer<c10::BFloat16> hbbuf(amx ? 2 * Bp * ldhb : 0);
   for (int64_t b = 0; amx && b < B; ++b)
     for (int i = 0; i < 2; ++i)
@@ -742,9 +738,9 @@ void backward_loop(const BackwardArgs& a) {
   constexpr bool accumulate = C == Cell::Gru;
   // bf16: the gate gradients of each step in bf16 (double-buffered: a thread writes step s − 1's
   // while the other may still read step s's) as the A operand of the tile products
-  const TileMultiples tm = amx ? bf16_tile_multiples() : TileMultiples{1, 1, 2};
+  const TileMultiples tm = bf16_tile_multiples();
   VnniColumnPanels wbb = amx ? VnniColumnPanels(a.w_hh_bf16, GH, H, U, tm.k) : VnniColumnPanels();
-  const int64_t ldg = amx ? padded_stride_bf16(wbb.K) : 0, Bp = round_up(B, tm.m);
+  const int64_t ldg = amx ? padded_stride(wbb.K, 32) : 0, Bp = round_up(B, tm.m);
   StepBuffer<c10::BFloat16> gbuf(amx ? 2 * Bp * ldg : 0);
   StepBarrier step_barrier;
 
