@@ -61,6 +61,8 @@ def run(fn, *args, **kwargs):
     """fn(*args, **kwargs), with the floating-point arguments cast to the autocast dtype of the
     first tensor argument's device (positional, else keyword) and autocast off inside when
     autocast is on there; a plain call otherwise."""
+    if not torch._C._is_any_autocast_enabled():  # 0.1 µs; finding the device first cost 1.5
+        return fn(*args, **kwargs)
     t = _first_tensor(args)
     if t is None and kwargs:
         t = _first_tensor(tuple(kwargs.values()))

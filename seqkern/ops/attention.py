@@ -169,6 +169,25 @@ def _shape(t: Tensor) -> tuple:
 
 def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, scale, enable_gqa, window,
            key_lengths, causal_alignment, is_causal) -> None:
+    # The common decoding call first, in a few comparisons (the full checks below cost about
+    # 3 µs, against 1.6 for a one-token step's kernel): all that _check_args would verify for
+    # plain 4-D q, k, v with no optional argument.
+    if (attn_mask is None and window is None and key_lengths is None and scale is None
+            and isinstance(dropout_p, (int, float)) and dropout_p == 0.0
+            and isinstance(q, Tensor) and isinstance(k, Tensor)
+            and isinstance(v, Tensor) and q.is_floating_point()):
+        qs, ks, vs = q.shape, k.shape, v.shape
+        if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and k.dtype == q.dtype == v.dtype
+                and k.device == q.device == v.device and ks[3] == qs[3] and ks[:3] == vs[:3]
+                and ks[0] == qs[0] and ks[1] and (qs[1] == ks[1] or enable_gqa and qs[1] % ks[1] == 0)
+                and (causal_alignment == "top_left" or causal_alignment == "bottom_right")):
+            return
+    _check_args(q, k, v, attn_mask, dropout_p, scale, enable_gqa, window, key_lengths,
+                causal_alignment, is_causal)
+
+
+def _check_args(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, scale, enable_gqa,
+                window, key_lengths, causal_alignment, is_causal) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
@@ -312,7 +331,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                 out, _ = _EagerAttention.apply(*args)
             else:  # eager inference: nothing to record, so no dispatch at all
                 out, _ = _ext._C.attention_forward(*args)
-            out = out.to(q.dtype)
+            if out.dtype != q.dtype:
+                out = out.to(q.dtype)
         return out.squeeze(1) if squeeze else out
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
         attn_mask = attn_mask.to(query.dtype)  # the reference computes in query's dtype
