@@ -535,13 +535,14 @@ def test_nan_query_gives_nan_in_its_row_only(dtype, Lq, Lk):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("Lk, D, Dv", [(16, 16, 16), (47, 40, 24), (1001, 64, 64),
-                                       (333, 200, 256), (100, 8, 130)])
+                                       (333, 200, 256), (100, 8, 130), (40, 288, 32)])
 @pytest.mark.parametrize("Lq", [1, 3, 8])
 @pytest.mark.parametrize("B,Hq,Hkv", [(2, 4, 2), (1, 1, 1)], ids=["heads", "one_head"])
 def test_decode_rows_within_torch_error(dtype, Lk, D, Dv, Lq, B, Hq, Hkv):
     """The decode kernels (≤ 8 query rows; bf16 with AMX ≤ 4) score keys 16 at a time and keep P·V in registers,
     in blocks of 8 vectors: key counts around and past 16, head dims with partial vectors and
-    value dims over 128, fp32 and a bf16 cache, outputs and gradients against float64 and
+    value dims over 128, fp32 and a bf16 cache (scored with vdpbf16ps where the CPU has it, up
+    to D = 256; D = 288 widens the keys instead), outputs and gradients against float64 and
     torch's own error. With one (batch, head) pair, fewer than the threads, a task is one row
     rather than all of them."""
     gen = torch.Generator().manual_seed(stable_seed(Lk, D, Dv, Lq, dtype, B))

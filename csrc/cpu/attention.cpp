@@ -733,6 +733,87 @@ SEQKERN_INLINE Vec<float> dot_16_keys_2_rows(const float* q0, const float* q1, c
   *second = Vec<float>(_mm512_shuffle_f32x4(h0, h1, 0xEE));
   return Vec<float>(_mm512_shuffle_f32x4(h0, h1, 0x44));
 }
+
+#if defined(__AVX512BF16__)
+// A query row as bf16 pairs for vdpbf16ps, when it holds bf16 numbers (a bf16 query, or the
+// gradient of a bf16 output, widened to fp32 for the kernels): q·k over a bf16 cache then takes
+// one instruction per 32 values, two exact products per lane, and no widening of k (which cost
+// a shuffle and a shift per 16 values: the bf16 decode read its cache at 44 GB/s against 54 for
+// a plain sum). Not for other rows (a value would be rounded).
+constexpr bool kBf16Dot = true;
+constexpr int64_t kBf16DotMaxD = 256;
+struct Bf16Query {
+  __m512i v[kBf16DotMaxD / 32];
+  __mmask32 tail;  // the valid lanes of the last vector
+  int nv = 0;      // 0: not usable
+};
+inline Bf16Query bf16_query(const float* q, int64_t D) {
+  Bf16Query out;
+  if (D > kBf16DotMaxD || D == 0) return out;
+  const int nv = static_cast<int>((D + 31) / 32);
+  __mmask16 inexact = 0;
+  for (int c = 0; c < nv; ++c) {
+    const int64_t lo_n = std::clamp<int64_t>(D - c * 32, 0, 16), hi_n = std::clamp<int64_t>(D - c * 32 - 16, 0, 16);
+    const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lo_n) - 1), q + c * 32);
+    const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << hi_n) - 1), q + c * 32 + 16);
+    const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    // exact iff widening back gives the same floats
+    const __m512 lo_back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(pairs)), 16));
+    const __m512 hi_back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(pairs, 1)), 16));
+    inexact |= _mm512_cmp_ps_mask(lo, lo_back, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(hi, hi_back, _CMP_NEQ_UQ);
+    out.v[c] = pairs;
+  }
+  if (inexact) return out;
+  const int64_t last = D - (nv - 1) * 32;
+  out.tail = last == 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << last) - 1);
+  out.nv = nv;
+  return out;
+}
+
+// acc[j] += q · k_j along D (lanes: 16 partial sums) for keys j = 0..NK−1 of k, rows ldk apart.
+template <int NK>
+SEQKERN_INLINE void dot_keys_bf16(const Bf16Query& q, const at::BFloat16* k, int64_t ldk, __m512* acc) {
+  for (int c = 0; c < q.nv; ++c) {
+    const __mmask32 m = c + 1 == q.nv ? q.tail : ~__mmask32(0);
+    const __m512bh qv = (__m512bh)q.v[c];
+#pragma GCC unroll 16
+    for (int j = 0; j < NK; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k + j * ldk + c * 32));
+  }
+}
+
+SEQKERN_INLINE Vec<float> dot_16_keys_bf16(const Bf16Query& q, const at::BFloat16* k, int64_t ldk) {
+  __m512 a[16];
+  for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
+  dot_keys_bf16<16>(q, k, ldk, a);
+  return Vec<float>(sum_lanes_16(a));
+}
+
+// The pair form of dot_16_keys_bf16, as dot_16_keys_2_rows is of dot_16_keys: each score gets
+// the one-row form's instructions and lane-sum tree, so the two agree to the bit.
+SEQKERN_INLINE Vec<float> dot_16_keys_2_rows_bf16(const Bf16Query& q0, const Bf16Query& q1,
+                                                  const at::BFloat16* k, int64_t ldk, Vec<float>* second) {
+  __m512 h[2];
+  for (int half = 0; half < 2; ++half) {
+    __m512 a[16];
+    for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
+    const at::BFloat16* kh = k + half * 8 * ldk;
+    for (int c = 0; c < q0.nv; ++c) {
+      const __mmask32 m = c + 1 == q0.nv ? q0.tail : ~__mmask32(0);
+      const __m512bh x0 = (__m512bh)q0.v[c], x1 = (__m512bh)q1.v[c];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m512bh kj = (__m512bh)_mm512_maskz_loadu_epi16(m, kh + j * ldk + c * 32);
+        a[j] = _mm512_dpbf16_ps(a[j], x0, kj);
+        a[8 + j] = _mm512_dpbf16_ps(a[8 + j], x1, kj);
+      }
+    }
+    h[half] = sum_lanes_16(a);
+  }
+  *second = Vec<float>(_mm512_shuffle_f32x4(h[0], h[1], 0xEE));
+  return Vec<float>(_mm512_shuffle_f32x4(h[0], h[1], 0x44));
+}
+#endif  // __AVX512BF16__
 #else
 constexpr bool kBlockedDecode = false;
 constexpr int64_t kDecodeKeys = 1;
@@ -740,6 +821,18 @@ template <typename S>
 Vec<float> dot_16_keys(const float*, const S*, int64_t, int64_t) { return Vec<float>(0.0f); }
 template <typename S>
 Vec<float> dot_16_keys_2_rows(const float*, const float*, const S*, int64_t, int64_t, Vec<float>*) {
+  return Vec<float>(0.0f);
+}
+#endif
+#if !(defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__))
+constexpr bool kBf16Dot = false;
+struct Bf16Query {
+  int nv = 0;
+};
+inline Bf16Query bf16_query(const float*, int64_t) { return {}; }
+inline Vec<float> dot_16_keys_bf16(const Bf16Query&, const at::BFloat16*, int64_t) { return Vec<float>(0.0f); }
+inline Vec<float> dot_16_keys_2_rows_bf16(const Bf16Query&, const Bf16Query&, const at::BFloat16*, int64_t,
+                                          Vec<float>*) {
   return Vec<float>(0.0f);
 }
 #endif
@@ -962,8 +1055,15 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
   int64_t j = keys.lo;
   if constexpr (kBlockedDecode && std::is_same_v<T, float>) {
     V mxv(neg_inf<T>());
+    Bf16Query qb;
+    if constexpr (kBf16Dot && std::is_same_v<S, at::BFloat16>) qb = bf16_query(q, D);
     for (; j + kDecodeKeys <= keys.hi; j += kDecodeKeys) {
-      V sc = dot_16_keys(q, kbase + j * ldk, ldk, D) * V(scale);
+      V sc;
+      if constexpr (kBf16Dot && std::is_same_v<S, at::BFloat16>)
+        sc = qb.nv ? dot_16_keys_bf16(qb, kbase + j * ldk, ldk) : dot_16_keys(q, kbase + j * ldk, ldk, D);
+      else
+        sc = dot_16_keys(q, kbase + j * ldk, ldk, D);
+      sc = sc * V(scale);
       if (mask.has_explicit()) sc = explicit_mask_16(mask, mask.at(b, h, i, j), sc);
       sc.store(s + (j - keys.lo));
       mxv = at::vec::maximum(mxv, sc);  // NaN-propagating: the max must not depend on how
@@ -999,12 +1099,26 @@ std::pair<float, float> decode_scores_2_rows(const float* q0, const float* q1, c
                                              float* s1) {
   using V = Vec<float>;
   const int64_t lo = keys0.lo;
-  const int64_t nb = std::min(keys0.hi, keys1.hi) - lo;
+  // Each row's blocks as decode_scores computes them: with vdpbf16ps where its query allows
+  // (bf16_query), so two rows of which only one does are not paired.
+  Bf16Query qb0, qb1;
+  if constexpr (kBf16Dot && std::is_same_v<S, at::BFloat16>) {
+    qb0 = bf16_query(q0, D);
+    qb1 = bf16_query(q1, D);
+  }
+  const bool bf16_dot = qb0.nv && qb1.nv;
+  const int64_t nb = (qb0.nv != 0) == (qb1.nv != 0) ? std::min(keys0.hi, keys1.hi) - lo : 0;
   int64_t j = 0;
   V m0(neg_inf<float>()), m1(neg_inf<float>());
   for (; j + kDecodeKeys <= nb; j += kDecodeKeys) {
     V second;
-    V a = dot_16_keys_2_rows(q0, q1, kbase + (lo + j) * ldk, ldk, D, &second) * V(scale);
+    V a;
+    if constexpr (kBf16Dot && std::is_same_v<S, at::BFloat16>)
+      a = bf16_dot ? dot_16_keys_2_rows_bf16(qb0, qb1, kbase + (lo + j) * ldk, ldk, &second)
+                   : dot_16_keys_2_rows(q0, q1, kbase + (lo + j) * ldk, ldk, D, &second);
+    else
+      a = dot_16_keys_2_rows(q0, q1, kbase + (lo + j) * ldk, ldk, D, &second);
+    a = a * V(scale);
     V c = second * V(scale);
     if (mask.has_explicit()) {
       a = explicit_mask_16(mask, mask.at(b, h, i, lo + j), a);
