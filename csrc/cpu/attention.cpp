@@ -1579,21 +1579,27 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
       const Span keys = block_keys(mask, b, 0, mi);
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
         const int64_t nk = std::min(BK, d.Lk - j0);
-        // The next tile's K and V into L2 while this one computes (measured 4-8 % faster at
-        // 5-32 queries against 4096 keys): each key is read once, in order.
-        for (int64_t j = j0 + BK; j < std::min(j0 + 2 * BK, keys.hi); ++j) {
-          const char* kr = reinterpret_cast<const char*>(kbase + j * sk.l);
-          const char* vr = reinterpret_cast<const char*>(vbase + j * sv.l);
-          for (int64_t c = 0; c < k_row_bytes; c += 64) _mm_prefetch(kr + c, _MM_HINT_T1);
-          for (int64_t c = 0; c < v_row_bytes; c += 64) _mm_prefetch(vr + c, _MM_HINT_T1);
-        }
+        // The next tile's K and V into L2 while this one computes: each key is read once, in
+        // order. Spread over this tile's per-key loops, a row or two at a time: issued all at
+        // once before the tile, the 2·128 rows' prefetches filled the miss queue and stalled
+        // there (a third of this function's time at 8 queries against 4096 keys).
+        const int64_t next_hi = std::min(j0 + 2 * BK, keys.hi);
+        auto prefetch_next = [&](const bf16* base, int64_t ld, int64_t row_bytes, int64_t c) {
+          const int64_t j = j0 + BK + c;
+          if (j >= next_hi) return;
+          const char* r = reinterpret_cast<const char*>(base + j * ld);
+          for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(r + o, _MM_HINT_T1);
+        };
         if (!tile_setup(mask, b, h, 0, mi, j0, nk, rows, cols)) continue;
         // keys [klo, khi) some query may see; the others are -inf'd by mask_tile_t
         const Span used = union_rows(rows, 0, mi, 1);
         const int64_t klo = used.lo, khi = used.hi;
         bf16_tile_product(khi - klo, BQ, d.D, sk.l, BQ, BQ, false,
                           kbase + (j0 + klo) * sk.l, QT.data(), ST.data() + klo * BQ);
-        for (int64_t c = klo; c < khi; ++c) scale_row(ST.data() + c * BQ, BQ, scale);
+        for (int64_t c = 0; c < nk; ++c) {
+          if (c >= klo && c < khi) scale_row(ST.data() + c * BQ, BQ, scale);
+          prefetch_next(kbase, sk.l, k_row_bytes, c);
+        }
         mask_tile_t(mask, b, h, 0, j0, nk, BQ, cols, ST.data(), BQ, neg_inf<float>(),
                     mask.has_explicit());
         if (drop.active)
@@ -1601,8 +1607,14 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
             keep_down_column(rk_lo, rk_hi, BQ, j0 + c, drop.threshold, keep.data() + c * BQ);
         softmax_columns<float>(ST.data(), BQ, nk, BQ, mi, drop.active ? keep.data() : nullptr,
                                mx.data(), sm.data(), acc.data(), d.Dv);
-        for (int64_t c = klo; c < khi; ++c)
-          at::vec::convert(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
+        for (int64_t c = 0; c < nk; ++c) {
+          if (c >= klo && c < khi) {  // (at::vec::convert widens 8 values at a time)
+            const bf16* vr = vbase + (j0 + c) * sv.l;
+            float* out = VT.data() + c * d.Dv;
+            for_each_vec<float>(d.Dv, [&](int64_t e, int64_t n) { store(load(vr + e, n), out + e, n); });
+          }
+          prefetch_next(vbase, sv.l, v_row_bytes, c);
+        }
         tile_gemm_impl<float>(mi, nk, ST.data(), 1, BQ, VT.data(), d.Dv, acc.data(), d.Dv, true,
                               [&](int64_t r0, int64_t r1) {
                                 return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
@@ -1707,8 +1719,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                 float* gr = mg + b * mgrad.sb + h * mgrad.sh + (i0 + r) * mgrad.sq + j0 * mgrad.sk;
                 for (int64_t cc = lo; cc < hi; ++cc) gr[cc * mgrad.sk] += dp[cc];
               }
-              at::vec::convert(s, Pb.data() + r * BK, BK);
-              at::vec::convert(dp, dSb.data() + r * BK, BK);
+              round_to_bf16(s, Pb.data() + r * BK, BK);
+              round_to_bf16(dp, dSb.data() + r * BK, BK);
             }
             // Pᵀ and dSᵀ (keys × queries) as the left operands of the key-side products
             for (int64_t r = 0; r < mip; r += 32)

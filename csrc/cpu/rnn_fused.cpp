@@ -643,7 +643,7 @@ void forward_loop(const ForwardArgs& a) {
                      fuse_x && separate_x ? xaccs.data() + (m - m0) * NV : nullptr);
               prefetch_next(m, 1);
               for_panel_vectors<U>(p, H, [&](int, int64_t u0, int64_t n) {
-                at::vec::convert(hn + m * ldh + u0, hbn + m * ldhb + u0, n);
+                round_to_bf16(hn + m * ldh + u0, hbn + m * ldhb + u0, n);
               });
             }
           }
@@ -780,7 +780,7 @@ void backward_loop(const BackwardArgs& a) {
             backward_tile<C>(a, m, o, u0, n);
             if (amx)
               for (int64_t g = 0; g < G; ++g)
-                at::vec::convert(a.drec + (o + m) * GH + g * H + u0, gb + m * ldg + g * H + u0, n);
+                round_to_bf16(a.drec + (o + m) * GH + g * H + u0, gb + m * ldg + g * H + u0, n);
           }
         });
       if (!by_rows) step_barrier.wait();

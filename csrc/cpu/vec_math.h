@@ -237,6 +237,20 @@ SEQKERN_INLINE void store(const Vec<T>& v, T* p, int64_t count) {
 SEQKERN_INLINE void store(const Vec<float>& v, c10::BFloat16* p, int64_t count) {
   store_bf16_pair(v, Vec<float>(0.0f), p, count);
 }
+// n floats rounded to bf16 (nearest even) into dst, 2·W at a time. at::vec::convert rounds 32
+// at a time in software and the rest one by one through c10::convert, and the recurrent loops
+// convert a vector of units (n ≤ 16) per call: all of it went the scalar way.
+SEQKERN_INLINE void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+  constexpr int64_t W = Vec<float>::size();
+  for (int64_t j = 0; j < n; j += 2 * W) {
+    const int64_t c = std::min<int64_t>(2 * W, n - j), c0 = std::min<int64_t>(W, c);
+    const Vec<float> lo = c0 == W ? Vec<float>::loadu(src + j) : Vec<float>::loadu(src + j, c0);
+    const Vec<float> hi = c <= W ? Vec<float>(0.0f)
+                          : c == 2 * W ? Vec<float>::loadu(src + j + W)
+                                       : Vec<float>::loadu(src + j + W, c - W);
+    store_bf16_pair(lo, hi, dst + j, c);
+  }
+}
 SEQKERN_INLINE void store(const Vec<float>& v, c10::Half* p, int64_t count) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
