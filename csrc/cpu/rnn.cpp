@@ -301,9 +301,11 @@ bool bf16_weight_gradients(Cell cell, bool proj, const Bf16Operands& bf, const a
   if (cell == Cell::GruCho || proj) return false;
   using bf16 = at::BFloat16;
   const int64_t N = dxg.size(0), GH = dxg.size(1), I = dx.size(1), Hs = hprev.size(1);
-  const at::Tensor g = dxg.to(at::kBFloat16);
-  const at::Tensor gr = drec.is_same(dxg) ? g : drec.to(at::kBFloat16);
-  const at::Tensor hb = hprev.to(at::kBFloat16);
+  // (into block-cache memory: .to() mapped its 6.5 MB result a page fault at a time, 2 ms of
+  // a 17 ms bf16 LSTM training step at T = 100, B = 32, H = 256, against 0.35 into mapped pages)
+  const at::Tensor g = contiguous_as(dxg, at::kBFloat16);
+  const at::Tensor gr = drec.is_same(dxg) ? g : contiguous_as(drec, at::kBFloat16);
+  const at::Tensor hb = contiguous_as(hprev, at::kBFloat16);
   return gemm_bf16(false, false, N, I, GH, g.data_ptr<bf16>(), GH, bf.w_ih.data_ptr<bf16>(), I,
                    dx.data_ptr<float>(), I) &&
          gemm_bf16(true, false, GH, I, N, g.data_ptr<bf16>(), GH, bf.x.data_ptr<bf16>(), I,
