@@ -297,6 +297,24 @@ def test_depthwise_backward_reads_strided_gradients(layout, C, L, K, d, dtype):
                                    atol=1e-5 if dtype == torch.float32 else 1e-12, msg=name)
 
 
+@requires_cpu_ext
+def test_bf16_results_keep_subnormals_and_specials():
+    """The kernels compute bf16 in float32 and round their results back with their own
+    vector conversion (vcvtne2ps2bf16 where the CPU has it, which reads subnormals as zero):
+    an identity convolution must return every bf16 value bit for bit, subnormals, ±0, the
+    largest finite value, ±inf and NaN included, forward and backward, also past one vector
+    and in a tail."""
+    vals = [1e-39, -3e-39, 9.2e-41, 1.1754944e-38, 2e-38, 0.0, 3.3895e38, float("inf"),
+            float("-inf"), float("nan"), 1.0, -2.5]
+    x = torch.tensor(vals * 7, dtype=torch.float32).bfloat16().view(1, 1, -1)
+    w = torch.ones(1, 1, 1, dtype=torch.bfloat16)
+    y = ops.causal_conv1d(x, w)
+    assert torch.equal(y.view(torch.int16), x.view(torch.int16))
+    xg = torch.ones_like(x, requires_grad=True)
+    ops.causal_conv1d(xg, w).backward(x)
+    assert torch.equal(xg.grad.view(torch.int16), x.view(torch.int16))
+
+
 def test_large_output_blocks_are_cached_and_reused():
     """Large outputs come from a block cache; a reused block must not leak the old
     contents into a new result, and the cache can be emptied."""
