@@ -31,7 +31,8 @@ SHAPES = [
     (1, 4, 2, 8, 37, 24, 24),   # 8 rows (bf16 with AMX: its few-query tile kernel)
 ]
 MASKS = ["none", "causal", "causal_br", "window", "window_br", "key_lengths", "bool", "additive",
-         "bool_2d", "causal+bool+key_lengths", "window+additive", "causal_br+key_lengths"]
+         "bool_2d", "causal+bool+key_lengths", "window+additive", "causal_br+key_lengths",
+         "causal_br+bool_padding"]
 
 
 def make_inputs(shape, dtype, gen, layout="contiguous"):
@@ -64,6 +65,8 @@ def make_mask_kwargs(kind, B, Hq, Lq, Lk, dtype, gen):
         kw["key_lengths"][0] = Lk
     if "bool" in parts:
         kw["attn_mask"] = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
+    if "bool_padding" in parts:  # (B, 1, 1, Lk): one value down each key's column
+        kw["attn_mask"] = torch.rand(B, 1, 1, Lk, generator=gen) > 0.2
     if "bool_2d" in parts:
         kw["attn_mask"] = torch.rand(Lq, Lk, generator=gen) > 0.5
     if "additive" in parts:
