@@ -600,8 +600,7 @@ SEQKERN_INLINE std::pair<const T*, int64_t> kv_rows(const S* src, int64_t ld, in
   if constexpr (std::is_same_v<S, T>) {
     return {src, ld};
   } else {
-    for (int64_t r = 0; r < rows; ++r)
-      for_each_vec<T>(cols, [&](int64_t c, int64_t n) { store(load(src + r * ld + c, n), buf + r * cols + c, n); });
+    for (int64_t r = 0; r < rows; ++r) widen_row(src + r * ld, buf + r * cols, cols);
     return {buf, cols};
   }
 }
@@ -782,22 +781,17 @@ inline Bf16Query bf16_query(const float* q, int64_t D) {
   return out;
 }
 
-// acc[j] += q · k_j along D (lanes: 16 partial sums) for keys j = 0..NK−1 of k, rows ldk apart.
-template <int NK>
-SEQKERN_INLINE void dot_keys_bf16(const Bf16Query& q, const at::BFloat16* k, int64_t ldk, __m512* acc) {
+// q·k_j for the 16 keys k_j = k + j·ldk, as dot_16_keys with the products on vdpbf16ps.
+SEQKERN_INLINE Vec<float> dot_16_keys_bf16(const Bf16Query& q, const at::BFloat16* k, int64_t ldk) {
+  __m512 a[16];
+  for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
   for (int c = 0; c < q.nv; ++c) {
     const __mmask32 m = c + 1 == q.nv ? q.tail : ~__mmask32(0);
     const __m512bh qv = (__m512bh)q.v[c];
 #pragma GCC unroll 16
-    for (int j = 0; j < NK; ++j)
-      acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k + j * ldk + c * 32));
+    for (int j = 0; j < 16; ++j)
+      a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k + j * ldk + c * 32));
   }
-}
-
-SEQKERN_INLINE Vec<float> dot_16_keys_bf16(const Bf16Query& q, const at::BFloat16* k, int64_t ldk) {
-  __m512 a[16];
-  for (int j = 0; j < 16; ++j) a[j] = _mm512_setzero_ps();
-  dot_keys_bf16<16>(q, k, ldk, a);
   return Vec<float>(sum_lanes_16(a));
 }
 
@@ -1620,11 +1614,8 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
         softmax_columns<float>(ST.data(), BQ, nk, BQ, mi, drop.active ? keep.data() : nullptr,
                                mx.data(), sm.data(), acc.data(), d.Dv);
         for (int64_t c = 0; c < nk; ++c) {
-          if (c >= klo && c < khi) {  // (at::vec::convert widens 8 values at a time)
-            const bf16* vr = vbase + (j0 + c) * sv.l;
-            float* out = VT.data() + c * d.Dv;
-            for_each_vec<float>(d.Dv, [&](int64_t e, int64_t n) { store(load(vr + e, n), out + e, n); });
-          }
+          // (at::vec::convert widens 8 values at a time)
+          if (c >= klo && c < khi) widen_row(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
           prefetch_next(vbase, sv.l, v_row_bytes, c);
         }
         tile_gemm_impl<float>(mi, nk, ST.data(), 1, BQ, VT.data(), d.Dv, acc.data(), d.Dv, true,

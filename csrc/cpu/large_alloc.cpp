@@ -189,7 +189,7 @@ at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct) {
   const bool b2f = t.scalar_type() == at::kBFloat16 && ct == at::kFloat;
   if ((f2b || b2f) && t.is_contiguous() && !t.is_neg() && !t.is_conj()) {
     const int64_t n = t.numel();
-    constexpr int64_t kGrain = int64_t(1) << 15;  // multiple of 32: whole vectors per task
+    constexpr int64_t kGrain = int64_t(1) << 15;  // values per task at least
     if (f2b) {
       const float* src = t.data_ptr<float>();
       c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
@@ -197,9 +197,7 @@ at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct) {
     } else {
       const c10::BFloat16* src = t.data_ptr<c10::BFloat16>();
       float* dst = out.data_ptr<float>();
-      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-        for_each_vec<float>(e - b, [&](int64_t j, int64_t c) { store(load(src + b + j, c), dst + b + j, c); });
-      });
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { widen_row(src + b, dst + b, e - b); });
     }
     return out;
   }

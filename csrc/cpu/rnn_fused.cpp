@@ -554,7 +554,7 @@ void forward_loop(const ForwardArgs& a) {
   StepBuffer<c10::BFloat16> hbbuf(amx ? 2 * Bp * ldhb : 0);
   for (int64_t b = 0; amx && b < B; ++b)
     for (int i = 0; i < 2; ++i)
-      at::vec::convert(a.h0 + b * H, hbbuf.data() + (i * Bp + b) * ldhb, H);
+      round_to_bf16(a.h0 + b * H, hbbuf.data() + (i * Bp + b) * ldhb, H);
   // x rows of step s into the A rows (ldhb apart) at column Kh, rows [r0, r1)
   auto copy_x_rows = [&](int64_t s, c10::BFloat16* dst, int64_t r0, int64_t r1) {
     const int64_t t = L.step(s, a.reverse), o = L.off[t];

@@ -135,14 +135,10 @@ SEQKERN_INLINE void store_bf16_pair(const Vec<float>& lo, const Vec<float>& hi, 
     else _mm512_mask_storeu_epi16(p, (__mmask32)((uint64_t(1) << c) - 1), v);
     return;
   }
-  const auto pb = at::vec::convert_from_float<c10::BFloat16>(lo, hi);
-  if (c == 2 * Vec<float>::size()) pb.store(p);
-  else pb.store(p, c);
-#else
-  const auto pb = at::vec::convert_from_float<c10::BFloat16>(lo, hi);
-  if (c == 2 * Vec<float>::size()) pb.store(p);
-  else pb.store(p, c);
 #endif
+  const auto pb = at::vec::convert_from_float<c10::BFloat16>(lo, hi);
+  if (c == 2 * Vec<float>::size()) pb.store(p);
+  else pb.store(p, c);
 }
 
 // a / b for the gate functions, where b ≥ 1. A 512-bit division issues once per ~10 cycles and
@@ -252,13 +248,15 @@ SEQKERN_INLINE void store(const Vec<float>& v, c10::BFloat16* p, int64_t count) 
 SEQKERN_INLINE void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
   constexpr int64_t W = Vec<float>::size();
   for (int64_t j = 0; j < n; j += 2 * W) {
-    const int64_t c = std::min<int64_t>(2 * W, n - j), c0 = std::min<int64_t>(W, c);
-    const Vec<float> lo = c0 == W ? Vec<float>::loadu(src + j) : Vec<float>::loadu(src + j, c0);
-    const Vec<float> hi = c <= W ? Vec<float>(0.0f)
-                          : c == 2 * W ? Vec<float>::loadu(src + j + W)
-                                       : Vec<float>::loadu(src + j + W, c - W);
-    store_bf16_pair(lo, hi, dst + j, c);
+    const int64_t c = std::min<int64_t>(2 * W, n - j);
+    const Vec<float> hi = c <= W ? Vec<float>(0.0f) : load(src + j + W, c - W);
+    store_bf16_pair(load(src + j, std::min<int64_t>(W, c)), hi, dst + j, c);
   }
+}
+// n values of S as T (bf16/fp16 widened to float, or copied), a vector at a time.
+template <typename T, typename S>
+SEQKERN_INLINE void widen_row(const S* src, T* dst, int64_t n) {
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) { store(load(src + j, c), dst + j, c); });
 }
 SEQKERN_INLINE void store(const Vec<float>& v, c10::Half* p, int64_t count) {
 #if defined(CPU_CAPABILITY_AVX512)
