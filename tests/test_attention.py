@@ -837,6 +837,65 @@ def test_bfloat16_paths(path, shape, kind, monkeypatch):
         assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1, 5, 300, 64, 64), (2, 4, 2, 15, 257, 40, 24),
+                                   (1, 3, 1, 29, 513, 64, 48), (2, 2, 2, 32, 130, 128, 128),
+                                   (1, 2, 1, 16, 1000, 16, 16), (1, 1, 1, 17, 33, 256, 256),
+                                   (1, 2, 1, 9, 3, 64, 64), (1, 2, 2, 33, 200, 64, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["none", "causal_br", "window_br", "key_lengths",
+                                  "causal_br+bool_padding", "bool", "additive"])
+def test_bfloat16_inference_within_torch_error(shape, kind):
+    """bfloat16 without gradients: from 5 to 32 queries the output is computed with P rounded
+    to bf16 and P·V on bf16 tiles where the CPU has them (training keeps P in fp32); every query
+    count and mask within twice torch's bf16 error of the float64 reference, with no error
+    floor but the output's own rounding."""
+    gen = torch.Generator().manual_seed(stable_seed(shape, kind))
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs(shape, torch.bfloat16, gen)
+    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, torch.bfloat16, gen)
+    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for n, t in kw.items()}
+    with torch.no_grad():
+        exact = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                 enable_gqa=True, **kw64)
+        ours = sdpa(q, k, v, enable_gqa=True, **kw)
+        theirs = torch_sdpa(q, k, v, **kw)
+    assert ours.dtype == torch.bfloat16 and not ours.isnan().any()
+    # half an ulp of bf16 at the output's size: the rounding every bf16 output carries
+    ulp = 2.0 ** -8 * max(1.0, exact.abs().max().item())
+    bound = 2 * max_err(theirs, exact) + ulp
+    assert max_err(ours, exact) <= bound, f"error {max_err(ours, exact):.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq", [3, 8, 20, 40])
+@pytest.mark.parametrize("fill", [-1e10, -1e12, -1e20, -1e30])
+def test_rows_masked_by_a_large_finite_constant(dtype, Lq, fill):
+    """A query row whose additive mask is one large finite constant (masked_fill(-1e10) on a
+    padded position): a shift of the whole row, so it stays a softmax, never NaN. The bf16
+    kernels once took the exponent as s·(scale·log2 e) − m·log2 e with m·log2 e rounded to fp32,
+    off by ~500 at |m| = 1e10: the row's weights overflowed, its output was NaN and the
+    gradients of every key NaN. Outputs and gradients within twice torch's error of float64;
+    past |fill| ~ 1e15 the float64 log-sum-exp cannot hold log(n) beside the fill, so the
+    backward's weights of that row are off (README, known limitations): there only the outputs
+    are compared, and the gradients must be finite."""
+    gen = torch.Generator().manual_seed(stable_seed(dtype, Lq, fill))
+    q, k, v = make_inputs((1, 2, 2, Lq, 50, 32, 32), dtype, gen)
+    m = torch.zeros(Lq, 50, dtype=torch.float64)
+    m[0] = fill
+    go = torch.randn(1, 2, Lq, 32, generator=gen, dtype=torch.float64).to(dtype)
+    exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(), v.double(),
+                             go.double(), attn_mask=m)
+    ours = forward_backward(sdpa, q, k, v, go, keep_nan=True, attn_mask=m.to(dtype))
+    theirs = forward_backward(torch_sdpa, q, k, v, go, attn_mask=m.to(dtype))
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        assert not a.isnan().any(), f"{name}: NaN"
+        if name != "out" and fill < -1e15:
+            continue
+        bound = 2 * max_err(t, e) + FLOOR[dtype] * max(1.0, e.abs().max().item())
+        assert max_err(a, e) <= bound, f"{name}: error {max_err(a, e):.3g} > {bound:.3g}"
+
+
 # ---------------------------------------------------------------- additive-mask gradients ---
 
 MASK_SHAPES = ["full", "2d", "per_batch", "per_head_key"]

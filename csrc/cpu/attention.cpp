@@ -446,12 +446,58 @@ bool tile_setup(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t m
   return true;
 }
 
+// The explicit mask over a transposed tile whose mask rows run along the keys (sk == 1, the
+// usual layout; sq != 0), a query row at a time instead of a strided gather down each key:
+// a bool row is read 64 keys per load, and only its false entries are stored (-inf), so a
+// tile the mask allows whole costs a load and a test per query row; an additive block is
+// transposed (16 × 16 register transposes) and added down the keys' spans. Rows [rlo, rhi)
+// hold every query some key of the tile's spans has. Entries outside the spans are -inf
+// already, and stay so.
+template <typename T>
+void explicit_mask_rows_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t j0,
+                          int64_t nk, const Span* cols, T* st, int64_t ld, int64_t rlo,
+                          int64_t rhi) {
+  if (mask.bmask) {
+#if defined(CPU_CAPABILITY_AVX512)
+    for (int64_t r = rlo; r < rhi; ++r) {
+      const bool* m = mask.bmask + mask.at(b, h, i0 + r, j0);
+      for (int64_t c0 = 0; c0 < nk; c0 += 64) {
+        const int64_t n = std::min<int64_t>(64, nk - c0);
+        const __mmask64 valid = n == 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+        const __m512i bytes = _mm512_maskz_loadu_epi8(valid, m + c0);
+        for (uint64_t off = valid & ~_mm512_test_epi8_mask(bytes, bytes); off; off &= off - 1)
+          st[(c0 + __builtin_ctzll(off)) * ld + r] = neg_inf<T>();
+      }
+    }
+#else
+    for (int64_t c = 0; c < nk; ++c) {
+      const Span cs = cols[c];
+      const int64_t base = mask.at(b, h, i0, j0 + c);
+      for (int64_t r = cs.lo; r < cs.hi; ++r)
+        if (!mask.bmask[base + r * mask.sq]) st[c * ld + r] = neg_inf<T>();
+    }
+#endif
+    return;
+  }
+  const int64_t nr = rhi - rlo;
+  thread_local std::vector<T> buf;
+  buf.resize(nk * nr);
+  transpose<T>(mask.amask + mask.at(b, h, i0 + rlo, j0), mask.sq, buf.data(), nr, nr, nk);
+  for (int64_t c = 0; c < nk; ++c) {
+    const Span cs = cols[c];
+    if (cs.empty()) continue;
+    at::vec::map2([](Vec<T> x, Vec<T> a) { return x + a; }, st + c * ld + cs.lo,
+                  st + c * ld + cs.lo, buf.data() + c * nr + (cs.lo - rlo), cs.hi - cs.lo);
+  }
+}
+
 // Sᵀ rows (keys) over the first mp query columns: disallowed entries get `fill` (-inf for
 // scores, 0 for other tiles computed only on the allowed spans); the explicit mask is applied
 // when `explicit_mask`.
 template <typename T>
 void mask_tile_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t nk,
                  int64_t mp, const Span* cols, T* st, int64_t ld, T fill, bool explicit_mask) {
+  Span rs{mp, 0};  // the queries of the tile's spans
   for (int64_t c = 0; c < nk; ++c) {
     T* s = st + c * ld;
     const Span cs = cols[c];
@@ -459,14 +505,20 @@ void mask_tile_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t 
       std::fill(s, s + mp, fill);
       continue;
     }
+    rs = Span{std::min(rs.lo, cs.lo), std::max(rs.hi, cs.hi)};
     std::fill(s, s + cs.lo, fill);
     std::fill(s + cs.hi, s + mp, fill);
-    if (!explicit_mask) continue;
+  }
+  if (!explicit_mask || rs.empty()) return;
+  if (mask.sk == 1 && mask.sq != 0)
+    return explicit_mask_rows_t(mask, b, h, i0, j0, nk, cols, st, ld, rs.lo, rs.hi);
+  // Otherwise key by key. A mask broadcast along the queries (stride 0: a (B, 1, 1, Lk)
+  // padding mask) is one value for the whole column.
+  for (int64_t c = 0; c < nk; ++c) {
+    T* s = st + c * ld;
+    const Span cs = cols[c];
+    if (cs.empty()) continue;
     const int64_t base = mask.at(b, h, i0, j0 + c);
-    // A mask broadcast along the queries (stride 0: a (B, 1, 1, Lk) padding mask) is one
-    // value for the whole column. Otherwise element by element: this loop was 12 % of a
-    // 16-query fp32 forward against 4096 keys under a bool mask, but a vectorised select over
-    // the gathered mask bytes measured 10-30 % slower than it.
     if (mask.bmask) {
       if (mask.sq == 0) {
         if (!mask.bmask[base]) std::fill(s + cs.lo, s + cs.hi, neg_inf<T>());
@@ -505,8 +557,7 @@ void transpose_scaled(const T* src, int64_t ld_src, int64_t rows, int64_t cols, 
 // The log-sum-exp m + log(sum) of a row, kept in float64 whatever the compute type: the
 // backward recomputes the weights as exp(s − lse), and with peaked scores (|lse| in the tens)
 // a float32 lse would be off by up to half an ulp of it, 2e-6 of every weight of the row,
-// 20× the error of the forward's own exp(s − m). The fp32 backwards split it (split_lse); the
-// bf16 one rounds lse·log2(e) to fp32, as its weights are rounded to bf16 anyway.
+// 20× the error of the forward's own exp(s − m). The backwards split it (split_lse).
 template <typename T>
 double row_lse(T mx, T sum) {
   if (sum > T(0)) return static_cast<double>(mx) + std::log(static_cast<double>(sum));
@@ -1327,6 +1378,24 @@ bool use_decode(const Dims& d, at::ScalarType t, bool explicit_mask) {
 inline float apply_explicit_mask_row(const Mask<float>& mask, int64_t b, int64_t h, int64_t i,
                                      int64_t j0, int64_t lo, int64_t hi, float scale, float* s) {
   if (!mask.has_explicit()) return scale;
+  using V = Vec<float>;
+  if (mask.sk == 1) {  // the mask row runs along the keys: a vector of keys at a time
+    const int64_t base = mask.at(b, h, i, j0);
+    for_each_vec<float>(hi - lo, [&](int64_t o, int64_t n) {
+      const int64_t c = lo + o;
+      const V x = load(s + c, n) * V(scale);
+      if (mask.amask) return store(x + load(mask.amask + base + c, n), s + c, n);
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), mask.bmask + base + c);
+      store(V(_mm512_mask_blend_ps(_mm_test_epi8_mask(bytes, bytes), V(neg_inf<float>()), x)), s + c, n);
+#else
+      float t[V::size()];
+      x.store(t, n);
+      for (int64_t e = 0; e < n; ++e) s[c + e] = mask.bmask[base + c + e] ? t[e] : neg_inf<float>();
+#endif
+    });
+    return 1.0f;
+  }
   for (int64_t c = lo; c < hi; ++c) {
     const int64_t idx = mask.at(b, h, i, j0 + c);
     s[c] = mask.bmask ? (mask.bmask[idx] ? s[c] * scale : neg_inf<float>())
@@ -1398,19 +1467,28 @@ inline float row_max_scaled(const float* s, int64_t n, float sc) {
 
 constexpr float kLazyRescale = 8.0f;
 
+// Below this |shift| (the row max, or its log-sum-exp) an exponent s·(sc·log2 e) − shift·log2 e
+// with both factors rounded to fp32 is off by at most ~1e-4 where the weights are not ~0, far
+// under bf16's rounding of them; above it (a row masked with a large finite constant: ~500 at
+// 1e10, weights inf and the output NaN) the kernels take (s·sc − shift)·log2 e, exactly
+// rounded, for one more multiply per score.
+constexpr float kFastShift = 1024.0f;
+
 // p[j] = bf16(exp(s[j]·sc − m) · keep[j]) for j < n (keep null: 1); sum = Σ exp(s[j]·sc − m)
 // (before dropout), max = the largest s[j]·sc. The exponent s·sc − m is taken in base 2 with
 // one FMA (exp2_weights), and P goes out in bf16 straight from registers.
-SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m,
-                                    const float* keep, c10::BFloat16* p, float& sum_out,
-                                    float& max_out) {
+template <bool kExact>
+SEQKERN_INLINE void exp_row_to_bf16_impl(const float* s, int64_t n, float sc, float m,
+                                         const float* keep, c10::BFloat16* p, float& sum_out,
+                                         float& max_out) {
   using V = Vec<float>;
   constexpr int64_t W = V::size();
   const float ninf = neg_inf<float>();
-  const V c2(sc * kLog2e), m2(m * kLog2e);
+  const V c2(kExact ? sc : sc * kLog2e), m2(kExact ? m : m * kLog2e), l2e(kLog2e);
   V sum(0.0f), vmax(ninf);
   auto part = [&](int64_t j, int64_t c, V& e) __attribute__((always_inline)) {
     V y = at::vec::fmsub(load(s + j, c), c2, m2);
+    if constexpr (kExact) y = y * l2e;
     if (c < W) y = V::set(V(ninf), y, c);  // lanes past the row: weight 0
     vmax = max_no_nan(vmax, y);
     e = exp2_weights(y);
@@ -1427,6 +1505,12 @@ SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m
   sum_out = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, sum);
   const float ymax = at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
   max_out = ymax * kLn2 + m;  // back to the natural units of m (-inf stays -inf)
+}
+SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m,
+                                    const float* keep, c10::BFloat16* p, float& sum_out,
+                                    float& max_out) {
+  if (std::abs(m) < kFastShift) exp_row_to_bf16_impl<false>(s, n, sc, m, keep, p, sum_out, max_out);
+  else exp_row_to_bf16_impl<true>(s, n, sc, m, keep, p, sum_out, max_out);
 }
 
 // q, k, v bf16 with the last dimension contiguous; out (bf16, or float32 when the caller keeps
@@ -1545,6 +1629,8 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
 // widened to fp32, with P in fp32 (accurate enough for peaked rows' gradients, see
 // forward_kernel_bf16_amx). That product grows with the rows, hence the bound: at 24–31
 // queries the path is still ~1.2× faster than the packing one.
+// Inference (a bf16 output, no backward to serve) rounds P to bf16 as torch's kernels do and
+// runs P·V on bf16 tiles too: Pᵀ transposed into rows of P, V paired into VNNI form per tile.
 constexpr int64_t kFewBlockK = 128;
 constexpr int64_t kFewRowsMax = 32;
 
@@ -1566,10 +1652,17 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
   double* LSE = lse.data_ptr<double>();
   const int64_t g = d.group(), mi = d.Lq;
   const int64_t k_row_bytes = d.D * int64_t(sizeof(bf16)), v_row_bytes = d.Dv * int64_t(sizeof(bf16));
+  // P·V on bf16 tiles (inference), its operands padded to whole tiles: P's rows BQ, V's columns
+  // Dvp, keys (the product's K) tm.k.
+  const bool pv_tiles = O32 == nullptr;
+  const TileMultiples tm = bf16_tile_multiples();
+  const int64_t Dvp = pv_tiles ? amx_width(d.Dv) : d.Dv;  // acc's row stride
 
   at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> QT(d.D * BQ);
-    std::vector<float> ST(BK * BQ), VT(BK * d.Dv), acc(BQ * d.Dv), mx(BQ), sm(BQ);
+    std::vector<float> ST(BK * BQ), VT(pv_tiles ? 0 : BK * d.Dv), acc(BQ * Dvp), mx(BQ), sm(BQ);
+    std::vector<float> PT(pv_tiles ? BQ * BK : 0);
+    std::vector<bf16> P(pv_tiles ? BQ * BK : 0), VP(pv_tiles ? BK * Dvp : 0);
     std::vector<float> keep(drop.active ? BK * BQ : 0);
     uint32_t rk_lo[kFewRowsMax] = {}, rk_hi[kFewRowsMax] = {};
     Span rows[kFewRowsMax], cols[BK];
@@ -1612,7 +1705,22 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
           for (int64_t c = 0; c < nk; ++c)
             keep_down_column(rk_lo, rk_hi, BQ, j0 + c, drop.threshold, keep.data() + c * BQ);
         softmax_columns<float>(ST.data(), BQ, nk, BQ, mi, drop.active ? keep.data() : nullptr,
-                               mx.data(), sm.data(), acc.data(), d.Dv);
+                               mx.data(), sm.data(), acc.data(), Dvp);
+        if (pv_tiles) {
+          // keys [klo, khi) as the product's k = 0 .. kk; past khi, zeros in P and in V (a
+          // key outside [klo, khi) is ruled out for every query, and its V row may hold
+          // anything)
+          const int64_t n = khi - klo, kk = (n + tm.k - 1) / tm.k * tm.k;
+          transpose<float>(ST.data() + klo * BQ, BQ, PT.data(), BK, n, BQ);
+          for (int64_t r = 0; r < BQ; ++r) {
+            round_to_bf16(PT.data() + r * BK, P.data() + r * BK, n);
+            std::fill(P.data() + r * BK + n, P.data() + r * BK + kk, bf16(0.0f));
+          }
+          pack_vnni(vbase + (j0 + klo) * sv.l, sv.l, n, d.Dv, kk, Dvp, VP.data());
+          for (int64_t c = 0; c < nk; ++c) prefetch_next(vbase, sv.l, v_row_bytes, c);
+          bf16_tile_product(BQ, Dvp, kk, BK, Dvp, Dvp, true, P.data(), VP.data(), acc.data());
+          continue;
+        }
         for (int64_t c = 0; c < nk; ++c) {
           // (at::vec::convert widens 8 values at a time)
           if (c >= klo && c < khi) widen_row(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
@@ -1623,7 +1731,7 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
                                 return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
                               });
       }
-      write_output_rows_bf16(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(),
+      write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                              static_cast<float>(drop.keep_scale), O, O32,
                              (b * d.Hq + h) * d.Lq * d.Dv, LSE + (b * d.Hq + h) * d.Lq);
     }
@@ -1631,6 +1739,17 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
   });
 }
 
+// The backward's weights are exp((s − hi) − lo) with hi + lo = lse (float64) and hi in T: when
+// |lse| is large against the spread of the scores that carry weight, s is within a factor 2 of
+// hi and s − hi is exact (Sterbenz), so the weights are as accurate as the forward's; otherwise
+// s − hi is small and its rounding error small in absolute terms. A row with no allowed key
+// (lse = −inf) gets hi = +inf, lo = 0, so its weights are 0; so do backward_shift's lanes
+// [n, W), rows past the block.
+template <typename T>
+SEQKERN_INLINE void split_lse(double lse, T& hi, T& lo) {
+  hi = lse == neg_inf<double>() ? std::numeric_limits<T>::infinity() : static_cast<T>(lse);
+  lo = lse == neg_inf<double>() ? T(0) : static_cast<T>(lse - static_cast<double>(hi));
+}
 // Backward of the bf16 forwards above on brgemm tiles, for key/value head hk of batch b
 // and query heads [h_begin, h_end) of its group (as backward_kernel, whose equations these
 // are). Per (query block i, key block j) of 64 × 64:
@@ -1701,10 +1820,17 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
               }
               const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, s);
               if (drop.active) keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
-              const V c2(sc * kLog2e), l2(static_cast<float>(l[r] * kLog2e)), dlv(dl[r]),
-                  ks(static_cast<float>(drop.keep_scale));
+              // exp2(s·(sc·log2 e) − lse·log2 e) below kFastShift, else
+              // exp2((s·sc − hi)·log2 e − lo·log2 e) with hi + lo = lse (split_lse)
+              const bool exact = !(std::abs(l[r]) < kFastShift);
+              float lhi, llo;
+              split_lse(l[r], lhi, llo);
+              const V c2(exact ? sc : sc * kLog2e),
+                  s2(exact ? lhi : static_cast<float>(l[r] * kLog2e)), lo2(llo * kLog2e),
+                  l2e(kLog2e), dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
               for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
-                const V p = exp2_weights(at::vec::fmsub(load(s + lo + j, n), c2, l2));
+                const V y = at::vec::fmsub(load(s + lo + j, n), c2, s2);
+                const V p = exp2_weights(exact ? at::vec::fmsub(y, l2e, lo2) : y);
                 if (drop.active) {
                   const V z = load(keep.data() + j, n) * ks;
                   store(p * z, s + lo + j, n);
@@ -1770,17 +1896,6 @@ void with_kv_type(at::ScalarType kv, F&& f) {
 
 // ------------------------------------------------------------------ backward ---------------
 
-// The backward's weights are exp((s − hi) − lo) with hi + lo = lse (float64) and hi in T: when
-// |lse| is large against the spread of the scores that carry weight, s is within a factor 2 of
-// hi and s − hi is exact (Sterbenz), so the weights are as accurate as the forward's; otherwise
-// s − hi is small and its rounding error small in absolute terms. A row with no allowed key
-// (lse = −inf) gets hi = +inf, lo = 0, so its weights are 0; so do backward_shift's lanes
-// [n, W), rows past the block.
-template <typename T>
-SEQKERN_INLINE void split_lse(double lse, T& hi, T& lo) {
-  hi = lse == neg_inf<double>() ? std::numeric_limits<T>::infinity() : static_cast<T>(lse);
-  lo = lse == neg_inf<double>() ? T(0) : static_cast<T>(lse - static_cast<double>(hi));
-}
 template <typename T>
 SEQKERN_INLINE void backward_shift(const double* lse, int64_t n, Vec<T>& hi, Vec<T>& lo) {
   constexpr int64_t W = Vec<T>::size();
