@@ -704,6 +704,34 @@ def test_tiles_ignore_garbage_past_key_lengths(dtype, Lq):
         torch.testing.assert_close(a, b, **garbage_tolerance(dtype), msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq", [4, 6, 20, 40, 70])
+@pytest.mark.parametrize("how", ["causal", "window_br"])
+def test_tiles_ignore_garbage_that_causal_or_window_rule_out(dtype, Lq, how):
+    """NaN/inf in K and V rows that the causal or window mask rules out for every query (keys
+    past the last query under top-left causal; the oldest slots of a cache under a window) must
+    not reach any output or gradient. The bf16 tile kernels multiply whole chunks of 32–64
+    keys, and took 0·NaN from such rows in the chunk of the last allowed key (found by review):
+    every output of the block NaN at 40 queries, dQ NaN from 5."""
+    gen = torch.Generator().manual_seed(stable_seed(dtype, Lq, how))
+    Lk = Lq + 61 if how == "causal" else Lq + 150
+    q, k, v = make_inputs((2, 4, 2, Lq, Lk, 64, 40), dtype, gen)
+    go = torch.randn(2, 4, Lq, 40, generator=gen).to(dtype)
+    if how == "causal":  # top-left: keys from Lq on are never seen
+        kw, bad = dict(is_causal=True), slice(Lq, None)
+    else:  # bottom-right window 9: keys before Lk − Lq − 8 are never seen
+        kw, bad = dict(is_causal=True, window=9, causal_alignment="bottom_right"), slice(0, Lk - Lq - 8)
+    kc, vc = k.clone(), v.clone()
+    kc[:, :, bad], vc[:, :, bad] = float("nan"), float("inf")
+    got = forward_backward(sdpa, q, kc, vc, go, keep_nan=True, enable_gqa=True, **kw)
+    want = forward_backward(sdpa, q, k, v, go, keep_nan=True, enable_gqa=True, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        if name in ("dk", "dv"):
+            assert (a[:, :, bad] == 0).all(), name
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, **garbage_tolerance(dtype), msg=name)
+
+
 @settings(max_examples=30, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 2), g=st.sampled_from([1, 2, 4]),
        Lq=st.integers(1, 80), Lk=st.integers(1, 80), D=st.sampled_from([8, 16, 40, 64]),

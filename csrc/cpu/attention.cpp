@@ -1513,6 +1513,41 @@ SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m
   else exp_row_to_bf16_impl<true>(s, n, sc, m, keep, p, sum_out, max_out);
 }
 
+// A VNNI-packed right operand (pairs of rows interleaved, N columns) of n rows (even) copied
+// with its rows outside [lo, hi) zero.
+inline void vnni_rows_within(const c10::BFloat16* src, int64_t N, int64_t n, int64_t lo,
+                             int64_t hi, c10::BFloat16* out) {
+  for (int64_t k = 0; k < n; k += 2) {
+    const bool keep0 = k >= lo && k < hi, keep1 = k + 1 >= lo && k + 1 < hi;
+    const auto* w = reinterpret_cast<const uint32_t*>(src + k * N);
+    auto* o = reinterpret_cast<uint32_t*>(out + k * N);
+    const uint32_t m = (keep0 ? 0x0000FFFFu : 0u) | (keep1 ? 0xFFFF0000u : 0u);
+    for (int64_t c = 0; c < N; ++c) o[c] = w[c] & m;  // (vectorised by the compiler)
+  }
+}
+
+// acc (+)= A[:, a..e)·B[a..e) for the 32-row chunks [a, e) of B (VNNI, N columns) that hold
+// rows [lo, hi), the only rows A's columns weight: chunks wholly outside are skipped and B's
+// rows outside [lo, hi) in the edge chunks read as zero (copied into `edge`, 32·N). Those are
+// keys no query of the tile may see, whose K or V rows may hold NaN or inf (a cache slot never
+// written), and a tile product would take 0·NaN from them.
+inline void tile_product_within(int64_t M, int64_t N, const c10::BFloat16* A, int64_t lda,
+                                const c10::BFloat16* B, int64_t lo, int64_t hi, float* C,
+                                int64_t ldc, c10::BFloat16* edge) {
+  constexpr int64_t CH = 32;
+  for (int64_t c = lo / CH * CH; c < hi;) {
+    if (c >= lo && c + CH <= hi) {  // a run of whole chunks
+      const int64_t c1 = c + (hi - c) / CH * CH;
+      bf16_tile_product(M, N, c1 - c, lda, N, ldc, true, A + c, B + c * N, C);
+      c = c1;
+      continue;
+    }
+    vnni_rows_within(B + c * N, N, CH, lo - c, hi - c, edge);
+    bf16_tile_product(M, N, CH, lda, N, ldc, true, A + c, edge, C);
+    c += CH;
+  }
+}
+
 // q, k, v bf16 with the last dimension contiguous; out (bf16, or float32 when the caller keeps
 // the unrounded output for the backward) and lse as in forward_kernel.
 // More than 32 queries: fewer take forward_kernel_bf16_few below, whose P stays in fp32 (with P
@@ -1541,7 +1576,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
-    std::vector<bf16> P(BQ * BK);
+    std::vector<bf16> P(BQ * BK), edge(32 * Dvp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[kAmxBlockK];
     for (int64_t task = begin; task < end; ++task) {
@@ -1606,9 +1641,10 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
           mx[r] = m;
           if (alpha != 1.0f) scale_row(acc.data() + r * Dvp, d.Dv, alpha);
         }
-        // V is packed as pairs of key rows, so keys [klo, khi) start klo·Dvp elements in
-        bf16_tile_product(mi, Dvp, khi - klo, BK, Dvp, Dvp, true, P.data() + klo,
-                          VP + blk * BK * Dvp + klo * Dvp, acc.data());
+        // V is packed as pairs of key rows, so key c starts c·Dvp elements in
+        const Span seen = union_rows(rows, 0, mi, 1);
+        tile_product_within(mi, Dvp, P.data(), BK, VP + blk * BK * Dvp, seen.lo, seen.hi,
+                            acc.data(), Dvp, edge.data());
       }
       write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                              static_cast<float>(drop.keep_scale), O, O32,
@@ -1781,10 +1817,27 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   const float* DELTA = delta_.data_ptr<float>();
   float *DQ = dq.data_ptr<float>(), *DK = dk.data_ptr<float>(), *DV = dv.data_ptr<float>();
   const float ninf = neg_inf<float>();
+  // Each row's weights are exp2(s·(sc·log2 e) − lse·log2 e) below kFastShift, else
+  // exp2((s·sc − hi)·log2 e − lo·log2 e) with hi + lo = lse (split_lse); the shifts are split
+  // once per row here, not once per key block (a per-row cost in the innermost loop).
+  struct RowShift {
+    float shift, lo2;
+    bool exact;
+  };
+  std::vector<RowShift> shifts(d.B * d.Hq * d.Lq);
+  at::parallel_for(0, d.B * d.Hq * d.Lq, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float hi, lo;
+      split_lse(LSE[t], hi, lo);
+      const bool exact = !(std::abs(LSE[t]) < kFastShift);
+      shifts[t] = RowShift{exact ? hi : static_cast<float>(LSE[t] * kLog2e),
+                           static_cast<float>(lo * kLog2e), exact};
+    }
+  });
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(BQ * BK), dP(BQ * BK), dk_loc(BK * Dp), dv_loc(BK * Dvp), keep(BK);
-    std::vector<bf16> Pb(BQ * BK), dSb(BQ * BK), PbT(BK * BQ), dSbT(BK * BQ);
+    std::vector<bf16> Pb(BQ * BK), dSb(BQ * BK), PbT(BK * BQ), dSbT(BK * BQ), edge(32 * Dp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     float* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
@@ -1820,26 +1873,27 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
               }
               const float sc = apply_explicit_mask_row(mask, b, h, i0 + r, j0, lo, hi, scale, s);
               if (drop.active) keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
-              // exp2(s·(sc·log2 e) − lse·log2 e) below kFastShift, else
-              // exp2((s·sc − hi)·log2 e − lo·log2 e) with hi + lo = lse (split_lse)
-              const bool exact = !(std::abs(l[r]) < kFastShift);
-              float lhi, llo;
-              split_lse(l[r], lhi, llo);
-              const V c2(exact ? sc : sc * kLog2e),
-                  s2(exact ? lhi : static_cast<float>(l[r] * kLog2e)), lo2(llo * kLog2e),
-                  l2e(kLog2e), dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
-              for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
-                const V y = at::vec::fmsub(load(s + lo + j, n), c2, s2);
-                const V p = exp2_weights(exact ? at::vec::fmsub(y, l2e, lo2) : y);
-                if (drop.active) {
-                  const V z = load(keep.data() + j, n) * ks;
-                  store(p * z, s + lo + j, n);
-                  store(p * at::vec::fmsub(load(dp + lo + j, n), z, dlv), dp + lo + j, n);
-                } else {
-                  store(p, s + lo + j, n);
-                  store(p * (load(dp + lo + j, n) - dlv), dp + lo + j, n);
-                }
-              });
+              const RowShift rs = shifts[(b * d.Hq + h) * d.Lq + i0 + r];
+              const bool exact = rs.exact;
+              const V c2(exact ? sc : sc * kLog2e), s2(rs.shift), lo2(rs.lo2), l2e(kLog2e),
+                  dlv(dl[r]), ks(static_cast<float>(drop.keep_scale));
+              auto weights = [&](auto exact_tag) {
+                for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
+                  V p = at::vec::fmsub(load(s + lo + j, n), c2, s2);
+                  if constexpr (decltype(exact_tag)::value) p = at::vec::fmsub(p, l2e, lo2);
+                  p = exp2_weights(p);
+                  if (drop.active) {
+                    const V z = load(keep.data() + j, n) * ks;
+                    store(p * z, s + lo + j, n);
+                    store(p * at::vec::fmsub(load(dp + lo + j, n), z, dlv), dp + lo + j, n);
+                  } else {
+                    store(p, s + lo + j, n);
+                    store(p * (load(dp + lo + j, n) - dlv), dp + lo + j, n);
+                  }
+                });
+              };
+              if (exact) weights(std::true_type{});
+              else weights(std::false_type{});
               std::fill(s, s + lo, 0.0f);
               std::fill(s + hi, s + BK, 0.0f);
               std::fill(dp, dp + lo, 0.0f);
@@ -1863,8 +1917,13 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                               DOR + qblk * BQ * Dvp, dv_loc.data());
             bf16_tile_product(nk, Dp, mip, BQ, Dp, Dp, true, dSbT.data(),
                               QR + qblk * BQ * Dp, dk_loc.data());
-            bf16_tile_product(mi, Dp, nkp, BK, Dp, Dp, true, dSb.data(),
-                              KR + kblk * BK * Dp, DQ + ((b * d.Hq + h) * d.Lq + i0) * Dp);
+            float* dqr = DQ + ((b * d.Hq + h) * d.Lq + i0) * Dp;
+            const Span seen = union_rows(rows, 0, mi, 1);
+            if (seen.lo == 0 && seen.hi == nk)
+              bf16_tile_product(mi, Dp, nkp, BK, Dp, Dp, true, dSb.data(), KR + kblk * BK * Dp, dqr);
+            else  // (K rows no query of the tile sees may hold NaN)
+              tile_product_within(mi, Dp, dSb.data(), BK, KR + kblk * BK * Dp, seen.lo, seen.hi,
+                                  dqr, Dp, edge.data());
           }
         }
         float* dkd = DK + (acc_row * d.Lk + j0) * d.D;
