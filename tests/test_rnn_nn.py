@@ -254,10 +254,35 @@ def test_cell_step_rejects_bad_input():
         C.cell_step("lstm", x, h, h, torch.randn(27, 5), w_hh, None, None)
     with pytest.raises(RuntimeError, match="must be a CPU tensor of x's dtype"):
         C.cell_step("lstm", x, h.double(), h, w_ih, w_hh, None, None)
-    with pytest.raises(RuntimeError, match="b_ih must have 28"):
+    with pytest.raises(RuntimeError, match=r"b_ih must be \(28,\)"):
         C.cell_step("lstm", x, h, h, w_ih, w_hh, torch.randn(27), None)
     with pytest.raises(RuntimeError, match="gru_cho is not supported"):
         C.cell_step("gru_cho", x, h, None, torch.randn(21, 5), torch.randn(21, 7), None, None)
+
+
+@requires_cpu_ext
+def test_step_kernel_rejects_malformed_parameters_as_forward_does():
+    """The one-step kernel (no grad, ≤ 4 rows) checks the module's parameters as the sequence
+    kernel does: a (1, G·H) bias was accepted silently, a 1-D weight_hh gave an IndexError
+    (found by review)."""
+    m = snn.GRU(4, 6)
+    m.bias_hh_l0 = torch.nn.Parameter(m.bias_hh_l0.detach()[None])
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"b_hh must be \(18,\), got \[1, 18\]"):
+            m.step(torch.randn(2, 4))
+        with pytest.raises(RuntimeError, match=r"bias_hh must be \(18,\)"):
+            m(torch.randn(3, 2, 4))
+    m = snn.GRU(4, 6)
+    m.weight_hh_l0 = torch.nn.Parameter(m.weight_hh_l0.detach().flatten())
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"w_hh \(18, 6\), got .*\[108\]"):
+        m.step(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("make", [lambda m: m.RNNCell(3, 4), lambda m: m.RNNCell(3, 4, nonlinearity="relu"),
+                                  lambda m: m.LSTMCell(3, 4, bias=False), lambda m: m.GRUCell(3, 4),
+                                  lambda m: m.LSTM(3, 4, proj_size=2, bias=False)])
+def test_repr_as_torch(make):
+    assert repr(make(snn)) == repr(make(torch.nn))
 
 
 @pytest.mark.parametrize("module", [

@@ -624,7 +624,9 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
   const int64_t G = gate_count(cell);
   TORCH_CHECK(x_.dim() == 2 && x_.size(0) <= kFewRows, "seqkern cell_step: x must be (B, I) with B <= ",
               kFewRows, ", got ", x_.sizes());
-  const int64_t B = x_.size(0), I = x_.size(1), H = w_hh_.size(1);
+  TORCH_CHECK(h_.dim() == 2 && h_.size(0) == x_.size(0), "seqkern cell_step: h must be (",
+              x_.size(0), ", hidden_size), got ", h_.sizes());
+  const int64_t B = x_.size(0), I = x_.size(1), H = h_.size(1);
   TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
               "seqkern cell_step: dtype must be float32 or float64, got ", x_.scalar_type());
   TORCH_CHECK(w_ih_.sizes() == at::IntArrayRef({G * H, I}) && w_hh_.sizes() == at::IntArrayRef({G * H, H}),
@@ -647,8 +649,8 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
   at::Tensor b_ih, b_hh;
   for (auto [src, dst, name] : {std::tuple{&b_ih_, &b_ih, "b_ih"}, std::tuple{&b_hh_, &b_hh, "b_hh"}}) {
     if (!src->has_value()) continue;
-    TORCH_CHECK((*src)->numel() == G * H, "seqkern cell_step: ", name, " must have ", G * H,
-                " elements, got ", (*src)->sizes());
+    TORCH_CHECK((*src)->sizes() == at::IntArrayRef({G * H}), "seqkern cell_step: ", name,
+                " must be (", G * H, ",), got ", (*src)->sizes());
     *dst = same(**src, name);
   }
   at::Tensor h_out = at::empty({B, H}, x.options());

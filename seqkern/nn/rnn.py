@@ -634,6 +634,10 @@ class RNNCell(_CellBase):
         self.nonlinearity = nonlinearity
         super().__init__("rnn_" + nonlinearity, input_size, hidden_size, bias, device, dtype)
 
+    def extra_repr(self) -> str:  # as torch's: the nonlinearity when it is not tanh
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity}"
+
     def forward(self, input, hx=None):
         return self._run(input, hx, None)[0]
 
