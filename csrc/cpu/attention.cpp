@@ -1367,9 +1367,13 @@ bool amx_usable(const Dims& d) {
 // bf16 at 5–32 queries has its own kernel (forward_kernel_bf16_few), except under an explicit
 // mask: the decode kernels skip the keys it rules out, where a preallocated cache may hold NaN,
 // while tile products take 0·NaN from such rows (forward and backward alike).
-bool use_decode(const Dims& d, at::ScalarType t, bool explicit_mask) {
+// bf16 inference (no float32 output kept for a backward) takes forward_kernel_bf16_few from 5
+// queries under an explicit mask too: it keeps V rows holding NaN/inf away from the queries
+// that give them weight 0, as the row-wise kernels do.
+bool use_decode(const Dims& d, at::ScalarType t, bool explicit_mask, bool inference = false) {
   if (d.Lq <= kDecodeRows) return true;
-  return d.Lq <= kDecodeRowsMax && (explicit_mask || !(t == at::kBFloat16 && amx_usable(d)));
+  const bool bf16_tiles = t == at::kBFloat16 && amx_usable(d);
+  return d.Lq <= kDecodeRowsMax && ((explicit_mask && !(inference && bf16_tiles)) || !bf16_tiles);
 }
 
 // Row-major score tiles (the bf16 kernels): with an explicit mask, scores [lo, hi) of query i
@@ -1654,6 +1658,22 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   });
 }
 
+// Whether n bf16 values are all finite (no exponent of all ones).
+inline bool all_finite(const c10::BFloat16* p, int64_t n) {
+  const auto* u = reinterpret_cast<const uint16_t*>(p);
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i e = _mm512_set1_epi16(0x7F80);
+  for (; i + 32 <= n; i += 32) {
+    const __m512i x = _mm512_and_si512(_mm512_loadu_si512(u + i), e);
+    if (_mm512_cmpeq_epi16_mask(x, e)) return false;
+  }
+#endif
+  for (; i < n; ++i)
+    if ((u[i] & 0x7F80) == 0x7F80) return false;
+  return true;
+}
+
 // ---- bf16 with a few queries (kDecodeRows < Lq ≤ 32): Sᵀ on brgemm with K read in place ----
 //
 // With few queries, forward_kernel_bf16_amx spends most of its time packing: all of K is
@@ -1670,8 +1690,9 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
 constexpr int64_t kFewBlockK = 128;
 constexpr int64_t kFewRowsMax = 32;
 
-inline bool bf16_few_queries(const Dims& d, bool explicit_mask) {
-  return d.Lq <= kFewRowsMax && !use_decode(d, at::kBFloat16, explicit_mask) && amx_usable(d);
+inline bool bf16_few_queries(const Dims& d, bool explicit_mask, bool inference) {
+  return d.Lq <= kFewRowsMax && !use_decode(d, at::kBFloat16, explicit_mask, inference) &&
+         amx_usable(d);
 }
 
 void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
@@ -1690,7 +1711,8 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
   const int64_t k_row_bytes = d.D * int64_t(sizeof(bf16)), v_row_bytes = d.Dv * int64_t(sizeof(bf16));
   // P·V on bf16 tiles (inference), its operands padded to whole tiles: P's rows BQ, V's columns
   // Dvp, keys (the product's K) tm.k.
-  const bool pv_tiles = O32 == nullptr;
+  // (not at ≤ 8 queries: the fp32 product over 8 rows costs less than packing for the tiles)
+  const bool pv_tiles = O32 == nullptr && d.Lq > kDecodeRowsMax;
   const TileMultiples tm = bf16_tile_multiples();
   const int64_t Dvp = pv_tiles ? amx_width(d.Dv) : d.Dv;  // acc's row stride
 
@@ -1725,6 +1747,19 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
           const char* r = reinterpret_cast<const char*>(base + j * ld);
           for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(r + o, _MM_HINT_T1);
         };
+        // A V row holding NaN or inf (a cache slot never written, ruled out for some queries
+        // by a mask) reaches only the queries that weight it, as in the row-wise kernels: it is
+        // zero in the product (zero_row) and added by hand where the weight is not 0.
+        auto isolate_nonfinite = [&](int64_t c, auto&& zero_row) {
+          const bf16* vr = vbase + (j0 + c) * sv.l;
+          if (all_finite(vr, d.Dv)) return;
+          zero_row();
+          for (int64_t r = 0; r < mi; ++r) {
+            const float w = ST[c * BQ + r];
+            if (w != 0.0f)
+              for (int64_t e = 0; e < d.Dv; ++e) acc[r * Dvp + e] += w * static_cast<float>(vr[e]);
+          }
+        };
         if (!tile_setup(mask, b, h, 0, mi, j0, nk, rows, cols)) continue;
         // keys [klo, khi) some query may see; the others are -inf'd by mask_tile_t
         const Span used = union_rows(rows, 0, mi, 1);
@@ -1754,12 +1789,19 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
           }
           pack_vnni(vbase + (j0 + klo) * sv.l, sv.l, n, d.Dv, kk, Dvp, VP.data());
           for (int64_t c = 0; c < nk; ++c) prefetch_next(vbase, sv.l, v_row_bytes, c);
+          for (int64_t c = 0; c < n; ++c)
+            isolate_nonfinite(klo + c, [&] {
+              for (int64_t e = 0; e < d.Dv; ++e) VP[(c / 2) * 2 * Dvp + 2 * e + c % 2] = bf16(0.0f);
+            });
           bf16_tile_product(BQ, Dvp, kk, BK, Dvp, Dvp, true, P.data(), VP.data(), acc.data());
           continue;
         }
         for (int64_t c = 0; c < nk; ++c) {
           // (at::vec::convert widens 8 values at a time)
-          if (c >= klo && c < khi) widen_row(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
+          if (c >= klo && c < khi) {
+            widen_row(vbase + (j0 + c) * sv.l, VT.data() + c * d.Dv, d.Dv);
+            isolate_nonfinite(c, [&] { std::fill_n(VT.data() + c * d.Dv, d.Dv, 0.0f); });
+          }
           prefetch_next(vbase, sv.l, v_row_bytes, c);
         }
         tile_gemm_impl<float>(mi, nk, ST.data(), 1, BQ, VT.data(), d.Dv, acc.data(), d.Dv, true,
@@ -2382,7 +2424,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   const at::ScalarType ct = compute_type(q.scalar_type(), "seqkern attention");
   const bool explicit_mask = attn_mask.has_value() && attn_mask->defined();
-  const bool decode = use_decode(d, q.scalar_type(), explicit_mask);
+  const bool decode = use_decode(d, q.scalar_type(), explicit_mask, !out_fp32);
   // A bf16/fp16 output in float32, as computed: the backward's Δ = rowsum(dO ⊙ O) is a
   // difference of near-equal terms for a peaked row, and with O rounded to bf16 it kept that
   // rounding (dK 3.9× torch's error at Dv ≠ D, where torch computes exactly).
@@ -2404,7 +2446,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
-    auto kernel = bf16_few_queries(d, explicit_mask) ? forward_kernel_bf16_few : forward_kernel_bf16_amx;
+    auto kernel = bf16_few_queries(d, explicit_mask, !out_fp32) ? forward_kernel_bf16_few
+                                                                 : forward_kernel_bf16_amx;
     kernel(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
     return {out, lse};
