@@ -76,6 +76,17 @@ def make_mask_kwargs(kind, B, Hq, Lq, Lk, dtype, gen):
     return kw
 
 
+def make_problem(shape, kind, dtype, gen):
+    """q, k, v of `shape` in dtype, the mask keywords of `kind`, and those keywords with their
+    float tensors in float64 (for the reference)."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs(shape, dtype, gen)
+    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, dtype, gen)
+    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for n, t in kw.items()}
+    return q, k, v, kw, kw64
+
+
 def torch_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, window=None,
                key_lengths=None, causal_alignment="top_left", enable_gqa=True):
     """torch's SDPA on the same problem, every mask folded into one; NaN rows (nothing
@@ -156,11 +167,8 @@ def test_gqa_group_splits_with_empty_chunks(threads, B, Hq, Hkv, Lq):
 def test_low_precision_within_torch_error(dtype, shape, kind):
     """Error vs a float64 reference at most ~2× torch's own SDPA error in that dtype."""
     gen = torch.Generator().manual_seed(stable_seed(shape, kind, dtype))
-    B, Hq, Hkv, Lq, Lk, D, Dv = shape
-    q, k, v = make_inputs(shape, dtype, gen)
-    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, dtype, gen)
-    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-            for n, t in kw.items()}
+    q, k, v, kw, kw64 = make_problem(shape, kind, dtype, gen)
+    B, Hq, _, Lq, _, _, Dv = shape
     go = torch.randn(B, Hq, Lq, Dv, generator=gen, dtype=torch.float64).to(dtype)
     exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(),
                              v.double(), go.double(), enable_gqa=True, **kw64)
@@ -874,11 +882,8 @@ def test_bfloat16_paths(path, shape, kind, monkeypatch):
         pytest.skip("no bf16 tiles on this CPU (neither AMX nor AVX512_BF16): the fp32 tile kernel serves bf16 (tested as 'tiles')")
     monkeypatch.setenv("SEQKERN_ATTENTION_AMX", "1" if path == "brgemm" else "0")
     gen = torch.Generator().manual_seed(stable_seed(shape, kind))
-    B, Hq, Hkv, Lq, Lk, D, Dv = shape
-    q, k, v = make_inputs(shape, torch.bfloat16, gen)
-    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, torch.bfloat16, gen)
-    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-            for n, t in kw.items()}
+    q, k, v, kw, kw64 = make_problem(shape, kind, torch.bfloat16, gen)
+    B, Hq, _, Lq, _, _, Dv = shape
     go = torch.randn(B, Hq, Lq, Dv, generator=gen).to(torch.bfloat16)
     exact = forward_backward(ref.scaled_dot_product_attention, q.double(), k.double(),
                              v.double(), go.double(), enable_gqa=True, **kw64)
@@ -903,11 +908,7 @@ def test_bfloat16_inference_within_torch_error(shape, kind):
     count and mask within twice torch's bf16 error of the float64 reference, with no error
     floor but the output's own rounding."""
     gen = torch.Generator().manual_seed(stable_seed(shape, kind))
-    B, Hq, Hkv, Lq, Lk, D, Dv = shape
-    q, k, v = make_inputs(shape, torch.bfloat16, gen)
-    kw = make_mask_kwargs(kind, B, Hq, Lq, Lk, torch.bfloat16, gen)
-    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-            for n, t in kw.items()}
+    q, k, v, kw, kw64 = make_problem(shape, kind, torch.bfloat16, gen)
     with torch.no_grad():
         exact = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                                  enable_gqa=True, **kw64)
