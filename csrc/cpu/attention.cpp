@@ -1517,6 +1517,22 @@ SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m
   else exp_row_to_bf16_impl<true>(s, n, sc, m, keep, p, sum_out, max_out);
 }
 
+// Whether n bf16 values are all finite (no exponent of all ones).
+inline bool all_finite(const c10::BFloat16* p, int64_t n) {
+  const auto* u = reinterpret_cast<const uint16_t*>(p);
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i e = _mm512_set1_epi16(0x7F80);
+  for (; i + 32 <= n; i += 32) {
+    const __m512i x = _mm512_and_si512(_mm512_loadu_si512(u + i), e);
+    if (_mm512_cmpeq_epi16_mask(x, e)) return false;
+  }
+#endif
+  for (; i < n; ++i)
+    if ((u[i] & 0x7F80) == 0x7F80) return false;
+  return true;
+}
+
 // A VNNI-packed right operand (pairs of rows interleaved, N columns) of n rows (even) copied
 // with its rows outside [lo, hi) zero.
 inline void vnni_rows_within(const c10::BFloat16* src, int64_t N, int64_t n, int64_t lo,
@@ -1539,7 +1555,16 @@ inline void tile_product_within(int64_t M, int64_t N, const c10::BFloat16* A, in
                                 const c10::BFloat16* B, int64_t lo, int64_t hi, float* C,
                                 int64_t ldc, c10::BFloat16* edge) {
   constexpr int64_t CH = 32;
-  for (int64_t c = lo / CH * CH; c < hi;) {
+  const int64_t a = lo / CH * CH, e = (hi + CH - 1) / CH * CH;
+  // Rows as usual all finite (their pairs [a, lo) and [hi, e) checked): one product over
+  // [a, e), A's columns there being 0. (A window's tiles have two edge chunks each.)
+  const int64_t p0 = lo / 2 * 2, p1 = (hi + 1) / 2 * 2;
+  if (all_finite(B + a * N, (p0 - a) * N) && all_finite(B + p1 * N, (e - p1) * N) &&
+      (p0 == lo || all_finite(B + p0 * N, 2 * N)) && (p1 == hi || all_finite(B + (p1 - 2) * N, 2 * N))) {
+    bf16_tile_product(M, N, e - a, lda, N, ldc, true, A + a, B + a * N, C);
+    return;
+  }
+  for (int64_t c = a; c < hi;) {
     if (c >= lo && c + CH <= hi) {  // a run of whole chunks
       const int64_t c1 = c + (hi - c) / CH * CH;
       bf16_tile_product(M, N, c1 - c, lda, N, ldc, true, A + c, B + c * N, C);
@@ -1656,22 +1681,6 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
     }
     bf16_tile_release();
   });
-}
-
-// Whether n bf16 values are all finite (no exponent of all ones).
-inline bool all_finite(const c10::BFloat16* p, int64_t n) {
-  const auto* u = reinterpret_cast<const uint16_t*>(p);
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512i e = _mm512_set1_epi16(0x7F80);
-  for (; i + 32 <= n; i += 32) {
-    const __m512i x = _mm512_and_si512(_mm512_loadu_si512(u + i), e);
-    if (_mm512_cmpeq_epi16_mask(x, e)) return false;
-  }
-#endif
-  for (; i < n; ++i)
-    if ((u[i] & 0x7F80) == 0x7F80) return false;
-  return true;
 }
 
 // ---- bf16 with a few queries (kDecodeRows < Lq ≤ 32): Sᵀ on brgemm with K read in place ----
