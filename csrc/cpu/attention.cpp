@@ -951,11 +951,25 @@ void weighted_rows_sum_block(const T* p, int64_t nk, const S* v, int64_t ldv, in
   } else {
     // the keys of non-zero weight, a block at a time, then summed without branches
     constexpr int64_t kBlock = 64;
-    int32_t keys[kBlock];
+    int32_t keys[kBlock + 16];
     for (int64_t j0 = 0; j0 < nk; j0 += kBlock) {
       const int64_t n = std::min(kBlock, nk - j0);
-      int64_t m = 0;
-      for (int64_t t = 0; t < n; ++t) {
+      int64_t m = 0, t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      // 16 weights per compare, their keys compressed into place: key by key this listing was
+      // a quarter of an 8-query fp32 forward under a bool mask
+      if constexpr (std::is_same_v<T, float>) {
+        __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j0)),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        for (; t + 16 <= n; t += 16) {
+          const __mmask16 nz = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + j0 + t), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+          _mm512_storeu_si512(keys + m, _mm512_maskz_compress_epi32(nz, idx));
+          m += __builtin_popcount(nz);
+          idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+        }
+      }
+#endif
+      for (; t < n; ++t) {
         keys[m] = static_cast<int32_t>(j0 + t);
         m += p[j0 + t] != T(0);
       }
