@@ -446,9 +446,22 @@ bool tile_setup(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t m
   return true;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kBoolMaskRows = true;
+// Bit c set for each of the n ≤ 64 bool mask bytes at p that allows its key: one masked load
+// and one test instead of a byte at a time.
+SEQKERN_INLINE uint64_t allowed_bits(const bool* p, int64_t n) {
+  const __mmask64 valid = n == 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+  const __m512i bytes = _mm512_maskz_loadu_epi8(valid, p);
+  return _mm512_test_epi8_mask(bytes, bytes);
+}
+#else
+constexpr bool kBoolMaskRows = false;
+#endif
+
 // The explicit mask over a transposed tile whose mask rows run along the keys (sk == 1, the
 // usual layout; sq != 0), a query row at a time instead of a strided gather down each key:
-// a bool row is read 64 keys per load, and only its false entries are stored (-inf), so a
+// a bool row (AVX-512 builds) is read 64 keys per load, and only its false entries are stored (-inf), so a
 // tile the mask allows whole costs a load and a test per query row; an additive block is
 // transposed (16 × 16 register transposes) and added down the keys' spans. Rows [rlo, rhi)
 // hold every query some key of the tile's spans has. Entries outside the spans are -inf
@@ -463,18 +476,10 @@ void explicit_mask_rows_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0,
       const bool* m = mask.bmask + mask.at(b, h, i0 + r, j0);
       for (int64_t c0 = 0; c0 < nk; c0 += 64) {
         const int64_t n = std::min<int64_t>(64, nk - c0);
-        const __mmask64 valid = n == 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
-        const __m512i bytes = _mm512_maskz_loadu_epi8(valid, m + c0);
-        for (uint64_t off = valid & ~_mm512_test_epi8_mask(bytes, bytes); off; off &= off - 1)
+        const uint64_t all = n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1;
+        for (uint64_t off = all & ~allowed_bits(m + c0, n); off; off &= off - 1)
           st[(c0 + __builtin_ctzll(off)) * ld + r] = neg_inf<T>();
       }
-    }
-#else
-    for (int64_t c = 0; c < nk; ++c) {
-      const Span cs = cols[c];
-      const int64_t base = mask.at(b, h, i0, j0 + c);
-      for (int64_t r = cs.lo; r < cs.hi; ++r)
-        if (!mask.bmask[base + r * mask.sq]) st[c * ld + r] = neg_inf<T>();
     }
 #endif
     return;
@@ -510,7 +515,7 @@ void mask_tile_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t 
     std::fill(s + cs.hi, s + mp, fill);
   }
   if (!explicit_mask || rs.empty()) return;
-  if (mask.sk == 1 && mask.sq != 0)
+  if (mask.sk == 1 && mask.sq != 0 && (mask.amask || kBoolMaskRows))
     return explicit_mask_rows_t(mask, b, h, i0, j0, nk, cols, st, ld, rs.lo, rs.hi);
   // Otherwise key by key. A mask broadcast along the queries (stride 0: a (B, 1, 1, Lk)
   // padding mask) is one value for the whole column.
@@ -1105,6 +1110,11 @@ void weighted_rows_sum(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t 
 // their score (a preallocated cache may hold NaN there), an additive mask is added.
 SEQKERN_INLINE Vec<float> explicit_mask_16(const Mask<float>& mask, int64_t base, Vec<float> sc) {
   alignas(64) float m[16];
+#if defined(CPU_CAPABILITY_AVX512)
+  if (mask.bmask && mask.sk == 1)
+    return Vec<float>(_mm512_mask_blend_ps(static_cast<__mmask16>(allowed_bits(mask.bmask + base, 16)),
+                                           Vec<float>(neg_inf<float>()), sc));
+#endif
   if (mask.bmask) {
     for (int c = 0; c < 16; ++c) m[c] = mask.bmask[base + c * mask.sk] ? 1.0f : 0.0f;
     return Vec<float>::blendv(Vec<float>(neg_inf<float>()), sc, Vec<float>::loadu(m) == Vec<float>(1.0f));
@@ -1387,7 +1397,7 @@ bool amx_usable(const Dims& d) {
 bool use_decode(const Dims& d, at::ScalarType t, bool explicit_mask, bool inference = false) {
   if (d.Lq <= kDecodeRows) return true;
   const bool bf16_tiles = t == at::kBFloat16 && amx_usable(d);
-  return d.Lq <= kDecodeRowsMax && ((explicit_mask && !(inference && bf16_tiles)) || !bf16_tiles);
+  return d.Lq <= kDecodeRowsMax && (!bf16_tiles || (explicit_mask && !inference));
 }
 
 // Row-major score tiles (the bf16 kernels): with an explicit mask, scores [lo, hi) of query i
@@ -1404,8 +1414,8 @@ inline float apply_explicit_mask_row(const Mask<float>& mask, int64_t b, int64_t
       const V x = load(s + c, n) * V(scale);
       if (mask.amask) return store(x + load(mask.amask + base + c, n), s + c, n);
 #if defined(CPU_CAPABILITY_AVX512)
-      const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), mask.bmask + base + c);
-      store(V(_mm512_mask_blend_ps(_mm_test_epi8_mask(bytes, bytes), V(neg_inf<float>()), x)), s + c, n);
+      const auto allowed = static_cast<__mmask16>(allowed_bits(mask.bmask + base + c, n));
+      store(V(_mm512_mask_blend_ps(allowed, V(neg_inf<float>()), x)), s + c, n);
 #else
       float t[V::size()];
       x.store(t, n);
