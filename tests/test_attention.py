@@ -265,7 +265,7 @@ def test_empty_sequences(dtype, Lq, Lk):
         assert t.grad.shape == t.shape and not t.grad.any()
 
 
-@pytest.mark.parametrize("Lq", [9, 3], ids=["tiles", "decode"])
+@pytest.mark.parametrize("Lq", [9, 6, 3], ids=["tiles", "few", "decode"])
 def test_fully_masked_rows_give_zeros_and_finite_grads(Lq):
     gen = torch.Generator().manual_seed(1)
     L, r = 9, Lq // 2  # r: the row masked out entirely
@@ -335,7 +335,7 @@ def test_gradcheck_float64(kind, Hq, Hkv, Lq):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["none", "causal+bool+key_lengths", "window_br", "additive",
                                   "additive+dropout", "causal+dropout"])
-@pytest.mark.parametrize("Lq", [9, 3], ids=["tiles", "decode"])
+@pytest.mark.parametrize("Lq", [9, 6, 3], ids=["tiles", "few", "decode"])
 @pytest.mark.parametrize("out_fp32", [False, True], ids=["out", "out_fp32"])
 def test_opcheck(dtype, kind, Lq, out_fp32):
     gen = torch.Generator().manual_seed(0)
