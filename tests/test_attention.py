@@ -265,7 +265,7 @@ def test_empty_sequences(dtype, Lq, Lk):
         assert t.grad.shape == t.shape and not t.grad.any()
 
 
-@pytest.mark.parametrize("Lq", [9, 6, 3], ids=["tiles", "few", "decode"])
+@pytest.mark.parametrize("Lq", [9, 3], ids=["tiles", "decode"])
 def test_fully_masked_rows_give_zeros_and_finite_grads(Lq):
     gen = torch.Generator().manual_seed(1)
     L, r = 9, Lq // 2  # r: the row masked out entirely
