@@ -86,7 +86,7 @@ def _scores(q, k_ptr, offs_n, offs_d, skn, skd, kl, D, mask_ptr, smm, smn, offs_
 
 @triton.jit
 def _keep(rows, offs_n, seed, threshold):
-    """Dropout's keep pattern, bit for bit the cpu kernels' (csrc/cpu/attention.cpp, Dropout):
+    """Dropout's keep pattern, bit for bit the cpu kernels' (csrc/cpu/attention_common.h, Dropout):
     row r (flat (b·Hq + h)·Lq + i) has the key splitmix64(seed + (r + 1)·φ64) = (hi, lo), and
     its key j is kept iff mix32((lo + j·φ32) ^ hi) ≥ threshold = p·2³². A hash of indices, not a
     random stream, so the backward regenerates it tile by tile with nothing saved."""
