@@ -103,6 +103,8 @@ def test_mha_errors():
     x = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match=r"key_padding_mask must be \(2, 5\)"):
         m(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(5,\) for unbatched input, got \(1, 5\)"):
+        m(x[0], x[0], x[0], key_padding_mask=torch.zeros(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask must be"):
         m(x, x, x, attn_mask=torch.zeros(4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="embed_dim=16"):

@@ -455,6 +455,7 @@ BAD = [
     (dict(w=(5, 2, 2), groups=2), ValueError, r"out_channels \(5, weight.shape\[0\]\) is not divisible by groups \(2\)"),
     (dict(w=(4, 4, 0)), ValueError, r"kernel size \(weight.shape\[2\]\) must be >= 1, got 0"),
     (dict(dilation=0), ValueError, r"dilation must be an integer >= 1, got 0"),
+    (dict(dilation=True), ValueError, r"dilation must be an integer >= 1, got True"),
     (dict(state=(2, 4, 3)), ValueError, r"initial_state must be \(B, C_in, \(K-1\)\*dilation\) = \(2, 4, 1\), got \(2, 4, 3\)"),
     (dict(w_dtype=torch.float64), TypeError, r"weight has dtype torch.float64 but x has dtype torch.float32"),
     (dict(state=(2, 4, 1), state_dtype=torch.float64), TypeError, r"initial_state has dtype torch.float64 but x has dtype torch.float32"),

@@ -193,6 +193,26 @@ def test_module_argument_errors():
     m = CausalConv1d(4, 4, 3, dilation=2)
     with pytest.raises(ValueError, match=r"initial_state must be \(B, C_in, \(K-1\)\*dilation\) = \(1, 4, 4\)"):
         m(torch.randn(1, 4, 10), torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match=r"dilation must be a positive int, got True"):
+        CausalConv1d(4, 4, 2, dilation=True)
+    with pytest.raises(ValueError, match=r"state must be \(4, 4\) for unbatched input, got \(1, 4, 4\)"):
+        m(torch.randn(4, 10), torch.zeros(1, 4, 4))
+
+
+@pytest.mark.parametrize("L", [1, 2, 7])
+def test_unbatched_input_as_conv1d_takes_it(L):
+    """(C_in, L) in, (C_out, L) out, as nn.Conv1d; the state unbatched too, and streaming
+    through it equals the whole sequence."""
+    torch.manual_seed(L)
+    m = CausalConv1d(3, 5, 3, dilation=2, activation="tanh", dtype=torch.float64)
+    x = torch.randn(3, L + 4, dtype=torch.float64)
+    y, state = m(x, return_state=True)
+    yb, stateb = m(x[None], return_state=True)
+    assert y.shape == (5, L + 4) and state.shape == (3, 4)
+    torch.testing.assert_close(y, yb[0], rtol=0, atol=0)
+    torch.testing.assert_close(state, stateb[0], rtol=0, atol=0)
+    head = m(x[:, :4], return_state=True)[1]
+    torch.testing.assert_close(m(x[:, 4:], head), y[:, 4:])
 
 
 def test_modules_compile_fullgraph(backend):

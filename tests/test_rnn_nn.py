@@ -536,6 +536,10 @@ def test_lstm_cell_and_step_bad_state_or_input():
         snn.LSTMCell(5, 7)(torch.randn(2, 5), (torch.zeros(2, 7),))
     with pytest.raises(ValueError, match=r"x_t must be \(batch, 5\) or \(5,\), got \(2, 6\)"):
         snn.LSTM(5, 7).step(torch.randn(2, 6))
+    for x in (torch.ones(2, 5, dtype=torch.long), torch.ones(5, dtype=torch.float64)):
+        with pytest.raises(TypeError, match=r"input has dtype/device \(torch\.\w+, cpu\) but the "
+                                            r"module's parameters are \(torch.float32, cpu\)"):
+            snn.LSTMCell(5, 7)(x)
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")

@@ -179,6 +179,9 @@ class MultiheadAttention(nn.Module):
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
+                if key_padding_mask.dim() != 1:
+                    raise ValueError(f"key_padding_mask must be ({key.shape[1]},) for unbatched "
+                                     f"input, got {tuple(key_padding_mask.shape)}")
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)

@@ -24,7 +24,8 @@ __all__ = ["CausalConv1d", "WaveNetBlock", "WaveNet", "TCN", "TemporalBlock"]
 
 
 class CausalConv1d(nn.Module):
-    """y = act(causal dilated conv1d(x) + bias); x (B, C_in, L) → (B, C_out, L)."""
+    """y = act(causal dilated conv1d(x) + bias); x (B, C_in, L) → (B, C_out, L), or unbatched
+    (C_in, L) → (C_out, L)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
                  groups: int = 1, bias: bool = True, activation: str | None = None, device=None,
@@ -32,7 +33,7 @@ class CausalConv1d(nn.Module):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("kernel_size", kernel_size), ("dilation", dilation), ("groups", groups)):
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
@@ -67,8 +68,21 @@ class CausalConv1d(nn.Module):
         return self.weight.new_zeros(batch_size, self.in_channels, self.state_size)
 
     def forward(self, x: Tensor, state: Tensor | None = None, return_state: bool = False):
+        """x (B, C_in, L), or (C_in, L) unbatched as nn.Conv1d takes it (then `state` and the
+        returned state are (C_in, S) too)."""
+        unbatched = isinstance(x, Tensor) and x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+            if isinstance(state, Tensor):
+                if state.dim() != 2:
+                    raise ValueError(f"state must be ({self.in_channels}, "
+                                     f"{(self.kernel_size - 1) * self.dilation}) for unbatched "
+                                     f"input, got {tuple(state.shape)}")
+                state = state.unsqueeze(0)
         out = ops.causal_conv1d(x, self.weight, self.bias, self.dilation, self.groups,
                                 self.activation, state, return_state)
+        if unbatched:
+            return (out[0].squeeze(0), out[1].squeeze(0)) if return_state else out.squeeze(0)
         return out
 
     def step(self, x_t: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:

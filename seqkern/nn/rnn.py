@@ -576,6 +576,10 @@ class _CellBase(nn.Module):
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(f"input must be (batch, {self.input_size}) or ({self.input_size},), "
                              f"got {tuple(x.shape)}")
+        w = params["w_ih"]
+        if x.dtype != w.dtype or x.device != w.device:
+            raise TypeError(f"input has dtype/device ({x.dtype}, {x.device}) but the module's "
+                            f"parameters are ({w.dtype}, {w.device})")
         batched = x.dim() == 2
         xb = x if batched else x.unsqueeze(0)
         B = xb.shape[0]

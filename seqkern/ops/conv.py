@@ -212,7 +212,7 @@ def _check_input_and_ints(x, name: str, dims: int, layout: str, dilation, groups
         raise ValueError(f"{name} must be a {layout} tensor, got shape "
                          f"{_shape(x) if isinstance(x, Tensor) else type(x).__name__}")
     for what, n in (("dilation", dilation), ("groups", groups)):
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{what} must be an integer >= 1, got {n!r}")
 
 
