@@ -558,6 +558,15 @@ void transpose_scaled(const T* src, int64_t ld_src, int64_t rows, int64_t cols, 
 
 // ------------------------------------------------------------------ forward ----------------
 
+// Vector u of the column block from c0 of a row x (Dv values), widened to T; FULL: the whole
+// block lies inside Dv, so no load is partial.
+template <bool FULL, typename T, typename S>
+SEQKERN_INLINE Vec<T> block_vector(const S* x, int64_t c0, int u, int64_t Dv) {
+  constexpr int64_t W = Vec<T>::size();
+  const int64_t c = c0 + u * W;
+  return FULL ? load(x + c, W) : load(x + c, std::min<int64_t>(W, Dv - c));
+}
+
 // The log-sum-exp m + log(sum) of a row, kept in float64 whatever the compute type: the
 // backward recomputes the weights as exp(s − lse), and with peaked scores (|lse| in the tens)
 // a float32 lse would be off by up to half an ulp of it, 2e-6 of every weight of the row,

@@ -181,15 +181,6 @@ inline Vec<float> dot_16_keys_2_rows_bf16(const Bf16Query&, const Bf16Query&, co
 // preallocated cache may hold anything, NaN included, where the mask rules it out. Without a
 // mask every row in the span is read, so a weight that underflows to 0 meets its V row as in a
 // matrix product (torch's too): 0·inf gives NaN.
-// Vector u of the column block from c0 of a row x (Dv values), widened to T; FULL: the whole
-// block lies inside Dv, so no load is partial.
-template <bool FULL, typename T, typename S>
-SEQKERN_INLINE Vec<T> block_vector(const S* x, int64_t c0, int u, int64_t Dv) {
-  constexpr int64_t W = Vec<T>::size();
-  const int64_t c = c0 + u * W;
-  return FULL ? load(x + c, W) : load(x + c, std::min<int64_t>(W, Dv - c));
-}
-
 template <int NV, bool FULL, bool SKIP_ZERO, typename T, typename S>
 void weighted_rows_sum_block(const T* p, int64_t nk, const S* v, int64_t ldv, int64_t c0,
                              int64_t Dv, T* acc) {
