@@ -25,9 +25,10 @@ constexpr int64_t kAmxChunk = 64;
 
 // Short key sequences take one block of their length (in whole chunks) instead of padding.
 // Head dims up to 64 take 128 keys: the 64 × 128 fp32 score tile (32 KB) stays in L1 between
-// the product and the softmax, where 64 × 256 did not (measured, causal, 2 threads, A/B over 5
-// rounds: B = 4, H = 8, L = 1024: 7.8 → 7.2 ms; B = 1, H = 16, L = 4096: 50.2 → 46.7); at
-// D = 128 the accumulator's rescaling costs more and 256 stays ahead (18.3 against 18.8 ms).
+// the product and the softmax, where 64 × 256 did not (measured, causal, 2 threads, A/B over 8
+// rounds: B = 4, H = 8, L = 1024: 7.7 → 7.0 ms, L = 256 0.81 → 0.71; at B = 1, H = 16,
+// L = 4096 46.6 ms both, between runs 50.2 → 46.7 and 46.7 → 49.4); at D = 128 the
+// accumulator's rescaling costs more and 256 stays ahead (18.3 against 18.8 ms).
 int64_t amx_key_block(const Dims& d) {
   const int64_t bk = std::max(d.D, d.Dv) <= 64 ? 128 : kAmxBlockK;
   return std::min(bk, (d.Lk + kAmxChunk - 1) / kAmxChunk * kAmxChunk);
