@@ -677,6 +677,28 @@ def test_garbage_reaches_only_the_queries_that_weight_it(dtype, Lq):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq", [2, 5, 8])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_training_garbage_reaches_only_the_queries_that_see_it(dtype, Lq, where):
+    """Training, bottom-right causal against a cache whose newest slot holds NaN in K or V: only
+    the last query sees it. The other queries' outputs and gradients (dq) equal those with a clean
+    cache, up to 8 queries in every dtype (bf16 on bf16 tiles once took dS = 0 times the NaN K
+    row into every query's dq at 5-8 queries)."""
+    gen = torch.Generator().manual_seed(stable_seed(dtype, Lq, where))
+    q, k, v = make_inputs((1, 2, 2, Lq, 100, 64, 64), dtype, gen)
+    kc, vc = k.clone(), v.clone()
+    (kc if where == "k" else vc)[:, :, -1] = float("nan")
+    go = torch.randn(1, 2, Lq, 64, generator=gen).to(dtype)
+    go[:, :, -1] = 0  # the loss leaves out the query that sees the slot
+    kw = dict(is_causal=True, causal_alignment="bottom_right")
+    got = forward_backward(sdpa, q, kc, vc, go, keep_nan=True, **kw)
+    want = forward_backward(sdpa, q, k, v, go, keep_nan=True, **kw)
+    for a, b in zip(got[:2], want[:2]):  # out, dq
+        assert torch.isfinite(a[:, :, :-1]).all()
+        torch.testing.assert_close(a[:, :, :-1], b[:, :, :-1], **garbage_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("how", ["bool", "key_lengths"])
 @pytest.mark.parametrize("Lq", [1, 6, 8])
 def test_decode_ignores_masked_garbage_in_the_cache(dtype, how, Lq):

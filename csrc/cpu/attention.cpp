@@ -137,8 +137,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const Dims d = check_inputs(q, k, v);
   const Dropout drop = make_dropout(dropout_p, dropout_seed);
   const at::ScalarType ct = compute_type(q.scalar_type(), "seqkern attention");
-  const bool explicit_mask = attn_mask.has_value() && attn_mask->defined();
-  const bool decode = use_decode(d, q.scalar_type(), explicit_mask, !out_fp32);
+  const bool decode = use_decode(d, q.scalar_type(), !out_fp32);
   // A bf16/fp16 output in float32, as computed: the backward's Δ = rowsum(dO ⊙ O) is a
   // difference of near-equal terms for a peaked row, and with O rounded to bf16 it kept that
   // rounding (dK 3.9× torch's error at Dv ≠ D, where torch computes exactly).
@@ -160,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     at::Tensor mask_hold, len_hold;
     const auto mask = make_mask<float>(d, attn_mask, key_lengths, is_causal, bottom_right, window,
                                        mask_hold, len_hold);
-    auto kernel = bf16_few_queries(d, explicit_mask, !out_fp32) ? forward_kernel_bf16_few
+    auto kernel = bf16_few_queries(d, !out_fp32) ? forward_kernel_bf16_few
                                                                  : forward_kernel_bf16_amx;
     kernel(d, rows_contiguous(q, at::kBFloat16), rows_contiguous(k, at::kBFloat16),
            rows_contiguous(v, at::kBFloat16), static_cast<float>(scale), mask, drop, out, lse);
@@ -275,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   chunks = std::max<int64_t>(chunks, 1);
 
   const bool direct = chunks == 1;  // else the chunks' partial dK, dV are summed
-  const bool decode = use_decode(d, q.scalar_type(), attn_mask.has_value() && attn_mask->defined());
+  const bool decode = use_decode(d, q.scalar_type(), /*inference=*/false);
   const bool amx = !decode && q.scalar_type() == at::kBFloat16 && amx_usable(d);
   // the bf16 tile kernel's dQ accumulator is as wide as its packed operands; backward_kernel
   // zeroes and scales its dQ rows itself, the others' are zeroed here and scaled after

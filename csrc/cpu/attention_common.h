@@ -699,24 +699,24 @@ inline bool amx_usable(const Dims& d) {
 // when the forward did, to recompute its scores. Measured with 2 threads, D = 64, fp32: 8 queries
 // against a 4096-token cache (B = 2, H = 16) forward 2.9 ms against the tile kernel's 4.3 (its
 // 16-query vectors half empty), forward+backward 23 ms both; self-attention at L = 8 (B = 256,
-// H = 8) forward+backward 6.3 against 15.1 ms; at 16 queries the tile kernel is ahead. With AMX,
-// bf16 at 5–32 queries has its own kernel (forward_kernel_bf16_few), except under an explicit
-// mask: the decode kernels skip the keys it rules out, where a preallocated cache may hold NaN,
-// while tile products take 0·NaN from such rows (forward and backward alike).
-// bf16 inference (no float32 output kept for a backward) takes forward_kernel_bf16_few from 5
-// queries under an explicit mask too: it keeps V rows holding NaN/inf away from the queries
-// that give them weight 0, as the row-wise kernels do.
-inline bool use_decode(const Dims& d, at::ScalarType t, bool explicit_mask, bool inference = false) {
+// H = 8) forward+backward 6.3 against 15.1 ms; at 16 queries the tile kernel is ahead.
+// With bf16 tiles, bf16 inference from 5 queries has its own kernel (forward_kernel_bf16_few),
+// which keeps a V row holding NaN/inf away from the queries that give it weight 0, as the
+// row-wise kernels do. Training at 5–8 queries stays row-wise: its backward on bf16 tiles
+// multiplies dS = 0 by a K row that holds NaN (a cache slot only other queries see), which
+// reached every query's dQ; forward+backward costs about the same either way (8 queries
+// against 4096 keys: 33–35 ms).
+inline bool use_decode(const Dims& d, at::ScalarType t, bool inference) {
   if (d.Lq <= kDecodeRows) return true;
   const bool bf16_tiles = t == at::kBFloat16 && amx_usable(d);
-  return d.Lq <= kDecodeRowsMax && (!bf16_tiles || (explicit_mask && !inference));
+  return d.Lq <= kDecodeRowsMax && (!bf16_tiles || !inference);
 }
 
 // The few-query bf16 kernel's limit (forward_kernel_bf16_few, attention_flash_bf16.cpp).
 constexpr int64_t kFewRowsMax = 32;
 
-inline bool bf16_few_queries(const Dims& d, bool explicit_mask, bool inference) {
-  return d.Lq <= kFewRowsMax && !use_decode(d, at::kBFloat16, explicit_mask, inference) &&
+inline bool bf16_few_queries(const Dims& d, bool inference) {
+  return d.Lq <= kFewRowsMax && !use_decode(d, at::kBFloat16, inference) &&
          amx_usable(d);
 }
 
@@ -749,8 +749,8 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
                             const MaskGrad<T>& mgrad, T scale, int64_t chunks, at::Tensor& dq,
                             at::Tensor& dk, at::Tensor& dv);
 
-// bf16 tiles (attention_flash_bf16.cpp): more than 32 queries (or training under an explicit
-// mask), 5–32 queries (bf16_few_queries), and the backward of both.
+// bf16 tiles (attention_flash_bf16.cpp): more than 32 queries, 5–32 queries (bf16_few_queries:
+// inference from 5, training from 9), and the backward of both.
 void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                              const at::Tensor& v_, float scale, const Mask<float>& mask,
                              const Dropout& drop, at::Tensor& out, at::Tensor& lse);

@@ -10,7 +10,7 @@ namespace seqkern::cpu::attn {
 // bfloat16 inputs where the CPU has AMX (or another bf16 dot-product unit oneDNN packs for):
 // the two tile products run as oneDNN brgemm micro-kernels with bf16 operands and fp32
 // accumulation, through ATen's cpublas wrappers (the same ones torch's own CPU flash attention
-// calls). The float32 tile kernel above runs at ~50% of the FMA peak; AMX does ~8× more bf16
+// calls). The float32 tile kernel (attention_flash.cpp) runs at ~50% of the FMA peak; AMX does ~8× more bf16
 // products per cycle, so softmax and masking, in fp32, become most of the work. What this
 // changes numerically is what torch's bf16 kernel also does: P is rounded to bf16 before P·V.
 //
@@ -20,7 +20,7 @@ constexpr int64_t kAmxBlockQ = 64;
 // Keys per tile: large, so that the per-row softmax bookkeeping (rescaling the accumulator,
 // the running max and sum) is paid once per 128 or 256 keys; scores are computed over the
 // whole 64-key chunks some query of the block may see, skipping the others.
-constexpr int64_t kAmxBlockK = 256;
+constexpr int64_t kAmxBlockKMax = 256;  // (head dims past 64; up to 64: 128, amx_key_block)
 constexpr int64_t kAmxChunk = 64;
 
 // Short key sequences take one block of their length (in whole chunks) instead of padding.
@@ -30,7 +30,7 @@ constexpr int64_t kAmxChunk = 64;
 // L = 4096 46.6 ms both, between runs 50.2 → 46.7 and 46.7 → 49.4); at D = 128 the
 // accumulator's rescaling costs more and 256 stays ahead (18.3 against 18.8 ms).
 int64_t amx_key_block(const Dims& d) {
-  const int64_t bk = std::max(d.D, d.Dv) <= 64 ? 128 : kAmxBlockK;
+  const int64_t bk = std::max(d.D, d.Dv) <= 64 ? 128 : kAmxBlockKMax;
   return std::min(bk, (d.Lk + kAmxChunk - 1) / kAmxChunk * kAmxChunk);
 }
 
@@ -266,7 +266,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
     std::vector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
     std::vector<bf16> P(BQ * BK), edge(32 * Dvp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
-    Span rows[BQ], cols[kAmxBlockK];
+    Span rows[BQ], cols[kAmxBlockKMax];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
       const int64_t hk = h / g, i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
@@ -349,12 +349,14 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
 // torch's speed at 5–15 queries against 4096 keys). Transposed, the score product needs no
 // packing of K: Sᵀ = K_j·Qᵀ takes K's rows in place as brgemm's left operand and Qᵀ (D × the
 // queries rounded up to whole vectors, packed once per head) as its right. The softmax then runs
-// down the columns as in forward_kernel, and P·V is the fp32 micro-kernel over the V tile
-// widened to fp32, with P in fp32 (accurate enough for peaked rows' gradients, see
-// forward_kernel_bf16_amx). That product grows with the rows, hence the bound: at 24–31
-// queries the path is still ~1.2× faster than the packing one.
-// Inference (a bf16 output, no backward to serve) rounds P to bf16 as torch's kernels do and
-// runs P·V on bf16 tiles too: Pᵀ transposed into rows of P, V paired into VNNI form per tile.
+// down the columns as in forward_kernel. In training (9–32 queries; fewer run row-wise, see
+// use_decode) P·V is the fp32 micro-kernel over the V tile widened to fp32, with P in fp32
+// (accurate enough for peaked rows' gradients, see forward_kernel_bf16_amx). That product grows
+// with the rows, hence the bound: at 24–31 queries the path is still ~1.2× faster than the
+// packing one. Inference (a bf16 output, no backward to serve) from 9 queries rounds P to bf16
+// as torch's kernels do and runs P·V on bf16 tiles too: Pᵀ transposed into rows of P, V paired
+// into VNNI form per tile; at 5–8 queries it takes rank-1 updates from the bf16 V rows
+// (weighted_rows_from_bf16), P in fp32.
 constexpr int64_t kFewBlockK = 128;
 
 // P·V of the few-query kernel for at most kDecodeRowsMax query rows (P in fp32, Pᵀ's rows ldst
@@ -377,7 +379,7 @@ void weighted_rows_from_bf16_block(const float* st, int64_t ldst, int64_t lo, in
 #pragma GCC unroll 4
     for (int u = 0; u < NV; ++u) a[m][u] = load_first(acc + m * ldacc + c0 + u * W, width(u));
   // runs of keys between the skipped ones, each without branches (a test per key made GCC
-  // keep the accumulators on the stack, see weighted_rows_sum_block)
+  // keep the accumulators on the stack, see weighted_rows_sum_block in attention_decode.cpp)
   for (int64_t r = 0, c = lo; c < hi; ++r) {
     const int64_t end = r < n_skip ? skip[r] : hi;
     for (; c < end; ++c) {
@@ -407,8 +409,8 @@ template <int MI>
 void weighted_rows_from_bf16_mi(const float* st, int64_t ldst, int64_t lo, int64_t hi,
                                 const int64_t* skip, int64_t n_skip, const c10::BFloat16* v,
                                 int64_t ldv, int64_t Dv, float* acc, int64_t ldacc) {
-  // accumulators MI × NV vectors, with room for NV widened V vectors and a weight
-  constexpr int NV = Vec<float>::size() == 16 ? (MI <= 4 ? 4 : 2) : 1;
+  // accumulators MI × NV vectors (5–8 rows), with room for NV widened V vectors and a weight
+  constexpr int NV = Vec<float>::size() == 16 ? 2 : 1;
   constexpr int64_t span = NV * Vec<float>::size();
   for (int64_t c0 = 0; c0 < Dv; c0 += span) {
     if (c0 + span <= Dv)
@@ -421,16 +423,13 @@ void weighted_rows_from_bf16_mi(const float* st, int64_t ldst, int64_t lo, int64
 void weighted_rows_from_bf16(int64_t mi, const float* st, int64_t ldst, int64_t lo, int64_t hi,
                              const int64_t* skip, int64_t n_skip, const c10::BFloat16* v,
                              int64_t ldv, int64_t Dv, float* acc, int64_t ldacc) {
-  switch (mi) {
-    case 1: return weighted_rows_from_bf16_mi<1>(st, ldst, lo, hi, skip, n_skip, v, ldv, Dv, acc, ldacc);
-    case 2: return weighted_rows_from_bf16_mi<2>(st, ldst, lo, hi, skip, n_skip, v, ldv, Dv, acc, ldacc);
-    case 3: return weighted_rows_from_bf16_mi<3>(st, ldst, lo, hi, skip, n_skip, v, ldv, Dv, acc, ldacc);
-    case 4: return weighted_rows_from_bf16_mi<4>(st, ldst, lo, hi, skip, n_skip, v, ldv, Dv, acc, ldacc);
+  static_assert(kDecodeRows == 4 && kDecodeRowsMax == 8, "the cases below are 5 to 8 rows");
+  switch (mi) {  // (fewer rows run row-wise: use_decode)
     case 5: return weighted_rows_from_bf16_mi<5>(st, ldst, lo, hi, skip, n_skip, v, ldv, Dv, acc, ldacc);
     case 6: return weighted_rows_from_bf16_mi<6>(st, ldst, lo, hi, skip, n_skip, v, ldv, Dv, acc, ldacc);
     case 7: return weighted_rows_from_bf16_mi<7>(st, ldst, lo, hi, skip, n_skip, v, ldv, Dv, acc, ldacc);
     default:
-      TORCH_INTERNAL_ASSERT(mi == 8);
+      TORCH_INTERNAL_ASSERT(mi == 8, "weighted_rows_from_bf16: ", mi, " rows");
       return weighted_rows_from_bf16_mi<8>(st, ldst, lo, hi, skip, n_skip, v, ldv, Dv, acc, ldacc);
   }
 }
@@ -458,7 +457,8 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
 
   at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> QT(d.D * BQ);
-    std::vector<float> ST(BK * BQ), VT(pv_tiles ? 0 : BK * d.Dv), acc(BQ * Dvp), mx(BQ), sm(BQ);
+    const bool widened_v = !pv_tiles && mi > kDecodeRowsMax;  // the fp32 micro-kernel's V tile
+    std::vector<float> ST(BK * BQ), VT(widened_v ? BK * d.Dv : 0), acc(BQ * Dvp), mx(BQ), sm(BQ);
     std::vector<float> PT(pv_tiles ? BQ * BK : 0);
     std::vector<bf16> P(pv_tiles ? BQ * BK : 0), VP(pv_tiles ? BK * Dvp : 0);
     std::vector<float> keep(drop.active ? BK * BQ : 0);
