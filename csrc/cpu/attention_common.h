@@ -458,6 +458,19 @@ SEQKERN_INLINE uint64_t allowed_bits(const bool* p, int64_t n) {
 constexpr bool kBoolMaskRows = false;
 #endif
 
+// A score plus an additive mask entry, where a −inf entry rules the key out whatever the
+// score is: a cache slot whose K row holds NaN/inf (never written) would otherwise give
+// NaN + (−inf) = NaN, and every query's row NaN, although the mask excludes it (as a bool mask
+// does, by storing −inf).
+template <typename T>
+SEQKERN_INLINE T add_mask(T s, T a) {
+  return a == neg_inf<T>() ? a : s + a;
+}
+template <typename T>
+SEQKERN_INLINE Vec<T> add_mask(const Vec<T>& s, const Vec<T>& a) {
+  return Vec<T>::blendv(s + a, a, a == Vec<T>(neg_inf<T>()));
+}
+
 // The explicit mask over a transposed tile whose mask rows run along the keys (sk == 1, the
 // usual layout; sq != 0), a query row at a time instead of a strided gather down each key:
 // a bool row (AVX-512 builds) is read 64 keys per load, and only its false entries are stored (-inf), so a
@@ -490,7 +503,7 @@ void explicit_mask_rows_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0,
   for (int64_t c = 0; c < nk; ++c) {
     const Span cs = cols[c];
     if (cs.empty()) continue;
-    at::vec::map2([](Vec<T> x, Vec<T> a) { return x + a; }, st + c * ld + cs.lo,
+    at::vec::map2([](Vec<T> x, Vec<T> a) { return add_mask(x, a); }, st + c * ld + cs.lo,
                   st + c * ld + cs.lo, buf.data() + c * nr + (cs.lo - rlo), cs.hi - cs.lo);
   }
 }
@@ -532,9 +545,9 @@ void mask_tile_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0, int64_t 
     } else if (mask.amask) {
       if (mask.sq == 0) {
         const T a = mask.amask[base];
-        for (int64_t r = cs.lo; r < cs.hi; ++r) s[r] += a;
+        for (int64_t r = cs.lo; r < cs.hi; ++r) s[r] = add_mask(s[r], a);
       } else {
-        for (int64_t r = cs.lo; r < cs.hi; ++r) s[r] += mask.amask[base + r * mask.sq];
+        for (int64_t r = cs.lo; r < cs.hi; ++r) s[r] = add_mask(s[r], mask.amask[base + r * mask.sq]);
       }
     }
   }

@@ -386,9 +386,9 @@ SEQKERN_INLINE Vec<float> explicit_mask_16(const Mask<float>& mask, int64_t base
     for (int c = 0; c < 16; ++c) m[c] = mask.bmask[base + c * mask.sk] ? 1.0f : 0.0f;
     return Vec<float>::blendv(Vec<float>(neg_inf<float>()), sc, Vec<float>::loadu(m) == Vec<float>(1.0f));
   }
-  if (mask.sk == 1) return sc + Vec<float>::loadu(mask.amask + base);
+  if (mask.sk == 1) return add_mask(sc, Vec<float>::loadu(mask.amask + base));
   for (int c = 0; c < 16; ++c) m[c] = mask.amask[base + c * mask.sk];
-  return sc + Vec<float>::loadu(m);
+  return add_mask(sc, Vec<float>::loadu(m));
 }
 
 // s[j − keys.lo] = scale·(q·k_j) for the keys of query i (then the explicit mask); returns their
@@ -427,7 +427,7 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
     if (mask.has_explicit()) {
       const int64_t idx = mask.at(b, h, i, j);
       if (mask.bmask) sc = mask.bmask[idx] ? sc : neg_inf<T>();
-      else sc += mask.amask[idx];
+      else sc = add_mask(sc, mask.amask[idx]);
     }
     s[j - keys.lo] = sc;
     if (!(sc <= mx) && !std::isnan(mx)) mx = sc;  // a NaN score makes the max NaN, and the row

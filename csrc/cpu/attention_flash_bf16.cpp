@@ -47,7 +47,7 @@ inline float apply_explicit_mask_row(const Mask<float>& mask, int64_t b, int64_t
     for_each_vec<float>(hi - lo, [&](int64_t o, int64_t n) {
       const int64_t c = lo + o;
       const V x = load(s + c, n) * V(scale);
-      if (mask.amask) return store(x + load(mask.amask + base + c, n), s + c, n);
+      if (mask.amask) return store(add_mask(x, load(mask.amask + base + c, n)), s + c, n);
 #if defined(CPU_CAPABILITY_AVX512)
       const auto allowed = static_cast<__mmask16>(allowed_bits(mask.bmask + base + c, n));
       store(V(_mm512_mask_blend_ps(allowed, V(neg_inf<float>()), x)), s + c, n);
@@ -62,7 +62,7 @@ inline float apply_explicit_mask_row(const Mask<float>& mask, int64_t b, int64_t
   for (int64_t c = lo; c < hi; ++c) {
     const int64_t idx = mask.at(b, h, i, j0 + c);
     s[c] = mask.bmask ? (mask.bmask[idx] ? s[c] * scale : neg_inf<float>())
-                      : s[c] * scale + mask.amask[idx];
+                      : add_mask(s[c] * scale, mask.amask[idx]);
   }
   return 1.0f;
 }
