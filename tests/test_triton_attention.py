@@ -288,3 +288,23 @@ def test_float16_within_twice_the_reference_error():
     assert got[0].dtype == torch.float16
     for name, a, r, e in zip(["out", "dq", "dk", "dv"], got, half_ref, exact):
         assert _err(a, e) <= 2 * _err(r, e) + 1e-3, name
+
+
+@pytest.mark.parametrize("Lq", [1, 9, 40])
+def test_additive_minus_inf_keeps_nan_keys_out(Lq):
+    """An additive mask's −inf rules a key out even where its K row is NaN (an unwritten cache
+    slot): every backend agrees with the cpu kernels (NaN + (−inf) was NaN for every query)."""
+    torch.manual_seed(Lq)
+    q, k, v = (t.detach() for t in qkv(Lq=Lq, Lk=30))
+    k[:, :, 7] = float("nan")
+    am = torch.randn(1, 1, Lq, 30)
+    am[..., 7] = float("-inf")
+    with seqkern.use_backend("triton"):
+        got = seqkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=am)
+    want = ref.scaled_dot_product_attention(q, k, v, attn_mask=am)
+    clean = k.clone()
+    clean[:, :, 7] = 0.0
+    assert torch.isfinite(got).all() and torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(want, ref.scaled_dot_product_attention(q, clean, v, attn_mask=am), **TOL)
+    torch.testing.assert_close(seqkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=am), want, **TOL)

@@ -67,6 +67,7 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask: Optional[Tensor] = None,
             ok = ok & attn_mask
         else:
             s = s + attn_mask
+            ok = ok & (attn_mask != float("-inf"))  # −inf rules a key out even if its score is NaN
     ok = ok.expand(s.shape)
     s = s.masked_fill(~ok, float("-inf"))
     # A row whose every score is -inf would give 0/0; such rows attend to nothing.

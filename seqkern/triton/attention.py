@@ -80,6 +80,7 @@ def _scores(q, k_ptr, offs_n, offs_d, skn, skd, kl, D, mask_ptr, smm, smn, offs_
     if MASK_KIND == 2:
         mv = tl.load(mask_ptr + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=ok, other=0.0)
         s += mv.to(tl.float32) * 1.4426950408889634
+        ok = ok & (mv != float("-inf"))  # −inf rules the key out even where its score is NaN
     s = tl.where(ok, s, float("-inf"))
     return s, ok
 
@@ -382,7 +383,9 @@ def _attention_decode_kernel(
         if MASK_KIND == 1:
             ok = ok & (tl.load(mp, mask=ok, other=0) != 0)
         if MASK_KIND == 2:
-            s += tl.load(mp, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            mv = tl.load(mp, mask=ok, other=0.0)
+            s += mv.to(tl.float32) * 1.4426950408889634
+            ok = ok & (mv != float("-inf"))
         s = tl.where(ok, s, float("-inf"))
         m_i, l_i, acc, p = online_softmax_update(m_i, l_i, acc, s)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
