@@ -1360,3 +1360,20 @@ def test_few_query_nan_score_gives_nan_for_any_thread_count(dtype, Lq):
             assert sdpa(q, k, v, **kw).isnan().all(), f"{n} thread(s)"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_backend_keeps_a_wider_mask_range(dtype):
+    """The reference backend (also what torch.func transforms run) with an fp32 additive mask on
+    fp16/bf16 queries: a masked_fill(-1e30) padding row and a +1e5 bias keep their meaning (cast
+    to fp16 they became -inf, a row with no allowed key, and inf), as in the kernels."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=gen).to(dtype) for _ in range(3))
+    am = torch.randn(1, 1, 5, 5, generator=gen)
+    am[..., 0, :] = -1e30
+    am[..., 1, 2] = 1e5
+    got = sdpa(q, k, v, attn_mask=am)
+    with seqkern.use_backend("reference"):
+        want = sdpa(q, k, v, attn_mask=am)
+    assert torch.isfinite(want).all() and want[..., 0, :].abs().sum() > 0
+    torch.testing.assert_close(want, got, **garbage_tolerance(dtype))
