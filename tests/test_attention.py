@@ -28,7 +28,7 @@ SHAPES = [
     (1, 2, 2, 129, 7, 128, 128),
     (2, 4, 2, 70, 70, 40, 24),
     (2, 8, 2, 3, 150, 40, 24),  # ≤ 8 query rows: the row-wise decode kernels
-    (1, 4, 2, 8, 37, 24, 24),   # 8 rows (bf16 with AMX: its few-query tile kernel)
+    (1, 4, 2, 8, 37, 24, 24),   # 8 rows (bf16 inference with AMX: its few-query tile kernel)
 ]
 MASKS = ["none", "causal", "causal_br", "window", "window_br", "key_lengths", "bool", "additive",
          "bool_2d", "causal+bool+key_lengths", "window+additive", "causal_br+key_lengths",
@@ -746,7 +746,7 @@ def test_decode_ignores_masked_garbage_in_the_cache(dtype, how, Lq):
 def test_decode_backward_ignores_masked_garbage_in_the_cache(dtype, how, Lq):
     """The backward of a few-row step over a cache with NaN/inf past the valid keys: gradients
     equal those over the valid keys alone, and are exactly zero on the masked keys (up to 8
-    rows with any mask kind; bf16 at 5–8 rows under a bool mask must stay off the tiles)."""
+    rows with any mask kind; bf16 training at 5–8 rows must stay off the tiles)."""
     gen = torch.Generator().manual_seed(6)
     q, k, v = make_inputs((2, 4, 2, Lq, 100, 64, 40), dtype, gen)
     go = torch.randn(2, 4, Lq, 40, generator=gen).to(dtype)
@@ -921,8 +921,8 @@ def test_cpp_checks_reject_bad_shapes_directly():
 def test_bfloat16_paths(path, shape, kind, monkeypatch):
     """bfloat16 forward and backward on oneDNN brgemm tiles (CPUs with AMX; several key blocks,
     Lk not a multiple of the block, head dims needing padding, GQA, few query rows: 3 on the
-    row-wise kernels, 5, 15 and 29 on the transposed few-query forward) and on the
-    fp32 tile kernels: outputs and every gradient within twice torch's bf16 error of the
+    row-wise kernels (5 too: this test trains), 15 and 29 on the transposed few-query forward) and
+    on the fp32 tile kernels: outputs and every gradient within twice torch's bf16 error of the
     float64 reference."""
     if path == "brgemm" and not AMX:
         pytest.skip("no bf16 tiles on this CPU (neither AMX nor AVX512_BF16): the fp32 tile kernel serves bf16 (tested as 'tiles')")

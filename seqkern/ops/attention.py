@@ -334,20 +334,18 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             if out.dtype != q.dtype:
                 out = out.to(q.dtype)
         return out.squeeze(1) if squeeze else out
-    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
-        wide = torch.promote_types(query.dtype, attn_mask.dtype)
-        if wide == query.dtype:
-            attn_mask = attn_mask.to(query.dtype)  # the reference computes in query's dtype
+    dtype = query.dtype
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != dtype:
+        wide = torch.promote_types(dtype, attn_mask.dtype)
+        if wide == dtype:
+            attn_mask = attn_mask.to(dtype)  # the reference computes in query's dtype
         else:
             # A wider mask (fp32 with fp16 q) keeps its range: cast to fp16, a -1e30 padding row
             # became -inf (a row with no allowed key, zeros) and values past 65504 inf. The
             # reference computes in the mask's dtype then, as the kernels compute in fp32.
-            out = ref.scaled_dot_product_attention(
-                query.to(wide), key.to(wide), value.to(wide), attn_mask, bool(is_causal), scale,
-                enable_gqa, window=window, key_lengths=key_lengths,
-                causal_alignment=causal_alignment, dropout_p=dropout_p)
-            return out.to(query.dtype)
-    return ref.scaled_dot_product_attention(query, key, value, attn_mask, bool(is_causal), scale,
-                                            enable_gqa, window=window, key_lengths=key_lengths,
-                                            causal_alignment=causal_alignment,
-                                            dropout_p=dropout_p)
+            query, key, value = query.to(wide), key.to(wide), value.to(wide)
+    out = ref.scaled_dot_product_attention(query, key, value, attn_mask, bool(is_causal), scale,
+                                           enable_gqa, window=window, key_lengths=key_lengths,
+                                           causal_alignment=causal_alignment,
+                                           dropout_p=dropout_p)
+    return out.to(dtype)
