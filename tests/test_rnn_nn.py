@@ -278,6 +278,29 @@ def test_step_kernel_rejects_malformed_parameters_as_forward_does():
         m.step(torch.randn(2, 4))
 
 
+@pytest.mark.parametrize("bad, match, ops_match", [
+    ((2, 6), r"weight_hh \[24, 3\] and weight_hr \[2, 6\] disagree on proj_size.*weight_hr \(3, 6\)",
+     r"w_hh \(24, 3\) and w_hr \(2, 6\) disagree on proj_size.*w_hr \(3, 6\)"),
+    ((3, 5), r"weight_hr must be \(proj_size, 6\), got \[3, 5\]", r"w_hr must be \(proj_size, 6\), got \(3, 5\)"),
+    ((18,), r"weight_hr must be \(proj_size, 6\), got \[18\]", r"w_hr must be \(proj_size, 6\), got \(18,\)")])
+def test_malformed_weight_hr_is_named(bad, match, ops_match):
+    """A wrong-shaped weight_hr was reported as a wrong weight_hh (the kernel takes proj_size
+    from weight_hr; found by review)."""
+    m = snn.LSTM(4, 6, proj_size=3)
+    m.weight_hr_l0 = torch.nn.Parameter(torch.randn(bad))
+    x = torch.randn(5, 2, 4)
+    with pytest.raises(RuntimeError, match=match):
+        m(x)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=match):
+        m(x)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=match):
+        m.step(x[0])
+    w = dict(w_ih=m.weight_ih_l0, w_hh=m.weight_hh_l0, w_hr=m.weight_hr_l0)
+    with pytest.raises(ValueError, match=ops_match):
+        ops.recurrent_layer("lstm", x.flatten(0, 1), torch.full((5,), 2), torch.zeros(2, 3),
+                            torch.zeros(2, 6), w)
+
+
 @pytest.mark.parametrize("make", [lambda m: m.RNNCell(3, 4), lambda m: m.RNNCell(3, 4, nonlinearity="relu"),
                                   lambda m: m.LSTMCell(3, 4, bias=False), lambda m: m.GRUCell(3, 4),
                                   lambda m: m.LSTM(3, 4, proj_size=2, bias=False)])

@@ -528,8 +528,17 @@ void check_common(Cell cell, const at::Tensor& x, const at::Tensor& batch_sizes,
               "seqkern cpu recurrence: weight_ih must be (", G, "*hidden_size, ", x.size(1),
               "), got ", w_ih.sizes());
   const int64_t H = w_ih.size(0) / G;
+  TORCH_CHECK(!w_hr.defined() || (w_hr.dim() == 2 && w_hr.size(0) >= 1 && w_hr.size(1) == H),
+              "seqkern cpu recurrence: weight_hr must be (proj_size, ", H, "), got ", w_hr.sizes());
   const int64_t Hs = w_hr.defined() ? w_hr.size(0) : H;
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * H && w_hh.size(1) == Hs,
+  // With a projection both weight_hh and weight_hr carry proj_size: name both when they disagree
+  const bool hh_rank_ok = w_hh.dim() == 2 && w_hh.size(0) == G * H;
+  TORCH_CHECK(!w_hr.defined() || !hh_rank_ok || w_hh.size(1) == Hs,
+              "seqkern cpu recurrence: weight_hh ", w_hh.sizes(), " and weight_hr ", w_hr.sizes(),
+              " disagree on proj_size: weight_hh must be (", G * H, ", ", Hs,
+              ") for this weight_hr, or weight_hr (", hh_rank_ok ? w_hh.size(1) : 0, ", ", H,
+              ") for this weight_hh");
+  TORCH_CHECK(hh_rank_ok && w_hh.size(1) == Hs,
               "seqkern cpu recurrence: weight_hh must be (", G * H, ", ", Hs, "), got ",
               w_hh.sizes());
   TORCH_CHECK(h0.dim() == 2 && h0.size(1) == Hs,

@@ -307,7 +307,15 @@ def _check_layer(mode, x, batch_sizes, h0, c0, w):
     if w_ih.dim() != 2 or w_ih.shape[1] != x.shape[1] or w_ih.shape[0] % G:
         raise ValueError(f"w_ih must be ({G}*hidden_size, {x.shape[1]}), got {tuple(w_ih.shape)}")
     H = w_ih.shape[0] // G
-    Hs = w["w_hr"].shape[0] if w.get("w_hr") is not None else H
+    w_hr = w.get("w_hr")
+    if w_hr is not None and (w_hr.dim() != 2 or w_hr.shape[0] < 1 or w_hr.shape[1] != H):
+        raise ValueError(f"w_hr must be (proj_size, {H}), got {tuple(w_hr.shape)}")
+    Hs = w_hr.shape[0] if w_hr is not None else H
+    if w_hr is not None and w_hh.dim() == 2 and w_hh.shape[0] == G * H and w_hh.shape[1] != Hs:
+        # both carry proj_size: name both
+        raise ValueError(f"w_hh {tuple(w_hh.shape)} and w_hr {tuple(w_hr.shape)} disagree on "
+                         f"proj_size: w_hh must be ({G * H}, {Hs}) for this w_hr, or w_hr "
+                         f"({w_hh.shape[1]}, {H}) for this w_hh")
     if tuple(w_hh.shape) != (G * H, Hs):
         raise ValueError(f"w_hh must be ({G * H}, {Hs}), got {tuple(w_hh.shape)}")
     # The batch size is h0's: reading batch_sizes[0] here would be data-dependent under
