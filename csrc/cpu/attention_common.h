@@ -497,7 +497,7 @@ void explicit_mask_rows_t(const Mask<T>& mask, int64_t b, int64_t h, int64_t i0,
     return;
   }
   const int64_t nr = rhi - rlo;
-  thread_local std::vector<T> buf;
+  thread_local LineVector<T> buf;
   buf.resize(nk * nr);
   transpose<T>(mask.amask + mask.at(b, h, i0 + rlo, j0), mask.sq, buf.data(), nr, nr, nk);
   for (int64_t c = 0; c < nk; ++c) {

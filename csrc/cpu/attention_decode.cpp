@@ -521,8 +521,8 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
   constexpr bool pair_scores = kBlockedDecode && !std::is_same_v<S, T> && std::is_same_v<T, float>;
   const bool group_sums = !std::is_same_v<S, T> && !mask.has_explicit() && !drop.active;
   at::parallel_for(0, d.B * d.Hq * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(RG * d.Lk), acc(RG * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
-    std::vector<T> mx(RG), sum(RG);
+    LineVector<T> s(RG * d.Lk), acc(RG * d.Dv), part(d.Dv), keep(drop.active ? d.Lk : 0);
+    LineVector<T> mx(RG), sum(RG);
     std::vector<Span> keys(RG);
     std::vector<int64_t> live(RG);
     for (int64_t task = begin; task < end; ++task) {
@@ -652,7 +652,7 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
   // (decode_scores_2_rows gives each score the one-row function's bits)
   constexpr bool pair_rows = kBlockedDecode && !std::is_same_v<S, T> && std::is_same_v<T, float>;
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> pbuf(R * d.Lk), dsbuf(R * d.Lk), keep(drop.active ? d.Lk : 0), qs(R * d.D), dq_row(d.D);
+    LineVector<T> pbuf(R * d.Lk), dsbuf(R * d.Lk), keep(drop.active ? d.Lk : 0), qs(R * d.D), dq_row(d.D);
     std::vector<Span> spans(R);
     T* const mg = mgrad.data ? mgrad.target() : nullptr;
     for (int64_t task = begin; task < end; ++task) {

@@ -26,9 +26,9 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   const int64_t g = d.group();
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> QT(d.D * BQ), ST(BK * BQ), acc(BQ * d.Dv), mx(BQ), sm(BQ);
-    std::vector<T> keep(drop.active ? BK * BQ : 0);
-    std::vector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
+    LineVector<T> QT(d.D * BQ), ST(BK * BQ), acc(BQ * d.Dv), mx(BQ), sm(BQ);
+    LineVector<T> keep(drop.active ? BK * BQ : 0);
+    LineVector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
@@ -115,10 +115,10 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   const int64_t qt_size = nqb * d.D * BQ, dot_size = nqb * d.Dv * BQ;
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> QT, DOT, DELTA;  // the task's heads' query-side operands
-    std::vector<T> PT(BK * BQ), dST(BK * BQ), dk_loc(BK * d.D), dv_loc(BK * d.Dv);
-    std::vector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
-    std::vector<T> keep(drop.active ? BK * BQ : 0);
+    LineVector<T> QT, DOT, DELTA;  // the task's heads' query-side operands
+    LineVector<T> PT(BK * BQ), dST(BK * BQ), dk_loc(BK * d.D), dv_loc(BK * d.Dv);
+    LineVector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
+    LineVector<T> keep(drop.active ? BK * BQ : 0);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     const V keep_scale{T(drop.keep_scale)};
     T* const mg = mgrad.data ? mgrad.target() : nullptr;

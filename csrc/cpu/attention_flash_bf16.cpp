@@ -263,7 +263,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const float ninf = neg_inf<float>();
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
+    LineVector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
     std::vector<bf16> P(BQ * BK), edge(32 * Dvp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[kAmxBlockKMax];
@@ -458,10 +458,10 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
   at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> QT(d.D * BQ);
     const bool widened_v = !pv_tiles && mi > kDecodeRowsMax;  // the fp32 micro-kernel's V tile
-    std::vector<float> ST(BK * BQ), VT(widened_v ? BK * d.Dv : 0), acc(BQ * Dvp), mx(BQ), sm(BQ);
-    std::vector<float> PT(pv_tiles ? BQ * BK : 0);
+    LineVector<float> ST(BK * BQ), VT(widened_v ? BK * d.Dv : 0), acc(BQ * Dvp), mx(BQ), sm(BQ);
+    LineVector<float> PT(pv_tiles ? BQ * BK : 0);
     std::vector<bf16> P(pv_tiles ? BQ * BK : 0), VP(pv_tiles ? BK * Dvp : 0);
-    std::vector<float> keep(drop.active ? BK * BQ : 0);
+    LineVector<float> keep(drop.active ? BK * BQ : 0);
     uint32_t rk_lo[kFewRowsMax] = {}, rk_hi[kFewRowsMax] = {};
     Span rows[kFewRowsMax], cols[BK];
     int64_t skip[BK];
@@ -617,7 +617,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   });
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(BQ * BK), dP(BQ * BK), dk_loc(BK * Dp), dv_loc(BK * Dvp), keep(BK);
+    LineVector<float> S(BQ * BK), dP(BQ * BK), dk_loc(BK * Dp), dv_loc(BK * Dvp), keep(BK);
     std::vector<bf16> Pb(BQ * BK), dSb(BQ * BK), PbT(BK * BQ), dSbT(BK * BQ), edge(32 * Dp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     float* const mg = mgrad.data ? mgrad.target() : nullptr;

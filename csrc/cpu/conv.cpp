@@ -653,7 +653,7 @@ void wavenet_forward_impl(const Block& k, const T* x, const T* init, const T* wp
   const int64_t nt = tile_columns(std::max({2 * k.G, k.R, k.S}), g.L, g.B, sizeof(T));
   const int64_t ntiles = (g.L + nt - 1) / nt;
   at::parallel_for(0, g.B * ntiles, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> hbuf(hsave ? 0 : 2 * k.G * nt), zbuf(k.G * nt);
+    LineVector<T> hbuf(hsave ? 0 : 2 * k.G * nt), zbuf(k.G * nt);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / ntiles, t0 = (it % ntiles) * nt, t1 = std::min(g.L, t0 + nt);
       const int64_t n = t1 - t0;
@@ -698,7 +698,7 @@ void wavenet_backward_impl(const Block& k, const T* gres, const T* gskip, const 
   const int64_t ntiles = (g.L + nt - 1) / nt;
   ThreadAccum<T> acc(k.S * k.G + k.S + k.R * k.G + k.R, st);
   at::parallel_for(0, g.B * ntiles, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> z(k.G * nt), dz(k.G * nt);
+    LineVector<T> z(k.G * nt), dz(k.G * nt);
     T* a = acc.mine();
     T* a_ws = a;
     T* a_sb = a_ws + k.S * k.G;

@@ -1,5 +1,6 @@
 #include "cpu/gemm.h"
 #include "cpu/transpose.h"
+#include "cpu/large_alloc.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -360,9 +361,9 @@ void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
                  float* C, int64_t ldc) {
   constexpr int64_t NB = kGemmPanel;
   const int64_t Kp = (K + 1) / 2 * 2, n_panels = (N + NB - 1) / NB;
-  std::vector<at::BFloat16> Bp(n_panels * Kp * NB);
+  LineVector<at::BFloat16> Bp(n_panels * Kp * NB);
   at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<at::BFloat16> tmp(b_trans && K % 2 ? Kp * NB : 0);
+    LineVector<at::BFloat16> tmp(b_trans && K % 2 ? Kp * NB : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = std::min(NB, N - p * NB);
       at::BFloat16* out = Bp.data() + p * Kp * NB;
@@ -380,7 +381,7 @@ void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
   const int64_t m_blocks = (M + kGemmRows - 1) / kGemmRows;
   const int64_t n_groups = (N + kGemmCols - 1) / kGemmCols;
   at::parallel_for(0, m_blocks * n_groups, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<at::BFloat16> At(a_trans ? kGemmRows * kGemmDepth : 0);
+    LineVector<at::BFloat16> At(a_trans ? kGemmRows * kGemmDepth : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = (t % m_blocks) * kGemmRows, n0 = (t / m_blocks) * kGemmCols;
       const int64_t mr = std::min(kGemmRows, M - m0), nc = std::min(kGemmCols, N - n0);

@@ -5,7 +5,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <vector>
 
 namespace seqkern::cpu {
 
@@ -19,6 +23,29 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 // filled, not copied element by element. A negative-bit view (z.conj().imag: memory holding
 // -t) is always copied, which materialises it: the kernels read raw memory.
 at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct);
+
+// Allocator for per-thread scratch that kernels read and write in whole vectors: on 64-byte
+// boundaries, where std::vector's buffers start 16 bytes into a line (malloc's alignment), so
+// every 512-bit load and store of them spans two cache lines.
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    const size_t bytes = (std::max<size_t>(n, 1) * sizeof(T) + 63) / 64 * 64;
+    if (void* p = std::aligned_alloc(64, bytes)) return static_cast<T*>(p);
+    throw std::bad_alloc();
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
 
 // Bytes currently held by the cache (freed blocks kept for reuse), and a way to give them back.
 int64_t large_alloc_cached_bytes();
