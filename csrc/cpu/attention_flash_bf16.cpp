@@ -163,7 +163,7 @@ SEQKERN_INLINE void exp_row_to_bf16_impl(const float* s, int64_t n, float sc, fl
     V e0, e1(0.0f);
     part(j, c0, e0);
     if (c1 > 0) part(j + W, c1, e1);
-    store_bf16_pair(e0, e1, p + j, c);
+    store_bf16_operand_pair(e0, e1, p + j, c);
   }
   sum_out = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, sum);
   const float ymax = at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
@@ -264,7 +264,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     LineVector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
-    std::vector<bf16> P(BQ * BK), edge(32 * Dvp);
+    LineVector<bf16> P(BQ * BK), edge(32 * Dvp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[kAmxBlockKMax];
     for (int64_t task = begin; task < end; ++task) {
@@ -456,11 +456,11 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
   const int64_t Dvp = pv_tiles ? amx_width(d.Dv) : d.Dv;  // acc's row stride
 
   at::parallel_for(0, d.B * d.Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<bf16> QT(d.D * BQ);
+    LineVector<bf16> QT(d.D * BQ);
     const bool widened_v = !pv_tiles && mi > kDecodeRowsMax;  // the fp32 micro-kernel's V tile
     LineVector<float> ST(BK * BQ), VT(widened_v ? BK * d.Dv : 0), acc(BQ * Dvp), mx(BQ), sm(BQ);
     LineVector<float> PT(pv_tiles ? BQ * BK : 0);
-    std::vector<bf16> P(pv_tiles ? BQ * BK : 0), VP(pv_tiles ? BK * Dvp : 0);
+    LineVector<bf16> P(pv_tiles ? BQ * BK : 0), VP(pv_tiles ? BK * Dvp : 0);
     LineVector<float> keep(drop.active ? BK * BQ : 0);
     uint32_t rk_lo[kFewRowsMax] = {}, rk_hi[kFewRowsMax] = {};
     Span rows[kFewRowsMax], cols[BK];
@@ -525,7 +525,7 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
           const int64_t n = khi - klo, kk = (n + tm.k - 1) / tm.k * tm.k;
           transpose<float>(ST.data() + klo * BQ, BQ, PT.data(), BK, n, BQ);
           for (int64_t r = 0; r < BQ; ++r) {
-            round_to_bf16(PT.data() + r * BK, P.data() + r * BK, n);
+            round_to_bf16_operand(PT.data() + r * BK, P.data() + r * BK, n);
             std::fill(P.data() + r * BK + n, P.data() + r * BK + kk, bf16(0.0f));
           }
           pack_vnni(vbase + (j0 + klo) * sv.l, sv.l, n, d.Dv, kk, Dvp, VP.data());
@@ -618,7 +618,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     LineVector<float> S(BQ * BK), dP(BQ * BK), dk_loc(BK * Dp), dv_loc(BK * Dvp), keep(BK);
-    std::vector<bf16> Pb(BQ * BK), dSb(BQ * BK), PbT(BK * BQ), dSbT(BK * BQ), edge(32 * Dp);
+    LineVector<bf16> Pb(BQ * BK), dSb(BQ * BK), PbT(BK * BQ), dSbT(BK * BQ), edge(32 * Dp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     float* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
@@ -683,8 +683,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                 float* gr = mg + b * mgrad.sb + h * mgrad.sh + (i0 + r) * mgrad.sq + j0 * mgrad.sk;
                 for (int64_t cc = lo; cc < hi; ++cc) gr[cc * mgrad.sk] += dp[cc];
               }
-              round_to_bf16(s, Pb.data() + r * BK, BK);
-              round_to_bf16(dp, dSb.data() + r * BK, BK);
+              round_to_bf16_operand(s, Pb.data() + r * BK, BK);
+              round_to_bf16_operand(dp, dSb.data() + r * BK, BK);
             }
             // Pᵀ and dSᵀ (keys × queries) as the left operands of the key-side products
             for (int64_t r = 0; r < mip; r += 32)

@@ -242,6 +242,20 @@ SEQKERN_INLINE void store(const Vec<T>& v, T* p, int64_t count) {
 SEQKERN_INLINE void store(const Vec<float>& v, c10::BFloat16* p, int64_t count) {
   store_bf16_pair(v, Vec<float>(0.0f), p, count);
 }
+// store_bf16_pair for operands of bf16 tile products (AMX, vdpbf16ps), which read subnormal
+// bf16 inputs as zero: rounding a subnormal exactly would change nothing, so the hardware
+// conversion (which flushes them) serves without the per-vector subnormal test, which sat on
+// the softmax's critical path.
+SEQKERN_INLINE void store_bf16_operand_pair(const Vec<float>& lo, const Vec<float>& hi,
+                                            c10::BFloat16* p, int64_t c) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  if (c == 32) _mm512_storeu_si512(p, v);
+  else _mm512_mask_storeu_epi16(p, (__mmask32)((uint64_t(1) << c) - 1), v);
+#else
+  store_bf16_pair(lo, hi, p, c);
+#endif
+}
 // n floats rounded to bf16 (nearest even) into dst, 2·W at a time. at::vec::convert rounds 32
 // at a time in software and the rest one by one through c10::convert, and the recurrent loops
 // convert a vector of units (n ≤ 16) per call: all of it went the scalar way.
@@ -251,6 +265,15 @@ SEQKERN_INLINE void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t 
     const int64_t c = std::min<int64_t>(2 * W, n - j);
     const Vec<float> hi = c <= W ? Vec<float>(0.0f) : load(src + j + W, c - W);
     store_bf16_pair(load(src + j, std::min<int64_t>(W, c)), hi, dst + j, c);
+  }
+}
+// round_to_bf16 for operands of bf16 tile products (see store_bf16_operand_pair).
+SEQKERN_INLINE void round_to_bf16_operand(const float* src, c10::BFloat16* dst, int64_t n) {
+  constexpr int64_t W = Vec<float>::size();
+  for (int64_t j = 0; j < n; j += 2 * W) {
+    const int64_t c = std::min<int64_t>(2 * W, n - j);
+    const Vec<float> hi = c <= W ? Vec<float>(0.0f) : load(src + j + W, c - W);
+    store_bf16_operand_pair(load(src + j, std::min<int64_t>(W, c)), hi, dst + j, c);
   }
 }
 // n values of S as T (bf16/fp16 widened to float, or copied), a vector at a time.
