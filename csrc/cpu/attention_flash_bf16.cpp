@@ -525,7 +525,7 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
           const int64_t n = khi - klo, kk = (n + tm.k - 1) / tm.k * tm.k;
           transpose<float>(ST.data() + klo * BQ, BQ, PT.data(), BK, n, BQ);
           for (int64_t r = 0; r < BQ; ++r) {
-            round_to_bf16_operand(PT.data() + r * BK, P.data() + r * BK, n);
+            round_to_bf16<true>(PT.data() + r * BK, P.data() + r * BK, n);
             std::fill(P.data() + r * BK + n, P.data() + r * BK + kk, bf16(0.0f));
           }
           pack_vnni(vbase + (j0 + klo) * sv.l, sv.l, n, d.Dv, kk, Dvp, VP.data());
@@ -683,8 +683,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                 float* gr = mg + b * mgrad.sb + h * mgrad.sh + (i0 + r) * mgrad.sq + j0 * mgrad.sk;
                 for (int64_t cc = lo; cc < hi; ++cc) gr[cc * mgrad.sk] += dp[cc];
               }
-              round_to_bf16_operand(s, Pb.data() + r * BK, BK);
-              round_to_bf16_operand(dp, dSb.data() + r * BK, BK);
+              round_to_bf16<true>(s, Pb.data() + r * BK, BK);
+              round_to_bf16<true>(dp, dSb.data() + r * BK, BK);
             }
             // Pᵀ and dSᵀ (keys × queries) as the left operands of the key-side products
             for (int64_t r = 0; r < mip; r += 32)

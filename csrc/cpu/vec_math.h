@@ -258,22 +258,17 @@ SEQKERN_INLINE void store_bf16_operand_pair(const Vec<float>& lo, const Vec<floa
 }
 // n floats rounded to bf16 (nearest even) into dst, 2·W at a time. at::vec::convert rounds 32
 // at a time in software and the rest one by one through c10::convert, and the recurrent loops
-// convert a vector of units (n ≤ 16) per call: all of it went the scalar way.
+// convert a vector of units (n ≤ 16) per call: all of it went the scalar way. kOperand: for
+// operands of bf16 tile products only (see store_bf16_operand_pair).
+template <bool kOperand = false>
 SEQKERN_INLINE void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
   constexpr int64_t W = Vec<float>::size();
   for (int64_t j = 0; j < n; j += 2 * W) {
     const int64_t c = std::min<int64_t>(2 * W, n - j);
+    const Vec<float> lo = load(src + j, std::min<int64_t>(W, c));
     const Vec<float> hi = c <= W ? Vec<float>(0.0f) : load(src + j + W, c - W);
-    store_bf16_pair(load(src + j, std::min<int64_t>(W, c)), hi, dst + j, c);
-  }
-}
-// round_to_bf16 for operands of bf16 tile products (see store_bf16_operand_pair).
-SEQKERN_INLINE void round_to_bf16_operand(const float* src, c10::BFloat16* dst, int64_t n) {
-  constexpr int64_t W = Vec<float>::size();
-  for (int64_t j = 0; j < n; j += 2 * W) {
-    const int64_t c = std::min<int64_t>(2 * W, n - j);
-    const Vec<float> hi = c <= W ? Vec<float>(0.0f) : load(src + j + W, c - W);
-    store_bf16_operand_pair(load(src + j, std::min<int64_t>(W, c)), hi, dst + j, c);
+    if constexpr (kOperand) store_bf16_operand_pair(lo, hi, dst + j, c);
+    else store_bf16_pair(lo, hi, dst + j, c);
   }
 }
 // n values of S as T (bf16/fp16 widened to float, or copied), a vector at a time.
