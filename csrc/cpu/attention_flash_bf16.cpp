@@ -154,7 +154,7 @@ SEQKERN_INLINE void exp_row_to_bf16_impl(const float* s, int64_t n, float sc, fl
     if constexpr (kExact) y = y * l2e;
     if (c < W) y = V::set(V(ninf), y, c);  // lanes past the row: weight 0
     vmax = max_no_nan(vmax, y);
-    e = exp2_weights(y);
+    e = exp2_weights<true>(y);
     sum = sum + e;
     if (keep) e = e * load(keep + j, c);
   };
@@ -662,7 +662,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                 for_each_vec<float>(hi - lo, [&](int64_t j, int64_t n) {
                   V p = at::vec::fmsub(load(s + lo + j, n), c2, s2);
                   if constexpr (decltype(exact_tag)::value) p = at::vec::fmsub(p, l2e, lo2);
-                  p = exp2_weights(p);
+                  p = exp2_weights<true>(p);
                   if (drop.active) {
                     const V z = load(keep.data() + j, n) * ks;
                     store(p * z, s + lo + j, n);
