@@ -536,7 +536,7 @@ void check_common(Cell cell, const at::Tensor& x, const at::Tensor& batch_sizes,
   TORCH_CHECK(!w_hr.defined() || !hh_rank_ok || w_hh.size(1) == Hs,
               "seqkern cpu recurrence: weight_hh ", w_hh.sizes(), " and weight_hr ", w_hr.sizes(),
               " disagree on proj_size: weight_hh must be (", G * H, ", ", Hs,
-              ") for this weight_hr, or weight_hr (", hh_rank_ok ? w_hh.size(1) : 0, ", ", H,
+              ") for this weight_hr, or weight_hr (", w_hh.size(1), ", ", H,
               ") for this weight_hh");
   TORCH_CHECK(hh_rank_ok && w_hh.size(1) == Hs,
               "seqkern cpu recurrence: weight_hh must be (", G * H, ", ", Hs, "), got ",

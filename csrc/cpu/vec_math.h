@@ -136,18 +136,23 @@ SEQKERN_INLINE Vec<float> exp2_weights(Vec<float> y) {
 
 // Two float vectors rounded to bf16 (nearest even) and stored as 2·W consecutive values, the
 // first c of them. With AVX512_BF16 one instruction converts both.
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// The c ≤ 32 values of lo, hi rounded by vcvtne2ps2bf16, which reads subnormal inputs as zero.
+SEQKERN_INLINE void store_bf16_pair_hw(const Vec<float>& lo, const Vec<float>& hi,
+                                       c10::BFloat16* p, int64_t c) {
+  const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  if (c == 32) _mm512_storeu_si512(p, v);
+  else _mm512_mask_storeu_epi16(p, (__mmask32)((uint64_t(1) << c) - 1), v);
+}
+#endif
 SEQKERN_INLINE void store_bf16_pair(const Vec<float>& lo, const Vec<float>& hi, c10::BFloat16* p,
                                     int64_t c) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  // vcvtne2ps2bf16 reads subnormal inputs as zero, where torch's .to() (and c10's rounding)
-  // keep them as bf16 subnormals: vectors holding one take the software rounding (a review
-  // showed a bf16 RNN's bias gradient, ~1e-38, wrong where torch's was right).
-  if (_kor_mask16(_mm512_fpclass_ps_mask(lo, 0x20), _mm512_fpclass_ps_mask(hi, 0x20)) == 0) {
-    const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    if (c == 32) _mm512_storeu_si512(p, v);
-    else _mm512_mask_storeu_epi16(p, (__mmask32)((uint64_t(1) << c) - 1), v);
-    return;
-  }
+  // torch's .to() (and c10's rounding) keep subnormals as bf16 subnormals, which the hardware
+  // conversion flushes: vectors holding one take the software rounding (a review showed a bf16
+  // RNN's bias gradient, ~1e-38, wrong where torch's was right).
+  if (_kor_mask16(_mm512_fpclass_ps_mask(lo, 0x20), _mm512_fpclass_ps_mask(hi, 0x20)) == 0)
+    return store_bf16_pair_hw(lo, hi, p, c);
 #endif
   const auto pb = at::vec::convert_from_float<c10::BFloat16>(lo, hi);
   if (c == 2 * Vec<float>::size()) pb.store(p);
@@ -262,9 +267,7 @@ SEQKERN_INLINE void store(const Vec<float>& v, c10::BFloat16* p, int64_t count) 
 SEQKERN_INLINE void store_bf16_operand_pair(const Vec<float>& lo, const Vec<float>& hi,
                                             c10::BFloat16* p, int64_t c) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-  if (c == 32) _mm512_storeu_si512(p, v);
-  else _mm512_mask_storeu_epi16(p, (__mmask32)((uint64_t(1) << c) - 1), v);
+  store_bf16_pair_hw(lo, hi, p, c);
 #else
   store_bf16_pair(lo, hi, p, c);
 #endif
