@@ -413,3 +413,21 @@ def test_widening_the_window_before_any_drop_stays_exact():
         got = _decode_in_chunks(m, x, [16, 1, 1], cache)
     torch.testing.assert_close(got, full, **TOL)
     assert cache.dropped == 0
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_export_with_dynamic_batch_and_length(window):
+    """torch.export with symbolic batch and length: the graph traced at L = 6 serves any L,
+    down to L = 1 (a query-length test in the op's wrapper once put a guard L > 4 into it),
+    forward and backward."""
+    torch.manual_seed(3)
+    m = CausalSelfAttention(16, 4, num_kv_heads=2, window=window).double()
+    dims = ({0: torch.export.Dim("b"), 1: torch.export.Dim("t")},)
+    ep = torch.export.export(m, (torch.randn(3, 6, 16, dtype=torch.float64),), dynamic_shapes=dims)
+    for b, t in [(1, 1), (2, 3), (5, 17)]:
+        x = torch.randn(b, t, 16, dtype=torch.float64, requires_grad=True)
+        got, want = ep.module()(x), m(x)
+        torch.testing.assert_close(got, want, **TOL)
+        go = torch.randn_like(want)
+        torch.testing.assert_close(torch.autograd.grad(got, x, go)[0],
+                                   torch.autograd.grad(want, x, go)[0], **TOL)

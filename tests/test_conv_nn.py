@@ -340,3 +340,22 @@ def test_stack_step_kernel_checks_dilations_itself():
     cols = [list(c) for c in zip(*[b._params() for b in net.blocks])]
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"dilations\[0\] must be >= 1"):
         _ext._C.wavenet_stack_step(torch.randn(2, 4), [torch.zeros(2, 4, 0)], *cols, [0])
+
+
+def test_export_with_dynamic_batch_and_length(backend):
+    """torch.export with symbolic batch and length: the graph traced at (3, ·, 20) serves other
+    batches and lengths, down to 1, forward and backward."""
+    torch.manual_seed(5)
+    models = [CausalConv1d(8, 6, 3, dilation=2, dtype=torch.float64),
+              CausalConv1d(8, 8, 4, groups=8, activation="silu", dtype=torch.float64),
+              WaveNet(3, 8, 6, 5, dtype=torch.float64), TCN(8, [6, 4], dtype=torch.float64)]
+    dims = ({0: torch.export.Dim("b"), 2: torch.export.Dim("t")},)
+    for m in models:
+        ep = torch.export.export(m, (torch.randn(3, 8, 20, dtype=torch.float64),), dynamic_shapes=dims)
+        for b, t in [(1, 1), (2, 3), (5, 37)]:
+            x = torch.randn(b, 8, t, dtype=torch.float64, requires_grad=True)
+            got, want = ep.module()(x), m(x)
+            torch.testing.assert_close(got, want, **TOL)
+            go = torch.randn_like(want)
+            torch.testing.assert_close(torch.autograd.grad(got, x, go)[0],
+                                       torch.autograd.grad(want, x, go)[0], **TOL)

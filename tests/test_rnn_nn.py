@@ -1135,3 +1135,28 @@ def test_module_forward_entry_rejects_bad_arguments():
     with torch.no_grad():
         out, h, c = f("lstm", torch.randn(5, 2, 3), flat, 1, False, False)
     assert out.shape == (5, 2, 4) and h.shape == (1, 2, 4) and c.shape == (1, 2, 4)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind,kw", [("lstm", dict(num_layers=2, bidirectional=True)),
+                                     ("lstm", dict(proj_size=5, peephole=True)),
+                                     ("gru", dict(reset_after=False)),
+                                     ("rnn", dict(nonlinearity="relu"))], ids=str)
+def test_export_with_dynamic_batch_and_length(kind, kw):
+    """torch.export with symbolic batch and length: the graph traced at (3, 6) serves other
+    batches and lengths, down to 1, forward and backward (input and weight gradients)."""
+    torch.manual_seed(11)
+    m = PAIRS[kind][1](7, 9, batch_first=True, **kw).double()
+    dims = ({0: torch.export.Dim("b"), 1: torch.export.Dim("t")},)
+    ep = torch.export.export(m, (torch.randn(3, 6, 7, dtype=torch.float64),), dynamic_shapes=dims)
+    exported = ep.module()
+    for b, t in [(1, 1), (2, 3), (5, 17)]:
+        x = torch.randn(b, t, 7, dtype=torch.float64, requires_grad=True)
+        got, want = exported(x), m(x)
+        for a, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+        go = torch.randn_like(want[0])
+        w_got = [p for n, p in exported.named_parameters() if n.endswith("weight_hh_l0")]
+        torch.testing.assert_close(torch.autograd.grad(got[0], [x, *w_got], go),
+                                   torch.autograd.grad(want[0], [x, m.weight_hh_l0], go),
+                                   atol=1e-10, rtol=1e-10)

@@ -309,7 +309,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                 m = m.unsqueeze(1)
         kl = key_lengths.to(device=q.device, dtype=torch.int64) if key_lengths is not None else None
         # a window past Lq + Lk rules nothing out: clamped, so any int fits the op's int64
-        window = min(int(window), q.shape[-2] + k.shape[-2] + 1) if window else 0
+        # (sym_min: under export with dynamic lengths, min() would specialise on them)
+        window = torch.sym_min(int(window), q.shape[-2] + k.shape[-2] + 1) if window else 0
         flags = (bool(is_causal), causal_alignment == "bottom_right", window, float(scale))
         if backend == "triton":
             from seqkern.triton import attention as triton_attention
@@ -320,11 +321,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         else:
             p = float(dropout_p)
             # training: the output in the compute dtype (float32 for bf16/fp16) for the
-            # backward's Δ, rounded here (not with ≤ 4 queries: the decode backward sums Δ from
-            # its weights)
+            # backward's Δ, rounded here. (The decode kernel, ≤ 4 queries, sums Δ from its
+            # weights and has no use for it, but asking by Lq would put a guard on the query
+            # length into exported and compiled graphs.)
             train = _ext.needs_grad(q, k, v, m)
-            args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None,
-                    train and q.shape[-2] > 4)
+            args = (q, k, v, m, kl, *flags, p, _draw_seed() if p else None, train)
             if not _ext.direct_call_ok(q, k, v, m, kl):
                 out, _ = _attention_forward_op(*args)
             elif train:
