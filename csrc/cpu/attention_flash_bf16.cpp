@@ -129,6 +129,7 @@ inline float row_max_scaled(const float* s, int64_t n, float sc) {
 }
 
 constexpr float kLazyRescale = 8.0f;
+constexpr float kLazySum = 2980.958f;  // e^kLazyRescale
 
 // Below this |shift| (the row max, or its log-sum-exp) an exponent s·(sc·log2 e) − shift·log2 e
 // with both factors rounded to fp32 is off by at most ~1e-4 where the weights are not ~0, far
@@ -137,23 +138,23 @@ constexpr float kLazyRescale = 8.0f;
 // rounded, for one more multiply per score.
 constexpr float kFastShift = 1024.0f;
 
-// p[j] = bf16(exp(s[j]·sc − m) · keep[j]) for j < n (keep null: 1); sum = Σ exp(s[j]·sc − m)
-// (before dropout), max = the largest s[j]·sc. The exponent s·sc − m is taken in base 2 with
-// one FMA (exp2_weights), and P goes out in bf16 straight from registers.
+// p[j] = bf16(exp(s[j]·sc − m) · keep[j]) for j < n (keep null: 1), and per lane sum +=
+// exp(s[j]·sc − m) (before dropout). The exponent is taken in base 2 with one FMA
+// (exp2_weights), and P goes out in bf16 straight from registers. The sum stays a vector and no
+// running max is kept: a row of a tile is only 4–16 vectors, and reducing a sum and a max
+// across lanes after each (two dependent shuffle chains), plus the max itself, took a quarter
+// of the bf16 forward's softmax. The caller learns from the sum whether a weight got large.
 template <bool kExact>
 SEQKERN_INLINE void exp_row_to_bf16_impl(const float* s, int64_t n, float sc, float m,
-                                         const float* keep, c10::BFloat16* p, float& sum_out,
-                                         float& max_out) {
+                                         const float* keep, c10::BFloat16* p, Vec<float>& sum) {
   using V = Vec<float>;
   constexpr int64_t W = V::size();
   const float ninf = neg_inf<float>();
   const V c2(kExact ? sc : sc * kLog2e), m2(kExact ? m : m * kLog2e), l2e(kLog2e);
-  V sum(0.0f), vmax(ninf);
   auto part = [&](int64_t j, int64_t c, V& e) __attribute__((always_inline)) {
     V y = at::vec::fmsub(load(s + j, c), c2, m2);
     if constexpr (kExact) y = y * l2e;
     if (c < W) y = V::set(V(ninf), y, c);  // lanes past the row: weight 0
-    vmax = max_no_nan(vmax, y);
     e = exp2_weights<true>(y);
     sum = sum + e;
     if (keep) e = e * load(keep + j, c);
@@ -165,15 +166,16 @@ SEQKERN_INLINE void exp_row_to_bf16_impl(const float* s, int64_t n, float sc, fl
     if (c1 > 0) part(j + W, c1, e1);
     store_bf16_operand_pair(e0, e1, p + j, c);
   }
-  sum_out = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, sum);
-  const float ymax = at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
-  max_out = ymax * kLn2 + m;  // back to the natural units of m (-inf stays -inf)
 }
 SEQKERN_INLINE void exp_row_to_bf16(const float* s, int64_t n, float sc, float m,
-                                    const float* keep, c10::BFloat16* p, float& sum_out,
-                                    float& max_out) {
-  if (std::abs(m) < kFastShift) exp_row_to_bf16_impl<false>(s, n, sc, m, keep, p, sum_out, max_out);
-  else exp_row_to_bf16_impl<true>(s, n, sc, m, keep, p, sum_out, max_out);
+                                    const float* keep, c10::BFloat16* p, Vec<float>& sum) {
+  if (std::abs(m) < kFastShift) exp_row_to_bf16_impl<false>(s, n, sc, m, keep, p, sum);
+  else exp_row_to_bf16_impl<true>(s, n, sc, m, keep, p, sum);
+}
+
+// Whether some lane of x exceeds t (NaN lanes do not).
+SEQKERN_INLINE bool any_above(const Vec<float>& x, float t) {
+  return (x > Vec<float>(t)).zero_mask() != (1 << Vec<float>::size()) - 1;
 }
 
 // Whether n bf16 values are all finite (no exponent of all ones).
@@ -263,7 +265,9 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const float ninf = neg_inf<float>();
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    LineVector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), keep(drop.active ? BK : 0);
+    // sm: each row's running sum, kept per lane (smv) until the block's rows are written
+    LineVector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), smv(BQ * Vec<float>::size());
+    LineVector<float> keep(drop.active ? BK : 0);
     LineVector<bf16> P(BQ * BK), edge(32 * Dvp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[kAmxBlockKMax];
@@ -273,7 +277,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
       const bf16* q = Q + sq.at(b, h, i0);
       std::fill(acc.begin(), acc.begin() + mi * Dvp, 0.0f);
       std::fill(mx.begin(), mx.end(), ninf);
-      std::fill(sm.begin(), sm.end(), 0.0f);
+      std::fill(smv.begin(), smv.end(), 0.0f);
       if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk_lo, rk_hi);
       const Span keys = block_keys(mask, b, i0, mi);
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
@@ -316,16 +320,25 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
             keep_along_row(Dropout::RowKey{rk_lo[r], rk_hi[r]}, j0 + lo, hi - lo, drop.threshold, keep.data());
             kp = keep.data();
           }
-          float rsum, rmax;
-          exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum, rmax);
+          Vec<float> rsum(0.0f);
+          exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum);
           float alpha = 1.0f;
-          if (rmax > m + kLazyRescale) {
-            alpha = std::exp(m - rmax);
-            m = rmax;
-            exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum, rmax);
+          // Every weight is ≥ 0, so a lane sum past e^kLazyRescale is the only sign a weight
+          // may be: then the row's max is taken, and if it moved at all the tile is redone
+          // against it (moving m on any rise, not only past kLazyRescale, keeps a row whose
+          // sums sit near the bound from paying this pass tile after tile).
+          if (any_above(rsum, kLazySum)) {
+            const float rmax = row_max_scaled(s + lo, hi - lo, sc);
+            if (rmax > m) {
+              alpha = std::exp(m - rmax);
+              m = rmax;
+              rsum = Vec<float>(0.0f);
+              exp_row_to_bf16(s + lo, hi - lo, sc, m, kp, p + lo, rsum);
+            }
           }
           if (mx[r] == ninf) alpha = 0.0f;  // first tile: nothing to rescale
-          sm[r] = sm[r] * alpha + rsum;
+          float* smr = smv.data() + r * Vec<float>::size();
+          (Vec<float>::loadu(smr) * Vec<float>(alpha) + rsum).store(smr);
           mx[r] = m;
           if (alpha != 1.0f) scale_row(acc.data() + r * Dvp, d.Dv, alpha);
         }
@@ -334,6 +347,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         tile_product_within(mi, Dvp, P.data(), BK, VP + blk * BK * Dvp, seen.lo, seen.hi,
                             acc.data(), Dvp, edge.data());
       }
+      for (int64_t r = 0; r < mi; ++r) sm[r] = reduce_sum<float>(Vec<float>::loadu(smv.data() + r * Vec<float>::size()));
       write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                              static_cast<float>(drop.keep_scale), O, O32,
                              ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);

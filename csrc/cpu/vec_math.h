@@ -42,6 +42,16 @@ SEQKERN_INLINE Vec<float> min_no_nan(const Vec<float>& a, const Vec<float>& b) {
 #endif
 }
 
+// The sum and the largest (NaN propagating) of a vector's lanes.
+template <typename T>
+SEQKERN_INLINE T reduce_sum(const Vec<T>& x) {
+  return at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, x);
+}
+template <typename T>
+SEQKERN_INLINE T reduce_max(const Vec<T>& x) {
+  return at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, x);
+}
+
 // exp for float vectors to about 2 ulp, inlined. Sleef's expf (Vectorized::exp) is as accurate
 // but is an out-of-line call that spills the caller's registers, and the gate epilogues of the
 // recurrent kernels call it several times per tile; Vectorized::exp_u20 is inline but 20 ulp,
