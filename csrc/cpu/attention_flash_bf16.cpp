@@ -589,6 +589,44 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
 // Pᵀ and dSᵀ are transposed copies of the bf16 tiles; every right operand is packed once per
 // call. dq is (B, Hq, Lq, amx_width(D)) fp32, unscaled, accumulated in place (each query head
 // belongs to one task); dk, dv as in backward_kernel.
+// One row of the backward's tile without dropout or a mask gradient: P = exp2(s·c2 − s2 [− lo2
+// after ·log2 e when EXACT]) and dS = P ⊙ (dP − Δ) for the keys [lo, hi), 0 for the others,
+// rounded to bf16 straight from registers into p and ds (kAmxChunk of each). Keys outside
+// [lo, hi) take a select, not a product with 0: their dP may be NaN (a V row no query may see).
+template <typename Exact>
+SEQKERN_INLINE void weights_to_bf16(Exact, const float* s, const float* dp, int64_t lo, int64_t hi,
+                                    const Vec<float>& c2, const Vec<float>& s2,
+                                    const Vec<float>& lo2, const Vec<float>& dlv,
+                                    c10::BFloat16* p, c10::BFloat16* ds) {
+  using V = Vec<float>;
+  constexpr int64_t W = V::size();
+  static_assert(kAmxChunk % (2 * W) == 0);
+  for (int64_t j = 0; j < kAmxChunk; j += 2 * W) {
+    V pv[2], dv[2];
+    for (int u = 0; u < 2; ++u) {
+      const int64_t c = j + u * W;
+      if (c + W <= lo || c >= hi) {
+        pv[u] = dv[u] = V(0.0f);
+        continue;
+      }
+      V y = at::vec::fmsub(V::loadu(s + c), c2, s2);
+      if constexpr (Exact::value) y = at::vec::fmsub(y, V(kLog2e), lo2);
+      V e = exp2_weights<true>(y);
+      V g = e * (V::loadu(dp + c) - dlv);
+      if (c < lo || c + W > hi) {
+        const V idx = V::arange(static_cast<float>(c), 1.0f);
+        const V in = (idx >= V(static_cast<float>(lo))) & (idx < V(static_cast<float>(hi)));
+        e = V::blendv(V(0.0f), e, in);
+        g = V::blendv(V(0.0f), g, in);
+      }
+      pv[u] = e;
+      dv[u] = g;
+    }
+    store_bf16_operand_pair(pv[0], pv[1], p + j, 2 * W);
+    store_bf16_operand_pair(dv[0], dv[1], ds + j, 2 * W);
+  }
+}
+
 void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                               const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& lse_,
                               const at::Tensor& delta_, const Mask<float>& mask,
@@ -687,6 +725,13 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                   }
                 });
               };
+              if (!drop.active && !mg) {  // (the common case: P and dS go out as bf16 directly)
+                if (exact) weights_to_bf16(std::true_type{}, s, dp, lo, hi, c2, s2, lo2, dlv,
+                                           Pb.data() + r * BK, dSb.data() + r * BK);
+                else weights_to_bf16(std::false_type{}, s, dp, lo, hi, c2, s2, lo2, dlv,
+                                     Pb.data() + r * BK, dSb.data() + r * BK);
+                continue;
+              }
               if (exact) weights(std::true_type{});
               else weights(std::false_type{});
               std::fill(s, s + lo, 0.0f);
