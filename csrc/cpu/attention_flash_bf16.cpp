@@ -116,6 +116,18 @@ at::Tensor pack_row_blocks(const at::Tensor& src, int64_t BL, const int64_t* len
   }, lens);
 }
 
+// src (B, H, L, E) bf16 as brgemm left operands srcᵀ: per (batch, head, block of BL rows) the
+// Em × BL row-major transpose (Em ≥ E; rows past E and columns past L zero). For the backward's
+// dVᵀ += dOᵀ·P and dKᵀ += Qᵀ·dS, which take P and dS as they come, a row pair interleaved,
+// where dV += Pᵀ·dO took a transpose of each 64 × 64 tile of P and dS.
+at::Tensor pack_transposed_rows(const at::Tensor& src, int64_t BL, int64_t Em) {
+  const int64_t E = src.size(3);
+  return pack_blocks(src, BL, Em * BL, [&](const c10::BFloat16* rows, int64_t ld, int64_t n, c10::BFloat16* dst) {
+    std::fill(dst, dst + Em * BL, c10::BFloat16(0.0f));
+    if (n > 0) transpose<c10::BFloat16>(rows, ld, dst, BL, n, E);
+  });
+}
+
 // The largest of s[0 .. n) · sc (NaN ignored), -inf for none.
 inline float row_max_scaled(const float* s, int64_t n, float sc) {
   using V = Vec<float>;
@@ -636,14 +648,16 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   using bf16 = c10::BFloat16;
   constexpr int64_t BQ = kAmxBlockQ, BK = kAmxChunk;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
-  const int64_t Dp = amx_width(d.D), Dvp = amx_width(d.Dv);
+  const int64_t Dp = amx_width(d.D);
   // (keys past a batch's key length are packed as zeros: see pack_blocks)
   const at::Tensor kt = pack_transposed_blocks(k_, BK, BK, mask.key_len),
                    vt = pack_transposed_blocks(v_, BK, BK, mask.key_len);
-  const at::Tensor kr = pack_row_blocks(k_, BK, mask.key_len), qr = pack_row_blocks(q_, BQ),
-                   dor = pack_row_blocks(do_, BQ);
+  // dKᵀ and dVᵀ accumulate D (Dv) rows, in whole 16-row tiles
+  const int64_t Dm = (d.D + 15) / 16 * 16, Dvm = (d.Dv + 15) / 16 * 16;
+  const at::Tensor kr = pack_row_blocks(k_, BK, mask.key_len),
+                   qt = pack_transposed_rows(q_, BQ, Dm), dot = pack_transposed_rows(do_, BQ, Dvm);
   const bf16 *KT = kt.data_ptr<bf16>(), *VT = vt.data_ptr<bf16>(), *KR = kr.data_ptr<bf16>(),
-             *QR = qr.data_ptr<bf16>(), *DOR = dor.data_ptr<bf16>();
+             *QT = qt.data_ptr<bf16>(), *DOT = dot.data_ptr<bf16>();
   const Strides sq(q_), so(do_);
   const bf16 *Q = q_.data_ptr<bf16>(), *DO = do_.data_ptr<bf16>();
   const double* LSE = lse_.data_ptr<double>();
@@ -669,8 +683,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   });
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    LineVector<float> S(BQ * BK), dP(BQ * BK), dk_loc(BK * Dp), dv_loc(BK * Dvp), keep(BK);
-    LineVector<bf16> Pb(BQ * BK), dSb(BQ * BK), PbT(BK * BQ), dSbT(BK * BQ), edge(32 * Dp);
+    LineVector<float> S(BQ * BK), dP(BQ * BK), dkT(Dm * BK), dvT(Dvm * BK), keep(BK);
+    LineVector<bf16> Pb(BQ * BK), dSb(BQ * BK), Pv(BQ * BK), dSv(BQ * BK), edge(32 * Dp);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     float* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
@@ -679,8 +693,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
       for (int64_t kb = 0; kb < nkb; ++kb) {
         const int64_t j0 = kb * BK, nk = std::min(BK, d.Lk - j0), nkp = (nk + 1) / 2 * 2;
         const int64_t kblk = (b * d.Hkv + hk) * nkb + kb;
-        std::fill(dk_loc.begin(), dk_loc.end(), 0.0f);
-        std::fill(dv_loc.begin(), dv_loc.end(), 0.0f);
+        std::fill(dkT.begin(), dkT.end(), 0.0f);
+        std::fill(dvT.begin(), dvT.end(), 0.0f);
         for (int64_t h = h_begin; h < h_end; ++h) {
           for (int64_t qb = 0; qb < nqb; ++qb) {
             const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0), mip = (mi + 1) / 2 * 2;
@@ -745,18 +759,11 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
               round_to_bf16<true>(s, Pb.data() + r * BK, BK);
               round_to_bf16<true>(dp, dSb.data() + r * BK, BK);
             }
-            // Pᵀ and dSᵀ (keys × queries) as the left operands of the key-side products
-            for (int64_t r = 0; r < mip; r += 32)
-              for (int64_t cc = 0; cc < nk; cc += 32) {
-                const int m = static_cast<int>(std::min<int64_t>(32, mip - r));
-                const int n = static_cast<int>(std::min<int64_t>(32, nk - cc));
-                at::vec::transpose_mxn<bf16>(Pb.data() + r * BK + cc, BK, PbT.data() + cc * BQ + r, BQ, m, n);
-                at::vec::transpose_mxn<bf16>(dSb.data() + r * BK + cc, BK, dSbT.data() + cc * BQ + r, BQ, m, n);
-              }
-            bf16_tile_product(nk, Dvp, mip, BQ, Dvp, Dvp, true, PbT.data(),
-                              DOR + qblk * BQ * Dvp, dv_loc.data());
-            bf16_tile_product(nk, Dp, mip, BQ, Dp, Dp, true, dSbT.data(),
-                              QR + qblk * BQ * Dp, dk_loc.data());
+            // P and dS (queries × keys, zero past nk) as right operands: row pairs interleaved
+            pack_vnni(Pb.data(), BK, mip, BK, mip, BK, Pv.data());
+            pack_vnni(dSb.data(), BK, mip, BK, mip, BK, dSv.data());
+            bf16_tile_product(Dvm, BK, mip, BQ, BK, BK, true, DOT + qblk * Dvm * BQ, Pv.data(), dvT.data());
+            bf16_tile_product(Dm, BK, mip, BQ, BK, BK, true, QT + qblk * Dm * BQ, dSv.data(), dkT.data());
             float* dqr = DQ + ((b * d.Hq + h) * d.Lq + i0) * Dp;
             const Span seen = union_rows(rows, 0, mi, 1);
             if (seen.lo == 0 && seen.hi == nk)
@@ -768,12 +775,9 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
         }
         float* dkd = DK + (acc_row * d.Lk + j0) * d.D;
         float* dvd = DV + (acc_row * d.Lk + j0) * d.Dv;
-        for (int64_t r = 0; r < nk; ++r) {
-          for_each_vec<float>(d.D, [&](int64_t j, int64_t n) {
-            store(load(dk_loc.data() + r * Dp + j, n) * V(scale), dkd + r * d.D + j, n);
-          });
-          std::copy(dv_loc.data() + r * Dvp, dv_loc.data() + r * Dvp + d.Dv, dvd + r * d.Dv);
-        }
+        transpose<float>(dkT.data(), BK, dkd, d.D, d.D, nk);
+        transpose<float>(dvT.data(), BK, dvd, d.Dv, d.Dv, nk);
+        scale_row(dkd, nk * d.D, scale);
       }
     }
     bf16_tile_release();
