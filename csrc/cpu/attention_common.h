@@ -228,6 +228,15 @@ template <typename T, typename OT>
 SEQKERN_INLINE void scaled_row_to(const T* a, int64_t n, T f, OT* o) {
   if constexpr (std::is_same_v<OT, T>) {
     for_each_vec<T>(n, [&](int64_t j, int64_t cnt) { store(load(a + j, cnt) * Vec<T>(f), o + j, cnt); });
+  } else if constexpr (std::is_same_v<T, float> && std::is_same_v<OT, c10::BFloat16>) {
+    // (at::vec::convert rounds in software, and past whole 32s one value at a time)
+    constexpr int64_t W = Vec<float>::size();
+    for (int64_t j = 0; j < n; j += 2 * W) {
+      const int64_t c = std::min<int64_t>(2 * W, n - j);
+      const Vec<float> lo = load(a + j, std::min<int64_t>(W, c)) * Vec<float>(f);
+      const Vec<float> hi = c <= W ? Vec<float>(0.0f) : load(a + j + W, c - W) * Vec<float>(f);
+      store_bf16_pair(lo, hi, o + j, c);
+    }
   } else {
     constexpr int64_t kChunk = 256;
     T tmp[kChunk];

@@ -661,11 +661,7 @@ void pack_vnni_transposed(const at::BFloat16* src, int64_t ld, int64_t N, int64_
     // out as (P × Np) words is the transpose of src as (N × ld/2) words
     const auto* in = reinterpret_cast<const float*>(src);
     auto* o = reinterpret_cast<float*>(out);
-    for (int64_t n = 0; n < N; n += 16)
-      for (int64_t p = 0; p < P; p += 16)
-        at::vec::transpose_mxn<float>(in + n * (ld / 2) + p, ld / 2, o + p * Np + n, Np,
-                                      static_cast<int>(std::min<int64_t>(16, N - n)),
-                                      static_cast<int>(std::min<int64_t>(16, P - p)));
+    transpose<float>(in, ld / 2, o, Np, N, P);
   } else {
     for (int64_t p = 0; p < P; ++p)
       for (int64_t n = 0; n < N; ++n) {

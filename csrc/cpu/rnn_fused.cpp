@@ -271,12 +271,7 @@ struct VnniPanels {
       auto* out = reinterpret_cast<float*>(buf.get() + p * K * N) + (k0 / 2) * N;
       const auto* in = reinterpret_cast<const float*>(src);
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = 0; j < n; j += 16)
-          for (int64_t k = 0; k < kw / 2; k += 16)
-            at::vec::transpose_mxn<float>(in + (g * H + p * PW + j) * (kw / 2) + k, kw / 2,
-                                          out + k * N + g * PW + j, N,
-                                          static_cast<int>(std::min<int64_t>(16, n - j)),
-                                          static_cast<int>(std::min<int64_t>(16, kw / 2 - k)));
+        transpose<float>(in + (g * H + p * PW) * (kw / 2), kw / 2, out + g * PW, N, n, kw / 2);
     };
     // odd kw: rows k0.. of the row-major panel in tmp, tmp[k0 + k][g·PW + j] = src[g·H + p·PW + j][k]
     auto transpose_into = [&](const c10::BFloat16* src, int64_t kw, int64_t k0, int64_t p, int64_t n) {
