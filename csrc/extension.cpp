@@ -83,6 +83,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes of freed large output blocks kept for reuse");
   m.def("alloc_release_cache", &seqkern::cpu::large_alloc_release_cache,
         "Return the cached large output blocks to the OS");
+  m.def("cast_like", [](const at::Tensor& t, const at::Tensor& like) {
+    return seqkern::cpu::contiguous_as(t, like.scalar_type());
+  }, seqkern::kReleaseGil,
+        "t in like's dtype, contiguous (t itself if it is already), converted into cached "
+        "large-block memory: torch's .to() maps a large result one page fault at a time",
+        py::arg("t"), py::arg("like"));
   seqkern::register_attention(m);
   seqkern::register_conv(m);
 }

@@ -127,6 +127,10 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, *inputs):
         out, lse = _ext._C.attention_forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
+        # a float32 output (out_fp32, kept for the backward) is rounded for the caller here, in
+        # C++: out.to() outside would map its result afresh on every training step
+        if out.dtype != inputs[0].dtype:
+            out = _ext._C.cast_like(out, inputs[0])
         return out, lse
 
     @staticmethod
