@@ -1,6 +1,7 @@
 """The C++ recurrent kernels (one layer, one direction) against the reference: outputs, final
 states, every gradient; gradcheck in float64; opcheck of the custom ops; dtypes; bad input."""
 import os
+import random
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from seqkern import registry
 from seqkern.ops import rnn as ops
 from seqkern.reference import rnn as ref
 
-from conftest import requires_cpu_ext
+from conftest import requires_cpu_ext, stable_seed
 
 pytestmark = requires_cpu_ext
 
@@ -164,6 +165,24 @@ def test_kernel_bfloat16_batched(mode, kw, I, H, reverse, path, monkeypatch):
     check_bfloat16_forward(mode, x, x.bfloat16(), bs, h0, c0, w, reverse, 1e-3)
 
 
+@pytest.mark.parametrize("mode,kw", [("rnn_relu", {}), ("lstm", {}), ("lstm", {"peep": True}),
+                                     ("gru", {})])
+@pytest.mark.parametrize("I", [24, 17], ids=["I_even", "I_odd"])
+@pytest.mark.parametrize("B", [32, 70])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kernel_bfloat16_many_rows(mode, kw, I, B, reverse, monkeypatch):
+    """bfloat16 on bf16 tiles from 32 rows, where on AMX each tile's gate math runs inside the
+    next tile's products (double-buffered accumulators; B = 70: two row blocks per panel), with
+    ragged lengths (the rows shrink step by step, across a block edge at B = 70), I even (x in
+    the per-step product; GRU: its own product) and odd (one GEMM beforehand), both directions."""
+    bf16_path("brgemm", monkeypatch)
+    rng = random.Random(stable_seed(mode, I, B, reverse))
+    lengths = sorted((rng.randint(1, 12) for _ in range(B)), reverse=True)
+    lengths[0] = 12
+    x, bs, h0, c0, w = make_case(mode, B, I, 40, lengths, torch.float64, scale=0.3, **kw)
+    check_bfloat16_forward(mode, x, x.bfloat16(), bs, h0, c0, w, reverse, 1e-3)
+
+
 @pytest.mark.parametrize("mode", ["lstm", "rnn_tanh", "gru"])
 @pytest.mark.parametrize("B", [8, 16])
 def test_kernel_bfloat16_weights_past_l2(mode, B, monkeypatch):
@@ -217,6 +236,25 @@ def test_kernel_bfloat16_gradients(mode, I, path, monkeypatch):
     bf16_path(path, monkeypatch)
     x, bs, h0, c0, w = make_case(mode, 9, I, 33, [14, 14, 13, 11, 9, 9, 5, 2, 1], torch.float64,
                                  scale=0.3)
+    exact = layer_grads("reference", mode, x, bs, h0, c0, w, torch.float64, False)
+    ref_bf = layer_grads("reference", mode, x, bs, h0, c0, w, torch.bfloat16, False)
+    ours = layer_grads("cpu", mode, x, bs, h0, c0, w, torch.bfloat16, False)
+    for e, t, o in zip(exact, ref_bf, ours):
+        err_t = (t - e).abs().max().item()
+        err_o = (o - e).abs().max().item()
+        assert err_o <= 2 * err_t + 1e-2 * e.abs().max().item(), (err_o, err_t)
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("I", [24, 17], ids=["I_even", "I_odd"])
+def test_kernel_bfloat16_gradients_many_rows(mode, I, monkeypatch):
+    """As test_kernel_bfloat16_gradients at B = 40 and ragged lengths: the training forward
+    (gates saved) with each tile's gate math inside the next tile's products, on AMX."""
+    bf16_path("brgemm", monkeypatch)
+    rng = random.Random(stable_seed(mode, I, "grad"))
+    lengths = sorted((rng.randint(1, 10) for _ in range(40)), reverse=True)
+    lengths[0] = 10
+    x, bs, h0, c0, w = make_case(mode, 40, I, 33, lengths, torch.float64, scale=0.3)
     exact = layer_grads("reference", mode, x, bs, h0, c0, w, torch.float64, False)
     ref_bf = layer_grads("reference", mode, x, bs, h0, c0, w, torch.bfloat16, False)
     ours = layer_grads("cpu", mode, x, bs, h0, c0, w, torch.bfloat16, False)

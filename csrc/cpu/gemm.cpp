@@ -474,9 +474,13 @@ void release_own_tiles() {
 
 // C[16·MT × 16·NT] (+)= A · B over K (a multiple of 32): C in tiles 0-3 ([m][n] = 2m + n),
 // A in 4-5, B in 6-7. Tile numbers are instruction immediates, hence the unrolled cases.
+// With `between`, it is called after each k-step's products are issued (see
+// bf16_tile_product_overlapped), counting `step` up to `steps`.
 template <int MT, int NT>
 inline void amx_block(int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
-                      int64_t ldb, float* C, int64_t ldc, bool add_C) {
+                      int64_t ldb, float* C, int64_t ldc, bool add_C,
+                      const StepHook* between = nullptr, int64_t* step = nullptr,
+                      int64_t steps = 0) {
   const int64_t sa = lda * 2, sb = ldb * 4, sc = ldc * 4;
   if (add_C) {
     _tile_loadd(0, C, sc);
@@ -501,6 +505,7 @@ inline void amx_block(int64_t K, const at::BFloat16* A, int64_t lda, const at::B
       _tile_dpbf16ps(2, 5, 6);
       if constexpr (NT > 1) _tile_dpbf16ps(3, 5, 7);
     }
+    if (between) (*between)((*step)++, steps);
   }
   _tile_stored(0, C, sc);
   if constexpr (NT > 1) _tile_stored(1, C + 16, sc);
@@ -509,8 +514,11 @@ inline void amx_block(int64_t K, const at::BFloat16* A, int64_t lda, const at::B
 }
 
 void amx_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
-                 bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C) {
+                 bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C,
+                 const StepHook* between = nullptr) {
   load_own_tiles();
+  int64_t step = 0;
+  const int64_t steps = (M + 31) / 32 * ((N + 31) / 32) * (K / 32);
   for (int64_t m0 = 0; m0 < M; m0 += 32) {
     const bool two_m = M - m0 >= 32;
     for (int64_t n0 = 0; n0 < N; n0 += 32) {
@@ -518,10 +526,10 @@ void amx_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int6
       const at::BFloat16* a = A + m0 * lda;
       const at::BFloat16* b = B + 2 * n0;
       float* c = C + m0 * ldc + n0;
-      if (two_m && two_n) amx_block<2, 2>(K, a, lda, b, ldb, c, ldc, add_C);
-      else if (two_m) amx_block<2, 1>(K, a, lda, b, ldb, c, ldc, add_C);
-      else if (two_n) amx_block<1, 2>(K, a, lda, b, ldb, c, ldc, add_C);
-      else amx_block<1, 1>(K, a, lda, b, ldb, c, ldc, add_C);
+      if (two_m && two_n) amx_block<2, 2>(K, a, lda, b, ldb, c, ldc, add_C, between, &step, steps);
+      else if (two_m) amx_block<2, 1>(K, a, lda, b, ldb, c, ldc, add_C, between, &step, steps);
+      else if (two_n) amx_block<1, 2>(K, a, lda, b, ldb, c, ldc, add_C, between, &step, steps);
+      else amx_block<1, 1>(K, a, lda, b, ldb, c, ldc, add_C, between, &step, steps);
     }
   }
 }
@@ -531,7 +539,7 @@ constexpr bool kAmxBuilt = false;
 bool own_amx() { return false; }
 void release_own_tiles() {}
 void amx_product(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const at::BFloat16*,
-                 const at::BFloat16*, float*) {
+                 const at::BFloat16*, float*, const StepHook* = nullptr) {
   TORCH_CHECK(false, "seqkern: this build has no AMX tile loop");
 }
 #endif
@@ -543,6 +551,15 @@ bool amx_tiles_built() { return kAmxBuilt; }
 
 TileMultiples bf16_tile_multiples() {
   return own_amx() ? TileMultiples{16, 16, 32} : TileMultiples{1, 1, 2};
+}
+
+bool bf16_tile_product_overlapped(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
+                                  int64_t ldc, bool add_C, const at::BFloat16* A,
+                                  const at::BFloat16* B, float* C, StepHook between) {
+  if (!(own_amx() && M > 0 && N > 0 && K > 0 && M % 16 == 0 && N % 16 == 0 && K % 32 == 0))
+    return false;
+  amx_product(M, N, K, lda, ldb, ldc, add_C, A, B, C, &between);
+  return true;
 }
 
 void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,

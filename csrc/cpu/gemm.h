@@ -8,6 +8,7 @@
 #include "isa.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 namespace seqkern::cpu {
 
@@ -84,6 +85,16 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
 bool bf16_tiles_supported();
 void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                        bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C);
+// bf16_tile_product on seqkern's own AMX tile loop, calling between(i, n) after the products
+// of each of its n k-steps are issued (i = 0 .. n-1). The tile unit multiplies while the vector
+// units are free, and an instruction stream that holds nothing else leaves them idle: a caller
+// puts independent vector work there (the recurrent loops: the gate math of the tile before),
+// in pieces small enough to sit in the out-of-order window beside the tile instructions. Returns
+// false, having done nothing, where that loop does not serve (see TileMultiples).
+using StepHook = c10::function_ref<void(int64_t, int64_t)>;
+bool bf16_tile_product_overlapped(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
+                                  int64_t ldc, bool add_C, const at::BFloat16* A,
+                                  const at::BFloat16* B, float* C, StepHook between);
 // The multiples of M, N and K at which bf16_tile_product runs whole tiles: on a CPU with AMX,
 // seqkern's own tile loop then runs (M, N in 16s, K in 32s) instead of oneDNN's brgemm. A
 // caller that owns its operand buffers pads them to these (zeros along K; extra rows of A read,
