@@ -586,11 +586,13 @@ void forward_loop(const ForwardArgs& a) {
     // rows of accumulators kept in memory (the register path needs none)
     const int64_t acc_rows = amx ? round_up(std::min<int64_t>(B, kAmxRows), tm.m) : blocked ? B : 0;
     // On seqkern's own AMX loop (whole tiles: tm.k = 32) the gate math of each tile runs inside
-    // the next tile's products, so the accumulators are double-buffered. From 32 rows: below,
+    // the next tile's products, so the accumulators are double-buffered. From 16 rows (GRU: 32,
+    // its forward lost 6 % at B = 16, 2.27 -> 2.40 ms at T = 500, H = 128): below,
     // a tile's products are too short to hide much, and pieces of a few rows cost more than
-    // they hide (A/B, bf16 forward: B = 8 LSTM 1.05 -> 1.12 ms, GRU 1.14 -> 1.29; B = 32 LSTM
-    // 2.94 -> 2.56; B = 64, H = 512 LSTM 37.0 -> 31.3, GRU 26.7 -> 25.1).
-    const bool pipelined = amx && tm.k == 32 && B >= 32;
+    // they hide (A/B, bf16 forward: B = 8 LSTM 1.05 -> 1.12 ms, GRU 1.14 -> 1.29; B = 16, I = H =
+    // 256 LSTM 1.65 -> 1.49, RNN 0.77 -> 0.72, GRU 1.19 -> 1.20-1.26; B = 32 LSTM 2.94 -> 2.56;
+    // B = 64, H = 512 LSTM 37.0 -> 31.3, GRU 26.7 -> 25.1).
+    const bool pipelined = amx && tm.k == 32 && B >= (C == Cell::Gru ? 32 : 16);
     const int nbuf = pipelined ? 2 : 1;
     std::vector<V> accs(nbuf * acc_rows * NV), xaccs(fuse_x && separate_x ? nbuf * acc_rows * NV : 0);
     for (int64_t s = 0; s < L.T; ++s) {
