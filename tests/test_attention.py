@@ -459,6 +459,35 @@ def test_decode_with_cache_equals_full(chunks, window):
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.skipif(not AMX, reason="bf16 tiles (AMX or AVX512_BF16) not available")
+@pytest.mark.parametrize("D,Dv", [(64, 64), (40, 72), (128, 128)])
+@pytest.mark.parametrize("kw", [dict(is_causal=True, causal_alignment="bottom_right"),
+                                dict(is_causal=True, window=37), dict(mask="bool")],
+                         ids=["causal_br", "window", "bool_mask"])
+def test_bf16_tiles_pack_per_head_as_up_front(D, Dv, kw):
+    """The bf16 tile forward packs K and V per (batch, kv head) inside its tasks when there are
+    enough pairs to go round the threads, else all of them up front: the batch in one call (the
+    first way, with 2 threads) and batch element by batch element (the second) give the same
+    bits, with key lengths that end mid-block and NaN in the cache past them."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(stable_seed(D, Dv, str(kw)))
+    B, Hq, Hkv, L = 4, 4, 2, 300
+    q, k, v = make_inputs((B, Hq, Hkv, L, L, D, Dv), torch.bfloat16, gen)
+    lengths = torch.tensor([300, 150, 77, 1])
+    for b, n in enumerate(lengths.tolist()):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("nan")
+    kw = dict(kw)
+    if kw.pop("mask", None):
+        kw["attn_mask"] = torch.rand(B, 1, L, L, generator=gen) > 0.3
+    with torch.no_grad():
+        whole = sdpa(q, k, v, enable_gqa=True, key_lengths=lengths, **kw)
+        parts = [sdpa(q[b:b + 1], k[b:b + 1], v[b:b + 1], enable_gqa=True, key_lengths=lengths[b:b + 1],
+                      **{n: (t[b:b + 1] if isinstance(t, torch.Tensor) else t) for n, t in kw.items()})
+                 for b in range(B)]
+    torch.testing.assert_close(whole, torch.cat(parts), atol=0, rtol=0, equal_nan=True)
+    assert torch.isfinite(whole[lengths > 1]).all()
+
+
 @pytest.mark.parametrize("slope", [0.4, 0.02, -0.4])
 @pytest.mark.parametrize("kind", ["causal", "window_br", "additive"])
 def test_bf16_scores_that_grow_along_the_keys(slope, kind):

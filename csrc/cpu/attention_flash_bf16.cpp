@@ -95,14 +95,18 @@ at::Tensor pack_blocks(const at::Tensor& src, int64_t BL, int64_t block_size, F 
 // src (B, H, L, E) bf16, E even, as brgemm right operands srcᵀ: per (batch, head, block of BL
 // rows), chunks of CL rows, each the VNNI form of its E × CL transpose (rows past L zero). For
 // S = Q·Kᵀ (src = K) and dP = dO·Vᵀ (src = V).
+void pack_transposed_block(const c10::BFloat16* rows, int64_t ld, int64_t n, int64_t E, int64_t BL,
+                           int64_t CL, c10::BFloat16* dst) {
+  for (int64_t c = 0; c < BL; c += CL) {
+    const int64_t m = std::clamp<int64_t>(n - c, 0, CL);
+    pack_vnni_transposed(m > 0 ? rows + c * ld : rows, ld, m, E, CL, dst + c * E);
+  }
+}
 at::Tensor pack_transposed_blocks(const at::Tensor& src, int64_t BL, int64_t CL,
                                   const int64_t* lens = nullptr) {
   const int64_t E = src.size(3);
   return pack_blocks(src, BL, E * BL, [&](const c10::BFloat16* rows, int64_t ld, int64_t n, c10::BFloat16* dst) {
-    for (int64_t c = 0; c < BL; c += CL) {
-      const int64_t m = std::clamp<int64_t>(n - c, 0, CL);
-      pack_vnni_transposed(m > 0 ? rows + c * ld : rows, ld, m, E, CL, dst + c * E);
-    }
+    pack_transposed_block(rows, ld, n, E, BL, CL, dst);
   }, lens);
 }
 
@@ -262,12 +266,20 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   constexpr int64_t BQ = kAmxBlockQ, CK = kAmxChunk;
   const int64_t BK = amx_key_block(d);
   const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
+  const int64_t Dvp = amx_width(d.Dv), k_blk = d.D * BK, v_blk = BK * Dvp;
   // K and V of every (batch, kv head, key block), packed once per call and shared by every
-  // query block and every query head of the group
-  const at::Tensor kp = pack_transposed_blocks(k_, BK, BK, mask.key_len),
-                   vp = pack_row_blocks(v_, BK, mask.key_len);
-  const int64_t Dvp = amx_width(d.Dv);
-  const bf16 *KP = kp.data_ptr<bf16>(), *VP = vp.data_ptr<bf16>();
+  // query block and every query head of the group: either all of them up front, or, where
+  // there are (batch, kv head) pairs enough to keep every thread busy, one pair's at a time
+  // in the task that then runs all its query blocks, so the packed blocks stay in cache
+  // instead of going out to memory and coming back (a write and a read of K and V's size).
+  const bool per_head = d.B * d.Hkv >= 4 * at::get_num_threads();
+  at::Tensor kp, vp;
+  if (!per_head) {
+    kp = pack_transposed_blocks(k_, BK, BK, mask.key_len);
+    vp = pack_row_blocks(v_, BK, mask.key_len);
+  }
+  const bf16 *KP = per_head ? nullptr : kp.data_ptr<bf16>(), *VP = per_head ? nullptr : vp.data_ptr<bf16>();
+  const Strides sk(k_), sv(v_);
   const Strides sq(q_);
   const bf16* Q = q_.data_ptr<bf16>();
   float* O32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
@@ -276,16 +288,17 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const int64_t g = d.group();
   const float ninf = neg_inf<float>();
 
-  at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, per_head ? d.B * d.Hkv : d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     // sm: each row's running sum, kept per lane (smv) until the block's rows are written
     LineVector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), smv(BQ * Vec<float>::size());
     LineVector<float> keep(drop.active ? BK : 0);
     LineVector<bf16> P(BQ * BK), edge(32 * Dvp);
+    LineVector<bf16> kh(per_head ? nkb * k_blk : 0), vh(per_head ? nkb * v_blk : 0);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[kAmxBlockKMax];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
-      const int64_t hk = h / g, i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
+    // query block qb of head h (batch b) against the packed key blocks of its kv head
+    auto query_block = [&](int64_t b, int64_t h, int64_t qb, const bf16* KPh, const bf16* VPh) {
+      const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
       const bf16* q = Q + sq.at(b, h, i0);
       std::fill(acc.begin(), acc.begin() + mi * Dvp, 0.0f);
       std::fill(mx.begin(), mx.end(), ninf);
@@ -295,13 +308,13 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
       for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
         const int64_t nk = std::min(BK, d.Lk - j0);
         if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
-        const int64_t kb = j0 / BK, blk = (b * d.Hkv + hk) * nkb + kb;
+        const int64_t kb = j0 / BK;
         // the chunks of keys [klo, khi) that some query of the block may see
         const Span used = union_rows(rows, 0, mi, CK);
         const int64_t klo = used.lo, khi = (used.hi + CK - 1) / CK * CK;
         // Kᵀ of the block is one VNNI matrix (ldb = BK): its columns [klo, khi) start 2·klo in
         bf16_tile_product(mi, khi - klo, d.D, sq.l, BK, BK, false, q,
-                          KP + blk * d.D * BK + 2 * klo, S.data() + klo);
+                          KPh + kb * k_blk + 2 * klo, S.data() + klo);
         for (int64_t r = 0; r < mi; ++r) {
           const float* s = S.data() + r * BK;
           bf16* p = P.data() + r * BK;
@@ -356,13 +369,32 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         }
         // V is packed as pairs of key rows, so key c starts c·Dvp elements in
         const Span seen = union_rows(rows, 0, mi, 1);
-        tile_product_within(mi, Dvp, P.data(), BK, VP + blk * BK * Dvp, seen.lo, seen.hi,
+        tile_product_within(mi, Dvp, P.data(), BK, VPh + kb * v_blk, seen.lo, seen.hi,
                             acc.data(), Dvp, edge.data());
       }
       for (int64_t r = 0; r < mi; ++r) sm[r] = reduce_sum<float>(Vec<float>::loadu(smv.data() + r * Vec<float>::size()));
       write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                              static_cast<float>(drop.keep_scale), O, O32,
                              ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
+    };
+    for (int64_t task = begin; task < end; ++task) {
+      if (!per_head) {
+        const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
+        const int64_t head = (b * d.Hkv + h / g) * nkb;
+        query_block(b, h, qb, KP + head * k_blk, VP + head * v_blk);
+        continue;
+      }
+      const int64_t hk = task % d.Hkv, b = task / d.Hkv;
+      // (keys past the batch's key length packed as zeros, as pack_blocks does)
+      const int64_t valid = mask.key_len ? std::clamp<int64_t>(mask.key_len[b], 0, d.Lk) : d.Lk;
+      const bf16 *kbase = k_.data_ptr<bf16>() + sk.at(b, hk), *vbase = v_.data_ptr<bf16>() + sv.at(b, hk);
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t n = std::clamp<int64_t>(valid - kb * BK, 0, BK);
+        pack_transposed_block(kbase + kb * BK * sk.l, sk.l, n, d.D, BK, BK, kh.data() + kb * k_blk);
+        pack_vnni(vbase + kb * BK * sv.l, sv.l, n, d.Dv, BK, Dvp, vh.data() + kb * v_blk);
+      }
+      for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
+        for (int64_t qb = 0; qb < nqb; ++qb) query_block(b, h, qb, kh.data(), vh.data());
     }
     bf16_tile_release();
   });
