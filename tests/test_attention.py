@@ -488,6 +488,32 @@ def test_bf16_tiles_pack_per_head_as_up_front(D, Dv, kw):
     assert torch.isfinite(whole[lengths > 1]).all()
 
 
+@pytest.mark.skipif(not AMX, reason="bf16 tiles (AMX or AVX512_BF16) not available")
+@pytest.mark.parametrize("D,Dv", [(64, 64), (40, 72)])
+@pytest.mark.parametrize("kw", [dict(is_causal=True, causal_alignment="bottom_right"),
+                                dict(is_causal=True, window=37)], ids=["causal_br", "window"])
+def test_bf16_tiles_backward_pack_per_pair_as_up_front(D, Dv, kw):
+    """The bf16 tile backward, too, packs K, V, Q and dO per (batch, kv head) inside its tasks
+    where there are enough pairs (here the batch in one call, 2 threads), else up front (element
+    by element): the same bits for dq, dk, dv, with key lengths ending mid-block."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(stable_seed(D, Dv, str(kw), "backward"))
+    B, H, L = 4, 2, 300
+    q, k, v = make_inputs((B, H, H, L, L, D, Dv), torch.bfloat16, gen)
+    go = torch.randn(B, H, L, Dv, generator=gen).to(torch.bfloat16)
+    lengths = torch.tensor([300, 150, 77, 2])
+
+    def grads(b0, b1):
+        leaves = [t[b0:b1].clone().requires_grad_(True) for t in (q, k, v)]
+        out = sdpa(*leaves, key_lengths=lengths[b0:b1], **kw)
+        return torch.autograd.grad(out, leaves, go[b0:b1])
+
+    whole = grads(0, B)
+    parts = [grads(b, b + 1) for b in range(B)]
+    for w, p in zip(whole, zip(*parts)):
+        torch.testing.assert_close(w, torch.cat(p), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("slope", [0.4, 0.02, -0.4])
 @pytest.mark.parametrize("kind", ["causal", "window_br", "additive"])
 def test_bf16_scores_that_grow_along_the_keys(slope, kind):

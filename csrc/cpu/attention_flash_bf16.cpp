@@ -124,11 +124,15 @@ at::Tensor pack_row_blocks(const at::Tensor& src, int64_t BL, const int64_t* len
 // Em × BL row-major transpose (Em ≥ E; rows past E and columns past L zero). For the backward's
 // dVᵀ += dOᵀ·P and dKᵀ += Qᵀ·dS, which take P and dS as they come, a row pair interleaved,
 // where dV += Pᵀ·dO took a transpose of each 64 × 64 tile of P and dS.
+void pack_transposed_rows_block(const c10::BFloat16* rows, int64_t ld, int64_t n, int64_t E,
+                                int64_t BL, int64_t Em, c10::BFloat16* dst) {
+  std::fill(dst, dst + Em * BL, c10::BFloat16(0.0f));
+  if (n > 0) transpose<c10::BFloat16>(rows, ld, dst, BL, n, E);
+}
 at::Tensor pack_transposed_rows(const at::Tensor& src, int64_t BL, int64_t Em) {
   const int64_t E = src.size(3);
   return pack_blocks(src, BL, Em * BL, [&](const c10::BFloat16* rows, int64_t ld, int64_t n, c10::BFloat16* dst) {
-    std::fill(dst, dst + Em * BL, c10::BFloat16(0.0f));
-    if (n > 0) transpose<c10::BFloat16>(rows, ld, dst, BL, n, E);
+    pack_transposed_rows_block(rows, ld, n, E, BL, Em, dst);
   });
 }
 
@@ -681,16 +685,26 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   constexpr int64_t BQ = kAmxBlockQ, BK = kAmxChunk;
   const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
   const int64_t Dp = amx_width(d.D);
-  // (keys past a batch's key length are packed as zeros: see pack_blocks)
-  const at::Tensor kt = pack_transposed_blocks(k_, BK, BK, mask.key_len),
-                   vt = pack_transposed_blocks(v_, BK, BK, mask.key_len);
   // dKᵀ and dVᵀ accumulate D (Dv) rows, in whole 16-row tiles
   const int64_t Dm = (d.D + 15) / 16 * 16, Dvm = (d.Dv + 15) / 16 * 16;
-  const at::Tensor kr = pack_row_blocks(k_, BK, mask.key_len),
-                   qt = pack_transposed_rows(q_, BQ, Dm), dot = pack_transposed_rows(do_, BQ, Dvm);
-  const bf16 *KT = kt.data_ptr<bf16>(), *VT = vt.data_ptr<bf16>(), *KR = kr.data_ptr<bf16>(),
-             *QT = qt.data_ptr<bf16>(), *DOT = dot.data_ptr<bf16>();
-  const Strides sq(q_), so(do_);
+  // elements per packed block: Kᵀ, Vᵀ (VNNI), K rows (VNNI), Qᵀ, dOᵀ
+  const int64_t kt_blk = d.D * BK, vt_blk = d.Dv * BK, kr_blk = BK * Dp, qt_blk = Dm * BQ,
+                dot_blk = Dvm * BQ;
+  // Packed up front, or (as in the forward) per task where each task holds a whole (batch, kv
+  // head) pair and there are enough of them, so the packed blocks stay in cache.
+  // (keys past a batch's key length are packed as zeros: see pack_blocks)
+  const bool per_pair = chunks == 1 && d.B * d.Hkv >= 4 * at::get_num_threads();
+  at::Tensor kt, vt, kr, qt, dot;
+  if (!per_pair) {
+    kt = pack_transposed_blocks(k_, BK, BK, mask.key_len);
+    vt = pack_transposed_blocks(v_, BK, BK, mask.key_len);
+    kr = pack_row_blocks(k_, BK, mask.key_len);
+    qt = pack_transposed_rows(q_, BQ, Dm);
+    dot = pack_transposed_rows(do_, BQ, Dvm);
+  }
+  auto base = [&](const at::Tensor& t) { return per_pair ? nullptr : t.data_ptr<bf16>(); };
+  const bf16 *KT = base(kt), *VT = base(vt), *KR = base(kr), *QT = base(qt), *DOT = base(dot);
+  const Strides sq(q_), so(do_), sk(k_), sv(v_);
   const bf16 *Q = q_.data_ptr<bf16>(), *DO = do_.data_ptr<bf16>();
   const double* LSE = lse_.data_ptr<double>();
   const float* DELTA = delta_.data_ptr<float>();
@@ -717,14 +731,41 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     LineVector<float> S(BQ * BK), dP(BQ * BK), dkT(Dm * BK), dvT(Dvm * BK), keep(BK);
     LineVector<bf16> Pb(BQ * BK), dSb(BQ * BK), Pv(BQ * BK), dSv(BQ * BK), edge(32 * Dp);
+    const int64_t g = d.group();
+    LineVector<bf16> ktl(per_pair ? nkb * kt_blk : 0), vtl(per_pair ? nkb * vt_blk : 0),
+        krl(per_pair ? nkb * kr_blk : 0), qtl(per_pair ? g * nqb * qt_blk : 0),
+        dotl(per_pair ? g * nqb * dot_blk : 0);
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     float* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
     for (int64_t task = begin; task < end; ++task) {
       const auto [b, hk, h_begin, h_end, acc_row] = KvTask(d, chunks, task);
+      // this task's packed blocks: key block kb of K at KTt + kb·kt_blk, query block qb of
+      // head h at QTt + ((h − h_begin)·nqb + qb)·qt_blk (likewise V, K rows, dO)
+      const bf16 *KTt, *VTt, *KRt, *QTt, *DOTt;
+      if (per_pair) {
+        const int64_t valid = mask.key_len ? std::clamp<int64_t>(mask.key_len[b], 0, d.Lk) : d.Lk;
+        const bf16 *kbase = k_.data_ptr<bf16>() + sk.at(b, hk), *vbase = v_.data_ptr<bf16>() + sv.at(b, hk);
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+          const int64_t n = std::clamp<int64_t>(valid - kb * BK, 0, BK);
+          pack_transposed_block(kbase + kb * BK * sk.l, sk.l, n, d.D, BK, BK, ktl.data() + kb * kt_blk);
+          pack_transposed_block(vbase + kb * BK * sv.l, sv.l, n, d.Dv, BK, BK, vtl.data() + kb * vt_blk);
+          pack_vnni(kbase + kb * BK * sk.l, sk.l, n, d.D, BK, Dp, krl.data() + kb * kr_blk);
+        }
+        for (int64_t h = h_begin; h < h_end; ++h)
+          for (int64_t qb = 0; qb < nqb; ++qb) {
+            const int64_t n = std::min(BQ, d.Lq - qb * BQ), slot = (h - h_begin) * nqb + qb;
+            pack_transposed_rows_block(Q + sq.at(b, h, qb * BQ), sq.l, n, d.D, BQ, Dm, qtl.data() + slot * qt_blk);
+            pack_transposed_rows_block(DO + so.at(b, h, qb * BQ), so.l, n, d.Dv, BQ, Dvm, dotl.data() + slot * dot_blk);
+          }
+        KTt = ktl.data(), VTt = vtl.data(), KRt = krl.data(), QTt = qtl.data(), DOTt = dotl.data();
+      } else {
+        const int64_t kh = (b * d.Hkv + hk) * nkb, qh = (b * d.Hq + h_begin) * nqb;
+        KTt = KT + kh * kt_blk, VTt = VT + kh * vt_blk, KRt = KR + kh * kr_blk;
+        QTt = QT + qh * qt_blk, DOTt = DOT + qh * dot_blk;
+      }
       for (int64_t kb = 0; kb < nkb; ++kb) {
         const int64_t j0 = kb * BK, nk = std::min(BK, d.Lk - j0), nkp = (nk + 1) / 2 * 2;
-        const int64_t kblk = (b * d.Hkv + hk) * nkb + kb;
         std::fill(dkT.begin(), dkT.end(), 0.0f);
         std::fill(dvT.begin(), dvT.end(), 0.0f);
         for (int64_t h = h_begin; h < h_end; ++h) {
@@ -733,13 +774,13 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
             const Span keys = block_keys(mask, b, i0, mi);
             if (keys.hi <= j0 || keys.lo >= j0 + nk) continue;
             if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
-            const int64_t qblk = (b * d.Hq + h) * nqb + qb;
+            const int64_t qblk = (h - h_begin) * nqb + qb;  // within the task's heads
             const double* l = LSE + (b * d.Hq + h) * d.Lq + i0;
             const float* dl = DELTA + (b * d.Hq + h) * d.Lq + i0;
             bf16_tile_product(mi, BK, d.D, sq.l, BK, BK, false, Q + sq.at(b, h, i0),
-                              KT + kblk * d.D * BK, S.data());
+                              KTt + kb * kt_blk, S.data());
             bf16_tile_product(mi, BK, d.Dv, so.l, BK, BK, false, DO + so.at(b, h, i0),
-                              VT + kblk * d.Dv * BK, dP.data());
+                              VTt + kb * vt_blk, dP.data());
             if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk_lo, rk_hi);
             for (int64_t r = 0; r < mip; ++r) {
               float* s = S.data() + r * BK;
@@ -794,14 +835,14 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
             // P and dS (queries × keys, zero past nk) as right operands: row pairs interleaved
             pack_vnni(Pb.data(), BK, mip, BK, mip, BK, Pv.data());
             pack_vnni(dSb.data(), BK, mip, BK, mip, BK, dSv.data());
-            bf16_tile_product(Dvm, BK, mip, BQ, BK, BK, true, DOT + qblk * Dvm * BQ, Pv.data(), dvT.data());
-            bf16_tile_product(Dm, BK, mip, BQ, BK, BK, true, QT + qblk * Dm * BQ, dSv.data(), dkT.data());
+            bf16_tile_product(Dvm, BK, mip, BQ, BK, BK, true, DOTt + qblk * dot_blk, Pv.data(), dvT.data());
+            bf16_tile_product(Dm, BK, mip, BQ, BK, BK, true, QTt + qblk * qt_blk, dSv.data(), dkT.data());
             float* dqr = DQ + ((b * d.Hq + h) * d.Lq + i0) * Dp;
             const Span seen = union_rows(rows, 0, mi, 1);
             if (seen.lo == 0 && seen.hi == nk)
-              bf16_tile_product(mi, Dp, nkp, BK, Dp, Dp, true, dSb.data(), KR + kblk * BK * Dp, dqr);
+              bf16_tile_product(mi, Dp, nkp, BK, Dp, Dp, true, dSb.data(), KRt + kb * kr_blk, dqr);
             else  // (K rows no query of the tile sees may hold NaN)
-              tile_product_within(mi, Dp, dSb.data(), BK, KR + kblk * BK * Dp, seen.lo, seen.hi,
+              tile_product_within(mi, Dp, dSb.data(), BK, KRt + kb * kr_blk, seen.lo, seen.hi,
                                   dqr, Dp, edge.data());
           }
         }
