@@ -136,6 +136,21 @@ at::Tensor pack_transposed_rows(const at::Tensor& src, int64_t BL, int64_t Em) {
   });
 }
 
+// Key block kb of (batch b, kv head hk) for the tasks that pack one such pair's blocks
+// themselves: f(kb, n, k rows, v rows), n of the block's BL rows valid (keys past the batch's
+// key length count as absent and are packed as zeros, as pack_blocks does).
+template <typename F>
+void for_each_key_block(const at::Tensor& k, const at::Tensor& v, int64_t b, int64_t hk,
+                        const int64_t* key_len, int64_t BL, F f) {
+  const Strides sk(k), sv(v);
+  const int64_t L = k.size(2);
+  const int64_t valid = key_len ? std::clamp<int64_t>(key_len[b], 0, L) : L;
+  const c10::BFloat16 *kbase = k.data_ptr<c10::BFloat16>() + sk.at(b, hk),
+                      *vbase = v.data_ptr<c10::BFloat16>() + sv.at(b, hk);
+  for (int64_t kb = 0; kb * BL < L; ++kb)
+    f(kb, std::clamp<int64_t>(valid - kb * BL, 0, BL), kbase + kb * BL * sk.l, vbase + kb * BL * sv.l);
+}
+
 // The largest of s[0 .. n) · sc (NaN ignored), -inf for none.
 inline float row_max_scaled(const float* s, int64_t n, float sc) {
   using V = Vec<float>;
@@ -389,14 +404,10 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         continue;
       }
       const int64_t hk = task % d.Hkv, b = task / d.Hkv;
-      // (keys past the batch's key length packed as zeros, as pack_blocks does)
-      const int64_t valid = mask.key_len ? std::clamp<int64_t>(mask.key_len[b], 0, d.Lk) : d.Lk;
-      const bf16 *kbase = k_.data_ptr<bf16>() + sk.at(b, hk), *vbase = v_.data_ptr<bf16>() + sv.at(b, hk);
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        const int64_t n = std::clamp<int64_t>(valid - kb * BK, 0, BK);
-        pack_transposed_block(kbase + kb * BK * sk.l, sk.l, n, d.D, BK, BK, kh.data() + kb * k_blk);
-        pack_vnni(vbase + kb * BK * sv.l, sv.l, n, d.Dv, BK, Dvp, vh.data() + kb * v_blk);
-      }
+      for_each_key_block(k_, v_, b, hk, mask.key_len, BK, [&](int64_t kb, int64_t n, const bf16* kr, const bf16* vr) {
+        pack_transposed_block(kr, sk.l, n, d.D, BK, BK, kh.data() + kb * k_blk);
+        pack_vnni(vr, sv.l, n, d.Dv, BK, Dvp, vh.data() + kb * v_blk);
+      });
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
         for (int64_t qb = 0; qb < nqb; ++qb) query_block(b, h, qb, kh.data(), vh.data());
     }
@@ -744,14 +755,11 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
       // head h at QTt + ((h − h_begin)·nqb + qb)·qt_blk (likewise V, K rows, dO)
       const bf16 *KTt, *VTt, *KRt, *QTt, *DOTt;
       if (per_pair) {
-        const int64_t valid = mask.key_len ? std::clamp<int64_t>(mask.key_len[b], 0, d.Lk) : d.Lk;
-        const bf16 *kbase = k_.data_ptr<bf16>() + sk.at(b, hk), *vbase = v_.data_ptr<bf16>() + sv.at(b, hk);
-        for (int64_t kb = 0; kb < nkb; ++kb) {
-          const int64_t n = std::clamp<int64_t>(valid - kb * BK, 0, BK);
-          pack_transposed_block(kbase + kb * BK * sk.l, sk.l, n, d.D, BK, BK, ktl.data() + kb * kt_blk);
-          pack_transposed_block(vbase + kb * BK * sv.l, sv.l, n, d.Dv, BK, BK, vtl.data() + kb * vt_blk);
-          pack_vnni(kbase + kb * BK * sk.l, sk.l, n, d.D, BK, Dp, krl.data() + kb * kr_blk);
-        }
+        for_each_key_block(k_, v_, b, hk, mask.key_len, BK, [&](int64_t kb, int64_t n, const bf16* kr, const bf16* vr) {
+          pack_transposed_block(kr, sk.l, n, d.D, BK, BK, ktl.data() + kb * kt_blk);
+          pack_transposed_block(vr, sv.l, n, d.Dv, BK, BK, vtl.data() + kb * vt_blk);
+          pack_vnni(kr, sk.l, n, d.D, BK, Dp, krl.data() + kb * kr_blk);
+        });
         for (int64_t h = h_begin; h < h_end; ++h)
           for (int64_t qb = 0; qb < nqb; ++qb) {
             const int64_t n = std::min(BQ, d.Lq - qb * BQ), slot = (h - h_begin) * nqb + qb;
