@@ -258,7 +258,7 @@ template <typename T, typename S>
 SEQKERN_INLINE T row_dot(const S* x, const S* y, int64_t n) {
   Vec<T> acc(T(0));
   for_each_vec<T>(n, [&](int64_t c, int64_t m) { acc = at::vec::fmadd(load(x + c, m), load(y + c, m), acc); });
-  return at::vec::vec_reduce_all<T>([](Vec<T> u, Vec<T> w) { return u + w; }, acc);
+  return reduce_sum<T>(acc);
 }
 
 // ------------------------------------------------------------------ masks ------------------

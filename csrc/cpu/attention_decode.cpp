@@ -417,13 +417,13 @@ T decode_scores(const T* q, const S* kbase, int64_t ldk, int64_t D, T scale, con
       mxv = at::vec::maximum(mxv, sc);  // NaN-propagating: the max must not depend on how
                                         // the keys were split into blocks (paired rows)
     }
-    mx = at::vec::vec_reduce_all<T>([](V x, V y) { return at::vec::maximum(x, y); }, mxv);
+    mx = reduce_max<T>(mxv);
   }
   for (; j < keys.hi; ++j) {
     const S* kr = kbase + j * ldk;
     V a(T(0));
     for_each_vec<T>(D, [&](int64_t c, int64_t n) { a = at::vec::fmadd(load(q + c, n), load(kr + c, n), a); });
-    T sc = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, a) * scale;
+    T sc = reduce_sum<T>(a) * scale;
     if (mask.has_explicit()) {
       const int64_t idx = mask.at(b, h, i, j);
       if (mask.bmask) sc = mask.bmask[idx] ? sc : neg_inf<T>();
@@ -477,7 +477,7 @@ std::pair<float, float> decode_scores_2_rows(const float* q0, const float* q1, c
     m0 = at::vec::maximum(m0, a);
     m1 = at::vec::maximum(m1, c);
   }
-  auto vmax = [](V x) { return at::vec::vec_reduce_all<float>([](V u, V w) { return at::vec::maximum(u, w); }, x); };
+  auto vmax = [](V x) { return reduce_max<float>(x); };
   auto combined = [](float a, float r) { return std::isnan(a) || r <= a ? a : r; };
   const float r0 = decode_scores(q0, kbase, ldk, D, scale, mask, b, h, i, Span{lo + j, keys0.hi}, s0 + j);
   const float r1 = decode_scores(q1, kbase, ldk, D, scale, mask, b, h, i + 1, Span{lo + j, keys1.hi}, s1 + j);
@@ -573,7 +573,7 @@ void decode_forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor
           store(vexp(load(p + j, n) - V(mx[i])), p + j, n);
           sumv = sumv + load(p + j, n);  // reload: lanes past n are zero
         });
-        sum[i] = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, sumv);
+        sum[i] = reduce_sum<T>(sumv);
         if (drop.active) {
           keep_along_row(drop.row_key((b * d.Hq + h) * d.Lq + i0 + i), keys[i].lo, nk, drop.threshold, keep.data());
           for_each_vec<T>(nk, [&](int64_t j, int64_t n) { store(load(p + j, n) * load(keep.data() + j, n), p + j, n); });
@@ -736,7 +736,7 @@ void decode_backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tenso
             store(dpz, ds + j, n);
             dsum = at::vec::fmadd(w, dpz, dsum);
           });
-          const V dlt(at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, dsum));
+          const V dlt(reduce_sum<T>(dsum));
           for_each_vec<T>(nk, [&](int64_t j, int64_t n) {
             const V w = load(p + j, n);
             store(w * (load(ds + j, n) - dlt), ds + j, n);

@@ -136,6 +136,11 @@ at::Tensor pack_transposed_rows(const at::Tensor& src, int64_t BL, int64_t Em) {
   });
 }
 
+// Whether each task packs the K and V blocks of its own (batch, kv head) pair, so that they stay
+// in cache, rather than all being packed up front (a write and a read of their size through
+// memory): where there are pairs enough to keep every thread busy.
+inline bool pack_in_tasks(const Dims& d) { return d.B * d.Hkv >= 4 * at::get_num_threads(); }
+
 // Key block kb of (batch b, kv head hk) for the tasks that pack one such pair's blocks
 // themselves: f(kb, n, k rows, v rows), n of the block's BL rows valid (keys past the batch's
 // key length count as absent and are packed as zeros, as pack_blocks does).
@@ -160,7 +165,7 @@ inline float row_max_scaled(const float* s, int64_t n, float sc) {
     const V x = load(s + j, c) * V(sc);
     vmax = max_no_nan(vmax, c == V::size() ? x : V::set(V(ninf), x, c));
   });
-  return at::vec::vec_reduce_all<float>([](V x, V y) { return at::vec::maximum(x, y); }, vmax);
+  return reduce_max<float>(vmax);
 }
 
 constexpr float kLazyRescale = 8.0f;
@@ -287,11 +292,9 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const int64_t nqb = (d.Lq + BQ - 1) / BQ, nkb = (d.Lk + BK - 1) / BK;
   const int64_t Dvp = amx_width(d.Dv), k_blk = d.D * BK, v_blk = BK * Dvp;
   // K and V of every (batch, kv head, key block), packed once per call and shared by every
-  // query block and every query head of the group: either all of them up front, or, where
-  // there are (batch, kv head) pairs enough to keep every thread busy, one pair's at a time
-  // in the task that then runs all its query blocks, so the packed blocks stay in cache
-  // instead of going out to memory and coming back (a write and a read of K and V's size).
-  const bool per_head = d.B * d.Hkv >= 4 * at::get_num_threads();
+  // query block and every query head of the group: up front, or per task (pack_in_tasks),
+  // whose task then runs all the pair's query blocks
+  const bool per_head = pack_in_tasks(d);
   at::Tensor kp, vp;
   if (!per_head) {
     kp = pack_transposed_blocks(k_, BK, BK, mask.key_len);
@@ -640,14 +643,7 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
     bf16_tile_release();
   });
 }
-// Backward of the bf16 forwards above on brgemm tiles, for key/value head hk of batch b
-// and query heads [h_begin, h_end) of its group (as backward_kernel, whose equations these
-// are). Per (query block i, key block j) of 64 × 64:
-//   S = Qᵢ·Kⱼᵀ and dP = dOᵢ·Vⱼᵀ (bf16 products, fp32 tiles), P and dS in fp32 from them,
-//   then P and dS rounded to bf16 as operands of dVⱼ += Pᵀ·dOᵢ, dKⱼ += dSᵀ·Qᵢ, dQᵢ += dS·Kⱼ.
-// Pᵀ and dSᵀ are transposed copies of the bf16 tiles; every right operand is packed once per
-// call. dq is (B, Hq, Lq, amx_width(D)) fp32, unscaled, accumulated in place (each query head
-// belongs to one task); dk, dv as in backward_kernel.
+
 // One row of the backward's tile without dropout or a mask gradient: P = exp2(s·c2 − s2 [− lo2
 // after ·log2 e when EXACT]) and dS = P ⊙ (dP − Δ) for the keys [lo, hi), 0 for the others,
 // rounded to bf16 straight from registers into p and ds (kAmxChunk of each). Keys outside
@@ -686,6 +682,15 @@ SEQKERN_INLINE void weights_to_bf16(Exact, const float* s, const float* dp, int6
   }
 }
 
+// Backward of the bf16 forwards above on brgemm tiles, for key/value head hk of batch b
+// and query heads [h_begin, h_end) of its group (as backward_kernel, whose equations these
+// are). Per (query block i, key block j) of 64 × 64:
+//   S = Qᵢ·Kⱼᵀ and dP = dOᵢ·Vⱼᵀ (bf16 products, fp32 tiles), P and dS from them rounded to
+//   bf16 as operands of dVⱼᵀ += dOᵢᵀ·P, dKⱼᵀ += Qᵢᵀ·dS (P and dS with row pairs interleaved;
+//   dKⱼᵀ, dVⱼᵀ transposed back once per key block) and dQᵢ += dS·Kⱼ.
+// The packed operands (Kᵀ, Vᵀ, K rows, Qᵀ, dOᵀ) are made up front or per task (pack_in_tasks).
+// dq is (B, Hq, Lq, amx_width(D)) fp32, unscaled, accumulated in place (each query head
+// belongs to one task); dk, dv as in backward_kernel.
 void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                               const at::Tensor& v_, const at::Tensor& do_, const at::Tensor& lse_,
                               const at::Tensor& delta_, const Mask<float>& mask,
@@ -702,9 +707,9 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   const int64_t kt_blk = d.D * BK, vt_blk = d.Dv * BK, kr_blk = BK * Dp, qt_blk = Dm * BQ,
                 dot_blk = Dvm * BQ;
   // Packed up front, or (as in the forward) per task where each task holds a whole (batch, kv
-  // head) pair and there are enough of them, so the packed blocks stay in cache.
-  // (keys past a batch's key length are packed as zeros: see pack_blocks)
-  const bool per_pair = chunks == 1 && d.B * d.Hkv >= 4 * at::get_num_threads();
+  // head) pair (pack_in_tasks). (keys past a batch's key length are packed as zeros: see
+  // pack_blocks)
+  const bool per_pair = chunks == 1 && pack_in_tasks(d);
   at::Tensor kt, vt, kr, qt, dot;
   if (!per_pair) {
     kt = pack_transposed_blocks(k_, BK, BK, mask.key_len);

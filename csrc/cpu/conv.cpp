@@ -86,10 +86,6 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
-template <typename T>
-inline T hsum(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](const Vec<T>& p, const Vec<T>& q) { return p + q; }, v);
-}
 
 // ------------------------------------------------------------- activation ----------------
 
@@ -265,7 +261,7 @@ void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const
           for_each_vec<T>(t1 - t0, [&](int64_t j, int64_t c) {
             acc = acc + load(r + j, c);  // partial loads zero the unused lanes
           });
-          dbt[grp * g.Cout_g + o] += hsum(acc);
+          dbt[grp * g.Cout_g + o] += reduce_sum<T>(acc);
         }
       }
     }
@@ -313,7 +309,7 @@ T dot(const T* a, const T* b, int64_t n) {
     // partial loads leave the unused lanes zero
     acc0 = at::vec::fmadd(load(a + j, c), load(b + j, c), acc0);
   }
-  return hsum(acc0 + acc1);
+  return reduce_sum<T>(acc0 + acc1);
 }
 
 constexpr int64_t kRowChunk = 512;  // columns of the L1 accumulator in the head region
@@ -418,8 +414,8 @@ void depthwise_backward_interior(const Geom& g, const T* dz, const T* x, const T
     dbv = dbv + load(dz + j, c);
     store(v, dx + j, c);
   });
-  for (int64_t k = 0; k < g.K; ++k) dw[k] += hsum(acc[k]);
-  if (db) *db += hsum(dbv);
+  for (int64_t k = 0; k < g.K; ++k) dw[k] += reduce_sum<T>(acc[k]);
+  if (db) *db += reduce_sum<T>(dbv);
 }
 
 // Per channel (so the weight and bias gradients need no reduction across threads), over the
@@ -470,7 +466,7 @@ void depthwise_backward(const Geom& g, const T* dz, const int64_t* ds, const T* 
         if (db) {
           Vec<T> s(T(0));
           for_each_vec<T>(g.L - from, [&](int64_t j, int64_t n) { s = s + load(dzr + from + j, n); });
-          dbc += hsum(s);
+          dbc += reduce_sum<T>(s);
         }
         for (int64_t k = 0; k < g.K; ++k) {
           const int64_t s = g.shift(k);
@@ -718,7 +714,7 @@ void wavenet_backward_impl(const Block& k, const T* gres, const T* gskip, const 
       auto rowsum = [&](const T* r) {
         Vec<T> s(T(0));
         for_each_vec<T>(n, [&](int64_t j, int64_t c) { s = s + load(r + j, c); });
-        return hsum(s);
+        return reduce_sum<T>(s);
       };
       for (int64_t r = 0; r < k.S; ++r) a_sb[r] += rowsum(gs + r * g.L);
       for (int64_t r = 0; r < k.R; ++r) a_rb[r] += rowsum(gr + r * g.L);

@@ -553,18 +553,24 @@ TileMultiples bf16_tile_multiples() {
   return own_amx() ? TileMultiples{16, 16, 32} : TileMultiples{1, 1, 2};
 }
 
+namespace {
+// Whether seqkern's own AMX loop takes an M × N × K product: whole tiles only.
+bool own_tiles_take(int64_t M, int64_t N, int64_t K) {
+  return own_amx() && M > 0 && N > 0 && K > 0 && M % 16 == 0 && N % 16 == 0 && K % 32 == 0;
+}
+}  // namespace
+
 bool bf16_tile_product_overlapped(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
                                   int64_t ldc, bool add_C, const at::BFloat16* A,
                                   const at::BFloat16* B, float* C, StepHook between) {
-  if (!(own_amx() && M > 0 && N > 0 && K > 0 && M % 16 == 0 && N % 16 == 0 && K % 32 == 0))
-    return false;
+  if (!own_tiles_take(M, N, K)) return false;
   amx_product(M, N, K, lda, ldb, ldc, add_C, A, B, C, &between);
   return true;
 }
 
 void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                        bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C) {
-  if (own_amx() && M > 0 && N > 0 && K > 0 && M % 16 == 0 && N % 16 == 0 && K % 32 == 0) {
+  if (own_tiles_take(M, N, K)) {
     amx_product(M, N, K, lda, ldb, ldc, add_C, A, B, C);
     return;
   }
