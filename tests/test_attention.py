@@ -707,15 +707,14 @@ def test_decode_backward_row_without_keys_beside_rows_that_start_late(Lq, how):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("Lq", [3, 5, 8, 9, 16, 32])
+@pytest.mark.parametrize("Lq", [3, 5, 8, 9, 16, 32, 40, 100])
 def test_garbage_reaches_only_the_queries_that_weight_it(dtype, Lq):
     """Inference with a per-query bool mask over a cache whose slot 150 holds NaN in V and
-    slot 170 inf: the queries the mask lets see a slot get NaN or inf there (as torch), the others
-    exactly what they get with a clean cache. Up to 8 queries on the row-wise kernels, which
-    skip keys of weight 0; bf16 on bf16 tiles up to 32, whose few-query kernel takes such V
-    rows out of the tile product and adds them only to the queries that weight them."""
-    if Lq > 8 and not (dtype == torch.bfloat16 and AMX):
-        pytest.skip("from 9 queries only bf16 on bf16 tiles keeps this (README, known limitations)")
+    slot 170 inf: the queries the mask lets see a slot get NaN or inf there, the others exactly
+    what they get with a clean cache (torch's give NaN everywhere). Up to 8 queries on the
+    row-wise kernels, which skip keys of weight 0; the tile kernels take such V rows out of the
+    product and add them only to the queries that weight them (from 9 queries, once a query
+    block's output came out non-finite)."""
     gen = torch.Generator().manual_seed(stable_seed(dtype, Lq))
     q, k, v = make_inputs((1, 2, 2, Lq, 300, 64, 64), dtype, gen)
     vc = v.clone()
@@ -735,9 +734,9 @@ def test_garbage_reaches_only_the_queries_that_weight_it(dtype, Lq):
 @pytest.mark.parametrize("Lq,where", [(Lq, "k") for Lq in (1, 6, 12, 40, 100)] + [(1, "v"), (6, "v")])
 def test_additive_minus_inf_keeps_garbage_out(dtype, Lq, where):
     """A slot an additive mask rules out with −inf for every query, its K (or V) row NaN: the
-    outputs equal those with a clean cache (a NaN score plus −inf was NaN, and made every row
-    NaN); with at most 8 queries the gradients too (the tile kernels' dS·K takes 0·NaN). A NaN
-    V row: up to 8 queries (from 9 the tile kernels' P·V takes 0·NaN, README's known limitations)."""
+    outputs and gradients equal those with a clean cache (a NaN score plus −inf was NaN, and
+    made every row NaN; the tile kernels' dS·K and P·V took 0·NaN before they set such rows
+    aside)."""
     gen = torch.Generator().manual_seed(stable_seed(dtype, Lq, where, "additive"))
     q, k, v = make_inputs((1, 2, 2, Lq, 50, 64, 64), dtype, gen)
     kc, vc = k.clone(), v.clone()
@@ -747,8 +746,7 @@ def test_additive_minus_inf_keeps_garbage_out(dtype, Lq, where):
     go = torch.randn(1, 2, Lq, 64, generator=gen).to(dtype)
     got = forward_backward(sdpa, q, kc, vc, go, keep_nan=True, attn_mask=am)
     want = forward_backward(sdpa, q, k, v, go, keep_nan=True, attn_mask=am)
-    checked = got if Lq <= 8 else got[:1]
-    for a, b in zip(checked, want):
+    for a, b in zip(got, want):
         if a is got[2]:  # dk: the excluded slot's gradient is 0 either way
             a, b = a[:, :, torch.arange(50) != 7], b[:, :, torch.arange(50) != 7]
         assert torch.isfinite(a).all()
@@ -756,13 +754,13 @@ def test_additive_minus_inf_keeps_garbage_out(dtype, Lq, where):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("Lq", [2, 5, 8])
+@pytest.mark.parametrize("Lq", [2, 5, 8, 12, 40, 100])
 @pytest.mark.parametrize("where", ["k", "v"])
 def test_training_garbage_reaches_only_the_queries_that_see_it(dtype, Lq, where):
     """Training, bottom-right causal against a cache whose newest slot holds NaN in K or V: only
     the last query sees it. The other queries' outputs and gradients (dq) equal those with a clean
-    cache, up to 8 queries in every dtype (bf16 on bf16 tiles once took dS = 0 times the NaN K
-    row into every query's dq at 5-8 queries)."""
+    cache in every dtype (bf16 on bf16 tiles once took dS = 0 times the NaN K row into every
+    query's dq at 5-8 queries; the tile kernels from 9 queries, until they set such rows aside)."""
     gen = torch.Generator().manual_seed(stable_seed(dtype, Lq, where))
     q, k, v = make_inputs((1, 2, 2, Lq, 100, 64, 64), dtype, gen)
     kc, vc = k.clone(), v.clone()
@@ -816,17 +814,21 @@ def test_decode_backward_ignores_masked_garbage_in_the_cache(dtype, how, Lq):
         torch.testing.assert_close(a, b, **garbage_tolerance(dtype), msg=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("Lq", [5, 40, 70])
-def test_tiles_ignore_garbage_past_key_lengths(dtype, Lq):
-    """key_lengths marks a padded cache's valid prefix: NaN/inf past it must not reach any output
-    or gradient on the tile kernels either (the bf16 ones work on chunks of 64 keys, and took
-    0·inf = NaN from the padding before it was packed as zeros)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("how", ["bool", "key_lengths"])
+@pytest.mark.parametrize("B,Lq", [(2, 5), (2, 9), (2, 40), (2, 70), (4, 12), (4, 100)])
+def test_tiles_ignore_masked_garbage_in_the_cache(dtype, how, B, Lq):
+    """A padded cache's valid prefix marked by key_lengths or by a bool mask (chunked prefill
+    into a preallocated cache): NaN/inf past it must not reach any output or gradient on the tile
+    kernels either (the bf16 ones work on chunks of 64 keys, and took 0·inf = NaN from the
+    padding before it was packed as zeros; under a bool mask every tile kernel took 0·NaN in
+    P·V and dS·K before they set such rows aside). B = 4: the bf16 kernels pack K and V per
+    (batch, kv head) task on two threads."""
     gen = torch.Generator().manual_seed(7)
-    q, k, v = make_inputs((2, 4, 2, Lq, 300, 64, 40), dtype, gen)
-    go = torch.randn(2, 4, Lq, 40, generator=gen).to(dtype)
+    q, k, v = make_inputs((B, 4, 2, Lq, 300, 64, 40), dtype, gen)
+    go = torch.randn(B, 4, Lq, 40, generator=gen).to(dtype)
     n = 161
-    kc, vc, kw = cache_with_garbage(k, v, n, "key_lengths")
+    kc, vc, kw = cache_with_garbage(k, v, n, how)
     got = forward_backward(sdpa, q, kc, vc, go, keep_nan=True, enable_gqa=True, **kw)
     want = forward_backward(sdpa, q, k[:, :, :n], v[:, :, :n], go, keep_nan=True,
                             enable_gqa=True)

@@ -705,6 +705,44 @@ SEQKERN_INLINE std::pair<const T*, int64_t> kv_rows(const S* src, int64_t ld, in
 
 
 
+// A cache slot never written may hold NaN or inf in K or V, and a tile product multiplies the
+// rows a query may not see by 0: 0·NaN is NaN, and it would reach every row of the tile. Such
+// rows are taken out of the product (zero in a copy) and added by hand to the rows whose weight
+// is not 0. Rare, so only looked for where a result came out non-finite (the forwards redo the
+// query block) or where it is cheap (the backwards check each key block once per task).
+
+// The keys c < n whose rows (ld apart, `width` values) are not all finite, into bad; how many.
+template <typename S>
+inline int64_t nonfinite_rows(const S* rows, int64_t ld, int64_t n, int64_t width, int64_t* bad) {
+  int64_t nb = 0;
+  for (int64_t c = 0; c < n; ++c)
+    if (!all_finite(rows + c * ld, width)) bad[nb++] = c;
+  return nb;
+}
+
+// Rows [0, n) of src into dst (rows `width` apart), the rows in bad zero.
+template <typename T>
+inline void copy_rows_zeroing(const T* src, int64_t ld, int64_t n, int64_t width,
+                              const int64_t* bad, int64_t nb, T* dst) {
+  for (int64_t c = 0; c < n; ++c) std::copy_n(src + c * ld, width, dst + c * width);
+  for (int64_t i = 0; i < nb; ++i) std::fill_n(dst + bad[i] * width, width, T(0));
+}
+
+// out row r (ldo apart) += w(r, c) · row c of `rows`, for the keys c in bad and the rows r < m
+// whose weight is not 0.
+template <typename T, typename S, typename Weight>
+inline void add_rows_by_hand(int64_t m, const int64_t* bad, int64_t nb, const S* rows, int64_t ld,
+                             int64_t width, Weight w, T* out, int64_t ldo) {
+  for (int64_t i = 0; i < nb; ++i) {
+    const S* x = rows + bad[i] * ld;
+    for (int64_t r = 0; r < m; ++r) {
+      const T wr = static_cast<T>(w(r, bad[i]));
+      if (wr != T(0))
+        for (int64_t e = 0; e < width; ++e) out[r * ldo + e] += wr * static_cast<T>(x[e]);
+    }
+  }
+}
+
 // The backward's weights are exp((s − hi) − lo) with hi + lo = lse (float64) and hi in T: when
 // |lse| is large against the spread of the scores that carry weight, s is within a factor 2 of
 // hi and s − hi is exact (Sterbenz), so the weights are as accurate as the forward's; otherwise

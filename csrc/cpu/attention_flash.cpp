@@ -28,9 +28,10 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     LineVector<T> QT(d.D * BQ), ST(BK * BQ), acc(BQ * d.Dv), mx(BQ), sm(BQ);
     LineVector<T> keep(drop.active ? BK * BQ : 0);
-    LineVector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
+    LineVector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0), vclean;
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[BK];
+    int64_t bad[BK];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
       const int64_t hk = h / g, i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
@@ -39,34 +40,50 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       const S* kbase = K + sk.at(b, hk);
       const S* vbase = Vp + sv.at(b, hk);
       transpose_scaled(q, sq.l, mi, d.D, scale, QT.data(), BQ, mp);  // Qᵢᵀ·scale, 0 past mi
-      std::fill(acc.begin(), acc.begin() + mi * d.Dv, T(0));
-      std::fill(mx.begin(), mx.end(), neg_inf<T>());
-      std::fill(sm.begin(), sm.end(), T(0));
       if (drop.active) drop.row_keys(b, h, d.Hq, d.Lq, i0, mi, rk_lo, rk_hi);
-
       const Span keys = block_keys(mask, b, i0, mi);
-      for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
-        // (keys past keys.hi are seen by no query of the block)
-        const int64_t nk = std::min(BK, keys.hi - j0);
-        if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
-        const auto [kj, ldk] = kv_rows(kbase + j0 * sk.l, sk.l, nk, d.D, kbuf.data());
-        const auto [vj, ldv] = kv_rows(vbase + j0 * sv.l, sv.l, nk, d.Dv, vbuf.data());
-        // Sᵀ = K_j · (scale·Qᵢ)ᵀ where some query may see the key, then -inf where none may
-        tile_gemm_impl<T>(nk, d.D, kj, ldk, 1, QT.data(), BQ, ST.data(), BQ, false,
-                          [&](int64_t r0, int64_t r1) {
-                            return std::pair<Span, Span>{union_rows(cols, r0, r1, W), Span{0, d.D}};
-                          });
-        mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, ST.data(), BQ, neg_inf<T>(), mask.has_explicit());
-        if (drop.active)
-          for (int64_t c = 0; c < nk; ++c) keep_down_column(rk_lo, rk_hi, mp, j0 + c, drop.threshold, keep.data() + c * BQ);
-        softmax_columns<T>(ST.data(), BQ, nk, mp, mi, drop.active ? keep.data() : nullptr,
-                           mx.data(), sm.data(), acc.data(), d.Dv, cols);
-        // O_i += P·V_j, P read from Sᵀ (row stride 1, k stride BQ)
-        tile_gemm_impl<T>(mi, nk, ST.data(), 1, BQ, vj, ldv, acc.data(), d.Dv, true,
-                          [&](int64_t r0, int64_t r1) {
-                            return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
-                          });
-      }
+      // isolate: V rows holding NaN or inf out of P·V (see nonfinite_rows)
+      auto attend = [&](bool isolate) {
+        std::fill(acc.begin(), acc.begin() + mi * d.Dv, T(0));
+        std::fill(mx.begin(), mx.end(), neg_inf<T>());
+        std::fill(sm.begin(), sm.end(), T(0));
+        for (int64_t j0 = keys.lo / BK * BK; j0 < keys.hi; j0 += BK) {
+          // (keys past keys.hi are seen by no query of the block)
+          const int64_t nk = std::min(BK, keys.hi - j0);
+          if (!tile_setup(mask, b, h, i0, mi, j0, nk, rows, cols)) continue;
+          const auto [kj, ldk] = kv_rows(kbase + j0 * sk.l, sk.l, nk, d.D, kbuf.data());
+          auto [vj, ldv] = kv_rows(vbase + j0 * sv.l, sv.l, nk, d.Dv, vbuf.data());
+          // Sᵀ = K_j · (scale·Qᵢ)ᵀ where some query may see the key, then -inf where none may
+          tile_gemm_impl<T>(nk, d.D, kj, ldk, 1, QT.data(), BQ, ST.data(), BQ, false,
+                            [&](int64_t r0, int64_t r1) {
+                              return std::pair<Span, Span>{union_rows(cols, r0, r1, W), Span{0, d.D}};
+                            });
+          mask_tile_t(mask, b, h, i0, j0, nk, mp, cols, ST.data(), BQ, neg_inf<T>(), mask.has_explicit());
+          if (drop.active)
+            for (int64_t c = 0; c < nk; ++c) keep_down_column(rk_lo, rk_hi, mp, j0 + c, drop.threshold, keep.data() + c * BQ);
+          softmax_columns<T>(ST.data(), BQ, nk, mp, mi, drop.active ? keep.data() : nullptr,
+                             mx.data(), sm.data(), acc.data(), d.Dv, cols);
+          if (isolate) {
+            const int64_t nb = nonfinite_rows(vj, ldv, nk, d.Dv, bad);
+            if (nb) {
+              vclean.resize(BK * d.Dv);
+              copy_rows_zeroing(vj, ldv, nk, d.Dv, bad, nb, vclean.data());
+              add_rows_by_hand(mi, bad, nb, vj, ldv, d.Dv, [&](int64_t r, int64_t c) { return ST[c * BQ + r]; },
+                               acc.data(), d.Dv);
+              vj = vclean.data(), ldv = d.Dv;
+            }
+          }
+          // O_i += P·V_j, P read from Sᵀ (row stride 1, k stride BQ)
+          tile_gemm_impl<T>(mi, nk, ST.data(), 1, BQ, vj, ldv, acc.data(), d.Dv, true,
+                            [&](int64_t r0, int64_t r1) {
+                              return std::pair<Span, Span>{Span{0, d.Dv}, union_rows(rows, r0, r1, 1)};
+                            });
+        }
+      };
+      attend(false);
+      // A non-finite output row may be a V row's NaN that reached it through a weight of 0:
+      // the block is redone with such rows taken out of the product.
+      if (!all_finite(acc.data(), mi * d.Dv)) attend(true);
 
       write_output_rows<T>(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(), T(drop.keep_scale),
                            O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
@@ -118,8 +135,9 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
     LineVector<T> QT, DOT, DELTA;  // the task's heads' query-side operands
     LineVector<T> PT(BK * BQ), dST(BK * BQ), dk_loc(BK * d.D), dv_loc(BK * d.Dv);
     LineVector<T> kbuf(widen ? BK * d.D : 0), vbuf(widen ? BK * d.Dv : 0);
-    LineVector<T> keep(drop.active ? BK * BQ : 0);
+    LineVector<T> keep(drop.active ? BK * BQ : 0), kclean;
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
+    int64_t bad_k[BK], bad_v[BK];
     const V keep_scale{T(drop.keep_scale)};
     T* const mg = mgrad.data ? mgrad.target() : nullptr;
     Span rows[BQ], cols[BK];
@@ -151,6 +169,18 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
         std::fill(dv_loc.begin(), dv_loc.end(), T(0));
         const auto [kj, ldk] = kv_rows(kbase + j0 * sk.l, sk.l, nk, d.D, kbuf.data());
         const auto [vj, ldv] = kv_rows(vbase + j0 * sv.l, sv.l, nk, d.Dv, vbuf.data());
+        // K and V rows holding NaN or inf (see nonfinite_rows): dQ += dS·K takes K_j with the
+        // bad rows zero and adds them by hand; a bad V row makes its column of dPᵀ NaN, whose
+        // dS is set to 0 where P is 0
+        const int64_t nbk = nonfinite_rows(kj, ldk, nk, d.D, bad_k);
+        const int64_t nbv = nonfinite_rows(vj, ldv, nk, d.Dv, bad_v);
+        const T* kq = kj;
+        int64_t ldkq = ldk;
+        if (nbk) {
+          kclean.resize(BK * d.D);
+          copy_rows_zeroing(kj, ldk, nk, d.D, bad_k, nbk, kclean.data());
+          kq = kclean.data(), ldkq = d.D;
+        }
         for (int64_t h = h_begin; h < h_end; ++h) {
           for (int64_t qb = 0; qb < nqb; ++qb) {
             const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
@@ -204,6 +234,9 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                 }
               }
             }
+            for (int64_t i = 0; i < nbv; ++i)
+              for (int64_t r = 0; r < mp; ++r)
+                if (PT[bad_v[i] * BQ + r] == T(0)) dST[bad_v[i] * BQ + r] = T(0);
             if (mg) {  // d(mask) = dS where some query may see the key, 0 elsewhere
               T* g = mg + b * mgrad.sb + h * mgrad.sh + i0 * mgrad.sq + j0 * mgrad.sk;
               for (int64_t cc = 0; cc < nk; ++cc)
@@ -223,8 +256,10 @@ void backward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
                               d.Dv, true, key_spans(d.Dv));
             tile_gemm_impl<T>(nk, mi, dST.data(), BQ, 1, Q + sq.at(b, h, i0), sq.l, dk_loc.data(),
                               d.D, true, key_spans(d.D));
-            tile_gemm_impl<T>(mi, nk, dST.data(), 1, BQ, kj, ldk,
-                              DQ + ((b * d.Hq + h) * d.Lq + i0) * d.D, d.D, true, row_spans);
+            T* dqr = DQ + ((b * d.Hq + h) * d.Lq + i0) * d.D;
+            tile_gemm_impl<T>(mi, nk, dST.data(), 1, BQ, kq, ldkq, dqr, d.D, true, row_spans);
+            add_rows_by_hand(mi, bad_k, nbk, kj, ldk, d.D, [&](int64_t r, int64_t c) { return dST[c * BQ + r]; },
+                             dqr, d.D);
           }
         }
         T* dkd = DK + (acc_row * d.Lk + j0) * d.D;

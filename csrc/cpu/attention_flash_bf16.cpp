@@ -218,20 +218,10 @@ SEQKERN_INLINE bool any_above(const Vec<float>& x, float t) {
   return (x > Vec<float>(t)).zero_mask() != (1 << Vec<float>::size()) - 1;
 }
 
-// Whether n bf16 values are all finite (no exponent of all ones).
-inline bool all_finite(const c10::BFloat16* p, int64_t n) {
-  const auto* u = reinterpret_cast<const uint16_t*>(p);
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512i e = _mm512_set1_epi16(0x7F80);
-  for (; i + 32 <= n; i += 32) {
-    const __m512i x = _mm512_and_si512(_mm512_loadu_si512(u + i), e);
-    if (_mm512_cmpeq_epi16_mask(x, e)) return false;
-  }
-#endif
-  for (; i < n; ++i)
-    if ((u[i] & 0x7F80) == 0x7F80) return false;
-  return true;
+// Rows `bad` of a VNNI-packed operand (pairs of rows interleaved, N columns) set to zero.
+inline void zero_vnni_rows(c10::BFloat16* b, int64_t N, const int64_t* bad, int64_t nb) {
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t e = 0; e < N; ++e) b[(bad[i] / 2) * 2 * N + 2 * e + bad[i] % 2] = c10::BFloat16(0.0f);
 }
 
 // A VNNI-packed right operand (pairs of rows interleaved, N columns) of n rows (even) copied
@@ -303,7 +293,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const bf16 *KP = per_head ? nullptr : kp.data_ptr<bf16>(), *VP = per_head ? nullptr : vp.data_ptr<bf16>();
   const Strides sk(k_), sv(v_);
   const Strides sq(q_);
-  const bf16* Q = q_.data_ptr<bf16>();
+  const bf16 *Q = q_.data_ptr<bf16>(), *Vr = v_.data_ptr<bf16>();
   float* O32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
   bf16* O = O32 ? nullptr : out.data_ptr<bf16>();
   double* LSE = lse.data_ptr<double>();
@@ -315,11 +305,13 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
     LineVector<float> S(BQ * BK), acc(BQ * Dvp), mx(BQ), sm(BQ), smv(BQ * Vec<float>::size());
     LineVector<float> keep(drop.active ? BK : 0);
     LineVector<bf16> P(BQ * BK), edge(32 * Dvp);
-    LineVector<bf16> kh(per_head ? nkb * k_blk : 0), vh(per_head ? nkb * v_blk : 0);
+    LineVector<bf16> kh(per_head ? nkb * k_blk : 0), vh(per_head ? nkb * v_blk : 0), vclean;
     uint32_t rk_lo[BQ] = {}, rk_hi[BQ] = {};
     Span rows[BQ], cols[kAmxBlockKMax];
+    int64_t bad[kAmxBlockKMax];
     // query block qb of head h (batch b) against the packed key blocks of its kv head
-    auto query_block = [&](int64_t b, int64_t h, int64_t qb, const bf16* KPh, const bf16* VPh) {
+    // isolate: V rows holding NaN or inf out of P·V (see nonfinite_rows)
+    auto query_block = [&](int64_t b, int64_t h, int64_t qb, const bf16* KPh, const bf16* VPh, bool isolate) {
       const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0);
       const bf16* q = Q + sq.at(b, h, i0);
       std::fill(acc.begin(), acc.begin() + mi * Dvp, 0.0f);
@@ -391,19 +383,40 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         }
         // V is packed as pairs of key rows, so key c starts c·Dvp elements in
         const Span seen = union_rows(rows, 0, mi, 1);
-        tile_product_within(mi, Dvp, P.data(), BK, VPh + kb * v_blk, seen.lo, seen.hi,
-                            acc.data(), Dvp, edge.data());
+        const bf16* vpb = VPh + kb * v_blk;
+        if (isolate) {
+          const bf16* vr = Vr + sv.at(b, h / g) + (j0 + seen.lo) * sv.l;
+          const int64_t nb = nonfinite_rows(vr, sv.l, seen.hi - seen.lo, d.Dv, bad);
+          if (nb) {
+            for (int64_t i = 0; i < nb; ++i) bad[i] += seen.lo;
+            vclean.resize(v_blk);
+            std::copy_n(vpb, v_blk, vclean.data());
+            zero_vnni_rows(vclean.data(), Dvp, bad, nb);
+            add_rows_by_hand(mi, bad, nb, vr - seen.lo * sv.l, sv.l, d.Dv,
+                             [&](int64_t r, int64_t c) { return static_cast<float>(P[r * BK + c]); },
+                             acc.data(), Dvp);
+            vpb = vclean.data();
+          }
+        }
+        tile_product_within(mi, Dvp, P.data(), BK, vpb, seen.lo, seen.hi, acc.data(), Dvp, edge.data());
       }
+      // A non-finite output row may be a V row's NaN that reached it through a weight of 0:
+      // the block is redone with such rows taken out of the product.
+      if (!isolate && !all_finite(acc.data(), mi * Dvp)) return false;
       for (int64_t r = 0; r < mi; ++r) sm[r] = reduce_sum<float>(Vec<float>::loadu(smv.data() + r * Vec<float>::size()));
       write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                              static_cast<float>(drop.keep_scale), O, O32,
                              ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
+      return true;
+    };
+    auto query_block_checked = [&](int64_t b, int64_t h, int64_t qb, const bf16* KPh, const bf16* VPh) {
+      if (!query_block(b, h, qb, KPh, VPh, false)) query_block(b, h, qb, KPh, VPh, true);
     };
     for (int64_t task = begin; task < end; ++task) {
       if (!per_head) {
         const int64_t qb = task % nqb, h = (task / nqb) % d.Hq, b = task / (nqb * d.Hq);
         const int64_t head = (b * d.Hkv + h / g) * nkb;
-        query_block(b, h, qb, KP + head * k_blk, VP + head * v_blk);
+        query_block_checked(b, h, qb, KP + head * k_blk, VP + head * v_blk);
         continue;
       }
       const int64_t hk = task % d.Hkv, b = task / d.Hkv;
@@ -412,7 +425,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
         pack_vnni(vr, sv.l, n, d.Dv, BK, Dvp, vh.data() + kb * v_blk);
       });
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
-        for (int64_t qb = 0; qb < nqb; ++qb) query_block(b, h, qb, kh.data(), vh.data());
+        for (int64_t qb = 0; qb < nqb; ++qb) query_block_checked(b, h, qb, kh.data(), vh.data());
     }
     bf16_tile_release();
   });
@@ -721,7 +734,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
   auto base = [&](const at::Tensor& t) { return per_pair ? nullptr : t.data_ptr<bf16>(); };
   const bf16 *KT = base(kt), *VT = base(vt), *KR = base(kr), *QT = base(qt), *DOT = base(dot);
   const Strides sq(q_), so(do_), sk(k_), sv(v_);
-  const bf16 *Q = q_.data_ptr<bf16>(), *DO = do_.data_ptr<bf16>();
+  const bf16 *Q = q_.data_ptr<bf16>(), *DO = do_.data_ptr<bf16>(), *Kr = k_.data_ptr<bf16>(),
+             *Vr = v_.data_ptr<bf16>();
   const double* LSE = lse_.data_ptr<double>();
   const float* DELTA = delta_.data_ptr<float>();
   float *DQ = dq.data_ptr<float>(), *DK = dk.data_ptr<float>(), *DV = dv.data_ptr<float>();
@@ -746,7 +760,8 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
 
   at::parallel_for(0, d.B * d.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     LineVector<float> S(BQ * BK), dP(BQ * BK), dkT(Dm * BK), dvT(Dvm * BK), keep(BK);
-    LineVector<bf16> Pb(BQ * BK), dSb(BQ * BK), Pv(BQ * BK), dSv(BQ * BK), edge(32 * Dp);
+    LineVector<bf16> Pb(BQ * BK), dSb(BQ * BK), Pv(BQ * BK), dSv(BQ * BK), edge(32 * Dp), kclean;
+    int64_t bad_k[BK], bad_v[BK];
     const int64_t g = d.group();
     LineVector<bf16> ktl(per_pair ? nkb * kt_blk : 0), vtl(per_pair ? nkb * vt_blk : 0),
         krl(per_pair ? nkb * kr_blk : 0), qtl(per_pair ? g * nqb * qt_blk : 0),
@@ -781,6 +796,25 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
         const int64_t j0 = kb * BK, nk = std::min(BK, d.Lk - j0), nkp = (nk + 1) / 2 * 2;
         std::fill(dkT.begin(), dkT.end(), 0.0f);
         std::fill(dvT.begin(), dvT.end(), 0.0f);
+        // K and V rows holding NaN or inf (see nonfinite_rows; keys past the key length are
+        // packed as zeros): dQ += dS·K takes K's rows with the bad ones zero and adds them by
+        // hand; a bad V row makes its column of dP NaN, whose dS is set to 0 where P is 0
+        const int64_t n_in = mask.key_len ? std::clamp<int64_t>(mask.key_len[b] - j0, 0, nk) : nk;
+        const bf16* kr0 = Kr + sk.at(b, hk) + j0 * sk.l;
+        const int64_t nbk = nonfinite_rows(kr0, sk.l, n_in, d.D, bad_k);
+        const int64_t nbv = nonfinite_rows(Vr + sv.at(b, hk) + j0 * sv.l, sv.l, n_in, d.Dv, bad_v);
+        const bf16* krb = KRt + kb * kr_blk;
+        if (nbk) {
+          kclean.resize(kr_blk);
+          std::copy_n(krb, kr_blk, kclean.data());
+          zero_vnni_rows(kclean.data(), Dp, bad_k, nbk);
+          krb = kclean.data();
+        }
+        // dS = 0 where P = 0 in the bad V rows' columns of row r (P, dS in bf16 or fp32)
+        auto clear_bad_columns = [&](auto* p, auto* ds) {
+          for (int64_t i = 0; i < nbv; ++i)
+            if (static_cast<float>(p[bad_v[i]]) == 0.0f) ds[bad_v[i]] = 0.0f;
+        };
         for (int64_t h = h_begin; h < h_end; ++h) {
           for (int64_t qb = 0; qb < nqb; ++qb) {
             const int64_t i0 = qb * BQ, mi = std::min(BQ, d.Lq - i0), mip = (mi + 1) / 2 * 2;
@@ -830,6 +864,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
                                            Pb.data() + r * BK, dSb.data() + r * BK);
                 else weights_to_bf16(std::false_type{}, s, dp, lo, hi, c2, s2, lo2, dlv,
                                      Pb.data() + r * BK, dSb.data() + r * BK);
+                clear_bad_columns(Pb.data() + r * BK, dSb.data() + r * BK);
                 continue;
               }
               if (exact) weights(std::true_type{});
@@ -838,6 +873,7 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
               std::fill(s + hi, s + BK, 0.0f);
               std::fill(dp, dp + lo, 0.0f);
               std::fill(dp + hi, dp + BK, 0.0f);
+              clear_bad_columns(s, dp);
               if (mg) {
                 float* gr = mg + b * mgrad.sb + h * mgrad.sh + (i0 + r) * mgrad.sq + j0 * mgrad.sk;
                 for (int64_t cc = lo; cc < hi; ++cc) gr[cc * mgrad.sk] += dp[cc];
@@ -853,10 +889,11 @@ void backward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Ten
             float* dqr = DQ + ((b * d.Hq + h) * d.Lq + i0) * Dp;
             const Span seen = union_rows(rows, 0, mi, 1);
             if (seen.lo == 0 && seen.hi == nk)
-              bf16_tile_product(mi, Dp, nkp, BK, Dp, Dp, true, dSb.data(), KRt + kb * kr_blk, dqr);
+              bf16_tile_product(mi, Dp, nkp, BK, Dp, Dp, true, dSb.data(), krb, dqr);
             else  // (K rows no query of the tile sees may hold NaN)
-              tile_product_within(mi, Dp, dSb.data(), BK, KRt + kb * kr_blk, seen.lo, seen.hi,
-                                  dqr, Dp, edge.data());
+              tile_product_within(mi, Dp, dSb.data(), BK, krb, seen.lo, seen.hi, dqr, Dp, edge.data());
+            add_rows_by_hand(mi, bad_k, nbk, kr0, sk.l, d.D,
+                             [&](int64_t r, int64_t c) { return static_cast<float>(dSb[r * BK + c]); }, dqr, Dp);
           }
         }
         float* dkd = DK + (acc_row * d.Lk + j0) * d.D;

@@ -327,6 +327,35 @@ SEQKERN_INLINE void store(const Vec<float>& v, c10::Half* p, int64_t count) {
 #endif
 }
 
+// Whether p[0:n) are all finite (x − x is 0 for a finite x, NaN for ±inf and NaN).
+template <typename T>
+inline bool all_finite(const T* p, int64_t n) {
+  Vec<T> acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) {
+    const Vec<T> x = Vec<T>::loadu(p + i);
+    acc = acc + (x - x);
+  }
+  T s = reduce_sum(acc);
+  for (; i < n; ++i) s += p[i] - p[i];
+  return s == T(0);
+}
+// (bf16: no exponent of all ones)
+inline bool all_finite(const c10::BFloat16* p, int64_t n) {
+  const auto* u = reinterpret_cast<const uint16_t*>(p);
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i e = _mm512_set1_epi16(0x7F80);
+  for (; i + 32 <= n; i += 32) {
+    const __m512i x = _mm512_and_si512(_mm512_loadu_si512(u + i), e);
+    if (_mm512_cmpeq_epi16_mask(x, e)) return false;
+  }
+#endif
+  for (; i < n; ++i)
+    if ((u[i] & 0x7F80) == 0x7F80) return false;
+  return true;
+}
+
 // out[0:n] += w · src[0:n]
 template <typename T>
 inline void axpy(T* out, const T* src, int64_t n, T w) {
