@@ -155,8 +155,8 @@ def test_cells_match_torch(kind):
 @pytest.mark.parametrize("I,H", [(5, 7), (300, 33), (64, 129)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_cells_inference_step_kernel(kind, kw, B, I, H, dtype, monkeypatch):
-    """Without gradients a cell call of ≤ 4 rows runs the one-step kernel (_C.cell_step), and
-    equals torch's cell; with 5 rows, or when a gradient is needed, the general path runs."""
+    """A cell call runs the one-step kernel (_C.cell_step: fused up to 4 rows, two GEMMs and the
+    cell above), with or without gradients, and equals torch's cell."""
     tcls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}[kind]
     scls = {"lstm": snn.LSTMCell, "gru": snn.GRUCell, "rnn": snn.RNNCell}[kind]
     t, s = tcls(I, H, **kw).to(dtype), scls(I, H, **kw).to(dtype)
@@ -173,9 +173,9 @@ def test_cells_inference_step_kernel(kind, kw, B, I, H, dtype, monkeypatch):
         for args in ((x, hx), (x,)) + (((x[0],),) if B == 1 else ()):  # state given, zero, unbatched
             for a, b in zip(_flat(t(*args)), _flat(s(*args))):
                 torch.testing.assert_close(b, a, **tol)
-    assert len(calls) == (3 if B == 1 else 2 if B <= 4 else 0)
-    out = s(x, hx)  # parameters require grad: the general path, differentiable
-    assert _flat(out)[0].requires_grad and len(calls) == (3 if B == 1 else 2 if B <= 4 else 0)
+    assert len(calls) == (3 if B == 1 else 2)
+    out = s(x, hx)  # parameters require grad: the kernel saves what the backward needs
+    assert _flat(out)[0].requires_grad and len(calls) == (3 if B == 1 else 2) + 1
 
 
 @requires_cpu_ext
@@ -246,18 +246,30 @@ def test_cell_step_rejects_bad_input():
     C = seqkern._ext._C
     x, h = torch.randn(2, 5), torch.randn(2, 7)
     w_ih, w_hh = torch.randn(28, 5), torch.randn(28, 7)
-    with pytest.raises(RuntimeError, match="B <= 4"):
-        C.cell_step("lstm", torch.randn(5, 5), torch.randn(5, 7), torch.randn(5, 7), w_ih, w_hh, None, None)
+    with pytest.raises(RuntimeError, match=r"x must be \(B, I\)"):
+        C.cell_step("lstm", torch.randn(1, 2, 5), h, h, w_ih, w_hh, None, None, False)
+    with pytest.raises(RuntimeError, match=r"h must be \(2, hidden_size\)"):
+        C.cell_step("lstm", x, torch.randn(3, 7), h, w_ih, w_hh, None, None, False)
     with pytest.raises(RuntimeError, match="lstm needs c"):
-        C.cell_step("lstm", x, h, None, w_ih, w_hh, None, None)
+        C.cell_step("lstm", x, h, None, w_ih, w_hh, None, None, False)
     with pytest.raises(RuntimeError, match="w_ih must be"):
-        C.cell_step("lstm", x, h, h, torch.randn(27, 5), w_hh, None, None)
+        C.cell_step("lstm", x, h, h, torch.randn(27, 5), w_hh, None, None, False)
     with pytest.raises(RuntimeError, match="must be a CPU tensor of x's dtype"):
-        C.cell_step("lstm", x, h.double(), h, w_ih, w_hh, None, None)
+        C.cell_step("lstm", x, h.double(), h, w_ih, w_hh, None, None, False)
     with pytest.raises(RuntimeError, match=r"b_ih must be \(28,\)"):
-        C.cell_step("lstm", x, h, h, w_ih, w_hh, torch.randn(27), None)
+        C.cell_step("lstm", x, h, h, w_ih, w_hh, torch.randn(27), None, True)
     with pytest.raises(RuntimeError, match="gru_cho is not supported"):
-        C.cell_step("gru_cho", x, h, None, torch.randn(21, 5), torch.randn(21, 7), None, None)
+        C.cell_step("gru_cho", x, h, None, torch.randn(21, 5), torch.randn(21, 7), None, None, False)
+    saved = torch.randn(2, 28)
+    with pytest.raises(RuntimeError, match=r"saved must be a CPU Float tensor of shape \[2, 28\]"):
+        C.cell_backward("lstm", h, h, saved[:, :27], h, h, h, h, w_ih, w_hh, True)
+    with pytest.raises(RuntimeError, match=r"dh must be a CPU Float tensor of shape \[2, 7\]"):
+        C.cell_backward("rnn_tanh", torch.randn(2, 6), None, saved, h, None, None, h,
+                        torch.randn(7, 5), torch.randn(7, 7), True)
+    with pytest.raises(RuntimeError, match="lstm needs c_prev and c_new"):
+        C.cell_backward("lstm", h, None, torch.randn(2, 28), h, None, None, h, w_ih, w_hh, True)
+    with pytest.raises(RuntimeError, match=r"w_ih must be \(28, I\) and w_hh \(28, 7\)"):
+        C.cell_backward("lstm", h, h, torch.randn(2, 28), h, h, h, h, w_ih, torch.randn(28, 6), True)
 
 
 @requires_cpu_ext
@@ -1160,3 +1172,174 @@ def test_export_with_dynamic_batch_and_length(kind, kw):
         torch.testing.assert_close(torch.autograd.grad(got[0], [x, *w_got], go),
                                    torch.autograd.grad(want[0], [x, m.weight_hh_l0], go),
                                    atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- cells in training --------
+# A loop of cell calls in training runs each step on _C.cell_step / _C.cell_backward, and the
+# steps of a chain (each call's state fed to the next) leave their weight gradients to one
+# node that sums them in one product per weight (ops.rnn._StepTape): these check that the
+# gradients are torch's whatever the loop and the backward calls look like.
+
+_TRAIN_KINDS = [("lstm", {}), ("gru", {}), ("rnn", {}), ("rnn", {"nonlinearity": "relu"}),
+                ("lstm", {"bias": False}), ("gru", {"bias": False})]
+
+
+def _cell_pair(kind, kw, I, H, dtype):
+    t, s = _CELLS[kind][0](I, H, **kw).to(dtype), _CELLS[kind][1](I, H, **kw).to(dtype)
+    s.load_state_dict(t.state_dict())
+    return t, s
+
+
+def _cell_loop(cell, kind, x, h0, c0, steps=None):
+    """Outputs of cell over x's steps from (h0, c0), and the loss Σ_t h_t · w_t."""
+    state = (h0, c0) if kind == "lstm" else h0
+    outs = []
+    for t in range(steps or x.shape[0]):
+        state = cell(x[t], state)
+        outs.append(state[0] if kind == "lstm" else state)
+    w = torch.linspace(-1, 1, outs[0].numel(), dtype=x.dtype).view(outs[0].shape)
+    return outs, sum((o * w * (i + 1)).sum() for i, o in enumerate(outs))
+
+
+def _leaves(dtype, T, B, I, H, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B,) if B else ()
+    x = torch.randn(T, *shape, I, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    h0 = torch.randn(*shape, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    c0 = torch.randn(*shape, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return x, h0, c0
+
+
+def _grads_of(cell, leaves):
+    return [t.grad for t in leaves] + [p.grad for p in cell.parameters()]
+
+
+def _train_tol(dtype):
+    return dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind,kw", _TRAIN_KINDS)
+@pytest.mark.parametrize("B", [1, 3, 5, 17, None], ids=["B1", "B3", "B5", "B17", "unbatched"])
+@pytest.mark.parametrize("I,H", [(5, 7), (64, 129)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cell_training_loop_matches_torch(kind, kw, B, I, H, dtype, monkeypatch):
+    """A training loop over a cell: outputs and the gradients of x, h0, c0 and every parameter
+    equal torch's cell, and every step ran on the kernel."""
+    t, s = _cell_pair(kind, kw, I, H, dtype)
+    calls = []
+    real = seqkern._ext._C.cell_backward
+    monkeypatch.setattr(seqkern._ext._C, "cell_backward", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    want_leaves, got_leaves = _leaves(dtype, 6, B, I, H, 1), _leaves(dtype, 6, B, I, H, 1)
+    want_out, want_loss = _cell_loop(t, kind, *want_leaves)
+    got_out, got_loss = _cell_loop(s, kind, *got_leaves)
+    want_loss.backward()
+    got_loss.backward()
+    assert len(calls) == 6
+    tol = _train_tol(dtype)
+    for a, b in zip(got_out, want_out):
+        torch.testing.assert_close(a, b, **tol)
+    want = _grads_of(t, want_leaves)
+    for name, a, b in zip(["x", "h0", "c0"] + [n for n, _ in s.named_parameters()],
+                          _grads_of(s, got_leaves), want):
+        if b is None:  # (c0 of a cell without one)
+            assert a is None, name
+            continue
+        torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_cell_step_op_gradcheck(kind):
+    """gradcheck (float64) of three chained ops.cell_step calls, every input and weight."""
+    from seqkern.ops import rnn as ops
+
+    g = torch.Generator().manual_seed(3)
+    B, I, H = 2, 3, 4
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+    x, h0, c0 = mk(3, B, I), mk(B, H), mk(B, H)
+    w = (mk(G * H, I), mk(G * H, H), mk(G * H), mk(G * H))
+    if kind == "rnn_relu":  # keep the pre-activations away from the kink
+        with torch.no_grad():
+            x.abs_().add_(0.5), h0.abs_(), *(p.abs_().mul_(0.3) for p in w)
+
+    def f(x, h0, c0, *w):
+        h, c = h0, c0 if kind == "lstm" else None
+        outs = []
+        for t in range(3):
+            h, c = ops.cell_step(kind, x[t], h, c, w)
+            outs.append(h)
+        return torch.stack(outs) if kind != "lstm" else (torch.stack(outs), c)
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *w))
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cell_training_chain_backward_calls(kind):
+    """The chain's weight gradients whatever the backward calls: two losses back-propagated one
+    after the other (retain_graph), a gradient of h0 alone first (which stops short of the
+    weights), two sequences on the same weights, and a detached (truncated) chain carried into
+    a second batch after an optimizer step. Each compared with torch's cell doing the same."""
+    dtype = torch.float64
+    t, s = _cell_pair(kind, {}, 5, 6, dtype)
+    runs = []
+    for cell in (t, s):
+        cell.zero_grad()
+        x, h0, c0 = _leaves(dtype, 8, 3, 5, 6, 2)
+        x2, h2, c2 = _leaves(dtype, 8, 3, 5, 6, 4)
+        outs, loss = _cell_loop(cell, kind, x, h0, c0)
+        res = [torch.autograd.grad(loss, h0, retain_graph=True)[0]]  # stops short of the weights
+        outs[2].sum().backward(retain_graph=True)  # steps 0-2 only
+        res += [p.grad.clone() for p in cell.parameters()]
+        _, loss2 = _cell_loop(cell, kind, x2, h2, c2)  # a second sequence, the same weights
+        (loss + loss2).backward()
+        res += [p.grad.clone() for p in cell.parameters()] + [x.grad, x2.grad, h2.grad]
+        # truncated BPTT: the state detached into the next batch, after an optimizer step
+        opt = torch.optim.SGD(cell.parameters(), lr=0.1)
+        opt.step()
+        opt.zero_grad()
+        last = outs[-1].detach()
+        _, loss3 = _cell_loop(cell, kind, x2.detach(), last, last.clone())
+        loss3.backward()
+        res += [p.grad.clone() for p in cell.parameters()]
+        runs.append(res)
+    for i, (a, b) in enumerate(zip(*[r for r in reversed(runs)])):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=f"item {i}")
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cell_training_frozen_weights_and_batched_grads(kind):
+    """Weights that need no gradient (no chain is kept) and gradients asked for in a batch
+    (is_grads_batched: the backward's gradients arrive under vmap, where the torch-op form of
+    the step's backward runs) equal torch's."""
+    dtype = torch.float64
+    t, s = _cell_pair(kind, {}, 5, 6, dtype)
+    res = []
+    for cell in (t, s):
+        x, h0, c0 = _leaves(dtype, 4, 2, 5, 6, 5)
+        for p in cell.parameters():
+            p.requires_grad_(False)
+        outs, loss = _cell_loop(cell, kind, x, h0, c0)
+        frozen = torch.autograd.grad(loss, (x, h0))
+        for p in cell.parameters():
+            p.requires_grad_(True)
+        outs, _ = _cell_loop(cell, kind, x, h0, c0)
+        eye = torch.eye(outs[-1].numel(), dtype=dtype).view(-1, *outs[-1].shape)
+        batched = torch.autograd.grad(outs[-1], (h0, cell.weight_hh, cell.weight_ih), eye,
+                                      is_grads_batched=True)
+        res.append(list(frozen) + list(batched))
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@requires_cpu_ext
+def test_cell_training_double_backward_raises():
+    s = snn.LSTMCell(3, 4).double()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    h, c = s(x)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(h.sum(), x, create_graph=True)

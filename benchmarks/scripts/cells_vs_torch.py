@@ -1,26 +1,80 @@
-"""Inference cells against torch's, one call at a time (decoding, streaming): median µs per call
-over 7 timings of n calls, seqkern and torch alternating, 2 threads.
+"""Cells against torch's: one inference call at a time (decoding, streaming), median µs per
+call over 7 timings of n calls; and a training loop (T calls from a zero state, a loss on every
+step's h, backward), median ms per loop over 9 loops; seqkern and torch alternating, 2 threads.
 
-    python benchmarks/scripts/cells_vs_torch.py
+    python benchmarks/scripts/cells_vs_torch.py [infer|train]
 """
-import time, torch, seqkern
+import sys
+import time
+
+import torch
+
+import seqkern
+
 torch.set_num_threads(2)
-def bench(kind, B, I, H, n=300, reps=7):
-    scls = {"lstm": seqkern.nn.LSTMCell, "gru": seqkern.nn.GRUCell, "rnn": seqkern.nn.RNNCell}[kind]
-    tcls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}[kind]
-    s, t = scls(I, H), tcls(I, H); t.load_state_dict(s.state_dict())
-    x = torch.randn(B, I); h = torch.randn(B, H)
+KINDS = {"lstm": (seqkern.nn.LSTMCell, torch.nn.LSTMCell), "gru": (seqkern.nn.GRUCell, torch.nn.GRUCell),
+         "rnn": (seqkern.nn.RNNCell, torch.nn.RNNCell)}
+
+
+def pair(kind, I, H):
+    scls, tcls = KINDS[kind]
+    s, t = scls(I, H), tcls(I, H)
+    t.load_state_dict(s.state_dict())
+    return s, t
+
+
+def infer(kind, B, I, H, n=300, reps=7):
+    s, t = pair(kind, I, H)
+    x = torch.randn(B, I)
+    h = torch.randn(B, H)
     hx = (h, torch.randn(B, H)) if kind == "lstm" else h
     res = {"seqkern": [], "torch": []}
     with torch.no_grad():
         for r in range(reps):
             for name, m in (("seqkern", s), ("torch", t)):
                 tt = time.perf_counter()
-                for _ in range(n): m(x, hx)
+                for _ in range(n):
+                    m(x, hx)
                 res[name].append((time.perf_counter() - tt) / n * 1e6)
     a, b = sorted(res["seqkern"])[reps // 2], sorted(res["torch"])[reps // 2]
     print(f"| {kind}Cell | {B} | {I} | {H} | {a:.1f} | {b:.1f} | {b/a:.2f}× |", flush=True)
-print("| cell | B | I | H | seqkern µs | torch µs | speedup |\n|---|---|---|---|---|---|---|")
-for kind in ("lstm", "gru", "rnn"):
-    for (B, I, H) in ((1, 256, 256), (4, 256, 256), (1, 1024, 1024), (32, 1024, 1024)):
-        bench(kind, B, I, H, n=300 if H == 256 else 40)
+
+
+def train(kind, B, I, H, T=20, reps=9):
+    s, t = pair(kind, I, H)
+    x = torch.randn(T, B, I)
+
+    def loop(m):
+        h = torch.zeros(B, H)
+        state = (h, torch.zeros(B, H)) if kind == "lstm" else h
+        loss = 0
+        for i in range(T):
+            state = m(x[i], state)
+            loss = loss + (state[0] if kind == "lstm" else state).sum()
+        loss.backward()
+
+    res = {"seqkern": [], "torch": []}
+    for r in range(reps + 2):
+        for name, m in (("seqkern", s), ("torch", t)):
+            tt = time.perf_counter()
+            loop(m)
+            if r >= 2:
+                res[name].append((time.perf_counter() - tt) * 1e3)
+    a, b = sorted(res["seqkern"])[reps // 2], sorted(res["torch"])[reps // 2]
+    print(f"| {kind}Cell | {T} | {B} | {I} | {H} | {a:.2f} | {b:.2f} | {b/a:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1:] or ["infer", "train"]
+    if "infer" in what:
+        print("| cell | B | I | H | seqkern µs | torch µs | speedup |\n|---|---|---|---|---|---|---|")
+        for kind in KINDS:
+            for (B, I, H) in ((1, 256, 256), (4, 256, 256), (16, 256, 256), (1, 1024, 1024),
+                              (32, 1024, 1024)):
+                infer(kind, B, I, H, n=300 if H == 256 else 40)
+    if "train" in what:
+        print("\n| cell | T | B | I | H | seqkern ms | torch ms | speedup |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for kind in KINDS:
+            for (B, I, H) in ((1, 256, 256), (4, 256, 256), (16, 256, 256), (64, 512, 512)):
+                train(kind, B, I, H)

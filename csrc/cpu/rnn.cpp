@@ -569,6 +569,46 @@ bool recurrent_bf16_tiles() { return amx_recurrence_supported(); }
 
 namespace {
 
+// One cell step on units [u, u + m) of one row, from the gate pre-activations xg(g) (x·W_ihᵀ +
+// b_ih) and hg(g) (h·W_hhᵀ + b_hh): h' into ho, c' into co (LSTM), and, with sv, what the
+// backward needs (cell_backward): LSTM i, f, g, o; GRU r, z, n and W_hn·h + b_hn (4·H wide).
+// hp, cp: the row's previous h and c.
+template <typename T, typename XG, typename HG>
+SEQKERN_INLINE void cell_apply(Cell cell, XG xg, HG hg, const T* hp, const T* cp, T* ho, T* co,
+                               T* sv, int64_t H, int64_t u, int64_t m) {
+  switch (cell) {
+    case Cell::RnnTanh:
+    case Cell::RnnRelu:
+      store(rnn_activation(xg(0) + hg(0), cell == Cell::RnnRelu), ho + u, m);
+      break;
+    case Cell::Lstm: {
+      const auto st = lstm_step(xg(0) + hg(0), xg(1) + hg(1), xg(2) + hg(2), xg(3) + hg(3),
+                                load(cp + u, m), static_cast<const T*>(nullptr), H, u, m);
+      store(st.m, ho + u, m);
+      store(st.c, co + u, m);
+      if (sv) {
+        store(st.i, sv + u, m);
+        store(st.f, sv + H + u, m);
+        store(st.g, sv + 2 * H + u, m);
+        store(st.o, sv + 3 * H + u, m);
+      }
+      break;
+    }
+    default: {  // Gru
+      const auto hn = hg(2);
+      const auto r = sigmoid(xg(0) + hg(0)), z = sigmoid(xg(1) + hg(1));
+      const auto nn = tanh(xg(2) + r * hn);
+      store(gru_mix(nn, z, load(hp + u, m)), ho + u, m);
+      if (sv) {
+        store(r, sv + u, m);
+        store(z, sv + H + u, m);
+        store(nn, sv + 2 * H + u, m);
+        store(hn, sv + 3 * H + u, m);
+      }
+    }
+  }
+}
+
 // One step of a cell for B ≤ kFewRows rows. Threads split the hidden units; each computes every
 // gate of its units (its rows of W_ih and W_hh: the same share on every call, so it stays in
 // that core's L2 between calls) and applies the cell to them, so a step is one parallel region
@@ -577,7 +617,7 @@ namespace {
 template <typename T>
 void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, const T* h,
                       const T* c, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh,
-                      T* h_out, T* c_out) {
+                      T* h_out, T* c_out, T* saved) {
   constexpr int64_t U = 16;  // units per task
   const int64_t G = gate_count(cell);
   // threads only past ~32K multiply-adds per thread's share
@@ -592,32 +632,131 @@ void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, co
       }
       for (int64_t b = 0; b < B; ++b) {
         for_each_vec<T>(n, [&](int64_t j, int64_t m) {
-          auto xg = [&](int64_t g) { return load(&xp[g][b][j], m) + (b_ih ? load(b_ih + g * H + u0 + j, m) : Vec<T>(T(0))); };
-          auto hg = [&](int64_t g) { return load(&hp[g][b][j], m) + (b_hh ? load(b_hh + g * H + u0 + j, m) : Vec<T>(T(0))); };
-          T* ho = h_out + b * H + u0 + j;
-          switch (cell) {
-            case Cell::RnnTanh:
-            case Cell::RnnRelu:
-              store(rnn_activation(xg(0) + hg(0), cell == Cell::RnnRelu), ho, m);
-              break;
-            case Cell::Lstm: {
-              const auto st = lstm_step(xg(0) + hg(0), xg(1) + hg(1), xg(2) + hg(2), xg(3) + hg(3),
-                                        load(c + b * H + u0 + j, m), static_cast<const T*>(nullptr),
-                                        H, u0 + j, m);
-              store(st.m, ho, m);
-              store(st.c, c_out + b * H + u0 + j, m);
-              break;
-            }
-            default: {  // Gru
-              const auto r = sigmoid(xg(0) + hg(0)), z = sigmoid(xg(1) + hg(1));
-              const auto nn = tanh(xg(2) + r * hg(2));
-              store(gru_mix(nn, z, load(h + b * H + u0 + j, m)), ho, m);
-            }
-          }
+          const int64_t u = u0 + j;
+          auto xg = [&](int64_t g) { return load(&xp[g][b][j], m) + (b_ih ? load(b_ih + g * H + u, m) : Vec<T>(T(0))); };
+          auto hg = [&](int64_t g) { return load(&hp[g][b][j], m) + (b_hh ? load(b_hh + g * H + u, m) : Vec<T>(T(0))); };
+          cell_apply<T>(cell, xg, hg, h + b * H, c ? c + b * H : nullptr, h_out + b * H,
+                        c_out ? c_out + b * H : nullptr, saved ? saved + b * 4 * H : nullptr, H, u, m);
         });
       }
     }
   });
+}
+
+// The same step for more rows: gx = x·W_ihᵀ + b_ih and gh = h·W_hhᵀ + b_hh (G·H wide) from
+// library GEMMs, then the cell over rows × vectors of units. Only GRU's n gate needs h·W_hhᵀ
+// apart: the other cells take both products summed in gx (gh null) and b_hh from bh.
+template <typename T>
+void cell_step_rows(Cell cell, int64_t B, int64_t H, const T* gx, const T* gh, const T* bh,
+                    const T* h, const T* c, T* h_out, T* c_out, T* saved) {
+  const int64_t G = gate_count(cell);
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, G * H)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T *xr = gx + b * G * H, *hr = gh ? gh + b * G * H : nullptr;
+      for_each_vec<T>(H, [&](int64_t u, int64_t m) {
+        auto xg = [&](int64_t g) { return load(xr + g * H + u, m); };
+        auto hg = [&](int64_t g) {
+          return hr ? load(hr + g * H + u, m) : bh ? load(bh + g * H + u, m) : Vec<T>(T(0));
+        };
+        cell_apply<T>(cell, xg, hg, h + b * H, c ? c + b * H : nullptr, h_out + b * H,
+                      c_out ? c_out + b * H : nullptr, saved ? saved + b * 4 * H : nullptr, H, u, m);
+      });
+    }
+  });
+}
+
+// The gate gradients of one cell step (rows × vectors of units), from dh' (and dc' for LSTM):
+// dgx, the gradients of x·W_ihᵀ + b_ih (G·H wide); drec, those of h·W_hhᵀ + b_hh (the same
+// for RNN and LSTM; GRU's n gate differs, see gru_step_backward); dh_direct, GRU's z ⊙ h path;
+// dc_prev (LSTM).
+template <typename T>
+void cell_backward_rows(Cell cell, int64_t B, int64_t H, const T* dh, const T* dc,
+                        const T* saved, const T* hp, const T* cp, const T* cn, const T* hn,
+                        T* dgx, T* drec, T* dh_direct, T* dc_prev) {
+  const int64_t G = gate_count(cell);
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, G * H)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* sv = saved ? saved + b * 4 * H : nullptr;
+      T* gx = dgx + b * G * H;
+      for_each_vec<T>(H, [&](int64_t u, int64_t m) {
+        const auto dhv = load(dh + b * H + u, m);
+        switch (cell) {
+          case Cell::RnnTanh:
+          case Cell::RnnRelu:
+            store(rnn_activation_backward(dhv, load(hn + b * H + u, m), cell == Cell::RnnRelu), gx + u, m);
+            break;
+          case Cell::Lstm: {
+            const auto g = lstm_step_backward(
+                dhv, dc ? load(dc + b * H + u, m) : Vec<T>(T(0)), load(sv + u, m),
+                load(sv + H + u, m), load(sv + 2 * H + u, m), load(sv + 3 * H + u, m),
+                load(cp + b * H + u, m), load(cn + b * H + u, m), static_cast<const T*>(nullptr), H, u, m);
+            store_lstm_grads(g, gx, H, u, m);
+            store(g.dc_prev, dc_prev + b * H + u, m);
+            break;
+          }
+          default:  // Gru
+            gru_step_backward(dhv, sv, hp + b * H, gx, drec + b * G * H, dh_direct + b * H, H, u, m);
+        }
+      });
+    }
+  });
+}
+
+}  // namespace
+
+namespace {
+
+// x, h (and c) and the weights of a cell call checked against each other and made contiguous
+// in x's dtype (float32 or float64); `who` names the caller in the errors.
+struct CellOperands {
+  Cell cell;
+  int64_t G, B, I, H;
+  at::Tensor x, h, c, w_ih, w_hh, b_ih, b_hh;
+};
+
+CellOperands cell_operands(const char* who, const std::string& mode, const at::Tensor& x_,
+                           const at::Tensor& h_, const c10::optional<at::Tensor>& c_,
+                           const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                           const c10::optional<at::Tensor>& b_ih_,
+                           const c10::optional<at::Tensor>& b_hh_) {
+  CellOperands o;
+  o.cell = parse_cell(mode);
+  TORCH_CHECK(o.cell != Cell::GruCho, who, ": gru_cho is not supported (its n gate needs r of "
+              "every unit first); use recurrent_forward");
+  o.G = gate_count(o.cell);
+  TORCH_CHECK(x_.dim() == 2, who, ": x must be (B, I), got ", x_.sizes());
+  TORCH_CHECK(h_.dim() == 2 && h_.size(0) == x_.size(0), who, ": h must be (", x_.size(0),
+              ", hidden_size), got ", h_.sizes());
+  o.B = x_.size(0), o.I = x_.size(1), o.H = h_.size(1);
+  const int64_t G = o.G, B = o.B, I = o.I, H = o.H;
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
+              who, ": dtype must be float32 or float64, got ", x_.scalar_type());
+  TORCH_CHECK(w_ih_.sizes() == at::IntArrayRef({G * H, I}) && w_hh_.sizes() == at::IntArrayRef({G * H, H}),
+              who, ": w_ih must be (", G * H, ", ", I, ") and w_hh (", G * H, ", ", H, "), got ",
+              w_ih_.sizes(), " and ", w_hh_.sizes());
+  const bool lstm = o.cell == Cell::Lstm;
+  TORCH_CHECK(!lstm || (c_.has_value() && c_->sizes() == at::IntArrayRef({B, H})),
+              who, ": lstm needs c of shape (", B, ", ", H, ")");
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), who, ": ", name,
+                " must be a CPU tensor of x's dtype ", x_.scalar_type(), ", got ",
+                t.scalar_type(), " on ", t.device());
+    return contiguous_as(t, t.scalar_type());  // (materialises a negative-bit view too)
+  };
+  o.x = same(x_, "x"), o.h = same(h_, "h"), o.w_ih = same(w_ih_, "w_ih"), o.w_hh = same(w_hh_, "w_hh");
+  if (lstm) o.c = same(*c_, "c");
+  for (auto [src, dst, name] : {std::tuple{&b_ih_, &o.b_ih, "b_ih"}, std::tuple{&b_hh_, &o.b_hh, "b_hh"}}) {
+    if (!src->has_value()) continue;
+    TORCH_CHECK((*src)->sizes() == at::IntArrayRef({G * H}), who, ": ", name, " must be (",
+                G * H, ",), got ", (*src)->sizes());
+    *dst = same(**src, name);
+  }
+  return o;
+}
+
+// x·Wᵀ + b (b may be undefined)
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
 }
 
 }  // namespace
@@ -626,53 +765,88 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
                                   const at::Tensor& h_, const c10::optional<at::Tensor>& c_,
                                   const at::Tensor& w_ih_, const at::Tensor& w_hh_,
                                   const c10::optional<at::Tensor>& b_ih_,
-                                  const c10::optional<at::Tensor>& b_hh_) {
-  const Cell cell = parse_cell(mode);
-  TORCH_CHECK(cell != Cell::GruCho, "seqkern cell_step: gru_cho is not supported (its n gate "
-              "needs r of every unit first); use recurrent_forward");
-  const int64_t G = gate_count(cell);
-  TORCH_CHECK(x_.dim() == 2 && x_.size(0) <= kFewRows, "seqkern cell_step: x must be (B, I) with B <= ",
-              kFewRows, ", got ", x_.sizes());
-  TORCH_CHECK(h_.dim() == 2 && h_.size(0) == x_.size(0), "seqkern cell_step: h must be (",
-              x_.size(0), ", hidden_size), got ", h_.sizes());
-  const int64_t B = x_.size(0), I = x_.size(1), H = h_.size(1);
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
-              "seqkern cell_step: dtype must be float32 or float64, got ", x_.scalar_type());
-  TORCH_CHECK(w_ih_.sizes() == at::IntArrayRef({G * H, I}) && w_hh_.sizes() == at::IntArrayRef({G * H, H}),
-              "seqkern cell_step: w_ih must be (", G * H, ", ", I, ") and w_hh (", G * H, ", ", H,
-              "), got ", w_ih_.sizes(), " and ", w_hh_.sizes());
-  TORCH_CHECK(h_.sizes() == at::IntArrayRef({B, H}), "seqkern cell_step: h must be (", B, ", ", H,
-              "), got ", h_.sizes());
-  const bool lstm = cell == Cell::Lstm;
-  TORCH_CHECK(!lstm || (c_.has_value() && c_->sizes() == at::IntArrayRef({B, H})),
-              "seqkern cell_step: lstm needs c of shape (", B, ", ", H, ")");
-  auto same = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == x_.scalar_type() && t.device().is_cpu(), "seqkern cell_step: ",
-                name, " must be a CPU tensor of x's dtype ", x_.scalar_type(), ", got ",
-                t.scalar_type(), " on ", t.device());
-    return contiguous_as(t, t.scalar_type());  // (materialises a negative-bit view too)
-  };
-  const at::Tensor x = same(x_, "x"), h = same(h_, "h"), w_ih = same(w_ih_, "w_ih"),
-                   w_hh = same(w_hh_, "w_hh");
-  const at::Tensor c = lstm ? same(*c_, "c") : at::Tensor();
-  at::Tensor b_ih, b_hh;
-  for (auto [src, dst, name] : {std::tuple{&b_ih_, &b_ih, "b_ih"}, std::tuple{&b_hh_, &b_hh, "b_hh"}}) {
-    if (!src->has_value()) continue;
-    TORCH_CHECK((*src)->sizes() == at::IntArrayRef({G * H}), "seqkern cell_step: ", name,
-                " must be (", G * H, ",), got ", (*src)->sizes());
-    *dst = same(**src, name);
-  }
-  at::Tensor h_out = at::empty({B, H}, x.options());
-  at::Tensor c_out = lstm ? at::empty({B, H}, x.options()) : at::empty({0}, x.options());
-  if (B == 0 || H == 0) return {h_out, c_out};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqkern_cell_step", [&] {
-    cell_step_kernel<scalar_t>(cell, B, I, H, x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                               lstm ? c.data_ptr<scalar_t>() : nullptr, w_ih.data_ptr<scalar_t>(),
-                               w_hh.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_ih),
-                               data_or_null<scalar_t>(b_hh), h_out.data_ptr<scalar_t>(),
-                               lstm ? c_out.data_ptr<scalar_t>() : nullptr);
+                                  const c10::optional<at::Tensor>& b_hh_, bool save) {
+  const CellOperands o = cell_operands("seqkern cell_step", mode, x_, h_, c_, w_ih_, w_hh_, b_ih_, b_hh_);
+  const int64_t B = o.B, H = o.H;
+  const bool lstm = o.cell == Cell::Lstm, gated = lstm || o.cell == Cell::Gru;
+  const auto opts = o.x.options();
+  at::Tensor h_out = at::empty({B, H}, opts);
+  at::Tensor c_out = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
+  at::Tensor saved = save && gated ? at::empty({B, 4 * H}, opts) : at::empty({0}, opts);
+  if (B == 0 || H == 0) return {h_out, c_out, saved};
+  AT_DISPATCH_FLOATING_TYPES(o.x.scalar_type(), "seqkern_cell_step", [&] {
+    const scalar_t* c = lstm ? o.c.data_ptr<scalar_t>() : nullptr;
+    scalar_t* co = lstm ? c_out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* sv = saved.numel() ? saved.data_ptr<scalar_t>() : nullptr;
+    if (B <= kFewRows) {
+      cell_step_kernel<scalar_t>(o.cell, B, o.I, H, o.x.data_ptr<scalar_t>(), o.h.data_ptr<scalar_t>(), c,
+                                 o.w_ih.data_ptr<scalar_t>(), o.w_hh.data_ptr<scalar_t>(),
+                                 data_or_null<scalar_t>(o.b_ih), data_or_null<scalar_t>(o.b_hh),
+                                 h_out.data_ptr<scalar_t>(), co, sv);
+      return;
+    }
+    at::Tensor gx = linear(o.x, o.w_ih, o.b_ih), gh;
+    if (o.cell == Cell::Gru) gh = linear(o.h, o.w_hh, o.b_hh);
+    else gx.addmm_(o.h, o.w_hh.t());
+    cell_step_rows<scalar_t>(o.cell, B, H, gx.data_ptr<scalar_t>(), data_or_null<scalar_t>(gh),
+                             gh.defined() ? nullptr : data_or_null<scalar_t>(o.b_hh),
+                             o.h.data_ptr<scalar_t>(), c, h_out.data_ptr<scalar_t>(), co, sv);
   });
-  return {h_out, c_out};
+  return {h_out, c_out, saved};
+}
+
+std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor& dh_,
+                                      const c10::optional<at::Tensor>& dc_,
+                                      const at::Tensor& saved, const at::Tensor& h_prev,
+                                      const c10::optional<at::Tensor>& c_prev,
+                                      const c10::optional<at::Tensor>& c_new,
+                                      const at::Tensor& h_new, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, bool need_dx) {
+  const char* who = "seqkern cell_backward";
+  const Cell cell = parse_cell(mode);
+  TORCH_CHECK(cell != Cell::GruCho, who, ": gru_cho is not supported");
+  const int64_t G = gate_count(cell), B = h_prev.size(0), H = h_prev.size(1);
+  const bool lstm = cell == Cell::Lstm, gated = lstm || cell == Cell::Gru;
+  const auto st = h_prev.scalar_type();
+  auto take = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.sizes() == shape && t.scalar_type() == st && t.device().is_cpu(), who, ": ",
+                name, " must be a CPU ", st, " tensor of shape ", shape, ", got ", t.scalar_type(),
+                " ", t.sizes());
+    return contiguous_as(t, st);
+  };
+  const at::Tensor dh = take(dh_, {B, H}, "dh"), hp = take(h_prev, {B, H}, "h_prev"),
+                   hn = take(h_new, {B, H}, "h_new");
+  const at::Tensor sv = gated ? take(saved, {B, 4 * H}, "saved") : at::Tensor();
+  at::Tensor dc, cp, cn;
+  if (lstm) {
+    TORCH_CHECK(c_prev.has_value() && c_new.has_value(), who, ": lstm needs c_prev and c_new");
+    cp = take(*c_prev, {B, H}, "c_prev"), cn = take(*c_new, {B, H}, "c_new");
+    if (dc_.has_value()) dc = take(*dc_, {B, H}, "dc");
+  }
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * H && w_hh.size(1) == H && w_ih.dim() == 2 &&
+                  w_ih.size(0) == G * H, who, ": w_ih must be (", G * H, ", I) and w_hh (", G * H,
+              ", ", H, "), got ", w_ih.sizes(), " and ", w_hh.sizes());
+  const auto opts = hp.options();
+  at::Tensor dgx = at::empty({B, G * H}, opts);
+  at::Tensor drec = cell == Cell::Gru ? at::empty({B, G * H}, opts) : dgx;
+  at::Tensor dh_direct = cell == Cell::Gru ? at::empty({B, H}, opts) : at::Tensor();
+  at::Tensor dc_prev = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
+  if (B > 0 && H > 0) {
+    AT_DISPATCH_FLOATING_TYPES(st, "seqkern_cell_backward", [&] {
+      cell_backward_rows<scalar_t>(
+          cell, B, H, dh.data_ptr<scalar_t>(), dc.defined() ? dc.data_ptr<scalar_t>() : nullptr,
+          gated ? sv.data_ptr<scalar_t>() : nullptr, hp.data_ptr<scalar_t>(),
+          lstm ? cp.data_ptr<scalar_t>() : nullptr, lstm ? cn.data_ptr<scalar_t>() : nullptr,
+          hn.data_ptr<scalar_t>(), dgx.data_ptr<scalar_t>(), drec.data_ptr<scalar_t>(),
+          dh_direct.defined() ? dh_direct.data_ptr<scalar_t>() : nullptr,
+          lstm ? dc_prev.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  // dh = drec·W_hh (+ GRU's z ⊙ h path); dx = dgx·W_ih
+  const at::Tensor whh = contiguous_as(w_hh, st);
+  at::Tensor dh_prev = dh_direct.defined() ? at::addmm(dh_direct, drec, whh) : at::mm(drec, whh);
+  at::Tensor dx = need_dx ? at::mm(dgx, contiguous_as(w_ih, st)) : at::empty({0}, opts);
+  return {dgx, drec, dx, dh_prev, dc_prev};
 }
 
 std::vector<at::Tensor> recurrent_forward(
@@ -760,7 +934,7 @@ std::vector<at::Tensor> recurrent_forward(
                                  w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
                                  data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
                                  h_state.data_ptr<scalar_t>(),
-                                 lstm ? c_state.data_ptr<scalar_t>() : nullptr);
+                                 lstm ? c_state.data_ptr<scalar_t>() : nullptr, nullptr);
     });
     out.copy_(h_state);
   } else if (L.N > 0) {

@@ -429,8 +429,8 @@ class _RecurrentBase(nn.Module):
             return None
         hs, cs = [], []
         for k, w in enumerate(weights):
-            hn, cn = _ext._C.cell_step(self.mode, x, h[k], c[k] if lstm else None, w["w_ih"],
-                                       w["w_hh"], w.get("b_ih"), w.get("b_hh"))
+            hn, cn, _ = _ext._C.cell_step(self.mode, x, h[k], c[k] if lstm else None, w["w_ih"],
+                                          w["w_hh"], w.get("b_ih"), w.get("b_hh"), False)
             hs.append(hn)
             cs.append(cn)
             x = hn
@@ -542,7 +542,7 @@ class _CellBase(nn.Module):
         if not (batched or len(shape) == 1) or shape[-1] != self.input_size:
             return None
         B = shape[0] if batched else 1
-        if not 1 <= B <= 4:
+        if B < 1:
             return None
         state_shape = (B, H) if batched else (H,)
         for t in (h, c):
@@ -556,20 +556,33 @@ class _CellBase(nn.Module):
         if (w_ih is None or w_hh is None or (self.bias and (b_ih is None or b_hh is None))
                 or not self._params_well_formed(x, w_ih, w_hh, b_ih, b_hh)):
             return None
-        if (_ext.needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh)
-                or not _ext.direct_call_ok(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        if (not _ext.direct_call_ok(x, h, c, w_ih, w_hh, b_ih, b_hh)
                 or registry.select("rnn", _CPU) != "cpu"):
             return None
+        grad = _ext.needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        if grad and _ext.batched(x, h, c):
+            return None
         xb = x if batched else x.unsqueeze(0)
+        chain = None
         if h is None:
             h = xb.new_zeros(B, H)
             c = xb.new_zeros(B, H) if self.mode == "lstm" else None
         elif not batched:
+            chain = getattr(h, "_seqkern_chain", None) or getattr(c, "_seqkern_chain", None)
             h = h.unsqueeze(0)
             c = c.unsqueeze(0) if c is not None else None
-        h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, w_ih, w_hh, b_ih, b_hh)
+        if grad:
+            h_n, c_n = ops.cell_step(self.mode, xb, h, c, (w_ih, w_hh, b_ih, b_hh), chain)
+        else:
+            h_n, c_n, _ = _ext._C.cell_step(self.mode, xb, h, c, w_ih, w_hh, b_ih, b_hh, False)
         if not batched:
-            h_n, c_n = h_n.squeeze(0), c_n.squeeze(0)
+            chain = getattr(h_n, "_seqkern_chain", None)
+            h_n = h_n.squeeze(0)
+            c_n = c_n.squeeze(0) if c_n is not None else None
+            if chain is not None:  # (for the next call: see ops.cell_step)
+                h_n._seqkern_chain = chain
+                if c_n is not None:
+                    c_n._seqkern_chain = chain
         return h_n, (c_n if self.mode == "lstm" else None)
 
     def _run_with(self, x, h, c, params):
@@ -583,6 +596,7 @@ class _CellBase(nn.Module):
         batched = x.dim() == 2
         xb = x if batched else x.unsqueeze(0)
         B = xb.shape[0]
+        chain = None
         if h is None:
             h = xb.new_zeros(B, self.hidden_size)
             c = xb.new_zeros(B, self.hidden_size) if self.mode == "lstm" else None
@@ -597,6 +611,7 @@ class _CellBase(nn.Module):
                     raise TypeError(f"{name} must match the input's dtype and device ({x.dtype}, "
                                     f"{x.device}), got ({t.dtype}, {t.device})")
             if not batched:
+                chain = getattr(h, "_seqkern_chain", None) or getattr(c, "_seqkern_chain", None)
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
         if B == 0:  # an empty batch, as torch's cells allow
@@ -607,15 +622,26 @@ class _CellBase(nn.Module):
                                        params.get("b_hh"))
               and _one_step_kernel_applies(self.mode, xb, [h] + ([c] if c is not None else []),
                                            list(params.values()))):
-            h_n, c_n = _ext._C.cell_step(self.mode, xb, h, c, params["w_ih"], params["w_hh"],
-                                         params.get("b_ih"), params.get("b_hh"))
+            h_n, c_n, _ = _ext._C.cell_step(self.mode, xb, h, c, params["w_ih"], params["w_hh"],
+                                            params.get("b_ih"), params.get("b_hh"), False)
             c_n = c_n if self.mode == "lstm" else None
+        elif (self._params_well_formed(xb, params["w_ih"], params["w_hh"], params.get("b_ih"),
+                                       params.get("b_hh"))
+              and ops.cell_step_applies(self.mode, xb, h, c, params)):
+            h_n, c_n = ops.cell_step(self.mode, xb, h, c,
+                                     (params["w_ih"], params["w_hh"], params.get("b_ih"),
+                                      params.get("b_hh")), chain)
         else:
             _, h_n, c_n = ops.recurrent_layer(self.mode, xb,
                                               torch.full((1,), B, dtype=torch.int64), h, c, params)
         if not batched:
+            chain = getattr(h_n, "_seqkern_chain", None)
             h_n = h_n.squeeze(0)
             c_n = c_n.squeeze(0) if c_n is not None else None
+            if chain is not None:  # (for the next call: see ops.cell_step)
+                h_n._seqkern_chain = chain
+                if c_n is not None:
+                    c_n._seqkern_chain = chain
         return h_n, c_n
 
 

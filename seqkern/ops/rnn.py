@@ -16,7 +16,7 @@ from seqkern import triton as _triton_backend  # does not import triton itself
 from seqkern.ops._autocast import autocast_op
 from seqkern.reference import rnn as ref
 
-__all__ = ["recurrent_layer", "recurrence", "MODES"]
+__all__ = ["recurrent_layer", "recurrence", "cell_step", "MODES"]
 
 MODES = ref.MODES
 _WEIGHT_KEYS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_peep", "w_hr")
@@ -162,6 +162,187 @@ class _EagerLayer(torch.autograd.Function):
         dx, dh0, dc0, *dw = _layer_grads(ctx, g_out, g_hn, g_cn, _backward_direct if direct
                                          else _recurrent_layer_backward_op)
         return (None, dx, None, dh0, dc0, *dw, None)
+
+
+# ---------------------------------------------------------------- cells in training ---------
+#
+# A loop of cell calls (a decoder trained step by step) used to pay, per step and per weight,
+# a weight gradient written out whole and then added into the one autograd accumulates: at
+# B = 1, H = 256 that memory traffic was most of a step's backward, in torch as well. Here
+# the steps of a chain (each step's h or c fed to the next call) share one _WeightTap node
+# between the weights and the steps: each step's backward leaves its gate gradients and
+# inputs on the chain's _StepTape, and the tap, which autograd runs once every step that
+# reached it is done, turns them into each weight's gradient with one product over all steps.
+
+
+class _StepTape:
+    """A chain's gate gradients and step inputs, recorded by one backward pass (graph task) at a
+    time: entries of another pass (one that stopped short of the weights, e.g. autograd.grad
+    with respect to h0 alone) are dropped when the next pass records."""
+
+    __slots__ = ("task", "gx", "grec", "x", "h", "weights", "versions")
+
+    def __init__(self, weights):
+        self.task = None
+        self.gx, self.grec, self.x, self.h = [], [], [], []
+        self.weights = weights  # (w_ih, w_hh, b_ih, b_hh): the tensors the chain started on
+        self.versions = tuple(w._version if w is not None else 0 for w in weights)
+
+    def fits(self, weights) -> bool:
+        """Whether a step on `weights` may join the chain: the same tensors, not modified since."""
+        return (all(a is b for a, b in zip(self.weights, weights))
+                and self.versions == tuple(w._version if w is not None else 0 for w in weights))
+
+    def record(self, gx, grec, x, h):
+        task = torch._C._current_graph_task_id()
+        if task != self.task:
+            self.task = task
+            self.gx, self.grec, self.x, self.h = [], [], [], []
+        self.gx.append(gx)
+        self.grec.append(grec)
+        self.x.append(x)
+        self.h.append(h)
+
+    def take(self):
+        """(gx, grec, x, h) of this pass's steps stacked, or None; the tape is emptied."""
+        task, gx, grec, x, h = self.task, self.gx, self.grec, self.x, self.h
+        self.task = None
+        self.gx, self.grec, self.x, self.h = [], [], [], []
+        if task != torch._C._current_graph_task_id() or not gx:
+            return None
+        same = grec[0] is gx[0]  # (LSTM and RNN: one gradient for both products)
+        gx = torch.cat(gx) if len(gx) > 1 else gx[0]
+        grec = gx if same else (torch.cat(grec) if len(grec) > 1 else grec[0])
+        return gx, grec, torch.cat(x) if len(x) > 1 else x[0], torch.cat(h) if len(h) > 1 else h[0]
+
+
+class _WeightTap(torch.autograd.Function):
+    """weights → a scalar token every step of a chain takes as an input (its value is unused):
+    in the backward, the weight gradients of all the chain's steps (see _StepTape)."""
+
+    @staticmethod
+    def forward(ctx, tape, w_ih, w_hh, b_ih, b_hh):
+        ctx.tape = tape
+        return w_ih.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _g):
+        taken = ctx.tape.take()
+        if taken is None:
+            return None, None, None, None, None
+        gx, grec, x, h = taken
+        need = ctx.needs_input_grad
+        return (None, gx.t().mm(x) if need[1] else None, grec.t().mm(h) if need[2] else None,
+                gx.sum(0) if need[3] else None, grec.sum(0) if need[4] else None)
+
+
+def _cell_backward_math(mode, g_h, g_c, saved, h, c, h_n, c_n, w_ih, w_hh, need_dx):
+    """cell_backward in torch ops (for gradients that arrive batched under vmap, which the C++
+    kernel cannot take): (dgx, drec, dx or None, dh, dc or None)."""
+    H = h.shape[1]
+    dc = None
+    if mode.startswith("rnn"):
+        dgx = g_h * (1 - h_n * h_n) if mode == "rnn_tanh" else g_h * (h_n > 0)
+        drec, dh_direct = dgx, None
+    elif mode == "lstm":
+        i, f, g, o = saved.split(H, 1)
+        tc = torch.tanh(c_n)
+        do = g_h * tc * o * (1 - o)
+        dct = g_h * o * (1 - tc * tc) + (g_c if g_c is not None else 0)
+        dgx = torch.cat([dct * g * i * (1 - i), dct * c * f * (1 - f), dct * i * (1 - g * g), do], 1)
+        drec, dh_direct, dc = dgx, None, dct * f
+    else:  # gru
+        r, z, n, hlin = saved.split(H, 1)
+        dn = g_h * (1 - z) * (1 - n * n)
+        dz = g_h * (h - n) * z * (1 - z)
+        dr = dn * hlin * r * (1 - r)
+        dgx = torch.cat([dr, dz, dn], 1)
+        drec, dh_direct = torch.cat([dr, dz, dn * r], 1), g_h * z
+    dh = drec.mm(w_hh) if dh_direct is None else torch.addmm(dh_direct, drec, w_hh)
+    return dgx, drec, dgx.mm(w_ih) if need_dx else None, dh, dc
+
+
+class _CellStep(torch.autograd.Function):
+    """One training step of a cell on the C++ kernels (cell_step with saved activations,
+    cell_backward); the weight gradients go to the chain's tape (tok from _WeightTap)."""
+
+    @staticmethod
+    def forward(ctx, mode, tape, tok, x, h, c, w_ih, w_hh, b_ih, b_hh):
+        h_n, c_n, saved = _ext._C.cell_step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, True)
+        ctx.mode, ctx.tape = mode, tape
+        ctx.has_c = c is not None
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, saved, h_n, c_n if mode == "lstm" else None)
+        if mode != "lstm":
+            ctx.mark_non_differentiable(c_n)
+        return h_n, c_n
+
+    @staticmethod
+    def backward(ctx, g_h, g_c):
+        if torch.is_grad_enabled():
+            raise RuntimeError("seqkern cells: double backward is not supported")
+        x, h, c, w_ih, w_hh, saved, h_n, c_n = ctx.saved_tensors
+        mode, need = ctx.mode, ctx.needs_input_grad
+        lstm = mode == "lstm"
+        if g_h is None:
+            g_h = torch.zeros_like(h_n)
+        g_c = g_c if lstm else None
+        direct = _ext.direct_call_ok(g_h, g_c) and not _ext.batched(g_h, g_c)
+        if direct:
+            dgx, drec, dx, dh, dc = _ext._C.cell_backward(mode, g_h, g_c, saved, h, c, c_n, h_n,
+                                                          w_ih, w_hh, need[3])
+        else:
+            dgx, drec, dx, dh, dc = _cell_backward_math(mode, g_h, g_c, saved, h, c, h_n, c_n,
+                                                        w_ih, w_hh, need[3])
+        dw = [None] * 4
+        if any(need[6:10]):
+            if direct and ctx.tape is not None:
+                ctx.tape.record(dgx, drec, x.detach(), h.detach())
+            else:
+                dw = [dgx.t().mm(x) if need[6] else None, drec.t().mm(h) if need[7] else None,
+                      dgx.sum(0) if need[8] else None, drec.sum(0) if need[9] else None]
+        tok_grad = torch.zeros((), dtype=h.dtype) if ctx.tape is not None else None
+        return (None, None, tok_grad, dx if need[3] else None, dh,
+                dc if ctx.has_c else None, *dw)
+
+
+def cell_step_applies(mode: str, x: Tensor, h: Tensor, c: Tensor | None, params: dict) -> bool:
+    """Whether a cell call (x (B, I), states (B, H), the cell's parameters) may run on
+    _CellStep: float32/float64 on the cpu backend in eager mode, every operand a plain CPU tensor
+    of x's dtype with the cell's shapes (the kernel checks them again), not Cho's GRU."""
+    if mode == "gru_cho" or x.dtype not in (torch.float32, torch.float64) or not x.is_cpu:
+        return False
+    tensors = (x, h, c, *params.values())
+    if not _ext.direct_call_ok(*tensors) or _ext.batched(*tensors):
+        return False
+    if any(t is not None and (t.dtype != x.dtype or not t.is_cpu) for t in tensors):
+        return False
+    return registry.select("rnn", torch.device("cpu")) == "cpu"
+
+
+def cell_step(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w: tuple, chain=None):
+    """(h', c' or None) of one cell step (see cell_step_applies), w = (w_ih, w_hh, b_ih or
+    None, b_hh or None). Steps whose h or c came from an earlier step on the same, unmodified
+    weights join its chain (found on h or c, or passed as `chain` by a caller that reshaped
+    them), so that their weight gradients are summed in one product (see _StepTape)."""
+    if not _ext.needs_grad(x, h, c, *w):
+        h_n, c_n, _ = _ext._C.cell_step(mode, x, h, c, *w, False)
+        return h_n, (c_n if mode == "lstm" else None)
+    tape = tok = None
+    if any(t is not None and t.requires_grad for t in w):
+        if chain is None:
+            chain = getattr(h, "_seqkern_chain", None) or getattr(c, "_seqkern_chain", None)
+        if chain is not None and chain[0].fits(w):
+            tape, tok = chain
+        else:
+            tape = _StepTape(w)
+            tok = _WeightTap.apply(tape, *w)
+    h_n, c_n = _CellStep.apply(mode, tape, tok, x, h, c, *w)
+    if tape is not None:
+        h_n._seqkern_chain = (tape, tok)
+        if mode == "lstm":
+            c_n._seqkern_chain = (tape, tok)
+    return h_n, (c_n if mode == "lstm" else None)
+
 
 if _ext._C is not None:
     registry.register("rnn", "cpu")
