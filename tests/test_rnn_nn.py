@@ -1343,3 +1343,32 @@ def test_cell_training_double_backward_raises():
     h, c = s(x)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         torch.autograd.grad(h.sum(), x, create_graph=True)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_cell_training_under_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint over a stretch of cell steps (recomputed in the backward, which
+    re-runs the steps on the chain's state tensors) gives torch's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    dtype = torch.float64
+    t, s = _cell_pair("lstm", {}, 5, 6, dtype)
+    res = []
+    for cell in (t, s):
+        cell.zero_grad()
+        x, h0, c0 = _leaves(dtype, 6, 3, 5, 6, 8)
+
+        def stretch(x3, h, c):
+            for i in range(3):
+                h, c = cell(x3[i], (h, c))
+            return h, c
+
+        h, c = cell(x[0], (h0, c0))
+        h, c = checkpoint(stretch, x[1:4], h, c, use_reentrant=reentrant)
+        for i in range(4, 6):
+            h, c = cell(x[i], (h, c))
+        (h.sum() + 2 * c.sum()).backward()
+        res.append([x.grad, h0.grad, c0.grad] + [p.grad for p in cell.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
