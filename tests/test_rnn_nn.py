@@ -185,8 +185,8 @@ def test_cells_inference_step_kernel(kind, kw, B, I, H, dtype, monkeypatch):
 @pytest.mark.parametrize("B", [1, 3, 5, None], ids=["B1", "B3", "B5", "unbatched"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_step_kernel_streaming_equals_forward(kind, kw, B, dtype, monkeypatch):
-    """step() without gradients runs the one-step kernel layer by layer (≤ 4 rows), and T
-    steps equal forward() over the sequence, outputs and final state."""
+    """step() without gradients runs the one-step kernel layer by layer, and T steps equal
+    forward() over the sequence, outputs and final state."""
     t, s = make_pair(kind, 19, 33, dtype, **kw)
     calls = []
     real = seqkern._ext._C.cell_step
@@ -206,7 +206,7 @@ def test_step_kernel_streaming_equals_forward(kind, kw, B, dtype, monkeypatch):
     torch.testing.assert_close(torch.stack(ys, 1 if bf and B else 0), y, **tol)
     for a, b in zip(_flat(st), _flat(state)):
         torch.testing.assert_close(a, b, **tol)
-    assert len(calls) == (6 * s.num_layers if (B or 1) <= 4 else 0)
+    assert len(calls) == 6 * s.num_layers
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
@@ -1370,5 +1370,50 @@ def test_cell_training_under_activation_checkpointing(reentrant):
             h, c = cell(x[i], (h, c))
         (h.sum() + 2 * c.sum()).backward()
         res.append([x.grad, h0.grad, c0.grad] + [p.grad for p in cell.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind,kw", [("lstm", {"num_layers": 2}), ("gru", {}),
+                                     ("rnn", {"num_layers": 3, "nonlinearity": "relu"}),
+                                     ("lstm", {"batch_first": True, "bias": False})])
+@pytest.mark.parametrize("B", [1, 5, None], ids=["B1", "B5", "unbatched"])
+def test_step_training_equals_forward(kind, kw, B, monkeypatch):
+    """step() with gradients runs the kernel layer by layer too (each layer's steps a chain, as
+    a cell's): T steps give forward()'s outputs and the same gradients of the input, the
+    initial state and every parameter."""
+    dtype = torch.float64
+    t, s = make_pair(kind, 7, 9, dtype, **kw)
+    calls = []
+    real = seqkern._ext._C.cell_backward
+    monkeypatch.setattr(seqkern._ext._C, "cell_backward", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    bf = s.batch_first
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(*((B,) if B else ()), 6, 7, generator=g, dtype=dtype)
+    if not bf and B:
+        x = x.transpose(0, 1)
+    h0 = torch.randn(s.num_layers, *((B,) if B else ()), 9, generator=g, dtype=dtype)
+    hx = (h0, torch.randn_like(h0)) if kind == "lstm" else h0
+    res = []
+    for run_steps in (False, True):
+        s.zero_grad()
+        xs = x.clone().requires_grad_()
+        st = tuple(a.clone().requires_grad_() for a in _flat(hx))
+        st_in = st if kind == "lstm" else st[0]
+        if run_steps:
+            ys, state = [], st_in
+            for i in range(6):
+                y_t, state = s.step(xs[:, i] if bf and B else xs[i], state)
+                ys.append(y_t)
+            y = torch.stack(ys, 1 if bf and B else 0)
+        else:
+            y, state = s(xs, st_in)
+        w = torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)
+        ((y * w).sum() + sum(a.sum() for a in _flat(state))).backward()
+        res.append([y, *_flat(state), xs.grad, *(a.grad for a in st)]
+                   + [p.grad for p in s.parameters()])
+    assert len(calls) == 6 * s.num_layers
     for a, b in zip(*res):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)

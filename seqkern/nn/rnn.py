@@ -26,22 +26,6 @@ _STEP_DTYPES = (torch.float32, torch.float64)
 _CPU = torch.device("cpu")  # (x.device makes a new object each time: 0.4 µs against is_cpu's 0.06)
 
 
-def _one_step_kernel_applies(mode: str, x: Tensor, state: list, params: list) -> bool:
-    """Whether one step of x (B, I) may run on ``_C.cell_step``: 1 ≤ B ≤ 4 rows of float32/64 on
-    the cpu backend, eager, the state and the weights in x's dtype on the CPU, and nothing that
-    needs a gradient. Cells and step() take it; it skips the general recurrence's setup, which
-    costs more than the step itself at small sizes. This runs on every call, so only the first
-    parameter's dtype and device are looked at (~0.7 µs per tensor): the kernel checks every
-    operand and raises a clear error for a module whose parameters disagree."""
-    if (mode == "gru_cho" or not 1 <= x.shape[0] <= 4 or x.dtype not in _STEP_DTYPES
-            or not x.is_cpu or not _ext.direct_call_ok(x, *state, *params)):
-        return False
-    if any(t.dtype != x.dtype or not t.is_cpu for t in (*state, params[0])):
-        return False
-    if _ext.needs_grad(x, *state, *params):
-        return False
-    return registry.select("rnn", _CPU) == "cpu"
-
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 
@@ -399,9 +383,10 @@ class _RecurrentBase(nn.Module):
 
     def _step_kernel(self, x_t: Tensor, state):
         """step() through the one-step C++ kernel (``_C.cell_step``), layer by layer, when it
-        applies: ≤ 4 rows of float32/64 on the cpu backend, eager, no gradient needed, no
-        peephole, projection, Cho GRU or training-mode dropout, and a well-formed state. None
-        otherwise (then forward() runs, and reports any bad input)."""
+        applies: float32/64 on the cpu backend, eager, no peephole, projection, Cho GRU or
+        training-mode dropout, and a well-formed state. With gradients each layer's steps form
+        a chain as a cell's do (ops.rnn.cell_step; the returned state tensors carry the
+        layers' chains). None otherwise (then forward() runs, and reports any bad input)."""
         if (self.peephole or self.proj_size or self.mode == "gru_cho"
                 or (self.training and self.dropout > 0) or not _ext.direct_call_ok()
                 or x_t.dtype not in _STEP_DTYPES or not x_t.is_cpu
@@ -410,7 +395,10 @@ class _RecurrentBase(nn.Module):
         unbatched = x_t.dim() == 1
         x = x_t.unsqueeze(0) if unbatched else x_t
         B, L, H = x.shape[0], self.num_layers, self.hidden_size
+        if B < 1:
+            return None
         lstm = self.mode == "lstm"
+        chains = None
         if state is None:
             h = c = x.new_zeros(L, B, H)
         else:
@@ -420,17 +408,27 @@ class _RecurrentBase(nn.Module):
             if not well_formed:
                 return None
             h, c = state if lstm else (state, None)
+            chains = getattr(h, "_seqkern_chains", None) or getattr(c, "_seqkern_chains", None)
             if unbatched:
                 h, c = h.unsqueeze(1), (c.unsqueeze(1) if lstm else None)
         state_tensors = [h] + ([c] if lstm else [])
         weights = self._weights()
-        if any(t.shape != (L, B, H) for t in state_tensors) or not _one_step_kernel_applies(
-                self.mode, x, state_tensors, [p for w in weights for p in w.values()]):
+        params = [p for w in weights for p in w.values()]
+        if any(t.shape != (L, B, H) for t in state_tensors) or not ops.cell_step_applies(
+                self.mode, x, h, c, dict(enumerate(params))):
             return None
-        hs, cs = [], []
+        grad = _ext.needs_grad(x, *state_tensors, *params)
+        if chains is not None and len(chains) != L:
+            chains = None
+        hs, cs, new_chains = [], [], []
         for k, w in enumerate(weights):
-            hn, cn, _ = _ext._C.cell_step(self.mode, x, h[k], c[k] if lstm else None, w["w_ih"],
-                                          w["w_hh"], w.get("b_ih"), w.get("b_hh"), False)
+            w4 = (w["w_ih"], w["w_hh"], w.get("b_ih"), w.get("b_hh"))
+            if grad:
+                hn, cn = ops.cell_step(self.mode, x, h[k], c[k] if lstm else None, w4,
+                                       chains[k] if chains is not None else None)
+                new_chains.append(getattr(hn, "_seqkern_chain", None))
+            else:
+                hn, cn, _ = _ext._C.cell_step(self.mode, x, h[k], c[k] if lstm else None, *w4, False)
             hs.append(hn)
             cs.append(cn)
             x = hn
@@ -438,6 +436,10 @@ class _RecurrentBase(nn.Module):
         c_n = torch.stack(cs) if lstm else None
         if unbatched:
             x, h_n, c_n = x.squeeze(0), h_n.squeeze(1), (c_n.squeeze(1) if lstm else None)
+        if grad:
+            h_n._seqkern_chains = new_chains
+            if lstm:
+                c_n._seqkern_chains = new_chains
         return x, ((h_n, c_n) if lstm else h_n)
 
 
@@ -618,13 +620,6 @@ class _CellBase(nn.Module):
             sources = [xb, h, c] + list(params.values())
             h_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources)
             c_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources) if self.mode == "lstm" else None
-        elif (self._params_well_formed(xb, params["w_ih"], params["w_hh"], params.get("b_ih"),
-                                       params.get("b_hh"))
-              and _one_step_kernel_applies(self.mode, xb, [h] + ([c] if c is not None else []),
-                                           list(params.values()))):
-            h_n, c_n, _ = _ext._C.cell_step(self.mode, xb, h, c, params["w_ih"], params["w_hh"],
-                                            params.get("b_ih"), params.get("b_hh"), False)
-            c_n = c_n if self.mode == "lstm" else None
         elif (self._params_well_formed(xb, params["w_ih"], params["w_hh"], params.get("b_ih"),
                                        params.get("b_hh"))
               and ops.cell_step_applies(self.mode, xb, h, c, params)):
