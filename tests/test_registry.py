@@ -95,6 +95,21 @@ def test_bench_runs_one_small_case(tmp_path):
     assert "gru" in harness.table(rows)
 
 
+def test_bench_cell_loop_cases_run():
+    """The --full grid's cell loops (inference and training) run, both implementations."""
+    from seqkern.bench import rnn
+
+    cell_cases = [c for c in rnn.cases(full=True) if "cell loop" in c.op]
+    assert {c.op for c in cell_cases} == {f"{n} cell loop {w}" for n in ("lstm", "gru", "rnn")
+                                          for w in ("fwd", "fwd+bwd")}
+    for c in cell_cases:
+        if c.shape["B"] == 1:
+            fns = c.make()
+            assert set(fns) == {"seqkern", "torch"}
+            for f in fns.values():
+                f()
+
+
 def test_extension_refused_on_cpu_without_its_isa(monkeypatch):
     """A build that uses CPU features the running CPU lacks must not be loaded (it would die
     with SIGILL); the loader reports why and the registry falls back to the reference."""

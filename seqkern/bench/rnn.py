@@ -1,5 +1,6 @@
 """Recurrent suites: lstm, gru, rnn — inference forward and training forward+backward against
-the torch.nn module with the same weights (float32, one layer, unidirectional)."""
+the torch.nn module with the same weights (float32, one layer, unidirectional); with --full also
+the cells, a loop of T calls as a decoder runs them (CELL_GRID), inference and training."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,8 @@ from seqkern.bench.case import Case
 GRID = [(50, 1, 128, 128), (100, 8, 256, 256), (100, 32, 256, 256), (500, 16, 64, 128),
         (200, 64, 512, 512), (64, 64, 1024, 1024)]
 QUICK = 4
+# (T, B, I, H) of the cell loops: T calls of the cell, state fed back
+CELL_GRID = [(20, 1, 256, 256), (20, 16, 256, 256), (20, 64, 512, 512)]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
@@ -67,6 +70,32 @@ def _make(name, T, B, I, H, dtype, train):
     return make
 
 
+def _make_cell_loop(name, T, B, I, H, dtype, train):
+    def make():
+        import seqkern.nn as snn
+
+        tcls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}[name]
+        scls = {"lstm": snn.LSTMCell, "gru": snn.GRUCell, "rnn": snn.RNNCell}[name]
+        t, s = tcls(I, H).to(dtype), scls(I, H).to(dtype)
+        s.load_state_dict(t.state_dict())
+        x = torch.randn(T, B, I, dtype=dtype)
+
+        def loop(cell):
+            def run():
+                with torch.set_grad_enabled(train):
+                    h = torch.zeros(B, H, dtype=dtype)
+                    state = (h, torch.zeros(B, H, dtype=dtype)) if name == "lstm" else h
+                    loss = 0
+                    for i in range(T):
+                        state = cell(x[i], state)
+                        loss = loss + (state[0] if name == "lstm" else state).sum()
+                    if train:
+                        loss.backward()
+            return run
+        return {"seqkern": loop(s), "torch": loop(t)}
+    return make
+
+
 def cases(full: bool) -> list[Case]:
     out = []
     dtypes = [torch.float32, torch.bfloat16] if full else [torch.float32]
@@ -79,4 +108,13 @@ def cases(full: bool) -> list[Case]:
                         shape={"T": T, "B": B, "I": I, "H": H}, dtype=dtype,
                         make=_make(name, T, B, I, H, dtype, train),
                         flops=_flops(name, T, B, I, H, train), quick=gi < QUICK and dtype == torch.float32))
+    if full:
+        for (T, B, I, H) in CELL_GRID:
+            for name in ("lstm", "gru", "rnn"):
+                for train in (False, True):
+                    out.append(Case(
+                        suite=name, op=f"{name} cell loop {'fwd+bwd' if train else 'fwd'}",
+                        shape={"T": T, "B": B, "I": I, "H": H}, dtype=torch.float32,
+                        make=_make_cell_loop(name, T, B, I, H, torch.float32, train),
+                        flops=_flops(name, T, B, I, H, train), quick=False))
     return out
