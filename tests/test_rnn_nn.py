@@ -1417,3 +1417,78 @@ def test_step_training_equals_forward(kind, kw, B, monkeypatch):
     assert len(calls) == 6 * s.num_layers
     for a, b in zip(*res):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cell_training_chain_threads_and_flags(kind):
+    """Backward passes through one kept chain from two threads at once (each pass's entries are
+    its own), a weight that starts wanting a gradient mid-chain (a new chain starts), and a
+    partial pass (a gradient of x alone) leaving nothing behind on the tape."""
+    import threading
+    from seqkern.ops import rnn as ops
+
+    dtype = torch.float64
+    t, s = _cell_pair(kind, {}, 5, 6, dtype)
+    x, h0, c0 = _leaves(dtype, 8, 3, 5, 6, 11)
+    want, got = [], []
+    for cell, out in ((t, want), (s, got)):
+        outs, _ = _cell_loop(cell, kind, x, h0, c0)
+        losses = [outs[-1].sum(), (outs[4] ** 2).sum()]
+        out.append([torch.autograd.grad(l, [cell.weight_ih, cell.weight_hh], retain_graph=True)
+                    for l in losses])
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            for r in range(10):
+                l = got_outs[-1].sum() if i == 0 else (got_outs[4] ** 2).sum()
+                results[(i, r)] = torch.autograd.grad(l, [s.weight_ih, s.weight_hh], retain_graph=True)
+        except Exception as e:  # (reported below)
+            errors.append(e)
+
+    got_outs, _ = _cell_loop(s, kind, x, h0, c0)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for (i, r), g in results.items():
+        for a, b in zip(g, want[0][i]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    # partial pass: nothing stays on the tape
+    torch.autograd.grad(got_outs[-1].sum(), x, retain_graph=True)
+    assert ops.chain_of(got_outs[-1])[0].passes == {}
+    # weight_ih frozen for the first step, then wanted: its gradient covers the later steps
+    res = []
+    for cell in (t, s):
+        cell.zero_grad()
+        cell.weight_ih.requires_grad_(False)
+        state = (h0, c0) if kind == "lstm" else h0
+        state = cell(x[0], state)
+        cell.weight_ih.requires_grad_(True)
+        for i in range(1, 4):
+            state = cell(x[i], state)
+        (state[0] if kind == "lstm" else state).sum().backward()
+        res.append([cell.weight_ih.grad, cell.weight_hh.grad])
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@requires_cpu_ext
+def test_cell_states_copy_and_save_as_torch(tmp_path):
+    """A training cell's state, detached in place or not, deep-copies, pickles and saves (with
+    torch.load's weights_only default) as torch's: the chain is not carried in the tensor."""
+    import copy
+    import pickle
+
+    s = snn.LSTMCell(3, 5)
+    h, c = s(torch.randn(2, 3))
+    h2, c2 = s(torch.randn(2, 3), (h, c))
+    pickle.dumps(h2.detach())
+    h2.detach_()
+    copy.deepcopy(h2)
+    torch.save({"h": h2}, tmp_path / "h.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "h.pt")["h"], h2)
+    assert not h2.__dict__

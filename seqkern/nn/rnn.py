@@ -408,7 +408,7 @@ class _RecurrentBase(nn.Module):
             if not well_formed:
                 return None
             h, c = state if lstm else (state, None)
-            chains = getattr(h, "_seqkern_chains", None) or getattr(c, "_seqkern_chains", None)
+            chains = ops.chain_of(h, c)
             if unbatched:
                 h, c = h.unsqueeze(1), (c.unsqueeze(1) if lstm else None)
         state_tensors = [h] + ([c] if lstm else [])
@@ -418,7 +418,7 @@ class _RecurrentBase(nn.Module):
                 self.mode, x, h, c, dict(enumerate(params))):
             return None
         grad = _ext.needs_grad(x, *state_tensors, *params)
-        if chains is not None and len(chains) != L:
+        if not isinstance(chains, list) or len(chains) != L:
             chains = None
         hs, cs, new_chains = [], [], []
         for k, w in enumerate(weights):
@@ -426,7 +426,7 @@ class _RecurrentBase(nn.Module):
             if grad:
                 hn, cn = ops.cell_step(self.mode, x, h[k], c[k] if lstm else None, w4,
                                        chains[k] if chains is not None else None)
-                new_chains.append(getattr(hn, "_seqkern_chain", None))
+                new_chains.append(ops.chain_of(hn))
             else:
                 hn, cn, _ = _ext._C.cell_step(self.mode, x, h[k], c[k] if lstm else None, *w4, False)
             hs.append(hn)
@@ -437,9 +437,7 @@ class _RecurrentBase(nn.Module):
         if unbatched:
             x, h_n, c_n = x.squeeze(0), h_n.squeeze(1), (c_n.squeeze(1) if lstm else None)
         if grad:
-            h_n._seqkern_chains = new_chains
-            if lstm:
-                c_n._seqkern_chains = new_chains
+            ops.set_chain(new_chains, h_n, c_n)
         return x, ((h_n, c_n) if lstm else h_n)
 
 
@@ -570,7 +568,7 @@ class _CellBase(nn.Module):
             h = xb.new_zeros(B, H)
             c = xb.new_zeros(B, H) if self.mode == "lstm" else None
         elif not batched:
-            chain = getattr(h, "_seqkern_chain", None) or getattr(c, "_seqkern_chain", None)
+            chain = ops.chain_of(h, c)
             h = h.unsqueeze(0)
             c = c.unsqueeze(0) if c is not None else None
         if grad:
@@ -578,13 +576,11 @@ class _CellBase(nn.Module):
         else:
             h_n, c_n, _ = _ext._C.cell_step(self.mode, xb, h, c, w_ih, w_hh, b_ih, b_hh, False)
         if not batched:
-            chain = getattr(h_n, "_seqkern_chain", None)
+            chain = ops.chain_of(h_n)
             h_n = h_n.squeeze(0)
             c_n = c_n.squeeze(0) if c_n is not None else None
             if chain is not None:  # (for the next call: see ops.cell_step)
-                h_n._seqkern_chain = chain
-                if c_n is not None:
-                    c_n._seqkern_chain = chain
+                ops.set_chain(chain, h_n, c_n)
         return h_n, (c_n if self.mode == "lstm" else None)
 
     def _run_with(self, x, h, c, params):
@@ -613,7 +609,7 @@ class _CellBase(nn.Module):
                     raise TypeError(f"{name} must match the input's dtype and device ({x.dtype}, "
                                     f"{x.device}), got ({t.dtype}, {t.device})")
             if not batched:
-                chain = getattr(h, "_seqkern_chain", None) or getattr(c, "_seqkern_chain", None)
+                chain = ops.chain_of(h, c)
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
         if B == 0:  # an empty batch, as torch's cells allow
@@ -630,13 +626,11 @@ class _CellBase(nn.Module):
             _, h_n, c_n = ops.recurrent_layer(self.mode, xb,
                                               torch.full((1,), B, dtype=torch.int64), h, c, params)
         if not batched:
-            chain = getattr(h_n, "_seqkern_chain", None)
+            chain = ops.chain_of(h_n)
             h_n = h_n.squeeze(0)
             c_n = c_n.squeeze(0) if c_n is not None else None
             if chain is not None:  # (for the next call: see ops.cell_step)
-                h_n._seqkern_chain = chain
-                if c_n is not None:
-                    c_n._seqkern_chain = chain
+                ops.set_chain(chain, h_n, c_n)
         return h_n, c_n
 
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from seqkern import _ext, registry
 from seqkern import triton as _triton_backend  # does not import triton itself
@@ -174,47 +175,73 @@ class _EagerLayer(torch.autograd.Function):
 # between the weights and the steps: each step's backward leaves its gate gradients and
 # inputs on the chain's _StepTape, and the tap, which autograd runs once every step that
 # reached it is done, turns them into each weight's gradient with one product over all steps.
+# A weight gradient of exactly the steps the pass went through, as torch's: the tap only runs
+# once every step that reached it has recorded.
 
 
 class _StepTape:
-    """A chain's gate gradients and step inputs, recorded by one backward pass (graph task) at a
-    time: entries of another pass (one that stopped short of the weights, e.g. autograd.grad
-    with respect to h0 alone) are dropped when the next pass records."""
+    """A chain's gate gradients and step inputs, per backward pass (graph task: passes in other
+    threads, or one that stops short of the weights, such as autograd.grad with respect to h0
+    alone, keep apart). A pass's entries are dropped when it ends, reached the weights or not."""
 
-    __slots__ = ("task", "gx", "grec", "x", "h", "weights", "versions")
+    __slots__ = ("passes", "weights", "versions", "grads")
 
     def __init__(self, weights):
-        self.task = None
-        self.gx, self.grec, self.x, self.h = [], [], [], []
+        self.passes = {}  # graph task id → (gx, grec, x, h) lists
         self.weights = weights  # (w_ih, w_hh, b_ih, b_hh): the tensors the chain started on
         self.versions = tuple(w._version if w is not None else 0 for w in weights)
+        self.grads = tuple(w is not None and w.requires_grad for w in weights)
 
     def fits(self, weights) -> bool:
-        """Whether a step on `weights` may join the chain: the same tensors, not modified since."""
+        """Whether a step on `weights` may join the chain: the same tensors, not modified since,
+        and wanting gradients for the same ones (the tap's are fixed when the chain starts)."""
         return (all(a is b for a, b in zip(self.weights, weights))
-                and self.versions == tuple(w._version if w is not None else 0 for w in weights))
+                and self.versions == tuple(w._version if w is not None else 0 for w in weights)
+                and self.grads == tuple(w is not None and w.requires_grad for w in weights))
 
     def record(self, gx, grec, x, h):
         task = torch._C._current_graph_task_id()
-        if task != self.task:
-            self.task = task
-            self.gx, self.grec, self.x, self.h = [], [], [], []
-        self.gx.append(gx)
-        self.grec.append(grec)
-        self.x.append(x)
-        self.h.append(h)
+        entries = self.passes.get(task)
+        if entries is None:
+            entries = self.passes[task] = ([], [], [], [])
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self.passes.pop(task, None))
+        for lst, t in zip(entries, (gx, grec, x, h)):
+            lst.append(t)
 
     def take(self):
-        """(gx, grec, x, h) of this pass's steps stacked, or None; the tape is emptied."""
-        task, gx, grec, x, h = self.task, self.gx, self.grec, self.x, self.h
-        self.task = None
-        self.gx, self.grec, self.x, self.h = [], [], [], []
-        if task != torch._C._current_graph_task_id() or not gx:
+        """(gx, grec, x, h) of this pass's steps stacked, or None; the entries are dropped."""
+        entries = self.passes.pop(torch._C._current_graph_task_id(), None)
+        if not entries or not entries[0]:
             return None
+        gx, grec, x, h = entries
         same = grec[0] is gx[0]  # (LSTM and RNN: one gradient for both products)
         gx = torch.cat(gx) if len(gx) > 1 else gx[0]
         grec = gx if same else (torch.cat(grec) if len(grec) > 1 else grec[0])
         return gx, grec, torch.cat(x) if len(x) > 1 else x[0], torch.cat(h) if len(h) > 1 else h[0]
+
+
+# state tensor → the chain of the step that made it ((tape, tok); for a layer module's step(),
+# the list of its layers' chains), held beside the tensor rather than in its __dict__, which
+# deepcopy, pickle and torch.save would carry along
+_CHAINS = WeakIdKeyDictionary()
+
+
+def chain_of(*states):
+    """The chain the first of these state tensors that has one carries, while it is still part
+    of a graph (a state detached in place has become a leaf and starts a new chain); or None."""
+    for t in states:
+        if t is not None and t.grad_fn is not None:
+            chain = _CHAINS.get(t)
+            if chain is not None:
+                return chain
+    return None
+
+
+def set_chain(chain, *states) -> None:
+    for t in states:
+        if t is not None:
+            _CHAINS[t] = chain
 
 
 class _WeightTap(torch.autograd.Function):
@@ -334,17 +361,15 @@ def cell_step(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w: tuple, chain
     tape = tok = None
     if any(t is not None and t.requires_grad for t in w):
         if chain is None:
-            chain = getattr(h, "_seqkern_chain", None) or getattr(c, "_seqkern_chain", None)
-        if chain is not None and chain[0].fits(w):
+            chain = chain_of(h, c)
+        if isinstance(chain, tuple) and chain[0].fits(w):
             tape, tok = chain
         else:
             tape = _StepTape(w)
             tok = _WeightTap.apply(tape, *w)
     h_n, c_n = _CellStep.apply(mode, tape, tok, x, h, c, *w)
     if tape is not None:
-        h_n._seqkern_chain = (tape, tok)
-        if mode == "lstm":
-            c_n._seqkern_chain = (tape, tok)
+        set_chain((tape, tok), h_n, c_n if mode == "lstm" else None)
     return h_n, (c_n if mode == "lstm" else None)
 
 
