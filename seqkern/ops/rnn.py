@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from seqkern import _ext, registry
 from seqkern import triton as _triton_backend  # does not import triton itself
@@ -221,18 +220,19 @@ class _StepTape:
         return gx, grec, torch.cat(x) if len(x) > 1 else x[0], torch.cat(h) if len(h) > 1 else h[0]
 
 
-# state tensor → the chain of the step that made it ((tape, tok); for a layer module's step(),
-# the list of its layers' chains), held beside the tensor rather than in its __dict__, which
-# deepcopy, pickle and torch.save would carry along
-_CHAINS = WeakIdKeyDictionary()
+# A state tensor's chain ((tape, tok); for a layer module's step(), the list of its layers'
+# chains) is kept in the metadata of the autograd node that made it, not in the tensor's
+# __dict__, which deepcopy, pickle and torch.save would carry along; a state detached (in place
+# too) has no node, and starts a new chain.
+_CHAIN_KEY = "seqkern_chain"
 
 
 def chain_of(*states):
-    """The chain the first of these state tensors that has one carries, while it is still part
-    of a graph (a state detached in place has become a leaf and starts a new chain); or None."""
+    """The chain of the first of these state tensors that has one, or None."""
     for t in states:
-        if t is not None and t.grad_fn is not None:
-            chain = _CHAINS.get(t)
+        fn = t.grad_fn if t is not None else None
+        if fn is not None:
+            chain = fn.metadata.get(_CHAIN_KEY)
             if chain is not None:
                 return chain
     return None
@@ -240,8 +240,8 @@ def chain_of(*states):
 
 def set_chain(chain, *states) -> None:
     for t in states:
-        if t is not None:
-            _CHAINS[t] = chain
+        if t is not None and t.grad_fn is not None:
+            t.grad_fn.metadata[_CHAIN_KEY] = chain
 
 
 class _WeightTap(torch.autograd.Function):
