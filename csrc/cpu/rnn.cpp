@@ -643,20 +643,24 @@ void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, co
   });
 }
 
-// The same step for more rows: gx = x·W_ihᵀ + b_ih and gh = h·W_hhᵀ + b_hh (G·H wide) from
+// The same step for more rows: gx = x·W_ihᵀ (+ bx) and gh = h·W_hhᵀ (+ bh) (G·H wide) from
 // library GEMMs, then the cell over rows × vectors of units. Only GRU's n gate needs h·W_hhᵀ
-// apart: the other cells take both products summed in gx (gh null) and b_hh from bh.
+// apart: the other cells may take both products summed in gx (gh null).
 template <typename T>
-void cell_step_rows(Cell cell, int64_t B, int64_t H, const T* gx, const T* gh, const T* bh,
-                    const T* h, const T* c, T* h_out, T* c_out, T* saved) {
+void cell_step_rows(Cell cell, int64_t B, int64_t H, const T* gx, const T* bx, const T* gh,
+                    const T* bh, const T* h, const T* c, T* h_out, T* c_out, T* saved) {
   const int64_t G = gate_count(cell);
   at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, G * H)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T *xr = gx + b * G * H, *hr = gh ? gh + b * G * H : nullptr;
       for_each_vec<T>(H, [&](int64_t u, int64_t m) {
-        auto xg = [&](int64_t g) { return load(xr + g * H + u, m); };
+        auto xg = [&](int64_t g) {
+          const auto v = load(xr + g * H + u, m);
+          return bx ? v + load(bx + g * H + u, m) : v;
+        };
         auto hg = [&](int64_t g) {
-          return hr ? load(hr + g * H + u, m) : bh ? load(bh + g * H + u, m) : Vec<T>(T(0));
+          const auto v = hr ? load(hr + g * H + u, m) : Vec<T>(T(0));
+          return bh ? v + load(bh + g * H + u, m) : v;
         };
         cell_apply<T>(cell, xg, hg, h + b * H, c ? c + b * H : nullptr, h_out + b * H,
                       c_out ? c_out + b * H : nullptr, saved ? saved + b * 4 * H : nullptr, H, u, m);
@@ -729,8 +733,9 @@ CellOperands cell_operands(const char* who, const std::string& mode, const at::T
               ", hidden_size), got ", h_.sizes());
   o.B = x_.size(0), o.I = x_.size(1), o.H = h_.size(1);
   const int64_t G = o.G, B = o.B, I = o.I, H = o.H;
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
-              who, ": dtype must be float32 or float64, got ", x_.scalar_type());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble ||
+                  x_.scalar_type() == at::kBFloat16,
+              who, ": dtype must be float32, float64 or bfloat16, got ", x_.scalar_type());
   TORCH_CHECK(w_ih_.sizes() == at::IntArrayRef({G * H, I}) && w_hh_.sizes() == at::IntArrayRef({G * H, H}),
               who, ": w_ih must be (", G * H, ", ", I, ") and w_hh (", G * H, ", ", H, "), got ",
               w_ih_.sizes(), " and ", w_hh_.sizes());
@@ -759,6 +764,49 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
 }
 
+// C (float, M × N, contiguous) = A (M × K bf16) · op(W) (bf16, fp32 accumulation), op(W) = Wᵀ
+// (W stored N × K) when w_trans, else W (K × N). Both contiguous.
+void product_bf16(const at::Tensor& A, const at::Tensor& W, bool w_trans, at::Tensor& C) {
+  const int64_t M = A.size(0), K = A.size(1), N = C.size(1);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    C.zero_();
+    return;
+  }
+  if (!gemm_bf16(false, w_trans, M, N, K, A.data_ptr<at::BFloat16>(), K,
+                 W.data_ptr<at::BFloat16>(), w_trans ? K : N, C.data_ptr<float>(), N)) {
+    const at::Tensor Wf = W.to(at::kFloat);
+    at::mm_out(C, A.to(at::kFloat), w_trans ? Wf.t() : Wf);
+  }
+}
+
+at::Tensor float_or_undefined(const at::Tensor& t) {
+  return t.defined() ? t.to(at::kFloat) : at::Tensor();
+}
+
+// A bf16 step: the products in fp32 (bf16 operands), the cell in fp32 on widened states, h' and
+// c' rounded once; saved in fp32.
+std::vector<at::Tensor> cell_step_bf16(const CellOperands& o, bool save) {
+  const int64_t B = o.B, H = o.H, GH = o.G * o.H;
+  const bool lstm = o.cell == Cell::Lstm, gated = lstm || o.cell == Cell::Gru;
+  const auto f32 = o.x.options().dtype(at::kFloat);
+  at::Tensor gx = at::empty({B, GH}, f32), gh = at::empty({B, GH}, f32);
+  product_bf16(o.x, o.w_ih, true, gx);
+  product_bf16(o.h, o.w_hh, true, gh);
+  const at::Tensor bx = float_or_undefined(o.b_ih), bh = float_or_undefined(o.b_hh);
+  const at::Tensor hf = o.h.to(at::kFloat), cf = lstm ? o.c.to(at::kFloat) : at::Tensor();
+  at::Tensor h_out = at::empty({B, H}, f32), c_out = lstm ? at::empty({B, H}, f32) : at::Tensor();
+  at::Tensor saved = save && gated ? at::empty({B, 4 * H}, f32) : at::empty({0}, f32);
+  if (B > 0 && H > 0)
+    cell_step_rows<float>(o.cell, B, H, gx.data_ptr<float>(), data_or_null<float>(bx),
+                          gh.data_ptr<float>(), data_or_null<float>(bh), hf.data_ptr<float>(),
+                          lstm ? cf.data_ptr<float>() : nullptr, h_out.data_ptr<float>(),
+                          lstm ? c_out.data_ptr<float>() : nullptr,
+                          saved.numel() ? saved.data_ptr<float>() : nullptr);
+  return {h_out.to(at::kBFloat16), lstm ? c_out.to(at::kBFloat16) : at::empty({0}, o.x.options()),
+          saved};
+}
+
 }  // namespace
 
 std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
@@ -767,6 +815,7 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
                                   const c10::optional<at::Tensor>& b_ih_,
                                   const c10::optional<at::Tensor>& b_hh_, bool save) {
   const CellOperands o = cell_operands("seqkern cell_step", mode, x_, h_, c_, w_ih_, w_hh_, b_ih_, b_hh_);
+  if (o.x.scalar_type() == at::kBFloat16) return cell_step_bf16(o, save);
   const int64_t B = o.B, H = o.H;
   const bool lstm = o.cell == Cell::Lstm, gated = lstm || o.cell == Cell::Gru;
   const auto opts = o.x.options();
@@ -788,7 +837,8 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
     at::Tensor gx = linear(o.x, o.w_ih, o.b_ih), gh;
     if (o.cell == Cell::Gru) gh = linear(o.h, o.w_hh, o.b_hh);
     else gx.addmm_(o.h, o.w_hh.t());
-    cell_step_rows<scalar_t>(o.cell, B, H, gx.data_ptr<scalar_t>(), data_or_null<scalar_t>(gh),
+    cell_step_rows<scalar_t>(o.cell, B, H, gx.data_ptr<scalar_t>(), nullptr,
+                             data_or_null<scalar_t>(gh),
                              gh.defined() ? nullptr : data_or_null<scalar_t>(o.b_hh),
                              o.h.data_ptr<scalar_t>(), c, h_out.data_ptr<scalar_t>(), co, sv);
   });
@@ -805,18 +855,24 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
   const char* who = "seqkern cell_backward";
   const Cell cell = parse_cell(mode);
   TORCH_CHECK(cell != Cell::GruCho, who, ": gru_cho is not supported");
+  TORCH_CHECK(h_prev.dim() == 2, who, ": h_prev must be (B, H), got ", h_prev.sizes());
   const int64_t G = gate_count(cell), B = h_prev.size(0), H = h_prev.size(1);
   const bool lstm = cell == Cell::Lstm, gated = lstm || cell == Cell::Gru;
-  const auto st = h_prev.scalar_type();
-  auto take = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK(t.sizes() == shape && t.scalar_type() == st && t.device().is_cpu(), who, ": ",
-                name, " must be a CPU ", st, " tensor of shape ", shape, ", got ", t.scalar_type(),
+  // bf16 steps (cell_step_bf16) run their backward in fp32 too: the states and gradients are
+  // widened, `saved` is fp32, and the products take the gate gradients rounded to bf16
+  const auto io = h_prev.scalar_type();
+  const bool bf16 = io == at::kBFloat16;
+  const auto st = bf16 ? at::kFloat : io;
+  auto take = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name, bool computed = false) {
+    const auto want = computed ? st : io;
+    TORCH_CHECK(t.sizes() == shape && t.scalar_type() == want && t.device().is_cpu(), who, ": ",
+                name, " must be a CPU ", want, " tensor of shape ", shape, ", got ", t.scalar_type(),
                 " ", t.sizes());
     return contiguous_as(t, st);
   };
   const at::Tensor dh = take(dh_, {B, H}, "dh"), hp = take(h_prev, {B, H}, "h_prev"),
                    hn = take(h_new, {B, H}, "h_new");
-  const at::Tensor sv = gated ? take(saved, {B, 4 * H}, "saved") : at::Tensor();
+  const at::Tensor sv = gated ? take(saved, {B, 4 * H}, "saved", true) : at::Tensor();
   at::Tensor dc, cp, cn;
   if (lstm) {
     TORCH_CHECK(c_prev.has_value() && c_new.has_value(), who, ": lstm needs c_prev and c_new");
@@ -843,6 +899,18 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
     });
   }
   // dh = drec·W_hh (+ GRU's z ⊙ h path); dx = dgx·W_ih
+  if (bf16) {
+    TORCH_CHECK(w_ih.scalar_type() == io && w_hh.scalar_type() == io, who,
+                ": the weights must be bfloat16 as h_prev");
+    at::Tensor dh_prev = at::empty({B, H}, opts), dx = at::empty({0}, opts);
+    product_bf16(drec.to(io), contiguous_as(w_hh, io), false, dh_prev);
+    if (dh_direct.defined()) dh_prev.add_(dh_direct);
+    if (need_dx) {
+      dx = at::empty({B, w_ih.size(1)}, opts);
+      product_bf16(dgx.to(io), contiguous_as(w_ih, io), false, dx);
+    }
+    return {dgx, drec, dx.to(io), dh_prev.to(io), dc_prev.to(io)};
+  }
   const at::Tensor whh = contiguous_as(w_hh, st);
   at::Tensor dh_prev = dh_direct.defined() ? at::addmm(dh_direct, drec, whh) : at::mm(drec, whh);
   at::Tensor dx = need_dx ? at::mm(dgx, contiguous_as(w_ih, st)) : at::empty({0}, opts);

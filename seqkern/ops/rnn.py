@@ -250,7 +250,7 @@ class _WeightTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tape, w_ih, w_hh, b_ih, b_hh):
-        ctx.tape = tape
+        ctx.tape, ctx.dtype = tape, w_ih.dtype
         return w_ih.new_zeros(())
 
     @staticmethod
@@ -258,10 +258,17 @@ class _WeightTap(torch.autograd.Function):
         taken = ctx.tape.take()
         if taken is None:
             return None, None, None, None, None
-        gx, grec, x, h = taken
-        need = ctx.needs_input_grad
-        return (None, gx.t().mm(x) if need[1] else None, grec.t().mm(h) if need[2] else None,
-                gx.sum(0) if need[3] else None, grec.sum(0) if need[4] else None)
+        return (None, *_weight_grads(*taken, ctx.dtype, ctx.needs_input_grad[1:]))
+
+
+def _weight_grads(gx, grec, x, h, dtype, need):
+    """(dW_ih, dW_hh, db_ih, db_hh) from the gate gradients and the steps' inputs, in `dtype`
+    (bf16 steps' gate gradients are fp32: the products run in fp32 and round once)."""
+    if gx.dtype != x.dtype:
+        x, h = x.to(gx.dtype), h.to(gx.dtype)
+    out = (gx.t().mm(x) if need[0] else None, grec.t().mm(h) if need[1] else None,
+           gx.sum(0) if need[2] else None, grec.sum(0) if need[3] else None)
+    return tuple(g.to(dtype) if g is not None and g.dtype != dtype else g for g in out)
 
 
 def _cell_backward_math(mode, g_h, g_c, saved, h, c, h_n, c_n, w_ih, w_hh, need_dx):
@@ -269,6 +276,12 @@ def _cell_backward_math(mode, g_h, g_c, saved, h, c, h_n, c_n, w_ih, w_hh, need_
     kernel cannot take): (dgx, drec, dx or None, dh, dc or None)."""
     H = h.shape[1]
     dc = None
+    if saved.numel() and saved.dtype != h.dtype:  # (bf16 steps: fp32 math, as the kernel's)
+        f = saved.dtype
+        g_h, h, h_n, w_ih, w_hh = g_h.to(f), h.to(f), h_n.to(f), w_ih.to(f), w_hh.to(f)
+        g_c, c, c_n = (t.to(f) if t is not None else None for t in (g_c, c, c_n))
+    elif h.dtype == torch.bfloat16:
+        g_h, h, h_n, w_ih, w_hh = g_h.float(), h.float(), h_n.float(), w_ih.float(), w_hh.float()
     if mode.startswith("rnn"):
         dgx = g_h * (1 - h_n * h_n) if mode == "rnn_tanh" else g_h * (h_n > 0)
         drec, dh_direct = dgx, None
@@ -326,20 +339,23 @@ class _CellStep(torch.autograd.Function):
             if direct and ctx.tape is not None:
                 ctx.tape.record(dgx, drec, x.detach(), h.detach())
             else:
-                dw = [dgx.t().mm(x) if need[6] else None, drec.t().mm(h) if need[7] else None,
-                      dgx.sum(0) if need[8] else None, drec.sum(0) if need[9] else None]
+                dw = list(_weight_grads(dgx, drec, x, h, w_ih.dtype, need[6:10]))
         tok_grad = torch.zeros((), dtype=h.dtype) if ctx.tape is not None else None
         return (None, None, tok_grad, dx if need[3] else None, dh,
                 dc if ctx.has_c else None, *dw)
 
 
+_CELL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 def cell_step_applies(mode: str, x: Tensor, h: Tensor, c: Tensor | None, params: dict) -> bool:
     """Whether a cell call (x (B, I), states (B, H), the cell's parameters) may run on
-    cell_step: float32/float64 on the cpu backend in eager mode, plain tensors, not Cho's GRU,
+    cell_step: float32/float64/bfloat16 on the cpu backend in eager mode, plain tensors, not
+    Cho's GRU,
     the states and the first parameter of x's dtype on the CPU. This runs on every call, so
     only the first parameter is looked at (~0.7 µs per tensor): the kernel checks every operand
     and raises a clear error for a module whose parameters disagree."""
-    if mode == "gru_cho" or x.dtype not in (torch.float32, torch.float64) or not x.is_cpu:
+    if mode == "gru_cho" or x.dtype not in _CELL_DTYPES or not x.is_cpu:
         return False
     tensors = (x, h, c, *params.values())
     if not _ext.direct_call_ok(*tensors) or _ext.batched(*tensors):
