@@ -102,6 +102,7 @@ def test_bench_cell_loop_cases_run():
     cell_cases = [c for c in rnn.cases(full=True) if "cell loop" in c.op]
     assert {c.op for c in cell_cases} == {f"{n} cell loop {w}" for n in ("lstm", "gru", "rnn")
                                           for w in ("fwd", "fwd+bwd")}
+    assert {c.dtype for c in cell_cases} == {torch.float32, torch.bfloat16}
     for c in cell_cases:
         if c.shape["B"] == 1:
             fns = c.make()

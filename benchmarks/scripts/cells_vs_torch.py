@@ -2,7 +2,7 @@
 call over 7 timings of n calls; and a training loop (T calls from a zero state, a loss on every
 step's h, backward), median ms per loop over 9 loops; seqkern and torch alternating, 2 threads.
 
-    python benchmarks/scripts/cells_vs_torch.py [infer|train]
+    python benchmarks/scripts/cells_vs_torch.py [infer] [train] [bf16]
 """
 import sys
 import time
@@ -16,18 +16,21 @@ KINDS = {"lstm": (seqkern.nn.LSTMCell, torch.nn.LSTMCell), "gru": (seqkern.nn.GR
          "rnn": (seqkern.nn.RNNCell, torch.nn.RNNCell)}
 
 
+DTYPE = torch.bfloat16 if "bf16" in sys.argv[1:] else torch.float32
+
+
 def pair(kind, I, H):
     scls, tcls = KINDS[kind]
-    s, t = scls(I, H), tcls(I, H)
+    s, t = scls(I, H).to(DTYPE), tcls(I, H).to(DTYPE)
     t.load_state_dict(s.state_dict())
     return s, t
 
 
 def infer(kind, B, I, H, n=300, reps=7):
     s, t = pair(kind, I, H)
-    x = torch.randn(B, I)
-    h = torch.randn(B, H)
-    hx = (h, torch.randn(B, H)) if kind == "lstm" else h
+    x = torch.randn(B, I, dtype=DTYPE)
+    h = torch.randn(B, H, dtype=DTYPE)
+    hx = (h, torch.randn(B, H, dtype=DTYPE)) if kind == "lstm" else h
     res = {"seqkern": [], "torch": []}
     with torch.no_grad():
         for r in range(reps):
@@ -42,11 +45,11 @@ def infer(kind, B, I, H, n=300, reps=7):
 
 def train(kind, B, I, H, T=20, reps=9):
     s, t = pair(kind, I, H)
-    x = torch.randn(T, B, I)
+    x = torch.randn(T, B, I, dtype=DTYPE)
 
     def loop(m):
-        h = torch.zeros(B, H)
-        state = (h, torch.zeros(B, H)) if kind == "lstm" else h
+        h = torch.zeros(B, H, dtype=DTYPE)
+        state = (h, torch.zeros(B, H, dtype=DTYPE)) if kind == "lstm" else h
         loss = 0
         for i in range(T):
             state = m(x[i], state)
@@ -65,7 +68,8 @@ def train(kind, B, I, H, T=20, reps=9):
 
 
 if __name__ == "__main__":
-    what = sys.argv[1:] or ["infer", "train"]
+    what = [a for a in sys.argv[1:] if a != "bf16"] or ["infer", "train"]
+    print(f"dtype {DTYPE}, {torch.get_num_threads()} threads")
     if "infer" in what:
         print("| cell | B | I | H | seqkern µs | torch µs | speedup |\n|---|---|---|---|---|---|---|")
         for kind in KINDS:

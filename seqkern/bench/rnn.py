@@ -109,12 +109,13 @@ def cases(full: bool) -> list[Case]:
                         make=_make(name, T, B, I, H, dtype, train),
                         flops=_flops(name, T, B, I, H, train), quick=gi < QUICK and dtype == torch.float32))
     if full:
-        for (T, B, I, H) in CELL_GRID:
-            for name in ("lstm", "gru", "rnn"):
-                for train in (False, True):
-                    out.append(Case(
-                        suite=name, op=f"{name} cell loop {'fwd+bwd' if train else 'fwd'}",
-                        shape={"T": T, "B": B, "I": I, "H": H}, dtype=torch.float32,
-                        make=_make_cell_loop(name, T, B, I, H, torch.float32, train),
-                        flops=_flops(name, T, B, I, H, train), quick=False))
+        for dtype in dtypes:
+            for (T, B, I, H) in CELL_GRID:
+                for name in ("lstm", "gru", "rnn"):
+                    for train in (False, True):
+                        out.append(Case(
+                            suite=name, op=f"{name} cell loop {'fwd+bwd' if train else 'fwd'}",
+                            shape={"T": T, "B": B, "I": I, "H": H}, dtype=dtype,
+                            make=_make_cell_loop(name, T, B, I, H, dtype, train),
+                            flops=_flops(name, T, B, I, H, train), quick=False))
     return out
