@@ -1525,3 +1525,54 @@ def test_cell_bfloat16_loop_as_accurate_as_torch(kind, kw, B):
 
 def max_abs(t):
     return t.abs().max().item() if t.numel() else 0.0
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cell_ops_opcheck(mode, dtype):
+    from seqkern.ops import rnn as ops
+
+    g = torch.Generator().manual_seed(13)
+    B, I, H = 3, 5, 7
+    G = {"lstm": 4, "gru": 3}.get(mode, 1)
+    mk = lambda *shape, grad=True: torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
+    x, h = mk(B, I), mk(B, H)
+    c = mk(B, H) if mode == "lstm" else None
+    w = (mk(G * H, I), mk(G * H, H), mk(G * H), None)
+    torch.library.opcheck(ops._cell_step_op, (mode, x, h, c, *w, True))
+    torch.library.opcheck(ops._cell_step_op, (mode, x.detach(), h.detach(),
+                                              c.detach() if c is not None else None,
+                                              *(t.detach() if t is not None else None for t in w), False))
+    with torch.no_grad():
+        h_n, c_n, saved = ops._cell_step_op(mode, x, h, c, *w, True)
+    lstm = mode == "lstm"
+    args = (mode, mk(B, H, grad=False), mk(B, H, grad=False) if lstm else None, saved, h.detach(),
+            c.detach() if lstm else None, c_n if lstm else None, h_n, w[0].detach(), w[1].detach(), True)
+    torch.library.opcheck(ops._cell_backward_op, args)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cell_training_loop_under_compile(kind, monkeypatch):
+    """A cell loop under torch.compile (fullgraph) runs the seqkern::cell_step op and gives the
+    eager results and gradients."""
+    calls = []
+    real = seqkern._ext._C.cell_step
+    monkeypatch.setattr(seqkern._ext._C, "cell_step", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    torch._dynamo.reset()
+    dtype = torch.float64
+    _, s = _cell_pair(kind, {}, 5, 6, dtype)
+    res = []
+    for fn in (lambda *a: _cell_loop(s, kind, *a, steps=4)[1],
+               torch.compile(lambda *a: _cell_loop(s, kind, *a, steps=4)[1], backend="aot_eager",
+                             fullgraph=True)):
+        s.zero_grad()
+        x, h0, c0 = _leaves(dtype, 4, 3, 5, 6, 14)
+        loss = fn(x, h0, c0)
+        loss.backward()
+        res.append([loss, x.grad, h0.grad] + [p.grad for p in s.parameters()])
+    assert len(calls) == 8  # eager and compiled: 4 steps each
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)

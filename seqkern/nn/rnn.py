@@ -622,6 +622,12 @@ class _CellBase(nn.Module):
             h_n, c_n = ops.cell_step(self.mode, xb, h, c,
                                      (params["w_ih"], params["w_hh"], params.get("b_ih"),
                                       params.get("b_hh")), chain)
+        elif (not _ext.direct_call_ok() and ops.cell_step_op_applies(self.mode, xb)
+              and self._params_well_formed(xb, params["w_ih"], params["w_hh"],
+                                           params.get("b_ih"), params.get("b_hh"))):
+            h_n, c_n = ops.cell_step_captured(self.mode, xb, h, c,
+                                              (params["w_ih"], params["w_hh"], params.get("b_ih"),
+                                               params.get("b_hh")))
         else:
             _, h_n, c_n = ops.recurrent_layer(self.mode, xb,
                                               torch.full((1,), B, dtype=torch.int64), h, c, params)

@@ -345,6 +345,81 @@ class _CellStep(torch.autograd.Function):
                 dc if ctx.has_c else None, *dw)
 
 
+# ---- the same step as custom ops: what torch.compile, torch.export and other graph capture
+# take (each step's weight gradients formed and summed as torch's are; no chain there)
+
+
+@torch.library.custom_op("seqkern::cell_step", mutates_args=(), device_types="cpu")
+def _cell_step_op(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor,
+                  w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                  save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(h', c' (LSTM; else empty), saved (what the backward needs; empty unless save))."""
+    return tuple(_ext._C.cell_step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save))
+
+
+@_cell_step_op.register_fake
+def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save):
+    B, H = h.shape
+    saved_dt = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    gated = mode in ("lstm", "gru")
+    return (x.new_empty((B, H)), x.new_empty((B, H) if mode == "lstm" else (0,)),
+            x.new_empty((B, 4 * H) if save and gated else (0,), dtype=saved_dt))
+
+
+@torch.library.custom_op("seqkern::cell_backward", mutates_args=(), device_types="cpu")
+def _cell_backward_op(mode: str, g_h: Tensor, g_c: Optional[Tensor], saved: Tensor, h: Tensor,
+                      c: Optional[Tensor], c_n: Optional[Tensor], h_n: Tensor, w_ih: Tensor,
+                      w_hh: Tensor, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dgx, drec (GRU; else empty: it is dgx), dx (empty unless need_dx), dh, dc (LSTM; else
+    empty))."""
+    dgx, drec, dx, dh, dc = _ext._C.cell_backward(mode, g_h, g_c, saved, h, c, c_n, h_n, w_ih,
+                                                  w_hh, need_dx)
+    return dgx, (drec if mode == "gru" else dgx.new_empty((0,))), dx, dh, dc
+
+
+@_cell_backward_op.register_fake
+def _(mode, g_h, g_c, saved, h, c, c_n, h_n, w_ih, w_hh, need_dx):
+    B, H = h.shape
+    G = ref.gate_count(mode)
+    ct = torch.float32 if h.dtype == torch.bfloat16 else h.dtype
+    return (h.new_empty((B, G * H), dtype=ct),
+            h.new_empty((B, G * H) if mode == "gru" else (0,), dtype=ct),
+            h.new_empty((B, w_ih.shape[1]) if need_dx else (0,)), h.new_empty((B, H)),
+            h.new_empty((B, H) if mode == "lstm" else (0,)))
+
+
+def _cell_step_setup(ctx, inputs, output):
+    mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save = inputs
+    h_n, c_n, saved = output
+    ctx.mode, ctx.saved = mode, save
+    ctx.has = (c is not None, b_ih is not None, b_hh is not None)
+    ctx.save_for_backward(x, h, c, w_ih, w_hh, saved, h_n, c_n if mode == "lstm" else None)
+
+
+def _cell_step_backward(ctx, g_h, g_c, _g_saved):
+    if not ctx.saved:
+        raise RuntimeError("seqkern cell_step: the forward ran without saving activations "
+                           "(save=False), so it cannot be differentiated")
+    x, h, c, w_ih, w_hh, saved, h_n, c_n = ctx.saved_tensors
+    mode = ctx.mode
+    lstm = mode == "lstm"
+    if g_h is None:
+        g_h = torch.zeros_like(h_n)
+    if lstm and g_c is None:
+        g_c = torch.zeros_like(c_n)
+    dgx, drec, dx, dh, dc = _cell_backward_op(mode, g_h, g_c if lstm else None, saved, h, c,
+                                              c_n, h_n, w_ih, w_hh, True)
+    if mode != "gru":
+        drec = dgx
+    has_c, has_bi, has_bh = ctx.has
+    dw_ih, dw_hh, db_ih, db_hh = _weight_grads(dgx, drec, x, h, w_ih.dtype,
+                                               (True, True, has_bi, has_bh))
+    return (None, dx, dh, dc if lstm and has_c else None, dw_ih, dw_hh, db_ih, db_hh, None)
+
+
+_cell_step_op.register_autograd(_cell_step_backward, setup_context=_cell_step_setup)
+
+
 _CELL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
@@ -364,6 +439,20 @@ def cell_step_applies(mode: str, x: Tensor, h: Tensor, c: Tensor | None, params:
     if any(t is not None and (t.dtype != x.dtype or not t.is_cpu) for t in (h, c, first)):
         return False
     return registry.select("rnn", _CPU) == "cpu"
+
+
+def cell_step_op_applies(mode: str, x: Tensor) -> bool:
+    """Whether a cell call being captured in a graph (torch.compile, export) may run on the
+    seqkern::cell_step custom op: a CPU float32/float64/bfloat16 input, not Cho's GRU, the cpu
+    backend (the op checks the other operands)."""
+    return (mode != "gru_cho" and x.dtype in _CELL_DTYPES and x.device.type == "cpu"
+            and registry.select("rnn", _CPU) == "cpu")
+
+
+def cell_step_captured(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w: tuple):
+    """(h', c' or None) of one cell step through the custom op (see cell_step_op_applies)."""
+    h_n, c_n, _ = _cell_step_op(mode, x, h, c, *w, torch.is_grad_enabled())
+    return h_n, (c_n if mode == "lstm" else None)
 
 
 def cell_step(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w: tuple, chain=None):
