@@ -32,8 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One step of a cell: (mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save) -> [h', c' or "
         "empty, saved (what cell_backward needs) or empty]");
   m.def("cell_backward", &seqkern::cpu::cell_backward, seqkern::kReleaseGil,
-        "The backward of one cell_step: (mode, dh, dc, saved, h_prev, c_prev, c_new, h_new, "
-        "w_ih, w_hh, need_dx) -> [dgx, drec, dx or empty, dh_prev, dc_prev or empty]");
+        "The backward of one cell_step: (mode, dh, dc, saved, h_prev, c_prev, w_ih, w_hh, "
+        "need_dx) -> [dgx, drec, dx or empty, dh_prev, dc_prev or empty]");
   m.def("recurrent_bf16_tiles", &seqkern::cpu::recurrent_bf16_tiles,
         "Whether bfloat16 recurrences (B >= 8) run their products on bf16 tiles (AMX through "
         "oneDNN's brgemm, or AVX512_BF16)");

@@ -44,23 +44,14 @@ def infer(kind, B, I, H, n=300, reps=7):
 
 
 def train(kind, B, I, H, T=20, reps=9):
-    s, t = pair(kind, I, H)
-    x = torch.randn(T, B, I, dtype=DTYPE)
+    from seqkern.bench.rnn import _make_cell_loop  # (the loop `seqkern bench --full` times)
 
-    def loop(m):
-        h = torch.zeros(B, H, dtype=DTYPE)
-        state = (h, torch.zeros(B, H, dtype=DTYPE)) if kind == "lstm" else h
-        loss = 0
-        for i in range(T):
-            state = m(x[i], state)
-            loss = loss + (state[0] if kind == "lstm" else state).sum()
-        loss.backward()
-
+    fns = _make_cell_loop(kind, T, B, I, H, DTYPE, True)()
     res = {"seqkern": [], "torch": []}
     for r in range(reps + 2):
-        for name, m in (("seqkern", s), ("torch", t)):
+        for name in ("seqkern", "torch"):
             tt = time.perf_counter()
-            loop(m)
+            fns[name]()
             if r >= 2:
                 res[name].append((time.perf_counter() - tt) * 1e3)
     a, b = sorted(res["seqkern"])[reps // 2], sorted(res["torch"])[reps // 2]

@@ -234,12 +234,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
                                   peep_p, H, j, n);
               store(st.c, c + j, n);
               store(st.m, m + j, n);
-              if (gs) {
-                store(st.i, gs + j, n);
-                store(st.f, gs + H + j, n);
-                store(st.g, gs + 2 * H + j, n);
-                store(st.o, gs + 3 * H + j, n);
-              }
+              if (gs) store_lstm_gates(st, gs, H, j, n);
               if (cv) {
                 store(cp, cv + j, n);
                 store(st.c, cv + H + j, n);
@@ -569,28 +564,36 @@ bool recurrent_bf16_tiles() { return amx_recurrence_supported(); }
 
 namespace {
 
+// Row width of what a training step saves for its backward (cell_backward): LSTM i, f, g, o
+// and c'; GRU r, z, n and W_hn·h + b_hn; RNN h'. The step's outputs themselves are not kept,
+// so that a caller may change them in place (a state reset between steps, as torch's cells
+// allow).
+inline int64_t cell_saved_width(Cell cell, int64_t H) {
+  return cell == Cell::Lstm ? 5 * H : cell == Cell::Gru ? 4 * H : H;
+}
+
 // One cell step on units [u, u + m) of one row, from the gate pre-activations xg(g) (x·W_ihᵀ +
 // b_ih) and hg(g) (h·W_hhᵀ + b_hh): h' into ho, c' into co (LSTM), and, with sv, what the
-// backward needs (cell_backward): LSTM i, f, g, o; GRU r, z, n and W_hn·h + b_hn (4·H wide).
-// hp, cp: the row's previous h and c.
+// backward needs (cell_saved_width). hp, cp: the row's previous h and c.
 template <typename T, typename XG, typename HG>
 SEQKERN_INLINE void cell_apply(Cell cell, XG xg, HG hg, const T* hp, const T* cp, T* ho, T* co,
                                T* sv, int64_t H, int64_t u, int64_t m) {
   switch (cell) {
     case Cell::RnnTanh:
-    case Cell::RnnRelu:
-      store(rnn_activation(xg(0) + hg(0), cell == Cell::RnnRelu), ho + u, m);
+    case Cell::RnnRelu: {
+      const auto y = rnn_activation(xg(0) + hg(0), cell == Cell::RnnRelu);
+      store(y, ho + u, m);
+      if (sv) store(y, sv + u, m);
       break;
+    }
     case Cell::Lstm: {
       const auto st = lstm_step(xg(0) + hg(0), xg(1) + hg(1), xg(2) + hg(2), xg(3) + hg(3),
                                 load(cp + u, m), static_cast<const T*>(nullptr), H, u, m);
       store(st.m, ho + u, m);
       store(st.c, co + u, m);
       if (sv) {
-        store(st.i, sv + u, m);
-        store(st.f, sv + H + u, m);
-        store(st.g, sv + 2 * H + u, m);
-        store(st.o, sv + 3 * H + u, m);
+        store_lstm_gates(st, sv, H, u, m);
+        store(st.c, sv + 4 * H + u, m);
       }
       break;
     }
@@ -619,7 +622,7 @@ void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, co
                       const T* c, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh,
                       T* h_out, T* c_out, T* saved) {
   constexpr int64_t U = 16;  // units per task
-  const int64_t G = gate_count(cell);
+  const int64_t G = gate_count(cell), sw = cell_saved_width(cell, H);
   // threads only past ~32K multiply-adds per thread's share
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, B * G * U * (I + H)));
   at::parallel_for(0, (H + U - 1) / U, grain, [&](int64_t begin, int64_t end) {
@@ -636,7 +639,7 @@ void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, co
           auto xg = [&](int64_t g) { return load(&xp[g][b][j], m) + (b_ih ? load(b_ih + g * H + u, m) : Vec<T>(T(0))); };
           auto hg = [&](int64_t g) { return load(&hp[g][b][j], m) + (b_hh ? load(b_hh + g * H + u, m) : Vec<T>(T(0))); };
           cell_apply<T>(cell, xg, hg, h + b * H, c ? c + b * H : nullptr, h_out + b * H,
-                        c_out ? c_out + b * H : nullptr, saved ? saved + b * 4 * H : nullptr, H, u, m);
+                        c_out ? c_out + b * H : nullptr, saved ? saved + b * sw : nullptr, H, u, m);
         });
       }
     }
@@ -649,7 +652,7 @@ void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, co
 template <typename T>
 void cell_step_rows(Cell cell, int64_t B, int64_t H, const T* gx, const T* bx, const T* gh,
                     const T* bh, const T* h, const T* c, T* h_out, T* c_out, T* saved) {
-  const int64_t G = gate_count(cell);
+  const int64_t G = gate_count(cell), sw = cell_saved_width(cell, H);
   at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, G * H)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T *xr = gx + b * G * H, *hr = gh ? gh + b * G * H : nullptr;
@@ -663,7 +666,7 @@ void cell_step_rows(Cell cell, int64_t B, int64_t H, const T* gx, const T* bx, c
           return bh ? v + load(bh + g * H + u, m) : v;
         };
         cell_apply<T>(cell, xg, hg, h + b * H, c ? c + b * H : nullptr, h_out + b * H,
-                      c_out ? c_out + b * H : nullptr, saved ? saved + b * 4 * H : nullptr, H, u, m);
+                      c_out ? c_out + b * H : nullptr, saved ? saved + b * sw : nullptr, H, u, m);
       });
     }
   });
@@ -675,25 +678,25 @@ void cell_step_rows(Cell cell, int64_t B, int64_t H, const T* gx, const T* bx, c
 // dc_prev (LSTM).
 template <typename T>
 void cell_backward_rows(Cell cell, int64_t B, int64_t H, const T* dh, const T* dc,
-                        const T* saved, const T* hp, const T* cp, const T* cn, const T* hn,
-                        T* dgx, T* drec, T* dh_direct, T* dc_prev) {
-  const int64_t G = gate_count(cell);
+                        const T* saved, const T* hp, const T* cp, T* dgx, T* drec,
+                        T* dh_direct, T* dc_prev) {
+  const int64_t G = gate_count(cell), sw = cell_saved_width(cell, H);
   at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, G * H)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const T* sv = saved ? saved + b * 4 * H : nullptr;
+      const T* sv = saved + b * sw;
       T* gx = dgx + b * G * H;
       for_each_vec<T>(H, [&](int64_t u, int64_t m) {
         const auto dhv = load(dh + b * H + u, m);
         switch (cell) {
           case Cell::RnnTanh:
           case Cell::RnnRelu:
-            store(rnn_activation_backward(dhv, load(hn + b * H + u, m), cell == Cell::RnnRelu), gx + u, m);
+            store(rnn_activation_backward(dhv, load(sv + u, m), cell == Cell::RnnRelu), gx + u, m);
             break;
           case Cell::Lstm: {
             const auto g = lstm_step_backward(
                 dhv, dc ? load(dc + b * H + u, m) : Vec<T>(T(0)), load(sv + u, m),
                 load(sv + H + u, m), load(sv + 2 * H + u, m), load(sv + 3 * H + u, m),
-                load(cp + b * H + u, m), load(cn + b * H + u, m), static_cast<const T*>(nullptr), H, u, m);
+                load(cp + b * H + u, m), load(sv + 4 * H + u, m), static_cast<const T*>(nullptr), H, u, m);
             store_lstm_grads(g, gx, H, u, m);
             store(g.dc_prev, dc_prev + b * H + u, m);
             break;
@@ -796,7 +799,7 @@ std::vector<at::Tensor> cell_step_bf16(const CellOperands& o, bool save) {
   const at::Tensor bx = float_or_undefined(o.b_ih), bh = float_or_undefined(o.b_hh);
   const at::Tensor hf = o.h.to(at::kFloat), cf = lstm ? o.c.to(at::kFloat) : at::Tensor();
   at::Tensor h_out = at::empty({B, H}, f32), c_out = lstm ? at::empty({B, H}, f32) : at::Tensor();
-  at::Tensor saved = save && gated ? at::empty({B, 4 * H}, f32) : at::empty({0}, f32);
+  at::Tensor saved = save ? at::empty({B, cell_saved_width(o.cell, H)}, f32) : at::empty({0}, f32);
   if (B > 0 && H > 0)
     cell_step_rows<float>(o.cell, B, H, gx.data_ptr<float>(), data_or_null<float>(bx),
                           gh.data_ptr<float>(), data_or_null<float>(bh), hf.data_ptr<float>(),
@@ -821,7 +824,7 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
   const auto opts = o.x.options();
   at::Tensor h_out = at::empty({B, H}, opts);
   at::Tensor c_out = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
-  at::Tensor saved = save && gated ? at::empty({B, 4 * H}, opts) : at::empty({0}, opts);
+  at::Tensor saved = save ? at::empty({B, cell_saved_width(o.cell, H)}, opts) : at::empty({0}, opts);
   if (B == 0 || H == 0) return {h_out, c_out, saved};
   AT_DISPATCH_FLOATING_TYPES(o.x.scalar_type(), "seqkern_cell_step", [&] {
     const scalar_t* c = lstm ? o.c.data_ptr<scalar_t>() : nullptr;
@@ -849,15 +852,14 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
                                       const c10::optional<at::Tensor>& dc_,
                                       const at::Tensor& saved, const at::Tensor& h_prev,
                                       const c10::optional<at::Tensor>& c_prev,
-                                      const c10::optional<at::Tensor>& c_new,
-                                      const at::Tensor& h_new, const at::Tensor& w_ih,
-                                      const at::Tensor& w_hh, bool need_dx) {
+                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                      bool need_dx) {
   const char* who = "seqkern cell_backward";
   const Cell cell = parse_cell(mode);
   TORCH_CHECK(cell != Cell::GruCho, who, ": gru_cho is not supported");
   TORCH_CHECK(h_prev.dim() == 2, who, ": h_prev must be (B, H), got ", h_prev.sizes());
   const int64_t G = gate_count(cell), B = h_prev.size(0), H = h_prev.size(1);
-  const bool lstm = cell == Cell::Lstm, gated = lstm || cell == Cell::Gru;
+  const bool lstm = cell == Cell::Lstm;
   // bf16 steps (cell_step_bf16) run their backward in fp32 too: the states and gradients are
   // widened, `saved` is fp32, and the products take the gate gradients rounded to bf16
   const auto io = h_prev.scalar_type();
@@ -870,13 +872,12 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
                 " ", t.sizes());
     return contiguous_as(t, st);
   };
-  const at::Tensor dh = take(dh_, {B, H}, "dh"), hp = take(h_prev, {B, H}, "h_prev"),
-                   hn = take(h_new, {B, H}, "h_new");
-  const at::Tensor sv = gated ? take(saved, {B, 4 * H}, "saved", true) : at::Tensor();
-  at::Tensor dc, cp, cn;
+  const at::Tensor dh = take(dh_, {B, H}, "dh"), hp = take(h_prev, {B, H}, "h_prev");
+  const at::Tensor sv = take(saved, {B, cell_saved_width(cell, H)}, "saved", true);
+  at::Tensor dc, cp;
   if (lstm) {
-    TORCH_CHECK(c_prev.has_value() && c_new.has_value(), who, ": lstm needs c_prev and c_new");
-    cp = take(*c_prev, {B, H}, "c_prev"), cn = take(*c_new, {B, H}, "c_new");
+    TORCH_CHECK(c_prev.has_value(), who, ": lstm needs c_prev");
+    cp = take(*c_prev, {B, H}, "c_prev");
     if (dc_.has_value()) dc = take(*dc_, {B, H}, "dc");
   }
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * H && w_hh.size(1) == H && w_ih.dim() == 2 &&
@@ -891,9 +892,8 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
     AT_DISPATCH_FLOATING_TYPES(st, "seqkern_cell_backward", [&] {
       cell_backward_rows<scalar_t>(
           cell, B, H, dh.data_ptr<scalar_t>(), dc.defined() ? dc.data_ptr<scalar_t>() : nullptr,
-          gated ? sv.data_ptr<scalar_t>() : nullptr, hp.data_ptr<scalar_t>(),
-          lstm ? cp.data_ptr<scalar_t>() : nullptr, lstm ? cn.data_ptr<scalar_t>() : nullptr,
-          hn.data_ptr<scalar_t>(), dgx.data_ptr<scalar_t>(), drec.data_ptr<scalar_t>(),
+          sv.data_ptr<scalar_t>(), hp.data_ptr<scalar_t>(),
+          lstm ? cp.data_ptr<scalar_t>() : nullptr, dgx.data_ptr<scalar_t>(), drec.data_ptr<scalar_t>(),
           dh_direct.defined() ? dh_direct.data_ptr<scalar_t>() : nullptr,
           lstm ? dc_prev.data_ptr<scalar_t>() : nullptr);
     });

@@ -29,10 +29,11 @@ std::vector<at::Tensor> recurrent_backward(
     const c10::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& ws_gates,
     const at::Tensor& ws_cells, const at::Tensor& ws_hprev, bool reverse);
 
-// One step of a cell (rnn_tanh, rnn_relu, lstm, gru), float32 or float64: {h', c' (LSTM) or
-// empty, saved}. With `save` (training), `saved` (B, 4·H) holds what cell_backward needs (LSTM:
-// i, f, g, o; GRU: r, z, n, W_hn·h + b_hn; empty for RNN). Up to 4 rows one fused kernel, more
-// two library GEMMs and the cell.
+// One step of a cell (rnn_tanh, rnn_relu, lstm, gru), float32, float64 or bfloat16 (fp32
+// math): {h', c' (LSTM) or empty, saved}. With `save` (training), `saved` holds what
+// cell_backward needs (LSTM: i, f, g, o, c'; GRU: r, z, n, W_hn·h + b_hn; RNN: h'; fp32 for
+// bf16), not the outputs, which the caller may change in place. Up to 4 rows (float32/64) one
+// fused kernel, more two library GEMMs and the cell.
 std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x,
                                   const at::Tensor& h, const c10::optional<at::Tensor>& c,
                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -40,17 +41,16 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x,
                                   const c10::optional<at::Tensor>& b_hh, bool save);
 
 // The backward of one cell_step, given dh' (and dc' for LSTM, or none), the step's saved
-// tensors, inputs and outputs: {dgx, drec, dx (empty unless need_dx), dh, dc (LSTM) or empty}.
-// dgx and drec are the gradients of x·W_ihᵀ + b_ih and of h·W_hhᵀ + b_hh (the same tensor
-// except for GRU); the weight gradients are left to the caller (dW_ih = dgxᵀ·x, dW_hh =
-// drecᵀ·h, summed over steps).
+// tensor and its inputs h and c: {dgx, drec, dx (empty unless need_dx), dh, dc (LSTM) or
+// empty}. dgx and drec are the gradients of x·W_ihᵀ + b_ih and of h·W_hhᵀ + b_hh (the same
+// tensor except for GRU); the weight gradients are left to the caller (dW_ih = dgxᵀ·x,
+// dW_hh = drecᵀ·h, summed over steps).
 std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor& dh,
                                       const c10::optional<at::Tensor>& dc,
                                       const at::Tensor& saved, const at::Tensor& h_prev,
                                       const c10::optional<at::Tensor>& c_prev,
-                                      const c10::optional<at::Tensor>& c_new,
-                                      const at::Tensor& h_new, const at::Tensor& w_ih,
-                                      const at::Tensor& w_hh, bool need_dx);
+                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                      bool need_dx);
 
 // A whole module's forward without autograd, zero initial states and equal lengths (what
 // torch.nn.LSTM(x) does under no_grad): every layer and direction in one call. input: (T, B, I),

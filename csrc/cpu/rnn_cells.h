@@ -92,6 +92,17 @@ SEQKERN_INLINE void gru_step_backward(Vec<T> dh_in, const T* gates, const T* hp,
   store(g.dh_direct, dh + u, n);
 }
 
+// The four activated LSTM gates (i, f, g, o) into gates (4·H wide) at unit u: what the
+// backward reads.
+template <typename T>
+SEQKERN_INLINE void store_lstm_gates(const LstmStep<T>& s, T* gates, int64_t H, int64_t u,
+                                     int64_t n) {
+  store(s.i, gates + u, n);
+  store(s.f, gates + H + u, n);
+  store(s.g, gates + 2 * H + u, n);
+  store(s.o, gates + 3 * H + u, n);
+}
+
 // The four LSTM pre-activation gradients into dgates (G·H wide) at unit u.
 template <typename T>
 SEQKERN_INLINE void store_lstm_grads(const LstmGrad<T>& g, T* dgates, int64_t H, int64_t u,

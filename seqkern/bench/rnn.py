@@ -99,23 +99,16 @@ def _make_cell_loop(name, T, B, I, H, dtype, train):
 def cases(full: bool) -> list[Case]:
     out = []
     dtypes = [torch.float32, torch.bfloat16] if full else [torch.float32]
-    for dtype in dtypes:
-        for gi, (T, B, I, H) in enumerate(GRID):
-            for name in ("lstm", "gru", "rnn"):
-                for train in (False, True):
-                    out.append(Case(
-                        suite=name, op=f"{name} {'fwd+bwd' if train else 'fwd'}",
-                        shape={"T": T, "B": B, "I": I, "H": H}, dtype=dtype,
-                        make=_make(name, T, B, I, H, dtype, train),
-                        flops=_flops(name, T, B, I, H, train), quick=gi < QUICK and dtype == torch.float32))
-    if full:
+    grids = [(GRID, _make, "")] + ([(CELL_GRID, _make_cell_loop, "cell loop ")] if full else [])
+    for grid, make, what in grids:
         for dtype in dtypes:
-            for (T, B, I, H) in CELL_GRID:
+            for gi, (T, B, I, H) in enumerate(grid):
                 for name in ("lstm", "gru", "rnn"):
                     for train in (False, True):
                         out.append(Case(
-                            suite=name, op=f"{name} cell loop {'fwd+bwd' if train else 'fwd'}",
+                            suite=name, op=f"{name} {what}{'fwd+bwd' if train else 'fwd'}",
                             shape={"T": T, "B": B, "I": I, "H": H}, dtype=dtype,
-                            make=_make_cell_loop(name, T, B, I, H, dtype, train),
-                            flops=_flops(name, T, B, I, H, train), quick=False))
+                            make=make(name, T, B, I, H, dtype, train),
+                            flops=_flops(name, T, B, I, H, train),
+                            quick=grid is GRID and gi < QUICK and dtype == torch.float32))
     return out

@@ -271,22 +271,21 @@ def _weight_grads(gx, grec, x, h, dtype, need):
     return tuple(g.to(dtype) if g is not None and g.dtype != dtype else g for g in out)
 
 
-def _cell_backward_math(mode, g_h, g_c, saved, h, c, h_n, c_n, w_ih, w_hh, need_dx):
+def _cell_backward_math(mode, g_h, g_c, saved, h, c, w_ih, w_hh, need_dx):
     """cell_backward in torch ops (for gradients that arrive batched under vmap, which the C++
     kernel cannot take): (dgx, drec, dx or None, dh, dc or None)."""
     H = h.shape[1]
     dc = None
-    if saved.numel() and saved.dtype != h.dtype:  # (bf16 steps: fp32 math, as the kernel's)
+    if saved.dtype != h.dtype:  # (bf16 steps: fp32 math, as the kernel's)
         f = saved.dtype
-        g_h, h, h_n, w_ih, w_hh = g_h.to(f), h.to(f), h_n.to(f), w_ih.to(f), w_hh.to(f)
-        g_c, c, c_n = (t.to(f) if t is not None else None for t in (g_c, c, c_n))
-    elif h.dtype == torch.bfloat16:
-        g_h, h, h_n, w_ih, w_hh = g_h.float(), h.float(), h_n.float(), w_ih.float(), w_hh.float()
+        g_h, h, w_ih, w_hh = g_h.to(f), h.to(f), w_ih.to(f), w_hh.to(f)
+        g_c, c = (t.to(f) if t is not None else None for t in (g_c, c))
     if mode.startswith("rnn"):
-        dgx = g_h * (1 - h_n * h_n) if mode == "rnn_tanh" else g_h * (h_n > 0)
+        y = saved
+        dgx = g_h * (1 - y * y) if mode == "rnn_tanh" else g_h * (y > 0)
         drec, dh_direct = dgx, None
     elif mode == "lstm":
-        i, f, g, o = saved.split(H, 1)
+        i, f, g, o, c_n = saved.split(H, 1)
         tc = torch.tanh(c_n)
         do = g_h * tc * o * (1 - o)
         dct = g_h * o * (1 - tc * tc) + (g_c if g_c is not None else 0)
@@ -312,7 +311,8 @@ class _CellStep(torch.autograd.Function):
         h_n, c_n, saved = _ext._C.cell_step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, True)
         ctx.mode, ctx.tape = mode, tape
         ctx.has_c = c is not None
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, saved, h_n, c_n if mode == "lstm" else None)
+        # (not the outputs: a caller may reset a state in place between steps, as with torch's)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, saved)
         if mode != "lstm":
             ctx.mark_non_differentiable(c_n)
         return h_n, c_n
@@ -321,19 +321,19 @@ class _CellStep(torch.autograd.Function):
     def backward(ctx, g_h, g_c):
         if torch.is_grad_enabled():
             raise RuntimeError("seqkern cells: double backward is not supported")
-        x, h, c, w_ih, w_hh, saved, h_n, c_n = ctx.saved_tensors
+        x, h, c, w_ih, w_hh, saved = ctx.saved_tensors
         mode, need = ctx.mode, ctx.needs_input_grad
         lstm = mode == "lstm"
         if g_h is None:
-            g_h = torch.zeros_like(h_n)
+            g_h = torch.zeros_like(h)
         g_c = g_c if lstm else None
         direct = _ext.direct_call_ok(g_h, g_c) and not _ext.batched(g_h, g_c)
         if direct:
-            dgx, drec, dx, dh, dc = _ext._C.cell_backward(mode, g_h, g_c, saved, h, c, c_n, h_n,
-                                                          w_ih, w_hh, need[3])
+            dgx, drec, dx, dh, dc = _ext._C.cell_backward(mode, g_h, g_c, saved, h, c, w_ih, w_hh,
+                                                          need[3])
         else:
-            dgx, drec, dx, dh, dc = _cell_backward_math(mode, g_h, g_c, saved, h, c, h_n, c_n,
-                                                        w_ih, w_hh, need[3])
+            dgx, drec, dx, dh, dc = _cell_backward_math(mode, g_h, g_c, saved, h, c, w_ih, w_hh,
+                                                        need[3])
         dw = [None] * 4
         if any(need[6:10]):
             if direct and ctx.tape is not None:
@@ -361,24 +361,24 @@ def _cell_step_op(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Te
 def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save):
     B, H = h.shape
     saved_dt = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
-    gated = mode in ("lstm", "gru")
+    width = {"lstm": 5 * H, "gru": 4 * H}.get(mode, H)
     return (x.new_empty((B, H)), x.new_empty((B, H) if mode == "lstm" else (0,)),
-            x.new_empty((B, 4 * H) if save and gated else (0,), dtype=saved_dt))
+            x.new_empty((B, width) if save else (0,), dtype=saved_dt))
 
 
 @torch.library.custom_op("seqkern::cell_backward", mutates_args=(), device_types="cpu")
 def _cell_backward_op(mode: str, g_h: Tensor, g_c: Optional[Tensor], saved: Tensor, h: Tensor,
-                      c: Optional[Tensor], c_n: Optional[Tensor], h_n: Tensor, w_ih: Tensor,
-                      w_hh: Tensor, need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                      need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dgx, drec (GRU; else empty: it is dgx), dx (empty unless need_dx), dh, dc (LSTM; else
     empty))."""
-    dgx, drec, dx, dh, dc = _ext._C.cell_backward(mode, g_h, g_c, saved, h, c, c_n, h_n, w_ih,
-                                                  w_hh, need_dx)
+    dgx, drec, dx, dh, dc = _ext._C.cell_backward(mode, g_h, g_c, saved, h, c, w_ih, w_hh,
+                                                  need_dx)
     return dgx, (drec if mode == "gru" else dgx.new_empty((0,))), dx, dh, dc
 
 
 @_cell_backward_op.register_fake
-def _(mode, g_h, g_c, saved, h, c, c_n, h_n, w_ih, w_hh, need_dx):
+def _(mode, g_h, g_c, saved, h, c, w_ih, w_hh, need_dx):
     B, H = h.shape
     G = ref.gate_count(mode)
     ct = torch.float32 if h.dtype == torch.bfloat16 else h.dtype
@@ -393,22 +393,22 @@ def _cell_step_setup(ctx, inputs, output):
     h_n, c_n, saved = output
     ctx.mode, ctx.saved = mode, save
     ctx.has = (c is not None, b_ih is not None, b_hh is not None)
-    ctx.save_for_backward(x, h, c, w_ih, w_hh, saved, h_n, c_n if mode == "lstm" else None)
+    ctx.save_for_backward(x, h, c, w_ih, w_hh, saved)
 
 
 def _cell_step_backward(ctx, g_h, g_c, _g_saved):
     if not ctx.saved:
         raise RuntimeError("seqkern cell_step: the forward ran without saving activations "
                            "(save=False), so it cannot be differentiated")
-    x, h, c, w_ih, w_hh, saved, h_n, c_n = ctx.saved_tensors
+    x, h, c, w_ih, w_hh, saved = ctx.saved_tensors
     mode = ctx.mode
     lstm = mode == "lstm"
     if g_h is None:
-        g_h = torch.zeros_like(h_n)
+        g_h = torch.zeros_like(h)
     if lstm and g_c is None:
-        g_c = torch.zeros_like(c_n)
+        g_c = torch.zeros_like(h)
     dgx, drec, dx, dh, dc = _cell_backward_op(mode, g_h, g_c if lstm else None, saved, h, c,
-                                              c_n, h_n, w_ih, w_hh, True)
+                                              w_ih, w_hh, True)
     if mode != "gru":
         drec = dgx
     has_c, has_bi, has_bh = ctx.has
