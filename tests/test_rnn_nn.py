@@ -1601,3 +1601,46 @@ def test_cell_training_state_reset_in_place(kind, dtype):
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else _train_tol(dtype)
     for a, b in zip(*res):
         torch.testing.assert_close(b, a, **tol)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cell_frozen_weights_input_changed_in_place_after_step(kind):
+    """With frozen weights a step keeps neither x nor h: changing them in place after the step
+    is allowed, as with torch's cells, and gradients are torch's."""
+    res = []
+    t, s = _cell_pair(kind, {}, 5, 6, torch.float64)
+    for cell in (t, s):
+        for p in cell.parameters():
+            p.requires_grad_(False)
+        x, h0, c0 = _leaves(torch.float64, 3, 2, 5, 6, 16)
+        xs, hs = x * 1, h0 * 1
+        outs, _ = _cell_loop(cell, kind, xs, hs, c0)
+        xs.mul_(2)  # (torch's cells allow this: x and h are only needed for weight gradients)
+        hs.mul_(2)
+        sum(o.sum() for o in outs).backward()
+        res.append([h0.grad, c0.grad, x.grad])
+    for a, b in zip(*res):
+        if a is None:
+            assert b is None
+            continue
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cell_training_loop_unbatched_compiles_fullgraph(kind):
+    """An unbatched cell loop in training compiles into one graph (the chain lookup, which reads
+    the states' grad_fn, is eager-only) and matches eager."""
+    torch._dynamo.reset()
+    _, s = _cell_pair(kind, {}, 5, 6, torch.float64)
+    res = []
+    for fn in (lambda *a: _cell_loop(s, kind, *a)[1],
+               torch.compile(lambda *a: _cell_loop(s, kind, *a)[1], backend="aot_eager",
+                             fullgraph=True)):
+        s.zero_grad()
+        x, h0, c0 = _leaves(torch.float64, 3, None, 5, 6, 17)
+        fn(x, h0, c0).backward()
+        res.append([x.grad, h0.grad] + [p.grad for p in s.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)

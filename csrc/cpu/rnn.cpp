@@ -565,11 +565,11 @@ bool recurrent_bf16_tiles() { return amx_recurrence_supported(); }
 namespace {
 
 // Row width of what a training step saves for its backward (cell_backward): LSTM i, f, g, o
-// and c'; GRU r, z, n and W_hn·h + b_hn; RNN h'. The step's outputs themselves are not kept,
-// so that a caller may change them in place (a state reset between steps, as torch's cells
-// allow).
+// and c'; GRU r, z, n, W_hn·h + b_hn and h; RNN h'. Neither the step's outputs nor its input
+// h are kept, so that a caller may change them in place (a state reset between steps, as
+// torch's cells allow).
 inline int64_t cell_saved_width(Cell cell, int64_t H) {
-  return cell == Cell::Lstm ? 5 * H : cell == Cell::Gru ? 4 * H : H;
+  return cell == Cell::Lstm || cell == Cell::Gru ? 5 * H : H;
 }
 
 // One cell step on units [u, u + m) of one row, from the gate pre-activations xg(g) (x·W_ihᵀ +
@@ -607,6 +607,7 @@ SEQKERN_INLINE void cell_apply(Cell cell, XG xg, HG hg, const T* hp, const T* cp
         store(z, sv + H + u, m);
         store(nn, sv + 2 * H + u, m);
         store(hn, sv + 3 * H + u, m);
+        store(load(hp + u, m), sv + 4 * H + u, m);
       }
     }
   }
@@ -702,7 +703,7 @@ void cell_backward_rows(Cell cell, int64_t B, int64_t H, const T* dh, const T* d
             break;
           }
           default:  // Gru
-            gru_step_backward(dhv, sv, hp + b * H, gx, drec + b * G * H, dh_direct + b * H, H, u, m);
+            gru_step_backward(dhv, sv, sv + 4 * H, gx, drec + b * G * H, dh_direct + b * H, H, u, m);
         }
       });
     }

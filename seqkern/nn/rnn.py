@@ -609,7 +609,8 @@ class _CellBase(nn.Module):
                     raise TypeError(f"{name} must match the input's dtype and device ({x.dtype}, "
                                     f"{x.device}), got ({t.dtype}, {t.device})")
             if not batched:
-                chain = ops.chain_of(h, c)
+                # (eager only: a graph being captured must not read the states' grad_fn)
+                chain = ops.chain_of(h, c) if _ext.direct_call_ok() else None
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
         if B == 0:  # an empty batch, as torch's cells allow
@@ -632,7 +633,7 @@ class _CellBase(nn.Module):
             _, h_n, c_n = ops.recurrent_layer(self.mode, xb,
                                               torch.full((1,), B, dtype=torch.int64), h, c, params)
         if not batched:
-            chain = ops.chain_of(h_n)
+            chain = ops.chain_of(h_n) if _ext.direct_call_ok() else None  # (eager only, above)
             h_n = h_n.squeeze(0)
             c_n = c_n.squeeze(0) if c_n is not None else None
             if chain is not None:  # (for the next call: see ops.cell_step)

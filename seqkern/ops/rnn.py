@@ -215,9 +215,11 @@ class _StepTape:
             return None
         gx, grec, x, h = entries
         same = grec[0] is gx[0]  # (LSTM and RNN: one gradient for both products)
-        gx = torch.cat(gx) if len(gx) > 1 else gx[0]
-        grec = gx if same else (torch.cat(grec) if len(grec) > 1 else grec[0])
-        return gx, grec, torch.cat(x) if len(x) > 1 else x[0], torch.cat(h) if len(h) > 1 else h[0]
+
+        def stack(ts):  # (None: an input the weights wanting gradients do not need)
+            return None if ts[0] is None else torch.cat(ts) if len(ts) > 1 else ts[0]
+        gx = stack(gx)
+        return gx, gx if same else stack(grec), stack(x), stack(h)
 
 
 # A state tensor's chain ((tape, tok); for a layer module's step(), the list of its layers'
@@ -266,9 +268,10 @@ def _weight_grads(gx, grec, x, h, dtype, need):
     bf16 steps' gate gradients are fp32: the weight products take them rounded to bf16 (bf16
     GEMMs accumulate in fp32 and round once; in fp32 they took 3× as long), the bias sums
     don't."""
-    if gx.dtype != x.dtype:
-        gx_m = gx.to(x.dtype)
-        grec_m = gx_m if grec is gx else grec.to(x.dtype)
+    io = (x if x is not None else h).dtype  # (x or h is None where no gradient needs it)
+    if gx.dtype != io:
+        gx_m = gx.to(io)
+        grec_m = gx_m if grec is gx else grec.to(io)
     else:
         gx_m, grec_m = gx, grec
     out = (gx_m.t().mm(x) if need[0] else None, grec_m.t().mm(h) if need[1] else None,
@@ -297,7 +300,7 @@ def _cell_backward_math(mode, g_h, g_c, saved, h, c, w_ih, w_hh, need_dx):
         dgx = torch.cat([dct * g * i * (1 - i), dct * c * f * (1 - f), dct * i * (1 - g * g), do], 1)
         drec, dh_direct, dc = dgx, None, dct * f
     else:  # gru
-        r, z, n, hlin = saved.split(H, 1)
+        r, z, n, hlin, h = saved.split(H, 1)
         dn = g_h * (1 - z) * (1 - n * n)
         dz = g_h * (h - n) * z * (1 - z)
         dr = dn * hlin * r * (1 - r)
@@ -316,8 +319,11 @@ class _CellStep(torch.autograd.Function):
         h_n, c_n, saved = _ext._C.cell_step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, True)
         ctx.mode, ctx.tape = mode, tape
         ctx.has_c = c is not None
-        # (not the outputs: a caller may reset a state in place between steps, as with torch's)
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, saved)
+        # Not the outputs (a caller may reset a state in place between steps, as with torch's
+        # cells), and x and h only where a weight gradient needs them
+        need = ctx.needs_input_grad
+        ctx.save_for_backward(x if need[6] else None, h if need[7] else None, c, w_ih, w_hh,
+                              saved)
         if mode != "lstm":
             ctx.mark_non_differentiable(c_n)
         return h_n, c_n
@@ -330,19 +336,21 @@ class _CellStep(torch.autograd.Function):
         mode, need = ctx.mode, ctx.needs_input_grad
         lstm = mode == "lstm"
         if g_h is None:
-            g_h = torch.zeros_like(h)
+            g_h = torch.zeros((saved.shape[0], w_hh.shape[1]), dtype=w_hh.dtype)
         g_c = g_c if lstm else None
+        h_arg = h if h is not None else g_h  # (cell_backward takes its shape only)
         direct = _ext.direct_call_ok(g_h, g_c) and not _ext.batched(g_h, g_c)
         if direct:
-            dgx, drec, dx, dh, dc = _ext._C.cell_backward(mode, g_h, g_c, saved, h, c, w_ih, w_hh,
-                                                          need[3])
+            dgx, drec, dx, dh, dc = _ext._C.cell_backward(mode, g_h, g_c, saved, h_arg, c, w_ih,
+                                                          w_hh, need[3])
         else:
-            dgx, drec, dx, dh, dc = _cell_backward_math(mode, g_h, g_c, saved, h, c, w_ih, w_hh,
-                                                        need[3])
+            dgx, drec, dx, dh, dc = _cell_backward_math(mode, g_h, g_c, saved, h_arg, c, w_ih,
+                                                        w_hh, need[3])
         dw = [None] * 4
         if any(need[6:10]):
             if direct and ctx.tape is not None:
-                ctx.tape.record(dgx, drec, x.detach(), h.detach())
+                ctx.tape.record(dgx, drec, x.detach() if x is not None else None,
+                                h.detach() if h is not None and need[7] else None)
             else:
                 dw = list(_weight_grads(dgx, drec, x, h, w_ih.dtype, need[6:10]))
         tok_grad = torch.zeros((), dtype=h.dtype) if ctx.tape is not None else None
@@ -366,7 +374,7 @@ def _cell_step_op(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Te
 def _(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, save):
     B, H = h.shape
     saved_dt = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
-    width = {"lstm": 5 * H, "gru": 4 * H}.get(mode, H)
+    width = {"lstm": 5 * H, "gru": 5 * H}.get(mode, H)
     return (x.new_empty((B, H)), x.new_empty((B, H) if mode == "lstm" else (0,)),
             x.new_empty((B, width) if save else (0,), dtype=saved_dt))
 
@@ -456,7 +464,8 @@ def cell_step_op_applies(mode: str, x: Tensor) -> bool:
 
 def cell_step_captured(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w: tuple):
     """(h', c' or None) of one cell step through the custom op (see cell_step_op_applies)."""
-    h_n, c_n, _ = _cell_step_op(mode, x, h, c, *w, torch.is_grad_enabled())
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h, c, *w))
+    h_n, c_n, _ = _cell_step_op(mode, x, h, c, *w, save)
     return h_n, (c_n if mode == "lstm" else None)
 
 
