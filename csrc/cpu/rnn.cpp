@@ -251,12 +251,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
               if (b_hn) hn = hn + load(b_hn + j, n);
               auto nn = tanh(load(xr + 2 * H + j, n) + load(bz + 2 * H + j, n) + r * hn);
               store(gru_mix(nn, z, load(h + j, n)), h + j, n);
-              if (gs) {
-                store(r, gs + j, n);
-                store(z, gs + H + j, n);
-                store(nn, gs + 2 * H + j, n);
-                store(hn, gs + 3 * H + j, n);
-              }
+              if (gs) store_gate_blocks(gs, H, j, n, r, z, nn, hn);
             });
             break;
           case Cell::GruCho:
@@ -603,10 +598,7 @@ SEQKERN_INLINE void cell_apply(Cell cell, XG xg, HG hg, const T* hp, const T* cp
       const auto nn = tanh(xg(2) + r * hn);
       store(gru_mix(nn, z, load(hp + u, m)), ho + u, m);
       if (sv) {
-        store(r, sv + u, m);
-        store(z, sv + H + u, m);
-        store(nn, sv + 2 * H + u, m);
-        store(hn, sv + 3 * H + u, m);
+        store_gate_blocks(sv, H, u, m, r, z, nn, hn);
         store(load(hp + u, m), sv + 4 * H + u, m);
       }
     }

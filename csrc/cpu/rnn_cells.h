@@ -92,25 +92,28 @@ SEQKERN_INLINE void gru_step_backward(Vec<T> dh_in, const T* gates, const T* hp,
   store(g.dh_direct, dh + u, n);
 }
 
-// The four activated LSTM gates (i, f, g, o) into gates (4·H wide) at unit u: what the
-// backward reads.
+// Four vectors of unit u into the first four H-wide blocks of a row: LSTM's activated gates
+// i, f, g, o or their pre-activation gradients, GRU's r, z, n and W_hn·h + b_hn (what the
+// backward reads).
+template <typename T>
+SEQKERN_INLINE void store_gate_blocks(T* row, int64_t H, int64_t u, int64_t n, const Vec<T>& a,
+                                      const Vec<T>& b, const Vec<T>& c, const Vec<T>& d) {
+  store(a, row + u, n);
+  store(b, row + H + u, n);
+  store(c, row + 2 * H + u, n);
+  store(d, row + 3 * H + u, n);
+}
+
 template <typename T>
 SEQKERN_INLINE void store_lstm_gates(const LstmStep<T>& s, T* gates, int64_t H, int64_t u,
                                      int64_t n) {
-  store(s.i, gates + u, n);
-  store(s.f, gates + H + u, n);
-  store(s.g, gates + 2 * H + u, n);
-  store(s.o, gates + 3 * H + u, n);
+  store_gate_blocks(gates, H, u, n, s.i, s.f, s.g, s.o);
 }
 
-// The four LSTM pre-activation gradients into dgates (G·H wide) at unit u.
 template <typename T>
 SEQKERN_INLINE void store_lstm_grads(const LstmGrad<T>& g, T* dgates, int64_t H, int64_t u,
                                      int64_t n) {
-  store(g.di, dgates + u, n);
-  store(g.df, dgates + H + u, n);
-  store(g.dg, dgates + 2 * H + u, n);
-  store(g.do_, dgates + 3 * H + u, n);
+  store_gate_blocks(dgates, H, u, n, g.di, g.df, g.dg, g.do_);
 }
 
 template <typename T>

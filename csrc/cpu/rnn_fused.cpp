@@ -487,10 +487,7 @@ SEQKERN_INLINE void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int
     h = st.m;
     store(st.c, c, n);
     if (gs) {
-      store(st.i, gs + u0, n);
-      store(st.f, gs + H + u0, n);
-      store(st.g, gs + 2 * H + u0, n);
-      store(st.o, gs + 3 * H + u0, n);
+      store_lstm_gates(st, gs, H, u0, n);
       float* cv = a.save_cells + (o + m) * 2 * H;
       store(cp, cv + u0, n);
       store(st.c, cv + H + u0, n);
@@ -501,12 +498,7 @@ SEQKERN_INLINE void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int
     auto hlin = a.b_hn ? acc[2] + load(a.b_hn + u0, n) : acc[2];
     auto nn = tanh(xin(2) + load(a.bias + 2 * H + u0, n) + r * hlin);
     h = gru_mix(nn, z, load(hp + m * ldh + u0, n));
-    if (gs) {
-      store(r, gs + u0, n);
-      store(z, gs + H + u0, n);
-      store(nn, gs + 2 * H + u0, n);
-      store(hlin, gs + 3 * H + u0, n);
-    }
+    if (gs) store_gate_blocks(gs, H, u0, n, r, z, nn, hlin);
   }
   store(h, hn + m * ldh + u0, n);
   store(h, a.out + (o + m) * H + u0, n);
