@@ -1644,3 +1644,23 @@ def test_cell_training_loop_unbatched_compiles_fullgraph(kind):
         res.append([x.grad, h0.grad] + [p.grad for p in s.parameters()])
     for a, b in zip(*res):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_cell_training_only_biases_want_gradients(kind, dtype):
+    """Only the biases trained (the weight matrices frozen): the steps keep neither x nor h, and
+    the bias gradients equal torch's."""
+    t, s = _cell_pair(kind, {}, 5, 6, dtype)
+    res = []
+    for cell in (t, s):
+        cell.weight_ih.requires_grad_(False)
+        cell.weight_hh.requires_grad_(False)
+        x, h0, c0 = _leaves(dtype, 4, 3, 5, 6, 18)
+        _, loss = _cell_loop(cell, kind, x.detach(), h0.detach(), c0.detach())
+        loss.backward()
+        res.append([cell.bias_ih.grad, cell.bias_hh.grad])
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=0.1, rtol=0.05)
+    for a, b in zip(*res):
+        torch.testing.assert_close(b.double(), a.double(), **tol)

@@ -268,10 +268,10 @@ def _weight_grads(gx, grec, x, h, dtype, need):
     bf16 steps' gate gradients are fp32: the weight products take them rounded to bf16 (bf16
     GEMMs accumulate in fp32 and round once; in fp32 they took 3× as long), the bias sums
     don't."""
-    io = (x if x is not None else h).dtype  # (x or h is None where no gradient needs it)
-    if gx.dtype != io:
-        gx_m = gx.to(io)
-        grec_m = gx_m if grec is gx else grec.to(io)
+    io = x if x is not None else h  # (x or h is None where no gradient needs it)
+    if io is not None and gx.dtype != io.dtype:
+        gx_m = gx.to(io.dtype)
+        grec_m = gx_m if grec is gx else grec.to(io.dtype)
     else:
         gx_m, grec_m = gx, grec
     out = (gx_m.t().mm(x) if need[0] else None, grec_m.t().mm(h) if need[1] else None,
@@ -353,7 +353,7 @@ class _CellStep(torch.autograd.Function):
                                 h.detach() if h is not None and need[7] else None)
             else:
                 dw = list(_weight_grads(dgx, drec, x, h, w_ih.dtype, need[6:10]))
-        tok_grad = torch.zeros((), dtype=h.dtype) if ctx.tape is not None else None
+        tok_grad = torch.zeros((), dtype=w_hh.dtype) if ctx.tape is not None else None
         return (None, None, tok_grad, dx if need[3] else None, dh,
                 dc if ctx.has_c else None, *dw)
 
