@@ -1434,3 +1434,18 @@ def test_reference_backend_keeps_a_wider_mask_range(dtype):
         want = sdpa(q, k, v, attn_mask=am)
     assert torch.isfinite(want).all() and want[..., 0, :].abs().sum() > 0
     torch.testing.assert_close(want, got, **garbage_tolerance(dtype))
+
+
+@pytest.mark.skipif(seqkern._ext._C is None, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("Lq", [3, 40, 130])
+def test_forward_without_lse_gives_the_same_output(dtype, Lq):
+    """Eager inference asks the kernels for no log-sum-exp (need_lse=False): the output is the
+    same, bit for bit, and the tile kernels return no lse (the decode kernels still write it)."""
+    gen = torch.Generator().manual_seed(stable_seed(dtype, Lq, "lse"))
+    q, k, v = make_inputs((2, 4, 2, Lq, 150, 64, 64), dtype, gen)
+    args = (q, k, v, None, None, True, True, 0, 0.125)
+    out, lse = seqkern._ext._C.attention_forward(*args)
+    out2, lse2 = seqkern._ext._C.attention_forward(*args, need_lse=False)
+    assert torch.equal(out, out2)
+    assert lse.shape == (2, 4, Lq) and (lse2.numel() == 0 or torch.equal(lse, lse2))

@@ -629,8 +629,8 @@ void rows_lse(int64_t n, const T* mx, const T* sum, double* l) {
 }
 
 // Rows of O = keep_scale · acc / sum (zeros for a row that saw no allowed key) and their
-// log-sum-exp, from the online-softmax state of a query block; acc rows are ld_acc apart. The
-// sum is over the weights before dropout, so the log-sum-exp is dropout's too.
+// log-sum-exp (unless l is null), from the online-softmax state of a query block; acc rows are
+// ld_acc apart. The sum is over the weights before dropout, so the log-sum-exp is dropout's too.
 template <typename T, typename OT = T>
 void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, const T* sm,
                        const T* mx, T keep_scale, OT* o, double* l) {
@@ -638,7 +638,7 @@ void write_output_rows(int64_t mi, int64_t Dv, const T* acc, int64_t ld_acc, con
     const T inv = sm[r] > T(0) ? keep_scale / sm[r] : T(0);
     scaled_row_to(acc + r * ld_acc, Dv, inv, o + r * Dv);
   }
-  rows_lse(mi, mx, sm, l);
+  if (l) rows_lse(mi, mx, sm, l);
 }
 
 // write_output_rows into a bf16 output, or a float32 one (o32 non-null): the unrounded output

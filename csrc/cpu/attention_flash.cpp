@@ -22,7 +22,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
   const T* Q = q_.data_ptr<T>();
   const S *K = k_.data_ptr<S>(), *Vp = v_.data_ptr<S>();
   T* O = out.data_ptr<T>();
-  double* LSE = lse.data_ptr<double>();
+  double* LSE = lse.numel() ? lse.data_ptr<double>() : nullptr;  // (none: not wanted)
   const int64_t g = d.group();
 
   at::parallel_for(0, d.B * d.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
@@ -86,7 +86,7 @@ void forward_kernel(const Dims& d, const at::Tensor& q_, const at::Tensor& k_,
       if (!all_finite(acc.data(), mi * d.Dv)) attend(true);
 
       write_output_rows<T>(mi, d.Dv, acc.data(), d.Dv, sm.data(), mx.data(), T(drop.keep_scale),
-                           O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
+                           O + ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE ? LSE + (b * d.Hq + h) * d.Lq + i0 : nullptr);
     }
   });
 }

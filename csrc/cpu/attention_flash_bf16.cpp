@@ -296,7 +296,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
   const bf16 *Q = q_.data_ptr<bf16>(), *Vr = v_.data_ptr<bf16>();
   float* O32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
   bf16* O = O32 ? nullptr : out.data_ptr<bf16>();
-  double* LSE = lse.data_ptr<double>();
+  double* LSE = lse.numel() ? lse.data_ptr<double>() : nullptr;  // (none: not wanted)
   const int64_t g = d.group();
   const float ninf = neg_inf<float>();
 
@@ -406,7 +406,7 @@ void forward_kernel_bf16_amx(const Dims& d, const at::Tensor& q_, const at::Tens
       for (int64_t r = 0; r < mi; ++r) sm[r] = reduce_sum<float>(Vec<float>::loadu(smv.data() + r * Vec<float>::size()));
       write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                              static_cast<float>(drop.keep_scale), O, O32,
-                             ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE + (b * d.Hq + h) * d.Lq + i0);
+                             ((b * d.Hq + h) * d.Lq + i0) * d.Dv, LSE ? LSE + (b * d.Hq + h) * d.Lq + i0 : nullptr);
       return true;
     };
     auto query_block_checked = [&](int64_t b, int64_t h, int64_t qb, const bf16* KPh, const bf16* VPh) {
@@ -534,7 +534,7 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
   const bf16 *Q = q_.data_ptr<bf16>(), *K = k_.data_ptr<bf16>(), *Vb = v_.data_ptr<bf16>();
   float* O32 = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
   bf16* O = O32 ? nullptr : out.data_ptr<bf16>();
-  double* LSE = lse.data_ptr<double>();
+  double* LSE = lse.numel() ? lse.data_ptr<double>() : nullptr;  // (none: not wanted)
   const int64_t g = d.group(), mi = d.Lq;
   const int64_t k_row_bytes = d.D * int64_t(sizeof(bf16)), v_row_bytes = d.Dv * int64_t(sizeof(bf16));
   // P·V on bf16 tiles (inference), its operands padded to whole tiles: P's rows BQ, V's columns
@@ -651,7 +651,7 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
       }
       write_output_rows_bf16(mi, d.Dv, acc.data(), Dvp, sm.data(), mx.data(),
                              static_cast<float>(drop.keep_scale), O, O32,
-                             (b * d.Hq + h) * d.Lq * d.Dv, LSE + (b * d.Hq + h) * d.Lq);
+                             (b * d.Hq + h) * d.Lq * d.Dv, LSE ? LSE + (b * d.Hq + h) * d.Lq : nullptr);
     }
     bf16_tile_release();
   });

@@ -334,8 +334,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                 out, _ = _attention_forward_op(*args)
             elif train:
                 out, _ = _EagerAttention.apply(*args)
-            else:  # eager inference: nothing to record, so no dispatch at all
-                out, _ = _ext._C.attention_forward(*args)
+            else:  # eager inference: nothing to record, so no dispatch at all (and no lse)
+                out, _ = _ext._C.attention_forward(*args, need_lse=False)
             if out.dtype != q.dtype:
                 out = out.to(q.dtype)
         return out.squeeze(1) if squeeze else out
