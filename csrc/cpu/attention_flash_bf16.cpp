@@ -581,14 +581,10 @@ void forward_kernel_bf16_few(const Dims& d, const at::Tensor& q_, const at::Tens
         // by a mask) reaches only the queries that weight it, as in the row-wise kernels: it is
         // zero in the product (zero_row) and added by hand where the weight is not 0.
         auto isolate_nonfinite = [&](int64_t c, auto&& zero_row) {
-          const bf16* vr = vbase + (j0 + c) * sv.l;
-          if (all_finite(vr, d.Dv)) return;
+          if (all_finite(vbase + (j0 + c) * sv.l, d.Dv)) return;
           zero_row();
-          for (int64_t r = 0; r < mi; ++r) {
-            const float w = ST[c * BQ + r];
-            if (w != 0.0f)
-              for (int64_t e = 0; e < d.Dv; ++e) acc[r * Dvp + e] += w * static_cast<float>(vr[e]);
-          }
+          add_rows_by_hand(mi, &c, 1, vbase + j0 * sv.l, sv.l, d.Dv,
+                           [&](int64_t r, int64_t cc) { return ST[cc * BQ + r]; }, acc.data(), Dvp);
         };
         if (!tile_setup(mask, b, h, 0, mi, j0, nk, rows, cols)) continue;
         // keys [klo, khi) some query may see; the others are -inf'd by mask_tile_t

@@ -671,8 +671,7 @@ void cell_step_rows(Cell cell, int64_t B, int64_t H, const T* gx, const T* bx, c
 // dc_prev (LSTM).
 template <typename T>
 void cell_backward_rows(Cell cell, int64_t B, int64_t H, const T* dh, const T* dc,
-                        const T* saved, const T* hp, const T* cp, T* dgx, T* drec,
-                        T* dh_direct, T* dc_prev) {
+                        const T* saved, const T* cp, T* dgx, T* drec, T* dh_direct, T* dc_prev) {
   const int64_t G = gate_count(cell), sw = cell_saved_width(cell, H);
   at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, G * H)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -707,7 +706,7 @@ void cell_backward_rows(Cell cell, int64_t B, int64_t H, const T* dh, const T* d
 namespace {
 
 // x, h (and c) and the weights of a cell call checked against each other and made contiguous
-// in x's dtype (float32 or float64); `who` names the caller in the errors.
+// in x's dtype (float32, float64 or bfloat16); `who` names the caller in the errors.
 struct CellOperands {
   Cell cell;
   int64_t G, B, I, H;
@@ -784,7 +783,7 @@ at::Tensor float_or_undefined(const at::Tensor& t) {
 // c' rounded once; saved in fp32.
 std::vector<at::Tensor> cell_step_bf16(const CellOperands& o, bool save) {
   const int64_t B = o.B, H = o.H, GH = o.G * o.H;
-  const bool lstm = o.cell == Cell::Lstm, gated = lstm || o.cell == Cell::Gru;
+  const bool lstm = o.cell == Cell::Lstm;
   const auto f32 = o.x.options().dtype(at::kFloat);
   at::Tensor gx = at::empty({B, GH}, f32), gh = at::empty({B, GH}, f32);
   product_bf16(o.x, o.w_ih, true, gx);
@@ -813,7 +812,7 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
   const CellOperands o = cell_operands("seqkern cell_step", mode, x_, h_, c_, w_ih_, w_hh_, b_ih_, b_hh_);
   if (o.x.scalar_type() == at::kBFloat16) return cell_step_bf16(o, save);
   const int64_t B = o.B, H = o.H;
-  const bool lstm = o.cell == Cell::Lstm, gated = lstm || o.cell == Cell::Gru;
+  const bool lstm = o.cell == Cell::Lstm;
   const auto opts = o.x.options();
   at::Tensor h_out = at::empty({B, H}, opts);
   at::Tensor c_out = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
@@ -850,6 +849,8 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
   const char* who = "seqkern cell_backward";
   const Cell cell = parse_cell(mode);
   TORCH_CHECK(cell != Cell::GruCho, who, ": gru_cho is not supported");
+  // (h_prev gives the step's shape and dtype; its values are not read: what the backward needs
+  // of h is in `saved`)
   TORCH_CHECK(h_prev.dim() == 2, who, ": h_prev must be (B, H), got ", h_prev.sizes());
   const int64_t G = gate_count(cell), B = h_prev.size(0), H = h_prev.size(1);
   const bool lstm = cell == Cell::Lstm;
@@ -865,7 +866,8 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
                 " ", t.sizes());
     return contiguous_as(t, st);
   };
-  const at::Tensor dh = take(dh_, {B, H}, "dh"), hp = take(h_prev, {B, H}, "h_prev");
+  TORCH_CHECK(h_prev.device().is_cpu(), who, ": h_prev must be a CPU tensor, got ", h_prev.device());
+  const at::Tensor dh = take(dh_, {B, H}, "dh");
   const at::Tensor sv = take(saved, {B, cell_saved_width(cell, H)}, "saved", true);
   at::Tensor dc, cp;
   if (lstm) {
@@ -876,7 +878,7 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * H && w_hh.size(1) == H && w_ih.dim() == 2 &&
                   w_ih.size(0) == G * H, who, ": w_ih must be (", G * H, ", I) and w_hh (", G * H,
               ", ", H, "), got ", w_ih.sizes(), " and ", w_hh.sizes());
-  const auto opts = hp.options();
+  const auto opts = dh.options();
   at::Tensor dgx = at::empty({B, G * H}, opts);
   at::Tensor drec = cell == Cell::Gru ? at::empty({B, G * H}, opts) : dgx;
   at::Tensor dh_direct = cell == Cell::Gru ? at::empty({B, H}, opts) : at::Tensor();
@@ -885,8 +887,7 @@ std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor&
     AT_DISPATCH_FLOATING_TYPES(st, "seqkern_cell_backward", [&] {
       cell_backward_rows<scalar_t>(
           cell, B, H, dh.data_ptr<scalar_t>(), dc.defined() ? dc.data_ptr<scalar_t>() : nullptr,
-          sv.data_ptr<scalar_t>(), hp.data_ptr<scalar_t>(),
-          lstm ? cp.data_ptr<scalar_t>() : nullptr, dgx.data_ptr<scalar_t>(), drec.data_ptr<scalar_t>(),
+          sv.data_ptr<scalar_t>(), lstm ? cp.data_ptr<scalar_t>() : nullptr, dgx.data_ptr<scalar_t>(), drec.data_ptr<scalar_t>(),
           dh_direct.defined() ? dh_direct.data_ptr<scalar_t>() : nullptr,
           lstm ? dc_prev.data_ptr<scalar_t>() : nullptr);
     });

@@ -32,8 +32,8 @@ std::vector<at::Tensor> recurrent_backward(
 // One step of a cell (rnn_tanh, rnn_relu, lstm, gru), float32, float64 or bfloat16 (fp32
 // math): {h', c' (LSTM) or empty, saved}. With `save` (training), `saved` holds what
 // cell_backward needs (LSTM: i, f, g, o, c'; GRU: r, z, n, W_hn·h + b_hn, h; RNN: h'; fp32
-// for bf16), not the states, which the caller may change in place. Up to 4 rows (float32/64) one
-// fused kernel, more two library GEMMs and the cell.
+// for bf16), not the states, which the caller may change in place. Up to 4 rows
+// (float32/64) one fused kernel, more two library GEMMs and the cell.
 std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x,
                                   const at::Tensor& h, const c10::optional<at::Tensor>& c,
                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -41,9 +41,8 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x,
                                   const c10::optional<at::Tensor>& b_hh, bool save);
 
 // The backward of one cell_step, given dh' (and dc' for LSTM, or none), the step's saved
-// tensor, its input c (LSTM) and h_prev (read for its shape only: any (B, H) tensor of h's
-// dtype): {dgx, drec, dx (empty unless need_dx), dh, dc (LSTM) or
-// empty}. dgx and drec are the gradients of x·W_ihᵀ + b_ih and of h·W_hhᵀ + b_hh (the same
+// tensor, its input c (LSTM) and h_prev (read for its shape and dtype only: any (B, H)
+// tensor of h's dtype): {dgx, drec, dx (empty unless need_dx), dh, dc (LSTM) or empty}. dgx and drec are the gradients of x·W_ihᵀ + b_ih and of h·W_hhᵀ + b_hh (the same
 // tensor except for GRU); the weight gradients are left to the caller (dW_ih = dgxᵀ·x,
 // dW_hh = drecᵀ·h, summed over steps).
 std::vector<at::Tensor> cell_backward(const std::string& mode, const at::Tensor& dh,

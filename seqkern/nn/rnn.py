@@ -383,7 +383,7 @@ class _RecurrentBase(nn.Module):
 
     def _step_kernel(self, x_t: Tensor, state):
         """step() through the one-step C++ kernel (``_C.cell_step``), layer by layer, when it
-        applies: float32/64 on the cpu backend, eager, no peephole, projection, Cho GRU or
+        applies: float32/64 or bfloat16 on the cpu backend, eager, no peephole, projection, Cho GRU or
         training-mode dropout, and a well-formed state. With gradients each layer's steps form
         a chain as a cell's do (ops.rnn.cell_step; the returned state tensors carry the
         layers' chains). None otherwise (then forward() runs, and reports any bad input)."""
@@ -576,11 +576,7 @@ class _CellBase(nn.Module):
         else:
             h_n, c_n, _ = _ext._C.cell_step(self.mode, xb, h, c, w_ih, w_hh, b_ih, b_hh, False)
         if not batched:
-            chain = ops.chain_of(h_n)
-            h_n = h_n.squeeze(0)
-            c_n = c_n.squeeze(0) if c_n is not None else None
-            if chain is not None:  # (for the next call: see ops.cell_step)
-                ops.set_chain(chain, h_n, c_n)
+            h_n, c_n = _unbatch(h_n, c_n)
         return h_n, (c_n if self.mode == "lstm" else None)
 
     def _run_with(self, x, h, c, params):
@@ -613,32 +609,35 @@ class _CellBase(nn.Module):
                 chain = ops.chain_of(h, c) if _ext.direct_call_ok() else None
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
+        w4 = (params["w_ih"], params["w_hh"], params.get("b_ih"), params.get("b_hh"))
         if B == 0:  # an empty batch, as torch's cells allow
             sources = [xb, h, c] + list(params.values())
             h_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources)
             c_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources) if self.mode == "lstm" else None
-        elif (self._params_well_formed(xb, params["w_ih"], params["w_hh"], params.get("b_ih"),
-                                       params.get("b_hh"))
-              and ops.cell_step_applies(self.mode, xb, h, c, params)):
-            h_n, c_n = ops.cell_step(self.mode, xb, h, c,
-                                     (params["w_ih"], params["w_hh"], params.get("b_ih"),
-                                      params.get("b_hh")), chain)
+        elif self._params_well_formed(xb, *w4) and ops.cell_step_applies(self.mode, xb, h, c,
+                                                                         params):
+            h_n, c_n = ops.cell_step(self.mode, xb, h, c, w4, chain)
         elif (not _ext.direct_call_ok() and ops.cell_step_op_applies(self.mode, xb)
-              and self._params_well_formed(xb, params["w_ih"], params["w_hh"],
-                                           params.get("b_ih"), params.get("b_hh"))):
-            h_n, c_n = ops.cell_step_captured(self.mode, xb, h, c,
-                                              (params["w_ih"], params["w_hh"], params.get("b_ih"),
-                                               params.get("b_hh")))
+              and self._params_well_formed(xb, *w4)):
+            h_n, c_n = ops.cell_step_captured(self.mode, xb, h, c, w4)
         else:
             _, h_n, c_n = ops.recurrent_layer(self.mode, xb,
                                               torch.full((1,), B, dtype=torch.int64), h, c, params)
         if not batched:
-            chain = ops.chain_of(h_n) if _ext.direct_call_ok() else None  # (eager only, above)
-            h_n = h_n.squeeze(0)
-            c_n = c_n.squeeze(0) if c_n is not None else None
-            if chain is not None:  # (for the next call: see ops.cell_step)
-                ops.set_chain(chain, h_n, c_n)
+            h_n, c_n = _unbatch(h_n, c_n, chain=_ext.direct_call_ok())  # (eager only, above)
         return h_n, c_n
+
+
+def _unbatch(h_n: Tensor, c_n: Tensor | None, chain: bool = True):
+    """(h', c') of a one-row step without their batch dimension, carrying the step's chain (see
+    ops.rnn.cell_step) for the next call, which unsqueezes them again; `chain` False where a
+    graph is being captured, which must not read the states' grad_fn."""
+    found = ops.chain_of(h_n) if chain else None
+    h_n = h_n.squeeze(0)
+    c_n = c_n.squeeze(0) if c_n is not None else None
+    if found is not None:
+        ops.set_chain(found, h_n, c_n)
+    return h_n, c_n
 
 
 def _in_graph(empty: Tensor, sources) -> Tensor:
