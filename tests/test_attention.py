@@ -265,6 +265,29 @@ def test_empty_sequences(dtype, Lq, Lk):
         assert t.grad.shape == t.shape and not t.grad.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Lq", [1, 9])
+def test_no_heads_is_an_empty_result(dtype, Lq):
+    """q, k, v with zero heads give an empty output, as torch's (not an error)."""
+    q, k, v = (torch.randn(2, 0, Lq, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = sdpa(q, k, v, is_causal=True)
+    assert out.shape == F.scaled_dot_product_attention(q, k, v, is_causal=True).shape
+    out.sum().backward()
+    assert all(t.grad.shape == t.shape for t in (q, k, v))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        sdpa(torch.randn(2, 2, Lq, 8), torch.randn(2, 0, Lq, 8), torch.randn(2, 0, Lq, 8),
+             enable_gqa=True)
+
+
+def test_vmap_over_key_lengths_matches_a_loop():
+    """key_lengths batched by vmap: no data-dependent check on it (the reference runs there)."""
+    q, k, v = make_inputs((2, 2, 2, 3, 7, 8, 8), torch.float32, torch.Generator().manual_seed(3))
+    lens = torch.tensor([[7, 2], [0, 5], [3, 3]])
+    got = torch.func.vmap(lambda kl: sdpa(q, k, v, key_lengths=kl))(lens)
+    for i in range(lens.shape[0]):
+        torch.testing.assert_close(got[i], sdpa(q, k, v, key_lengths=lens[i]))
+
+
 @pytest.mark.parametrize("Lq", [9, 3], ids=["tiles", "decode"])
 def test_fully_masked_rows_give_zeros_and_finite_grads(Lq):
     gen = torch.Generator().manual_seed(1)

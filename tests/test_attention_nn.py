@@ -163,8 +163,29 @@ def test_causal_self_attention_trains_and_rejects_bad_config():
         CausalSelfAttention(16, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="window must be >= 1"):
         CausalSelfAttention(16, 4, window=0)
+    # a window that attention would refuse is refused here, before a forward grows a cache
+    for bad in (2.5, True, "3"):
+        with pytest.raises(TypeError, match="window must be an int or None"):
+            CausalSelfAttention(16, 4, window=bad)
+        with pytest.raises(TypeError, match="window must be an int or None"):
+            KVCache(2, 2, 4, window=bad)
     with pytest.raises(ValueError, match=r"x must be \(B, L, 16\)"):
         m(torch.randn(9, 16))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_empty_chunk_on_an_empty_cache(grad):
+    """A chunk of no tokens on a cache with no buffer yet gives an empty output, then decoding
+    goes on as usual."""
+    m = CausalSelfAttention(16, 2)
+    x = torch.randn(2, 5, 16)
+    cache = m.new_cache(2)
+    with torch.set_grad_enabled(grad):
+        assert m(x[:, :0], cache).shape == (2, 0, 16) and cache.length == 0
+        out = m(x, cache)
+    torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-5)
+    k, v = KVCache(2, 2, 8).append(torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 8))
+    assert k.shape == v.shape == (2, 2, 0, 8)
 
 
 def test_mha_merge_masks_as_torch():

@@ -464,6 +464,7 @@ BAD = [
     (dict(x=(2, 4)), ValueError, r"x must be a \(B, C, L\) tensor, got shape \(2, 4\)"),
     (dict(x_dtype=torch.float64, w_dtype=torch.float64, state=(2, 4, 1)), TypeError, r"initial_state has dtype torch.float32 but x has dtype torch.float64"),
     (dict(x_dtype=torch.int32), TypeError, r"x must be a floating-point tensor, got torch.int32"),
+    (dict(dilation=2**62), ValueError, r"\(kernel_size - 1\) \* dilation = \(2 - 1\) \* 4611686018427387904 .* exceeds"),
 ]
 
 
@@ -504,6 +505,12 @@ def test_bad_wavenet_and_step_inputs():
         with pytest.raises(exc, match=match):
             ops.causal_conv1d_step(xt, st, args["weight"], args["bias"], args["dilation"],
                                    args["groups"])
+    with pytest.raises(TypeError, match=r"x_t must be a floating-point tensor, got torch.int64"):
+        ops.causal_conv1d_step(xt.long(), st.long(), cw.long(), None)
+    with pytest.raises(TypeError, match=r"x_t must be a floating-point tensor, got torch.int64"):
+        ops.wavenet_block_step(xt.long(), st, cw, cb, sw, sb, rw, rb)
+    with pytest.raises(ValueError, match=r"\(kernel_size - 1\) \* dilation .* exceeds"):
+        ops.causal_conv1d_step(xt, torch.zeros(1, 4, 0), cw, cb, dilation=2**63 - 1)
     with pytest.raises(ValueError, match=r"conv_weight must have 2\*gate_channels"):
         ops.wavenet_block_step(xt, st, cw[:5], cb[:5], sw, sb, rw, rb)
     with pytest.raises(ValueError, match=r"res_bias must have shape \(4,\), got \(1,\)"):
@@ -524,6 +531,56 @@ def test_fused_wavenet_stack_step_checks_every_layer():
         with torch.no_grad(), pytest.raises(RuntimeError, match=match):
             ops.wavenet_stack_step(torch.randn(2, 4), wn.initial_state(2),
                                    [tuple(b) for b in blocks], wn.dilations)
+
+
+@requires_cpu_ext
+def test_kernels_refuse_a_look_back_that_overflows():
+    """(K − 1)·dilation past 2**31 − 1 is refused by the kernels too (called directly), not
+    wrapped around into reads out of bounds. K = 3, dilation = 2**63 − 1 wraps to a small P."""
+    x, w = torch.randn(1, 2, 5), torch.randn(2, 2, 3)
+    with pytest.raises(ValueError, match=r"\(kernel_size - 1\) \* dilation exceeds 2147483647"):
+        seqkern._ext._C.conv_forward(x, w, None, None, 2**62 + 2**40, 1, 0, False)
+    wn = seqkern.nn.WaveNet(2, 4, 5, 3, kernel_size=3, dilation_cycle=2)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"dilation of layer 0 exceeds"):
+        ops.wavenet_stack_step(torch.randn(2, 4), [torch.zeros(2, 4, 2), torch.zeros(2, 4, 4)],
+                               [b._step_params() for b in wn.blocks], [2**63 - 1, 2])
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("bad", ["conv 4-D", "conv 2-D", "skip 1-D", "skip 4-D"])
+def test_fused_wavenet_stack_step_checks_weight_ranks(bad):
+    """A weight of the wrong rank is an error naming the layer in the one-call step (it
+    read a 4-D weight's elements as if it were 3-D)."""
+    wn = seqkern.nn.WaveNet(3, 4, 5, 2, kernel_size=2, dilation_cycle=2)
+    blocks = [list(b._step_params()) for b in wn.blocks]
+    which, t = bad.split()
+    i = 0 if which == "conv" else 2
+    w = blocks[1][i]
+    blocks[1][i] = {"4-D": w.reshape(*w.shape[:2], 1, -1), "2-D": w.flatten(1),
+                    "1-D": w.flatten()}[t]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layer 1 has conv weight"):
+        ops.wavenet_stack_step(torch.randn(2, 4), wn.initial_state(2),
+                               [tuple(b) for b in blocks], wn.dilations)
+
+
+@pytest.mark.parametrize("activation", [None, "silu", "relu"])
+@pytest.mark.parametrize("groups", [1, 4], ids=["dense", "depthwise"])
+def test_output_changed_in_place_before_backward(activation, groups):
+    """As with F.conv1d (and F.silu after it): the output may be changed in place before the
+    backward when the derivative does not come from it; relu reads it, and refuses, as torch."""
+    x = torch.randn(2, 4, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 4 // groups, 3, dtype=torch.float64, requires_grad=True)
+    y = ops.causal_conv1d(x, w, dilation=2, groups=groups, activation=activation)
+    y_ref = ref.causal_conv1d(x, w, dilation=2, groups=groups, activation=activation)
+    y += 1.0
+    if activation == "relu":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+        return
+    g = torch.autograd.grad((y * y).sum(), (x, w))
+    g_ref = torch.autograd.grad(((y_ref + 1.0) ** 2).sum(), (x, w))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

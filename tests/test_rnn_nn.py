@@ -590,6 +590,12 @@ def test_step_runs_old_style_weight_norm_hooks():
         torch.testing.assert_close(lstm.step(xt, st)[0], lstm(xt[None], st)[0][0])
 
 
+def test_mode_is_torchs():
+    """`mode` reads as torch.nn.RNNBase's for every kind (code branches on it)."""
+    assert snn.RNN(3, 4, nonlinearity="relu").mode == torch.nn.RNN(3, 4, nonlinearity="relu").mode
+    assert snn.GRU(3, 4, reset_after=False).mode == "GRU" and snn.GRU(3, 4).kind == "gru"
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_rnnbase_public_helpers_behave_as_torch(kind):
     """check_input / get_expected_hidden_size / check_hidden_size / check_forward_args /
@@ -599,6 +605,7 @@ def test_rnnbase_public_helpers_behave_as_torch(kind):
         kw["proj_size"] = 3
     ours, theirs = getattr(snn, kind)(5, 7, **kw), getattr(torch.nn, kind)(5, 7, **kw)
     assert ours._flat_weights_names == theirs._flat_weights_names
+    assert ours._all_weights == theirs._all_weights and ours.mode == theirs.mode
     assert all(a.shape == b.shape for a, b in zip(ours._flat_weights, theirs._flat_weights))
     x = torch.randn(4, 6, 5)
     bsz = torch.tensor([4, 4, 2])

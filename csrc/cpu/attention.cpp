@@ -77,7 +77,9 @@ Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(k.size(3) == d.D, "seqkern attention: q and k head dims differ: ", d.D, " vs ", k.size(3));
   TORCH_CHECK(v.size(1) == d.Hkv && v.size(2) == d.Lk, "seqkern attention: k and v shapes differ: ",
               k.sizes(), " vs ", v.sizes());
-  TORCH_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, "seqkern attention: query heads (", d.Hq,
+  // (no heads at all is an empty result, as torch's)
+  TORCH_CHECK((d.Hkv > 0 && d.Hq % d.Hkv == 0) || (d.Hq == 0 && d.Hkv == 0),
+              "seqkern attention: query heads (", d.Hq,
               ") must be a multiple of key/value heads (", d.Hkv, ")");
   return d;
 }

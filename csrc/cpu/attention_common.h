@@ -317,7 +317,7 @@ Span block_keys(const Mask<T>& mask, int64_t b, int64_t i0, int64_t mi) {
 
 struct Dims {
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
-  int64_t group() const { return Hq / Hkv; }
+  int64_t group() const { return Hkv ? Hq / Hkv : 1; }
 };
 
 // 4-D strides of a (B, H, L, E) tensor whose last dimension is contiguous.

@@ -48,6 +48,10 @@ namespace {
 
 enum Act : int64_t { kNone = 0, kRelu = 1, kSilu = 2, kTanh = 3 };
 
+// The largest (K − 1)·dilation: beyond it the index arithmetic of the taps could overflow
+// (seqkern.ops.conv.MAX_LOOKBACK, checked there first).
+constexpr int64_t kMaxLookback = (int64_t(1) << 31) - 1;
+
 struct Geom {
   int64_t B, Cin, Cout, L, K, d, P, groups, Cin_g, Cout_g;
   int64_t shift(int64_t k) const { return (K - 1 - k) * d; }
@@ -64,6 +68,8 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, int64_t dilation, int64
   g.Cout = w.size(0);
   g.K = w.size(2);
   g.d = dilation;
+  TORCH_CHECK_VALUE(g.K <= 1 || g.K - 1 <= kMaxLookback / dilation,
+                    "seqkern conv: (kernel_size - 1) * dilation exceeds ", kMaxLookback);
   g.P = (g.K - 1) * dilation;
   g.groups = groups;
   TORCH_CHECK(g.K >= 1, "seqkern conv: kernel size must be >= 1");
@@ -864,6 +870,12 @@ std::vector<at::Tensor> wavenet_stack_step(
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   const int64_t B = x_in.size(0), R = x_in.size(1);
+  for (size_t l = 0; l < n; ++l)
+    TORCH_CHECK_VALUE(conv_w[l].dim() == 3 && skip_w[l].dim() >= 2 && skip_w[l].dim() <= 3 &&
+                          res_w[l].dim() >= 2 && res_w[l].dim() <= 3,
+                      "seqkern wavenet step: layer ", l, " has conv weight ", conv_w[l].sizes(),
+                      ", skip weight ", skip_w[l].sizes(), " and res weight ", res_w[l].sizes(),
+                      "; expected (2G, R, K), (S, G[, 1]) and (R, G[, 1])");
   const int64_t S = skip_w[0].size(0);
   auto o = x_in.options().dtype(ct);
   at::Tensor x = x_in.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
@@ -887,6 +899,8 @@ std::vector<at::Tensor> wavenet_stack_step(
       at::Tensor cb = contiguous_as(opt(conv_b[l]), ct), sb = contiguous_as(opt(skip_b[l]), ct),
                  rb = contiguous_as(opt(res_b[l]), ct);
       const int64_t G2 = w.size(0), G = G2 / 2, K = w.size(2), d = dilations[l];
+      TORCH_CHECK_VALUE(K <= 1 || K - 1 <= kMaxLookback / d, "seqkern wavenet step: (K - 1) * ",
+                        "dilation of layer ", l, " exceeds ", kMaxLookback);
       const int64_t P = (K - 1) * d;
       TORCH_CHECK(w.size(1) == R, "seqkern wavenet step: conv weight of layer ", l, " is ",
                   w.sizes(), ", expected (2G, ", R, ", K)");

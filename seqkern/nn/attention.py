@@ -246,6 +246,14 @@ def _pad_last(mask: Optional[Tensor]) -> Optional[Tensor]:
     return nn.functional.pad(mask, (0, 1), value=False if mask.dtype == torch.bool else 0.0)
 
 
+def _check_window(window) -> None:
+    # (here, not only in attention: a bad window found there would come after the cache grew)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+
+
 class KVCache:
     """Keys and values seen so far, (B, Hkv, ·, D) each, in buffers that grow geometrically
     (capacity doubles), so appending one token copies O(1) amortised, not the whole history.
@@ -268,8 +276,7 @@ class KVCache:
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int = 0,
                  device=None, dtype=None, window: Optional[int] = None) -> None:
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        _check_window(window)
         self.shape = (batch_size, num_kv_heads, head_dim)
         self.window = window
         self.length = 0
@@ -341,7 +348,7 @@ class KVCache:
         if held + Lc > self.capacity and self.window is not None:
             self._drop_outside_window()
             held = self.length - self.dropped
-        if held + Lc > self.capacity:
+        if held + Lc > self.capacity or self.k is None:  # (no buffer yet even when Lc = 0)
             self._reserve(max(held + Lc, 2 * self.capacity, 16))
         self.k[:, :, held:held + Lc] = k_new
         self.v[:, :, held:held + Lc] = v_new
@@ -370,8 +377,7 @@ class CausalSelfAttention(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        _check_window(window)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.window = window

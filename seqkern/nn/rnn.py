@@ -29,6 +29,10 @@ _CPU = torch.device("cpu")  # (x.device makes a new object each time: 0.4 µs ag
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 
+_TORCH_MODES = {"lstm": "LSTM", "gru": "GRU", "gru_cho": "GRU", "rnn_tanh": "RNN_TANH",
+                "rnn_relu": "RNN_RELU"}
+
+
 def _reset_uniform(module: nn.Module) -> None:
     """torch's initialisation of recurrent layers and cells: every parameter U(−1/√H, 1/√H)."""
     std = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
@@ -49,7 +53,9 @@ class _RecurrentBase(nn.Module):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if proj_size < 0 or (proj_size and proj_size >= hidden_size):
             raise ValueError(f"proj_size must be in [0, hidden_size={hidden_size}), got {proj_size}")
-        self.mode = mode
+        # seqkern's name of the recurrence (the ops' `mode`); `mode` is torch.nn.RNNBase's
+        self.kind = mode
+        self.mode = _TORCH_MODES[mode]
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         if dropout > 0 and num_layers == 1:
@@ -98,6 +104,11 @@ class _RecurrentBase(nn.Module):
         """Kept for API compatibility with torch.nn; parameters are used in place."""
 
     @property
+    def _all_weights(self) -> list[list[str]]:
+        """The parameter names of each layer and direction, as torch.nn.RNNBase's."""
+        return [list(names.values()) for names in self._names]
+
+    @property
     def _flat_weights_names(self) -> list[str]:
         return [n for names in self._names for n in names.values()]
 
@@ -136,7 +147,7 @@ class _RecurrentBase(nn.Module):
 
     def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
         self.check_input(input, batch_sizes)
-        if self.mode != "lstm":
+        if self.kind != "lstm":
             self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
             return
         self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
@@ -167,9 +178,9 @@ class _RecurrentBase(nn.Module):
             s += ", bidirectional=True"
         if self.peephole:
             s += ", peephole=True"
-        if self.mode == "gru_cho":
+        if self.kind == "gru_cho":
             s += ", reset_after=False"
-        if self.mode == "rnn_relu":
+        if self.kind == "rnn_relu":
             s += ", nonlinearity='relu'"
         return s
 
@@ -227,11 +238,11 @@ class _RecurrentBase(nn.Module):
         if w.dtype != input.dtype or not w.is_cpu or not _ext.direct_call_ok(input, *flat):
             return None
         output, h_n, c_n = _ext._C.recurrent_module_forward(
-            self.mode, input, flat, self.num_layers, self.bidirectional, self.batch_first)
-        return output, ((h_n, c_n) if self.mode == "lstm" else h_n)
+            self.kind, input, flat, self.num_layers, self.bidirectional, self.batch_first)
+        return output, ((h_n, c_n) if self.kind == "lstm" else h_n)
 
     def _forward(self, input, hx, lengths, weights):
-        is_lstm = self.mode == "lstm"
+        is_lstm = self.kind == "lstm"
         LD, Hs = self._state_sizes()
         packed_in = isinstance(input, PackedSequence)
         sorted_idx = unsorted_idx = None
@@ -312,7 +323,7 @@ class _RecurrentBase(nn.Module):
             output = _in_graph(data.new_zeros((0, T, width) if self.batch_first else (T, 0, width)), sources)
             h_n = _in_graph(h0.clone(), sources)
             return output, ((h_n, _in_graph(c0.clone(), sources)) if is_lstm else h_n)
-        out, h_n, c_n = ops._recurrence(self.mode, data, batch_sizes, h0, c0, weights,
+        out, h_n, c_n = ops._recurrence(self.kind, data, batch_sizes, h0, c0, weights,
                                         self.num_layers, self.bidirectional, self.dropout,
                                         self.training, check=False)
         if unsorted_idx is not None:
@@ -387,7 +398,7 @@ class _RecurrentBase(nn.Module):
         training-mode dropout, and a well-formed state. With gradients each layer's steps form
         a chain as a cell's do (ops.rnn.cell_step; the returned state tensors carry the
         layers' chains). None otherwise (then forward() runs, and reports any bad input)."""
-        if (self.peephole or self.proj_size or self.mode == "gru_cho"
+        if (self.peephole or self.proj_size or self.kind == "gru_cho"
                 or (self.training and self.dropout > 0) or not _ext.direct_call_ok()
                 or x_t.dtype not in _STEP_DTYPES or not x_t.is_cpu
                 or x_t.shape[-1] != self.input_size or torch.is_autocast_enabled("cpu")):
@@ -397,7 +408,7 @@ class _RecurrentBase(nn.Module):
         B, L, H = x.shape[0], self.num_layers, self.hidden_size
         if B < 1:
             return None
-        lstm = self.mode == "lstm"
+        lstm = self.kind == "lstm"
         chains = None
         if state is None:
             h = c = x.new_zeros(L, B, H)
@@ -415,7 +426,7 @@ class _RecurrentBase(nn.Module):
         weights = self._weights()
         params = [p for w in weights for p in w.values()]
         if any(t.shape != (L, B, H) for t in state_tensors) or not ops.cell_step_applies(
-                self.mode, x, h, c, dict(enumerate(params))):
+                self.kind, x, h, c, dict(enumerate(params))):
             return None
         grad = _ext.needs_grad(x, *state_tensors, *params)
         if not isinstance(chains, list) or len(chains) != L:
@@ -424,11 +435,11 @@ class _RecurrentBase(nn.Module):
         for k, w in enumerate(weights):
             w4 = (w["w_ih"], w["w_hh"], w.get("b_ih"), w.get("b_hh"))
             if grad:
-                hn, cn = ops.cell_step(self.mode, x, h[k], c[k] if lstm else None, w4,
+                hn, cn = ops.cell_step(self.kind, x, h[k], c[k] if lstm else None, w4,
                                        chains[k] if chains is not None else None)
                 new_chains.append(ops.chain_of(hn))
             else:
-                hn, cn, _ = _ext._C.cell_step(self.mode, x, h[k], c[k] if lstm else None, *w4, False)
+                hn, cn, _ = _ext._C.cell_step(self.kind, x, h[k], c[k] if lstm else None, *w4, False)
             hs.append(hn)
             cs.append(cn)
             x = hn
@@ -482,7 +493,7 @@ class GRU(_RecurrentBase):
 class _CellBase(nn.Module):
     def __init__(self, mode, input_size, hidden_size, bias=True, device=None, dtype=None):
         super().__init__()
-        self.mode, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
+        self.kind, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
         G = gate_count(mode)
         kw = {"device": device, "dtype": dtype}
         self.weight_ih = nn.Parameter(torch.empty(G * hidden_size, input_size, **kw))
@@ -518,7 +529,7 @@ class _CellBase(nn.Module):
         kernel takes. When not, the general path runs and raises its own errors, so a bad
         parameter reads the same with and without gradients."""
         H = self.hidden_size
-        GH = gate_count(self.mode) * H
+        GH = gate_count(self.kind) * H
         dt = x.dtype
         if (w_ih.shape != (GH, self.input_size) or w_hh.shape != (GH, H) or w_ih.dtype != dt
                 or w_hh.dtype != dt or not w_ih.is_cpu or not w_hh.is_cpu):
@@ -534,7 +545,7 @@ class _CellBase(nn.Module):
         autocast, nothing that needs a gradient, the cpu backend. None for anything else, which
         the general path runs and checks (so errors read the same either way). The general
         path spent about 16 µs of Python on an RNNCell (H = 128) call whose kernel takes 4."""
-        if (type(x) is not Tensor or self.mode == "gru_cho" or x.dtype not in _STEP_DTYPES
+        if (type(x) is not Tensor or self.kind == "gru_cho" or x.dtype not in _STEP_DTYPES
                 or not x.is_cpu or torch.is_autocast_enabled("cpu")):
             return None
         shape, H = x.shape, self.hidden_size
@@ -549,7 +560,7 @@ class _CellBase(nn.Module):
             if t is not None and (type(t) is not Tensor or t.shape != state_shape
                                   or t.dtype != x.dtype or not t.is_cpu):
                 return None
-        if (h is None) != (c is None) and self.mode == "lstm":
+        if (h is None) != (c is None) and self.kind == "lstm":
             return None
         p = self._parameters  # (a parametrized or weight-normed weight is not in it: None)
         w_ih, w_hh, b_ih, b_hh = p.get("weight_ih"), p.get("weight_hh"), p.get("bias_ih"), p.get("bias_hh")
@@ -566,18 +577,18 @@ class _CellBase(nn.Module):
         chain = None
         if h is None:
             h = xb.new_zeros(B, H)
-            c = xb.new_zeros(B, H) if self.mode == "lstm" else None
+            c = xb.new_zeros(B, H) if self.kind == "lstm" else None
         elif not batched:
             chain = ops.chain_of(h, c)
             h = h.unsqueeze(0)
             c = c.unsqueeze(0) if c is not None else None
         if grad:
-            h_n, c_n = ops.cell_step(self.mode, xb, h, c, (w_ih, w_hh, b_ih, b_hh), chain)
+            h_n, c_n = ops.cell_step(self.kind, xb, h, c, (w_ih, w_hh, b_ih, b_hh), chain)
         else:
-            h_n, c_n, _ = _ext._C.cell_step(self.mode, xb, h, c, w_ih, w_hh, b_ih, b_hh, False)
+            h_n, c_n, _ = _ext._C.cell_step(self.kind, xb, h, c, w_ih, w_hh, b_ih, b_hh, False)
         if not batched:
             h_n, c_n = _unbatch(h_n, c_n)
-        return h_n, (c_n if self.mode == "lstm" else None)
+        return h_n, (c_n if self.kind == "lstm" else None)
 
     def _run_with(self, x, h, c, params):
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
@@ -593,7 +604,7 @@ class _CellBase(nn.Module):
         chain = None
         if h is None:
             h = xb.new_zeros(B, self.hidden_size)
-            c = xb.new_zeros(B, self.hidden_size) if self.mode == "lstm" else None
+            c = xb.new_zeros(B, self.hidden_size) if self.kind == "lstm" else None
         else:
             for name, t in (("hx", h), ("cx", c)):
                 if t is None:
@@ -613,15 +624,15 @@ class _CellBase(nn.Module):
         if B == 0:  # an empty batch, as torch's cells allow
             sources = [xb, h, c] + list(params.values())
             h_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources)
-            c_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources) if self.mode == "lstm" else None
-        elif self._params_well_formed(xb, *w4) and ops.cell_step_applies(self.mode, xb, h, c,
+            c_n = _in_graph(xb.new_zeros(0, self.hidden_size), sources) if self.kind == "lstm" else None
+        elif self._params_well_formed(xb, *w4) and ops.cell_step_applies(self.kind, xb, h, c,
                                                                          params):
-            h_n, c_n = ops.cell_step(self.mode, xb, h, c, w4, chain)
-        elif (not _ext.direct_call_ok() and ops.cell_step_op_applies(self.mode, xb)
+            h_n, c_n = ops.cell_step(self.kind, xb, h, c, w4, chain)
+        elif (not _ext.direct_call_ok() and ops.cell_step_op_applies(self.kind, xb)
               and self._params_well_formed(xb, *w4)):
-            h_n, c_n = ops.cell_step_captured(self.mode, xb, h, c, w4)
+            h_n, c_n = ops.cell_step_captured(self.kind, xb, h, c, w4)
         else:
-            _, h_n, c_n = ops.recurrent_layer(self.mode, xb,
+            _, h_n, c_n = ops.recurrent_layer(self.kind, xb,
                                               torch.full((1,), B, dtype=torch.int64), h, c, params)
         if not batched:
             h_n, c_n = _unbatch(h_n, c_n, chain=_ext.direct_call_ok())  # (eager only, above)

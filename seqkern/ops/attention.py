@@ -218,7 +218,7 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, scale, en
                          f"{k.shape[0]}")
     if q.dim() == 4:
         Hq, Hkv = q.shape[1], k.shape[1]
-        if Hkv == 0 or Hq % Hkv:
+        if (Hkv == 0 and Hq != 0) or (Hkv and Hq % Hkv):  # (no heads at all: an empty result)
             raise ValueError(f"query heads must be a multiple of key/value heads: Hq={Hq}, "
                              f"Hkv={Hkv}")
         if Hq != Hkv and not enable_gqa:
@@ -245,7 +245,10 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, scale, en
                 or key_lengths.shape[0] != B:
             raise ValueError(f"key_lengths must be a 1-D integer tensor of length {B}, got "
                              f"{key_lengths!r:.80}")
-        if not torch.compiler.is_compiling() and bool((key_lengths < 0).any()):
+        # (not on a value being traced or vmapped, which has no data to test: the reference that
+        # runs there reads a negative length as 0)
+        if (not torch.compiler.is_compiling() and not _ext.batched(key_lengths)
+                and bool((key_lengths < 0).any())):
             raise ValueError("key_lengths must be >= 0")
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):

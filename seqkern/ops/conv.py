@@ -23,6 +23,9 @@ __all__ = ["causal_conv1d", "wavenet_block", "causal_conv1d_step", "wavenet_bloc
 
 _ACT_CODE = {None: 0, "none": 0, "relu": 1, "silu": 2, "tanh": 3}
 _SILU = 2
+_FROM_Y = (1, 3)  # relu, tanh: their derivatives are read from the output
+# (K − 1)·dilation, the columns a causal conv looks back: larger overflows index arithmetic
+MAX_LOOKBACK = 2**31 - 1
 
 
 def conv_state_size(kernel_size: int, dilation: int) -> int:
@@ -72,7 +75,9 @@ def _conv_setup(ctx, inputs, output):
     x, weight, bias, initial_state, dilation, groups, activation, save_preact = inputs
     y, pre = output
     ctx.meta = (dilation, groups, activation, bias is not None, initial_state is not None)
-    ctx.save_for_backward(x, weight, initial_state, y, pre)
+    # y only where the derivative is read from it (relu, tanh; silu's comes from pre): a
+    # caller may then change y in place before the backward, as with F.conv1d's output
+    ctx.save_for_backward(x, weight, initial_state, y if activation in _FROM_Y else None, pre)
 
 
 def _conv_backward(ctx, grad_y, _grad_pre):
@@ -80,7 +85,9 @@ def _conv_backward(ctx, grad_y, _grad_pre):
         raise RuntimeError("seqkern.causal_conv1d: double backward is not supported")
     dilation, groups, activation, has_bias, has_init = ctx.meta
     x, weight, initial_state, y, pre = ctx.saved_tensors
-    if activation == _SILU and pre.numel() != y.numel():
+    if y is None:  # (not read by the kernel for this activation)
+        y = grad_y.new_empty(0)
+    if activation == _SILU and pre.numel() != grad_y.numel():
         raise RuntimeError("seqkern.causal_conv1d: the forward ran without saving the silu "
                            "pre-activation (save_preact=False), so it cannot be differentiated")
     dx, dw, db, dinit = _conv_backward_op(grad_y, x, weight, initial_state, y, pre,
@@ -216,6 +223,14 @@ def _check_input_and_ints(x, name: str, dims: int, layout: str, dilation, groups
             raise ValueError(f"{what} must be an integer >= 1, got {n!r}")
 
 
+def _lookback(K: int, dilation: int) -> int:
+    P = (K - 1) * dilation
+    if P > MAX_LOOKBACK:
+        raise ValueError(f"(kernel_size - 1) * dilation = ({K} - 1) * {dilation} = {P} exceeds "
+                         f"the largest look-back supported, {MAX_LOOKBACK}")
+    return P
+
+
 def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, groups: int,
                 activation, initial_state: Tensor | None) -> None:
     _check_input_and_ints(x, "x", 3, "(B, C, L)", dilation, groups)
@@ -241,7 +256,7 @@ def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, g
     if activation not in _ACT_CODE:
         raise ValueError(f"activation must be None, 'none', 'relu', 'silu' or 'tanh', got "
                          f"{activation!r}")
-    P = (K - 1) * dilation
+    P = _lookback(K, dilation)
     if initial_state is not None and _shape(initial_state) != (x.shape[0], C_in, P):
         raise ValueError(f"initial_state must be (B, C_in, (K-1)*dilation) = "
                          f"({x.shape[0]}, {C_in}, {P}), got {_shape(initial_state)}")
@@ -355,6 +370,8 @@ def _taps(x_t: Tensor, state: Tensor, dilation: int) -> tuple[Tensor, Tensor]:
 
 def _check_step(x_t, state, weight, bias, dilation, groups):
     _check_input_and_ints(x_t, "x_t", 2, "(B, C_in)", dilation, groups)
+    if not x_t.is_floating_point():
+        raise TypeError(f"x_t must be a floating-point tensor, got {x_t.dtype}")
     if x_t.shape[1] % groups:
         raise ValueError(f"x_t has C_in = {x_t.shape[1]} channels, not divisible by "
                          f"groups = {groups}")
@@ -364,7 +381,7 @@ def _check_step(x_t, state, weight, bias, dilation, groups):
                          f"with C_out divisible by groups = {groups}, got {_shape(weight)}")
     if bias is not None and _shape(bias) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {_shape(bias)}")
-    P = (weight.shape[2] - 1) * dilation
+    P = _lookback(weight.shape[2], dilation)
     if _shape(state) != (x_t.shape[0], x_t.shape[1], P):
         raise ValueError(f"state must be (B, C_in, (K-1)*dilation) = "
                          f"({x_t.shape[0]}, {x_t.shape[1]}, {P}), got {_shape(state)}")
@@ -447,6 +464,8 @@ def wavenet_stack_step(x_t: Tensor, states: list[Tensor], blocks: list[tuple],
         return skip_sum, x_t, new_states
     if x_t.dim() != 2:
         raise ValueError(f"x_t must be (B, R), got shape {_shape(x_t)}")
+    if not x_t.is_floating_point():
+        raise TypeError(f"x_t must be a floating-point tensor, got {x_t.dtype}")
     _check_same(x_t, **{f"states[{i}]": st for i, st in enumerate(states)})
     # (the per-layer shapes, dtypes and devices are checked in C++: at one sample per call,
     # Python checks of every layer's six parameters would cost more than the layer's math)
