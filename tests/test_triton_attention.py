@@ -308,3 +308,29 @@ def test_additive_minus_inf_keeps_nan_keys_out(Lq):
     torch.testing.assert_close(got, want, **TOL)
     torch.testing.assert_close(want, ref.scaled_dot_product_attention(q, clean, v, attn_mask=am), **TOL)
     torch.testing.assert_close(seqkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=am), want, **TOL)
+
+
+def test_key_lengths_strided_and_past_int32():
+    """key_lengths as a strided column of a table, and lengths past 2**31 (all keys): the
+    kernels index them unstrided and read int32, so the host makes them contiguous and clamps."""
+    q, k, v = qkv(B=3, Lq=9, Lk=12, D=16)
+    table = torch.tensor([[12, 0], [2**31, 1], [5, 2]])
+    compare(q, k, v, key_lengths=table[:, 0])
+    compare(q, k, v, key_lengths=torch.tensor([2**32 + 3, 4, 12]))
+
+
+def test_no_heads_is_an_empty_result():
+    q, k, v = qkv(B=2, Hq=0, Hkv=0, Lq=5, Lk=5, D=8)
+    with seqkern.use_backend("triton"):
+        out = seqkern.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.shape == (2, 0, 5, 8)
+    out.sum().backward()
+    assert all(t.grad.shape == t.shape for t in (q, k, v))
+
+
+def test_double_backward_raises():
+    q, k, v = qkv(Lq=5, Lk=5, D=8)
+    with seqkern.use_backend("triton"):
+        out = seqkern.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)

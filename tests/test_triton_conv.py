@@ -127,3 +127,33 @@ def test_float16_within_twice_the_reference_error():
     for i, (a, r, e) in enumerate(zip(got, half_ref, exact)):
         err = lambda u: (u.double() - e.double()).abs().max().item()  # noqa: E731
         assert err(a) <= 2 * err(r) + 1e-3, f"output/gradient {i}"
+
+
+@pytest.mark.parametrize("groups", [1, 6], ids=["dense", "depthwise"])
+def test_strided_biases(groups):
+    """Biases given as strided views: the kernels index vectors without a stride, so the host
+    makes them contiguous (a strided bias was read as its first C_out elements)."""
+    x, w = leaves(torch.randn(2, 6, 11), torch.randn(6, 6 // groups, 3) * 0.3)
+    b = torch.randn(12)[::2].requires_grad_()
+    with seqkern.use_backend("triton"):
+        compare(lambda x, w, b: ops.causal_conv1d(x, w, b, 2, groups, "silu"),
+                lambda x, w, b: ref.causal_conv1d(x, w, b, 2, groups, "silu"), [x, w, b])
+        st = torch.randn(2, 6, 4)
+        torch.testing.assert_close(ops.causal_conv1d_step(x[:, :, 0], st, w, b, 2, groups)[0],
+                                   ref.causal_conv1d_step(x[:, :, 0], st, w, b, 2, groups)[0],
+                                   **TOL)
+    R, G, S = 4, 3, 5
+    xs, cw, sw, rw = leaves(torch.randn(2, R, 9), torch.randn(2 * G, R, 2) * 0.3,
+                            torch.randn(S, G) * 0.3, torch.randn(R, G) * 0.3)
+    cb, sb, rb = (torch.randn(2 * n)[::2].requires_grad_() for n in (2 * G, S, R))
+    with seqkern.use_backend("triton"):
+        compare(lambda *a: ops.wavenet_block(*a, dilation=2),
+                lambda *a: ref.wavenet_block(*a, dilation=2), [xs, cw, cb, sw, sb, rw, rb])
+
+
+def test_double_backward_raises():
+    x, w = leaves(torch.randn(2, 4, 9), torch.randn(4, 4, 3))
+    with seqkern.use_backend("triton"):
+        y = ops.causal_conv1d(x, w, None, 2)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)

@@ -165,3 +165,34 @@ def test_float16_within_twice_the_reference_error(mode):
     for i, (a, r, e) in enumerate(zip(got, half_ref, exact)):
         err = lambda u: (u.double() - e.double()).abs().max().item()  # noqa: E731
         assert err(a) <= 2 * err(r) + 1e-3, f"{mode} output/gradient {i}"
+
+
+@pytest.mark.parametrize("bad", ["sum_short", "sum_long", "increasing", "zero"])
+def test_malformed_batch_sizes_raise(bad):
+    """The kernels' schedule trusts the packed layout; a wrong one is an error (it read and
+    wrote past x and out: garbage rows or heap corruption)."""
+    x, bs, h0, c0, w = make_case("lstm", [6, 5, 4])
+    bs = {"sum_short": torch.tensor([3, 3, 3, 2, 2, 1]), "sum_long": torch.tensor([3, 3, 3, 3, 3, 3]),
+          "increasing": torch.tensor([3, 2, 3, 3, 3, 1]), "zero": torch.tensor([3, 3, 3, 3, 3, 0])}[bad]
+    with pytest.raises(ValueError, match="batch_sizes"):
+        trnn.recurrent_layer("lstm", x, bs, h0, c0, w)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_strided_biases(mode):
+    """Biases given as strided views (every other element of a longer vector)."""
+    x, bs, h0, c0, w = make_case(mode, [4, 3, 1])
+    w["b_hh"] = torch.randn(2 * w["b_hh"].numel())[::2]
+    w["b_ih"] = torch.randn(2 * w["b_ih"].numel())[::2]
+    got = run_and_grad(lambda *a: trnn.recurrent_layer(*a), mode, x, bs, h0, c0, w)
+    want = run_and_grad(lambda *a: ops._reference_layer(*a, reverse=False), mode, x, bs, h0, c0, w)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+def test_double_backward_raises():
+    x, bs, h0, c0, w = make_case("lstm", [3, 2])
+    x.requires_grad_()
+    out, _, _ = trnn.recurrent_layer("lstm", x, bs, h0, c0, w)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)

@@ -446,7 +446,9 @@ def _common(q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window):
     Hkv, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     delta = (Lk - Lq) if bottom_right else 0
     mask, kind, ms = _mask_args(attn_mask, q, k)
-    kl = key_lengths if key_lengths is not None else q
+    # (lengths past Lk mean all keys: clamped here, before the kernels read them as int32, and
+    # made contiguous, as the kernels index them without a stride)
+    kl = key_lengths.clamp_max(Lk).contiguous() if key_lengths is not None else q
     flags = dict(IS_CAUSAL=bool(is_causal), HAS_WINDOW=bool(window), HAS_KL=key_lengths is not None,
                  MASK_KIND=kind, PREC=dot_precision(q.dtype))
     return B, Hq, Lq, D, Hkv, Lk, DV, delta, mask, ms, kl, flags
@@ -594,14 +596,19 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, key_lengths, is_causal, bottom_right, window, scale,
                 dropout_p, dropout_seed):
+        # the output in float32 for the backward's Δ = rowsum(dO ⊙ O), as on CUDA: Δ from a
+        # rounded fp16/bf16 output loses accuracy with peaked scores
         out, lse = attention_forward(q, k, v, attn_mask, key_lengths, is_causal, bottom_right,
-                                     window, scale, dropout_p, dropout_seed)
+                                     window, scale, dropout_p, dropout_seed,
+                                     out_dtype=torch.float32)
         ctx.args = (is_causal, bottom_right, window, scale, dropout_p)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, dropout_seed)
-        return out
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("seqkern attention: double backward is not supported")
         q, k, v, out, lse, attn_mask, key_lengths, dropout_seed = ctx.saved_tensors
         mask_grad = bool(ctx.needs_input_grad[3])
         dq, dk, dv, dm = attention_backward(grad_out.contiguous(), q, k, v, out, lse, attn_mask,
@@ -621,6 +628,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, m, kl, is_causal: bool, bottom_ri
     """The triton backend of ``seqkern.ops.scaled_dot_product_attention``: (B, H, L, D) operands
     and mask flags as ``seqkern.ops.attention`` prepares them (arguments already checked)."""
     flags = (is_causal, bottom_right, window, scale)
+    if k.shape[1] == 0:  # no heads at all (checked: Hq = 0 too): an empty result in the graph
+        return q.new_zeros((*q.shape[:3], v.shape[3])) + (q.sum() + k.sum() + v.sum()) * 0
     needs_grad = _ext.needs_grad(q, k, v, m)
     rows = (q.shape[1] // k.shape[1]) * q.shape[2]
     if (not needs_grad and not dropout_p and rows <= DECODE_MAX_ROWS

@@ -395,7 +395,7 @@ def conv_forward(x, weight, bias, initial_state, dilation, groups, activation, s
     keep = save_pre and act != 0
     pre = x.new_empty((B, C_out, L) if keep else (1,), dtype=torch.float32)
     w = weight.contiguous()
-    bias_ = bias if bias is not None else w
+    bias_ = bias.contiguous() if bias is not None else w  # (kernels index vectors unstrided)
     if groups == C_in == C_out:
         _depthwise_forward_kernel[(triton.cdiv(L, BLOCK_T), triton.cdiv(C_in, BLOCK_C), B)](
             x, w, bias_, st, y, pre, *x.stride(), *ss, C_in, L, K, dilation, P,
@@ -467,6 +467,8 @@ class _CausalConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():
+            raise RuntimeError("seqkern.causal_conv1d: double backward is not supported")
         dilation, groups, activation, has_bias = ctx.meta
         x, weight, initial_state, y, pre = ctx.saved_tensors
         d = _activation_grad(grad_y, y, pre, activation)
@@ -503,8 +505,9 @@ def wavenet_forward(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weigh
     sw = skip_weight.reshape(S, G).contiguous()
     rw = res_weight.reshape(R, G).contiguous()
     _wavenet_forward_kernel[(triton.cdiv(L, BLOCK_T), B)](
-        x, cw, conv_bias if conv_bias is not None else cw, st, sw,
-        skip_bias if skip_bias is not None else sw, rw, res_bias if res_bias is not None else rw,
+        x, cw, conv_bias.contiguous() if conv_bias is not None else cw, st, sw,
+        skip_bias.contiguous() if skip_bias is not None else sw, rw,
+        res_bias.contiguous() if res_bias is not None else rw,
         res, skip, h, *x.stride(), *ss, L, R, G, S, K, dilation, P,
         HAS_CB=conv_bias is not None, HAS_SB=skip_bias is not None, HAS_RB=res_bias is not None,
         HAS_STATE=has_st, SAVE=save, PREC=dot_precision(x.dtype),
@@ -526,6 +529,8 @@ class _WaveNetBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_res, grad_skip):
+        if torch.is_grad_enabled():
+            raise RuntimeError("seqkern.wavenet_block: double backward is not supported")
         dilation, has_sb, has_rb, sw_shape, rw_shape = ctx.meta
         x, conv_weight, conv_bias, skip_weight, res_weight, initial_state, h = ctx.saved_tensors
         if grad_res is None:
@@ -555,7 +560,7 @@ def wavenet_backward(grad_res, grad_skip, x, conv_weight, conv_bias, skip_weight
     z = x.new_empty((B, G, L), dtype=torch.float32)
     _wavenet_gate_backward_kernel[(triton.cdiv(L, BLOCK_T), B)](
         grad_res, grad_skip, sw, rw, h.float().contiguous(),
-        conv_bias if conv_bias is not None else sw, dh, z, L, R, G, S,
+        conv_bias.contiguous() if conv_bias is not None else sw, dh, z, L, R, G, S,
         HAS_CB=conv_bias is not None, PREC=dot_precision(torch.float32),
         BLOCK_T=BLOCK_T, BLOCK_G=_pow2(G), BLOCK_C=BLOCK_C)
     dx, dcw, dinit = conv_input_weight_grad(dh, x, conv_weight, initial_state, dilation, 1)
@@ -600,7 +605,7 @@ def causal_conv1d_step(x_t: Tensor, state: Tensor, weight: Tensor, bias=None, di
     w = weight.contiguous()
     y = x_t.new_empty((B, C_out))
     _conv_step_kernel[(B, triton.cdiv(COG, BLOCK_O) * groups)](
-        x_c, st if P > 0 else x_c, w, bias if bias is not None else w, y,
+        x_c, st if P > 0 else x_c, w, bias.contiguous() if bias is not None else w, y,
         C_in, C_out, CIG, COG, K, dilation, max(P, 1),
         HAS_BIAS=bias is not None, ACT=_ACT[activation], BLOCK_O=BLOCK_O, BLOCK_C=BLOCK_C)
     new_state = torch.cat([st[:, :, 1:], x_c[:, :, None]], dim=2) if P > 0 else st

@@ -391,9 +391,11 @@ def recurrent_forward(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_pe
     H = w_hh.shape[0] // G
     Hs = h0.shape[1]
     N, B = x.shape[0], h0.shape[0]
+    from seqkern.ops.rnn import _check_batch_sizes  # (not at import: ops imports this module)
+
+    # the kernels' schedule trusts the layout: a wrong one would read and write past x and out
+    _check_batch_sizes(batch_sizes, N, B)
     T = batch_sizes.shape[0]
-    if int(batch_sizes[0]) != B:
-        raise ValueError(f"batch_sizes[0] ({int(batch_sizes[0])}) must equal h0's batch ({B})")
     # computed, and saved for the backward, in the op's compute dtype (its fake says so)
     ct = registry.compute_dtype(x.dtype)
     # All steps' input projections in one matmul (fp32 accumulate; cuBLAS on GPU).
@@ -412,7 +414,7 @@ def recurrent_forward(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_pe
     c0_ = c0.contiguous() if c0 is not None else _dummy(x)
     grid = (triton.cdiv(B, BLOCK_B),)
     _recurrent_forward_kernel[grid](
-        xp, w_hh.contiguous(), b_hh if b_hh is not None else _dummy(x),
+        xp, w_hh.contiguous(), b_hh.contiguous() if b_hh is not None else _dummy(x),
         w_peep.contiguous() if w_peep is not None else _dummy(x),
         w_hr.contiguous() if proj else _dummy(x), h0.contiguous(), c0_, sched,
         out, h_n, c_n if lstm else _dummy(x), gates, cells, hprev, scratch,
@@ -502,6 +504,8 @@ class _RecurrentLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_hn, g_cn):
+        if torch.is_grad_enabled():
+            raise RuntimeError("seqkern recurrent layer: double backward is not supported")
         x, batch_sizes, h0, out, ws_g, ws_c, ws_h, *weights = ctx.saved_tensors
         if g_hn is None:
             g_hn = torch.zeros_like(h0)
