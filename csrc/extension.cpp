@@ -86,6 +86,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes of freed large output blocks kept for reuse");
   m.def("alloc_release_cache", &seqkern::cpu::large_alloc_release_cache,
         "Return the cached large output blocks to the OS");
+  m.def("_alloc_hold_lock", &seqkern::cpu::large_alloc_hold_lock, seqkern::kReleaseGil,
+        "Tests: hold the block cache's lock for `seconds`", py::arg("seconds"));
   m.def("cast_like", [](const at::Tensor& t, const at::Tensor& like) {
     return seqkern::cpu::contiguous_as(t, like.scalar_type());
   }, seqkern::kReleaseGil,

@@ -356,6 +356,41 @@ def test_block_cache_serves_nearby_sizes_from_one_block():
     _ext._C.alloc_release_cache()
 
 
+@requires_cpu_ext
+def test_fork_while_another_thread_holds_the_block_cache():
+    """A process forked while another thread holds the large-block cache's lock (a DataLoader
+    or multiprocessing worker forked during a seqkern call elsewhere): the child's own use of
+    the cache must not wait forever for a lock no thread of it will release."""
+    import os
+    import threading
+    import time
+
+    from seqkern import _ext
+
+    holder = threading.Thread(target=_ext._C._alloc_hold_lock, args=(0.5,))
+    holder.start()
+    time.sleep(0.1)  # the lock is held now
+    pid = os.fork()
+    if pid == 0:  # child: free and take blocks, then leave without running pytest's teardown
+        try:
+            _ext._C.alloc_release_cache()
+            torch.set_num_threads(1)
+            ops.causal_conv1d(torch.randn(1, 8, 40000), torch.randn(8, 1, 2), groups=8)
+        finally:
+            os._exit(0)
+    holder.join()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on the block cache's lock")
+
+
 # ---------------------------------------------------------------- streaming ---------------
 
 def _chunks(L, rng):

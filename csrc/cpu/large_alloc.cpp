@@ -16,15 +16,18 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/core/Allocator.h>
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <list>
 #include <map>
 #include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace seqkern::cpu {
@@ -122,6 +125,8 @@ class BlockCache {
     std::lock_guard<std::mutex> lock(mu_);
     return cached_;
   }
+  void lock() { mu_.lock(); }
+  void unlock() { mu_.unlock(); }
 
  private:
   std::mutex mu_;
@@ -132,8 +137,18 @@ class BlockCache {
 
 // Leaked on purpose: tensors may be freed during interpreter shutdown, after static
 // destructors would have run.
+BlockCache* the_cache = nullptr;
 BlockCache& cache() {
-  static BlockCache* c = new BlockCache();
+  static BlockCache* c = [] {
+    the_cache = new BlockCache();
+    // Only the forking thread lives on in a child: had another thread held the lock at the
+    // fork, the child's first large allocation or free would wait for it forever (a
+    // multiprocessing or DataLoader worker forked while seqkern ran in another thread). So
+    // the fork waits for the lock, and both sides release it, as glibc's malloc does.
+    pthread_atfork([] { the_cache->lock(); }, [] { the_cache->unlock(); },
+                   [] { the_cache->unlock(); });
+    return the_cache;
+  }();
   return *c;
 }
 
@@ -214,5 +229,10 @@ at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType ct) {
 
 int64_t large_alloc_cached_bytes() { return int64_t(cache().cached()); }
 void large_alloc_release_cache() { cache().release(); }
+void large_alloc_hold_lock(double seconds) {
+  cache().lock();
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  cache().unlock();
+}
 
 }  // namespace seqkern::cpu

@@ -50,5 +50,7 @@ using LineVector = std::vector<T, LineAllocator<T>>;
 // Bytes currently held by the cache (freed blocks kept for reuse), and a way to give them back.
 int64_t large_alloc_cached_bytes();
 void large_alloc_release_cache();
+// Holds the cache's lock for `seconds` (tests: a fork while another thread holds it).
+void large_alloc_hold_lock(double seconds);
 
 }  // namespace seqkern::cpu
