@@ -5,6 +5,10 @@ PY_BOOT ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
+# Where pip finds that CPU build. Empty: pip's own configuration (a local wheel here). On a
+# machine where plain PyPI would serve the multi-GB CUDA build instead, run
+# `make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"`.
+TORCH_INDEX ?=
 STAMP   := $(VENV)/.seqkern-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
@@ -16,7 +20,7 @@ $(PY):
 
 # Rebuilds the extension only when a C++ source or the build files changed.
 $(STAMP): $(SOURCES) | $(PY)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,gpu]"
 	@touch $@
 

@@ -32,6 +32,21 @@ namespace seqkern {
 // build. The Python loader refuses the extension when the running CPU lacks any of them.
 inline const char* required_cpu_flags() {
   return ""
+#if defined(__POPCNT__)
+         "popcnt "
+#endif
+#if defined(__BMI__)
+         "bmi1 "
+#endif
+#if defined(__BMI2__)
+         "bmi2 "
+#endif
+#if defined(__LZCNT__)
+         "abm "
+#endif
+#if defined(__MOVBE__)
+         "movbe "
+#endif
 #if defined(__AVX__)
          "avx "
 #endif

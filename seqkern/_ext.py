@@ -31,10 +31,16 @@ def cpu_flags() -> set[str]:
 
 def _load():
     global _C, load_error
+    import importlib.util
+
+    if importlib.util.find_spec("seqkern._C") is None:
+        load_error = ("the C++ extension seqkern._C is not built (pip install "
+                      "--no-build-isolation -e . builds it)")
+        return
     try:
         from seqkern import _C as ext  # noqa: N811
-    except ImportError as e:  # not built, or built against another torch
-        load_error = f"the C++ extension seqkern._C is not built or failed to import ({e})"
+    except ImportError as e:  # built against another torch, or a broken file
+        load_error = f"the C++ extension seqkern._C failed to import ({e})"
         return
     flags = _cpu_flags()
     if flags is not None:
@@ -58,7 +64,23 @@ def warn_fallback_once() -> None:
     if load_error is not None and not _warned:
         _warned = True
         warnings.warn(f"seqkern: {load_error}; using the reference implementation on the CPU",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel of the first frame outside seqkern and torch (the user's
+    call, whatever the depth of seqkern's and torch's calls in between: nn.Module.__call__)."""
+    import os
+    import sys
+
+    pkgs = [os.path.dirname(os.path.abspath(__file__))]
+    if "torch" in sys.modules and getattr(sys.modules["torch"], "__file__", None):
+        pkgs.append(os.path.dirname(os.path.abspath(sys.modules["torch"].__file__)))
+    prefixes = tuple(p + os.sep for p in pkgs)
+    frame, level = sys._getframe(2), 2  # (2: warn_fallback_once's caller)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def needs_grad(*tensors) -> bool:

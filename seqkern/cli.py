@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops is not None else None
     if args.suite:
         ops = (ops or []) + [args.suite]
     return harness.main(ops, args.full, args.json, args.threads, not args.no_reference)

@@ -187,7 +187,7 @@ def table() -> dict[str, str]:
     for fam in FAMILIES:
         try:
             out[fam] = select(fam, "cpu")
-        except BackendUnavailableError as e:
+        except (BackendUnavailableError, ValueError) as e:  # (ValueError: a bad SEQKERN_BACKEND)
             out[fam] = f"error: {e}"
     return out
 

@@ -43,6 +43,8 @@ def triton_interpreter_or_skip():
     (via torch._dynamo) already did: a wrong setup fails here, loudly, rather than skipping."""
     if torch.cuda.is_available():
         pytest.skip("interpreter tests run on CPU-only machines", allow_module_level=True)
+    # (an install without the gpu extra: `pip install -e ".[test]"`; `make test` has triton)
+    pytest.importorskip("triton", reason="triton is not installed (the gpu extra)")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from seqkern.triton.common import interpreter_ready
 

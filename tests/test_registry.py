@@ -65,14 +65,40 @@ with warnings.catch_warnings(record=True) as w:
     m = seqkern.nn.GRU(3, 4)
     for _ in range(3):
         m(torch.randn(5, 2, 3))
-    msgs = [str(x.message) for x in w if "seqkern" in str(x.message)]
-print(seqkern.registry.select("rnn", "cpu"), len(msgs), msgs[0] if msgs else "")
+    ws = [x for x in w if "seqkern" in str(x.message)]
+    msgs = [str(x.message) for x in ws]
+print(seqkern.registry.select("rnn", "cpu"), len(msgs), ws[0].filename if ws else "",
+      msgs[0] if msgs else "")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr
-    backend, count, msg = out.stdout.strip().split(" ", 2)
+    backend, count, where, msg = out.stdout.strip().split(" ", 3)
     assert backend == "reference" and count == "1" and "simulated" in msg
+    assert where == "<string>"  # the warning points at the caller's line, not seqkern's own
+
+
+def test_missing_extension_file_is_reported_as_not_built():
+    """No .so at all reads as "not built", not as Python's "partially initialized module
+    (most likely due to a circular import)" that importing a missing submodule gives."""
+    code = r"""
+import importlib.util
+real = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "seqkern._C" else real(name, *a)
+import seqkern
+from seqkern import _ext
+print(_ext._C is None, _ext.load_error)
+try:
+    seqkern.ops.attention.dropout_keep_mask((1, 1, 2, 2), 0.5, None)
+except RuntimeError as e:
+    print("dropout_keep_mask:", e)
+"""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
+                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().splitlines()
+    assert first.startswith("True the C++ extension seqkern._C is not built")
+    assert "dropout_keep_mask needs seqkern's C++ extension" in second
 
 
 def test_cli_info_and_bench_help():
@@ -84,6 +110,65 @@ def test_cli_info_and_bench_help():
     out = subprocess.run([sys.executable, "-m", "seqkern", "bench", "--ops", "nosuch"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "unknown suite" in out.stderr
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "seqkern", *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_cli_with_a_bad_backend_or_output_fails_before_timing(tmp_path):
+    """A bad SEQKERN_BACKEND is reported by `info` and refused by `bench` before any case
+    runs; so is an unwritable --json path, and an --ops list that names nothing."""
+    env = dict(os.environ, SEQKERN_BACKEND="bogus")
+    out = _cli("info", env=env)
+    assert out.returncode == 0 and "error: " in out.stdout, out.stderr
+    out = _cli("bench", "gru", "--threads", "1", env=env)
+    assert out.returncode == 2 and "cannot benchmark" in out.stderr and "bogus" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _cli("bench", "gru", "--json", str(tmp_path / "no" / "such" / "dir.json"))
+    assert out.returncode == 2 and "cannot write --json" in out.stderr
+    assert "seqkern bench" not in out.stdout  # (refused before the run began)
+    for ops in ("", ","):
+        out = _cli("bench", "--ops", ops)
+        assert out.returncode == 2 and "names no suite" in out.stderr
+
+
+def test_bench_table_shows_a_case_note():
+    from seqkern.bench import harness
+
+    row = {"suite": "x", "op": "wavenet generate", "shape": {"L": 1}, "dtype": "float32",
+           "threads": 1, "seqkern_ms": 1.0, "torch_ms": 40.0, "reference_ms": None,
+           "speedup": 40.0, "gflops": None, "gbps": None, "torch_gflops": None,
+           "note": "torch = re-running the stack on the receptive field"}
+    assert "note, wavenet generate: torch = re-running the stack" in harness.table([row])
+
+
+def test_pytest_collects_the_benchmark_suites():
+    """`pytest benchmarks/` (README) finds the bench_*.py files: the quick grid, seqkern and
+    torch each."""
+    from seqkern.bench import harness
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "benchmarks"], capture_output=True,
+                         text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stdout + out.stderr
+    collected = {line.split("[", 1)[1].rstrip("]") for line in out.stdout.splitlines() if "::" in line}
+    quick = {f"{c.op}-{c.shape_str}".replace(" ", "_") for c in harness.load_cases(False) if c.quick}
+    for impl in ("seqkern", "torch"):
+        assert {f"{q}-{impl}" for q in quick} <= collected
+    assert {c.rsplit("-", 1)[0] for c in collected} == quick  # (the quick grid, no more)
+
+
+def test_required_cpu_flags_name_the_bit_instructions():
+    """Every -march that gives AVX2 gives BMI1/BMI2 (the compiler uses them: shlx, andn), so a
+    CPU without them must be refused, not crash with SIGILL."""
+    if seqkern._ext._C is None:
+        pytest.skip("extension not built")
+    flags = seqkern._ext._C.required_cpu_flags().split()
+    if "avx2" in flags:
+        assert {"bmi1", "bmi2", "popcnt"} <= set(flags)
 
 
 def test_bench_runs_one_small_case(tmp_path):

@@ -101,6 +101,8 @@ def run(cases: list[Case], full: bool, with_reference: bool = True, log=print) -
         row["gflops"] = (case.flops / (s * 1e-3) / 1e9) if case.flops and s else None
         row["gbps"] = (case.bytes / (s * 1e-3) / 1e9) if case.bytes and s else None
         row["torch_gflops"] = (case.flops / (t * 1e-3) / 1e9) if case.flops and t else None
+        if case.extra.get("note"):  # (what the comparison is: shown under the table)
+            row["note"] = case.extra["note"]
         rows.append(row)
         del impls
     _progress(len(cases), len(cases), "done")
@@ -129,6 +131,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if r["speedup"]:
             groups.setdefault(r["op"] + f" [{r['dtype']}]", []).append(r["speedup"])
+    notes = {r["op"]: r["note"] for r in rows if r.get("note")}
+    if notes:
+        lines.append("")
+        lines += [f"note, {op}: {note}" for op, note in notes.items()]
     if groups:
         lines.append("")
         lines.append("speedup vs torch (geo-mean / worst):")
@@ -144,6 +150,9 @@ def main(ops: list[str] | None, full: bool, json_path: str | None, threads: int 
         torch.set_num_threads(threads)
     cases = [c for c in load_cases(full) if full or c.quick]
     known = suites(cases)
+    if ops is not None and not ops:
+        print(f"--ops names no suite; available: {', '.join(known)}", file=sys.stderr)
+        return 2
     if ops:
         unknown = [o for o in ops if o not in known]
         if unknown:
@@ -153,14 +162,30 @@ def main(ops: list[str] | None, full: bool, json_path: str | None, threads: int 
         cases = [c for c in cases if c.suite in ops]
     from seqkern import registry
 
+    backends = registry.table()
+    broken = {fam: be for fam, be in backends.items() if be.startswith("error:")}
+    if broken:  # (before any case runs: each would raise the same error)
+        for fam, be in broken.items():
+            print(f"cannot benchmark {fam}: {be}", file=sys.stderr)
+        return 2
+    out = None
+    if json_path:
+        try:  # (opened now: an unwritable path found after a full run would lose it)
+            out = open(json_path, "w")
+        except OSError as e:
+            print(f"cannot write --json {json_path}: {e}", file=sys.stderr)
+            return 2
     print(f"seqkern bench ({'full' if full else 'quick'}): {len(cases)} cases, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"backends {registry.table()}")
-    rows = run(cases, full, with_reference)
-    print(table(rows))
-    if json_path:
-        with open(json_path, "w") as f:
+          f"backends {backends}")
+    try:
+        rows = run(cases, full, with_reference)
+        print(table(rows))
+        if out is not None:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "rows": rows}, f, indent=1)
-        print(f"wrote {json_path}")
+                       "rows": rows}, out, indent=1)
+            print(f"wrote {json_path}")
+    finally:
+        if out is not None:
+            out.close()
     return 0

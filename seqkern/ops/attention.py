@@ -162,6 +162,9 @@ def dropout_keep_mask(shape, dropout_p: float, dropout_seed: Tensor) -> Tensor:
     (B, H, Lq, Lk): the cpu kernels regenerate it tile by tile, this materialises it (for tests
     and the reference)."""
     B, H, Lq, Lk = shape
+    if _ext._C is None:
+        raise RuntimeError(f"dropout_keep_mask needs seqkern's C++ extension, which is not "
+                           f"loaded: {_ext.load_error}")
     return _ext._C.attention_dropout_mask(B, H, Lq, Lk, float(dropout_p), dropout_seed)
 
 
