@@ -137,3 +137,11 @@ def test_three_dim_inputs_with_three_dim_mask(bool_mask):
         m[:, :, 0] = True  # no fully masked row (torch gives NaN there, the reference 0)
     torch.testing.assert_close(ref.scaled_dot_product_attention(q, k, v, m),
                                F.scaled_dot_product_attention(q, k, v, m))
+
+
+def test_window_without_causal_is_refused_as_by_the_ops():
+    """SPEC: the window bounds a causal row from below ("additionally j > i + δ − w"); without
+    is_causal the reference refuses it, as seqkern.ops does, instead of allowing every later key."""
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="requires is_causal=True"):
+        ref.scaled_dot_product_attention(q, q, q, window=2)

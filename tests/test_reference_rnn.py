@@ -120,3 +120,34 @@ def test_reference_streaming_chunked_equals_whole(mode):
         parts.append(y)
     assert torch.allclose(torch.cat(parts), whole, atol=1e-13, rtol=0)
     assert torch.allclose(h, hn, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru", "gru_cho"])
+@pytest.mark.parametrize("bidir", [False, True])
+def test_reference_padding_never_leaks(mode, bidir):
+    """SPEC: padded steps are skipped, not fed. Padding of NaN and inf changes nothing: the
+    outputs (zeros past each length), final states and every gradient equal those with zero
+    padding, and stay finite (a 0·NaN mask would spread NaN)."""
+    T, B, I, H = 6, 3, 4, 5
+    G = ref.gate_count(mode)
+    D = 2 if bidir else 1
+    ws = [{k: torch.randn(*s, dtype=D64, requires_grad=True)
+           for k, s in (("w_ih", (G * H, I)), ("w_hh", (G * H, H)), ("b_ih", (G * H,)))}
+          for _ in range(D)]
+    lengths = torch.tensor([6, 2, 4])
+    h0 = torch.randn(D, B, H, dtype=D64)
+    c0 = torch.randn(D, B, H, dtype=D64) if mode == "lstm" else None
+    x = torch.randn(T, B, I, dtype=D64)
+    pad = torch.arange(T).unsqueeze(1) >= lengths  # (T, B)
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        xf = x.masked_fill(pad.unsqueeze(2), fill)
+        out, hn, cn = ref.recurrence(mode, xf, h0, c0, ws, 1, bidir, lengths=lengths)
+        loss = out.sum() + hn.sum() + (cn.sum() if cn is not None else 0)
+        grads = torch.autograd.grad(loss, [t for w in ws for t in w.values()])
+        results.append([out, hn] + list(grads))
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not results[0][0][pad].any()

@@ -29,6 +29,8 @@ def allowed_keys(Lq: int, Lk: int, *, is_causal: bool = False, window: Optional[
                  key_lengths: Optional[Tensor] = None, causal_alignment: str = "top_left",
                  device=None) -> Tensor:
     """Boolean (B or 1, 1, Lq, Lk) mask of what the causal / window / key-length rules allow."""
+    if window is not None and not is_causal:  # (SPEC: the window bounds a causal row from below)
+        raise ValueError("window (a sliding window over past keys) requires is_causal=True")
     delta = causal_offset(Lq, Lk, causal_alignment)
     i = torch.arange(Lq, device=device).unsqueeze(1)
     j = torch.arange(Lk, device=device).unsqueeze(0)

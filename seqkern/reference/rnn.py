@@ -76,16 +76,19 @@ def layer(mode, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_peep=None, w_hr=N
     outs = [None] * T
     steps = range(T - 1, -1, -1) if reverse else range(T)
     for t in steps:
-        h_new, c_new = cell_step(mode, x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr)
         if lengths is None:
-            h, c = h_new, c_new
+            h, c = cell_step(mode, x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr)
             outs[t] = h
         else:
-            alive = (t < lengths).to(x.dtype).unsqueeze(1)  # (B, 1)
-            h = alive * h_new + (1 - alive) * h
+            # Padded steps are selected away, not multiplied by 0, and their inputs zeroed
+            # first: padding holding NaN or inf must not leak (0·NaN is NaN), forward or back.
+            alive = (t < lengths).to(x.device).unsqueeze(1)  # (B, 1)
+            xt = torch.where(alive, x[t], torch.zeros((), dtype=x.dtype, device=x.device))
+            h_new, c_new = cell_step(mode, xt, h, c, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr)
+            h = torch.where(alive, h_new, h)
             if c is not None:
-                c = alive * c_new + (1 - alive) * c
-            outs[t] = alive * h_new
+                c = torch.where(alive, c_new, c)
+            outs[t] = torch.where(alive, h_new, torch.zeros((), dtype=h_new.dtype, device=h_new.device))
     return torch.stack(outs), h, c
 
 
