@@ -452,3 +452,21 @@ def test_export_with_dynamic_batch_and_length(window):
         go = torch.randn_like(want)
         torch.testing.assert_close(torch.autograd.grad(got, x, go)[0],
                                    torch.autograd.grad(want, x, go)[0], **TOL)
+
+
+def test_cache_filled_under_autocast_continues_outside_it():
+    """Prefill under torch.autocast (the empty cache takes bf16), decode outside it: the held
+    keys follow the new float32 ones instead of refusing them, and the result tracks the full
+    float32 forward to bf16 accuracy (the reverse order already cast the new keys)."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(32, 4, 2)
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        cache = m.new_cache(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x[:, :5], cache)
+        assert cache.k.dtype == torch.bfloat16
+        outs = [m.step(x[:, t], cache) for t in range(5, 8)]
+        assert cache.k.dtype == torch.float32 and cache.length == 8
+        full = m(x)
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 5:], atol=3e-2, rtol=3e-2)

@@ -282,6 +282,7 @@ class KVCache:
         self.length = 0
         self.dropped = 0
         self._device, self._dtype = device, dtype
+        self._dtype_from_autocast = False  # (see append)
         self.k = self.v = None
         if capacity > 0:
             self._reserve(capacity)
@@ -320,10 +321,18 @@ class KVCache:
         if self.length == 0 and (self._dtype, self._device) != (k_new.dtype, k_new.device):
             self._dtype, self._device = k_new.dtype, k_new.device
             self.k = self.v = None
+            self._dtype_from_autocast = _autocast.autocast_dtype(k_new.device) is not None
         elif (k_new.device == self._device and k_new.dtype != self._dtype
               and _autocast.autocast_dtype(k_new.device) is not None):
             # filled outside autocast, extended inside: attention casts them alike anyway
             k_new, v_new = k_new.to(self._dtype), v_new.to(self._dtype)
+        elif (k_new.device == self._device and k_new.dtype != self._dtype
+              and getattr(self, "_dtype_from_autocast", False)):
+            # filled inside autocast (which set the dtype), extended outside it: the held keys
+            # follow the new ones' dtype, once (the attention needs q, k, v alike)
+            held = self.length - self.dropped
+            self.k, self.v = self.k[:, :, :held].to(k_new.dtype), self.v[:, :, :held].to(k_new.dtype)
+            self._dtype, self._dtype_from_autocast = k_new.dtype, False
         elif (k_new.dtype, k_new.device) != (self._dtype, self._device):
             raise TypeError(f"the cache holds {self._dtype} on {self._device} but got keys of "
                             f"{k_new.dtype} on {k_new.device}: start a new cache (new_cache) "

@@ -146,8 +146,15 @@ class WaveNetBlock(nn.Module):
         except KeyError:   # a parametrization or weight_norm/pruning replaced a parameter
             return self._params()
 
-    def forward(self, x: Tensor, state: Tensor | None = None, return_state: bool = False):
-        return ops.wavenet_block(x, *self._params(), self.dilation, state, return_state)
+    def forward(self, x: Tensor, state: Tensor | None = None, return_state: bool = False, *,
+                _res_unused: bool = False):
+        # _res_unused (WaveNet's last block, whose res output it drops): the res conv's
+        # parameters go in detached, so that they get no gradient (None, as in a plain torch
+        # stack), not a zero one from the fused op that weight decay would then act on
+        p = self._params()
+        if _res_unused:
+            p = p[:4] + tuple(t.detach() if t is not None else None for t in p[4:])
+        return ops.wavenet_block(x, *p, self.dilation, state, return_state)
 
     def step(self, x_t: Tensor, state: Tensor | None = None):
         """x_t (B, R) → (res_t (B, R), skip_t (B, S), new state)."""
@@ -182,8 +189,10 @@ class WaveNet(nn.Module):
     def forward(self, x: Tensor, state: list[Tensor] | None = None, return_state: bool = False):
         skip_sum = None
         new_state = []
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            out = block(x, None if state is None else state[i], return_state)
+            out = block(x, None if state is None else state[i], return_state,
+                        _res_unused=i == last)
             x, skip = out[0], out[1]
             if return_state:
                 new_state.append(out[2])
