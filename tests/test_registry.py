@@ -134,6 +134,26 @@ def test_cli_with_a_bad_backend_or_output_fails_before_timing(tmp_path):
         assert out.returncode == 2 and "names no suite" in out.stderr
 
 
+def test_bench_json_is_replaced_only_by_a_finished_run(tmp_path, monkeypatch):
+    """An interrupted run leaves an earlier --json file as it was (written through a
+    temporary file at the end); a finished one replaces it."""
+    from seqkern.bench import harness
+
+    path = tmp_path / "bench.json"
+    path.write_text('{"rows": ["earlier"]}')
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        harness.main(["gru"], False, str(path), None, False)
+    assert path.read_text() == '{"rows": ["earlier"]}' and len(list(tmp_path.iterdir())) == 1
+    monkeypatch.setattr(harness, "run", lambda *a, **k: [])
+    assert harness.main(["gru"], False, str(path), None, False) == 0
+    assert '"rows": []' in path.read_text() and len(list(tmp_path.iterdir())) == 1
+
+
 def test_bench_table_shows_a_case_note():
     from seqkern.bench import harness
 

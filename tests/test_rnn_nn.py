@@ -590,6 +590,29 @@ def test_step_runs_old_style_weight_norm_hooks():
         torch.testing.assert_close(lstm.step(xt, st)[0], lstm(xt[None], st)[0][0])
 
 
+@pytest.mark.parametrize("make", [lambda: snn.LSTM(3, 4, num_layers=2), lambda: snn.GRU(3, 4),
+                                  lambda: snn.LSTMCell(3, 4), lambda: snn.GRUCell(3, 4)])
+def test_modules_pickled_before_kind_existed_still_run(make):
+    """A module pickled when its lowercase `mode` was seqkern's name (no `kind`) loads and
+    runs; layers read torch's `mode` again."""
+    import pickle
+
+    m = make()
+    old = m.__dict__.copy()
+    m.__dict__["mode"] = m.__dict__.pop("kind")  # as the previous version pickled it
+    loaded = pickle.loads(pickle.dumps(m))
+    m.__dict__.clear()
+    m.__dict__.update(old)
+    x = torch.randn(2, 3) if "Cell" in type(m).__name__ else torch.randn(5, 2, 3)
+    out, new = loaded(x), m(x)
+    for a, b in zip(out if isinstance(out, tuple) else (out,), new if isinstance(new, tuple) else (new,)):
+        torch.testing.assert_close(a if isinstance(a, torch.Tensor) else a[0],
+                                   b if isinstance(b, torch.Tensor) else b[0])
+    assert loaded.kind == m.kind
+    if "Cell" not in type(m).__name__:
+        assert loaded.mode == m.mode == type(m).__name__
+
+
 def test_mode_is_torchs():
     """`mode` reads as torch.nn.RNNBase's for every kind (code branches on it)."""
     assert snn.RNN(3, 4, nonlinearity="relu").mode == torch.nn.RNN(3, 4, nonlinearity="relu").mode

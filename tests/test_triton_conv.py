@@ -157,3 +157,12 @@ def test_double_backward_raises():
         y = ops.causal_conv1d(x, w, None, 2)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_look_back_past_the_kernels_int32_columns_is_refused():
+    """The triton kernels index columns in int32: a look-back that the cpu kernels (int64)
+    still take, but whose columns overflow there, is an error, not a wrong input gradient."""
+    x = torch.randn(1, 2, 5, requires_grad=True)
+    w = torch.randn(2, 2, 2)
+    with seqkern.use_backend("triton"), pytest.raises(ValueError, match="triton conv kernels"):
+        ops.causal_conv1d(x, w, dilation=2**31 - 5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import sys
 import time
 from typing import Callable, Iterable
@@ -168,24 +169,25 @@ def main(ops: list[str] | None, full: bool, json_path: str | None, threads: int 
         for fam, be in broken.items():
             print(f"cannot benchmark {fam}: {be}", file=sys.stderr)
         return 2
-    out = None
     if json_path:
-        try:  # (opened now: an unwritable path found after a full run would lose it)
-            out = open(json_path, "w")
-        except OSError as e:
-            print(f"cannot write --json {json_path}: {e}", file=sys.stderr)
+        # checked now (an unwritable path found after a full run would lose it), written at
+        # the end through a temporary file (an interrupted run leaves an earlier file intact)
+        target = os.path.abspath(json_path)
+        folder = os.path.dirname(target)
+        if (os.path.isdir(target) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)
+                or (os.path.exists(target) and not os.access(target, os.W_OK))):
+            print(f"cannot write --json {json_path}: not a writable file path", file=sys.stderr)
             return 2
     print(f"seqkern bench ({'full' if full else 'quick'}): {len(cases)} cases, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"backends {backends}")
-    try:
-        rows = run(cases, full, with_reference)
-        print(table(rows))
-        if out is not None:
+    rows = run(cases, full, with_reference)
+    print(table(rows))
+    if json_path:
+        tmp = f"{target}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "rows": rows}, out, indent=1)
-            print(f"wrote {json_path}")
-    finally:
-        if out is not None:
-            out.close()
+                       "rows": rows}, f, indent=1)
+        os.replace(tmp, target)
+        print(f"wrote {json_path}")
     return 0

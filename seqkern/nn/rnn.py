@@ -33,6 +33,14 @@ _TORCH_MODES = {"lstm": "LSTM", "gru": "GRU", "gru_cho": "GRU", "rnn_tanh": "RNN
                 "rnn_relu": "RNN_RELU"}
 
 
+def _with_kind(state: dict) -> dict:
+    """A module's pickled state from before `kind` existed (its `mode` was then seqkern's
+    lowercase name) with `kind` filled in, so that it loads and runs."""
+    if "kind" not in state and state.get("mode") in _TORCH_MODES:
+        state = dict(state, kind=state["mode"])
+    return state
+
+
 def _reset_uniform(module: nn.Module) -> None:
     """torch's initialisation of recurrent layers and cells: every parameter U(−1/√H, 1/√H)."""
     std = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
@@ -90,6 +98,10 @@ class _RecurrentBase(nn.Module):
 
     def reset_parameters(self) -> None:
         _reset_uniform(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(_with_kind(state))
+        self.mode = _TORCH_MODES[self.kind]
 
     def _weights(self) -> list[dict]:
         p = self._parameters  # (getattr costs 0.7 µs a name; a parametrized weight is not here)
@@ -508,6 +520,11 @@ class _CellBase(nn.Module):
 
     def reset_parameters(self) -> None:
         _reset_uniform(self)
+
+    def __setstate__(self, state):
+        state = _with_kind(state)
+        state.pop("mode", None)  # (torch's cells have none; seqkern's name is `kind`)
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")

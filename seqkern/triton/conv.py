@@ -377,6 +377,17 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+# The kernels index columns in int32: the look-back P plus the length, rounded up to a block,
+# must stay below 2³¹ (the cpu kernels use int64 and go up to seqkern.ops.conv.MAX_LOOKBACK).
+_MAX_COLUMNS = 2**31 - 1 - 4096
+
+
+def _check_columns(P: int, L: int) -> None:
+    if P + L > _MAX_COLUMNS:
+        raise ValueError(f"(kernel_size - 1) * dilation + L = {P} + {L} exceeds what the triton "
+                         f"conv kernels index ({_MAX_COLUMNS}); the cpu backend goes further")
+
+
 def _state_args(x, initial_state):
     if initial_state is None:
         return x, (0, 0, 0), False
@@ -389,6 +400,7 @@ def conv_forward(x, weight, bias, initial_state, dilation, groups, activation, s
     B, C_in, L = x.shape
     C_out, CIG, K = weight.shape
     P = (K - 1) * dilation
+    _check_columns(P, L)
     act = _ACT[activation]
     st, ss, has_st = _state_args(x, initial_state)
     y = x.new_empty((B, C_out, L))
@@ -497,6 +509,7 @@ def wavenet_forward(x, conv_weight, conv_bias, skip_weight, skip_bias, res_weigh
     G2, _, K = conv_weight.shape
     G, S = G2 // 2, skip_weight.shape[0]
     P = (K - 1) * dilation
+    _check_columns(P, L)
     st, ss, has_st = _state_args(x, initial_state)
     res = x.new_empty((B, R, L))
     skip = x.new_empty((B, S, L))
