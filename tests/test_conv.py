@@ -635,3 +635,47 @@ def test_silu_of_extreme_preactivations_as_torch(dtype, groups):
     xr = x.detach().float().requires_grad_()
     F.silu(xr).backward(torch.ones_like(xr))
     torch.testing.assert_close(x.grad.float(), xr.grad.to(dtype).float(), equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("groups", [1, 2, 4], ids=["dense", "grouped", "depthwise"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_weight_meets_the_zero_history_as_in_torch(dtype, groups, bad):
+    """torch's padded conv multiplies the oldest tap by the zero padding: NaN (0·NaN, 0·inf)
+    in the first (K−1)·d columns. The kernels skip that history; with a non-finite weight they
+    take it as explicit zeros, so the NaN pattern of outputs and gradients is torch's."""
+    x = torch.randn(2, 4, 9, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 4 // groups, 3, dtype=dtype)
+    w[0, 0, 0] = bad
+    w.requires_grad_()
+    y = ops.causal_conv1d(x, w, dilation=2, groups=groups, activation="tanh")
+    want = torch.tanh(F.conv1d(F.pad(x, (4, 0)), w, dilation=2, groups=groups))
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    g = torch.autograd.grad(y.sum(), (x, w))
+    gw = torch.autograd.grad(want.sum(), (x, w))
+    if dtype == torch.float32:  # (torch's bf16 backward spreads inf·0 by its own loop order)
+        for a, b in zip(g, gw):
+            assert torch.equal(torch.isnan(a), torch.isnan(b))
+    wn_w = torch.randn(6, 4, 2, dtype=dtype)
+    wn_w[1, 2, 0] = bad
+    res, skip = ops.wavenet_block(x.detach(), wn_w, None, torch.randn(5, 3, dtype=dtype), None,
+                                  torch.randn(4, 3, dtype=dtype), None, dilation=3)
+    want_res, want_skip = ref.wavenet_block(x.detach(), wn_w, None, torch.randn(5, 3, dtype=dtype),
+                                            None, torch.randn(4, 3, dtype=dtype), None, 3)
+    assert torch.equal(torch.isnan(skip), torch.isnan(want_skip))
+
+
+@pytest.mark.parametrize("groups", [1, 4], ids=["dense", "depthwise"])
+def test_relu_backward_passes_the_gradient_at_nan_as_torch(groups):
+    """torch's relu backward zeroes only where the output is ≤ 0, so a NaN output passes its
+    gradient on; the kernels' did not (bias gradients off by O(1))."""
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    x[0, 1, 3] = float("nan")
+    x.requires_grad_()
+    w = torch.randn(4, 4 // groups, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    y = ops.causal_conv1d(x, w, b, dilation=1, groups=groups, activation="relu")
+    want = torch.relu(F.conv1d(F.pad(x, (1, 0)), w, b, groups=groups))
+    g = torch.randn_like(y)
+    for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)):
+        torch.testing.assert_close(a, e, equal_nan=True)

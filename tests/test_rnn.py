@@ -584,3 +584,23 @@ def test_reference_rejects_a_malformed_packed_layout(bs):
     w = {"w_ih": torch.randn(12, 3), "w_hh": torch.randn(12, 4)}
     with seqkern.use_backend("reference"), pytest.raises(ValueError, match="batch_sizes"):
         seqkern.ops.recurrent_layer("gru", x, torch.tensor(bs), h0, None, w)
+
+
+@pytest.mark.parametrize("B", [1, 8, 32])
+def test_relu_rnn_gradient_through_a_nan_as_torch(B):
+    """A NaN input: torch's relu backward passes the gradient through the NaN output (it zeroes
+    only where h ≤ 0); so do the kernels now, on every batch path (they gave 0)."""
+    torch.manual_seed(0)
+    m = seqkern.nn.RNN(4, 6, nonlinearity="relu")
+    t = torch.nn.RNN(4, 6, nonlinearity="relu")
+    t.load_state_dict(m.state_dict())
+    x = torch.randn(7, B, 4)
+    x[3, 0, 2] = float("nan")
+    grads = []
+    for mod in (m, t):
+        xx = x.clone().requires_grad_()
+        y, _ = mod(xx)
+        g = torch.autograd.grad(y, [xx] + list(mod.parameters()), torch.ones_like(y) * 0.1)
+        grads.append(g)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-4)

@@ -111,7 +111,7 @@ template <typename T>
 inline Vec<T> activation_grad(const Vec<T>& g, const Vec<T>& y, const Vec<T>& z, int64_t act) {
   const Vec<T> one(T(1)), zero(T(0));
   switch (act) {
-    case kRelu: return Vec<T>::blendv(zero, g, y > zero);
+    case kRelu: return Vec<T>::blendv(g, zero, y <= zero);  // (NaN y passes g, as torch)
     case kTanh: return g * (one - y * y);
     case kSilu: {
       Vec<T> s = sigmoid(z);
@@ -506,6 +506,20 @@ void depthwise_backward(const Geom& g, const T* dz, const int64_t* ds, const T* 
 
 bool is_depthwise(const Geom& g) { return g.groups == g.Cin && g.Cout == g.Cin; }
 
+// torch's padded conv multiplies every tap by the zero history, so a NaN or inf weight makes
+// the first (K−1)·d output columns NaN there; the kernels skip a history of zeros (it adds
+// nothing finite). Where a weight is not finite they get it as explicit zeros instead, so
+// outputs and gradients follow torch's. w: contiguous, in the compute type.
+at::Tensor zero_history_if_weights_nonfinite(const at::Tensor& init, const at::Tensor& w,
+                                             const Geom& g) {
+  if (init.defined() || g.P == 0 || g.B == 0 || g.Cin == 0 || w.numel() == 0) return init;
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "seqkern_conv_weights_finite", [&] {
+    finite = all_finite(w.data_ptr<scalar_t>(), w.numel());
+  });
+  return finite ? init : at::zeros({g.B, g.Cin, g.P}, w.options());
+}
+
 // ------------------------------------------------------------- entry points ---------------
 
 std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w_in,
@@ -524,6 +538,7 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
     TORCH_CHECK(init.dim() == 3 && init.size(0) == g.B && init.size(1) == g.Cin &&
                     init.size(2) == g.P,
                 "seqkern conv: initial_state must be (B, C_in, (K-1)*dilation)");
+  init = zero_history_if_weights_nonfinite(init, w, g);
   at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());  // in x's type: st when narrow_rows
   const bool keep = save_preact && act == kSilu;
   at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options().dtype(ct))
@@ -564,7 +579,8 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct), w = contiguous_as(w_in, ct);
-  at::Tensor init = contiguous_as(opt(init_in), ct);
+  const bool init_given = opt(init_in).defined();
+  const at::Tensor init = zero_history_if_weights_nonfinite(contiguous_as(opt(init_in), ct), w, g);
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({g.B, g.Cout, g.L}),
               "seqkern conv: grad_output has shape ", grad_in.sizes());
   // The depthwise kernel reads a strided gradient directly (see depthwise_backward).
@@ -586,10 +602,10 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   at::Tensor dx = empty_large({g.B, g.Cin, g.L}, x.options());
   at::Tensor dw = at::zeros_like(w);
   at::Tensor db = has_bias ? at::zeros({g.Cout}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dinit = init.defined() ? at::zeros_like(init) : at::empty({0}, x.options());
+  at::Tensor dinit = init_given ? at::zeros_like(init) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_conv_backward", [&] {
     const scalar_t* ip = ptr_or_null<scalar_t>(init);
-    scalar_t* dip = init.defined() && init.numel() > 0 ? dinit.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dip = init_given && init.numel() > 0 ? dinit.data_ptr<scalar_t>() : nullptr;
     scalar_t* dbp = has_bias ? db.data_ptr<scalar_t>() : nullptr;
     if (g.L == 0) return;
     if (is_depthwise(g)) {
@@ -772,6 +788,7 @@ std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor
   if (init.defined())
     TORCH_CHECK(init.sizes() == at::IntArrayRef({k.g.B, k.R, k.g.P}),
                 "seqkern wavenet: initial_state must be (B, R, (K-1)*dilation)");
+  init = zero_history_if_weights_nonfinite(init, wp, k.g);
   at::Tensor res = empty_large({k.g.B, k.R, k.g.L}, x.options());
   at::Tensor skip = empty_large({k.g.B, k.S, k.g.L}, x.options());
   at::Tensor h = save ? empty_large({k.g.B, 2 * k.G, k.g.L}, x.options()) : at::empty({0}, x.options());
@@ -799,7 +816,9 @@ std::vector<at::Tensor> wavenet_backward(
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct);
   at::Tensor wp = contiguous_as(conv_w, ct).permute({2, 0, 1}).contiguous();
-  at::Tensor cb = contiguous_as(opt(conv_b), ct), init = contiguous_as(opt(init_in), ct);
+  const bool init_given = opt(init_in).defined();
+  at::Tensor cb = contiguous_as(opt(conv_b), ct);
+  const at::Tensor init = zero_history_if_weights_nonfinite(contiguous_as(opt(init_in), ct), wp, g);
   at::Tensor ws = contiguous_as(skip_w, ct), wr = contiguous_as(res_w, ct);
   at::Tensor h = contiguous_as(h_in, ct);
   TORCH_CHECK(h.sizes() == at::IntArrayRef({g.B, 2 * k.G, g.L}),
@@ -814,7 +833,7 @@ std::vector<at::Tensor> wavenet_backward(
   at::Tensor dws = at::zeros({k.S, k.G}, o), dwr = at::zeros({k.R, k.G}, o);
   at::Tensor dsb = has_skip_bias ? at::zeros({k.S}, o) : at::empty({0}, o);
   at::Tensor drb = has_res_bias ? at::zeros({k.R}, o) : at::empty({0}, o);
-  at::Tensor dinit = init.defined() ? at::zeros_like(init) : at::empty({0}, o);
+  at::Tensor dinit = init_given ? at::zeros_like(init) : at::empty({0}, o);
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_wavenet_backward", [&] {
     if (g.L == 0) return;
     auto p = [](at::Tensor& t, bool on) { return on && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };

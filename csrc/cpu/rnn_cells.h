@@ -124,7 +124,8 @@ SEQKERN_INLINE Vec<T> rnn_activation(Vec<T> a, bool relu_act) {
 // Gradient through the activation from its output y.
 template <typename T>
 SEQKERN_INLINE Vec<T> rnn_activation_backward(Vec<T> dh, Vec<T> y, bool relu_act) {
-  if (relu_act) return Vec<T>::blendv(Vec<T>(T(0)), dh, y > Vec<T>(T(0)));
+  // (zero only where y <= 0: a NaN y passes dh on, as torch's threshold_backward does)
+  if (relu_act) return Vec<T>::blendv(dh, Vec<T>(T(0)), y <= Vec<T>(T(0)));
   return dh * (Vec<T>(T(1)) - y * y);
 }
 
