@@ -470,3 +470,18 @@ def test_cache_filled_under_autocast_continues_outside_it():
         assert cache.k.dtype == torch.float32 and cache.length == 8
         full = m(x)
     torch.testing.assert_close(torch.stack(outs, 1), full[:, 5:], atol=3e-2, rtol=3e-2)
+
+
+def test_cached_step_compiles_with_fullgraph():
+    """Decoding with a KV cache inside torch.compile(fullgraph=True): no graph break (the
+    cache's inference-tensor check is not traced)."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(16, 4, 2)
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        cache = m.new_cache(2)
+        m(x[:, :5], cache)
+        step = torch.compile(m.step, fullgraph=True, backend="aot_eager")
+        outs = [step(x[:, t], cache) for t in (5, 6)]
+        full = m(x)
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 5:], atol=1e-5, rtol=1e-5)

@@ -389,3 +389,33 @@ def test_wavenet_last_blocks_unused_res_conv_gets_no_gradient():
         if not n.startswith("blocks.2.res"):
             torch.testing.assert_close(p.grad, q.grad)
     assert not ref.blocks[-1].res.weight.grad.any()
+
+
+@pytest.mark.parametrize("make", [lambda: CausalConv1d(3, 4, 3, dilation=2),
+                                  lambda: WaveNet(2, 3, 4, 5, kernel_size=3, dilation_cycle=2)])
+def test_export_with_state_and_a_dynamic_length(make):
+    """return_state with a symbolic length: the final state takes no branch on L ≥ P while
+    traced, so the exported program serves chunks shorter and longer than the look-back."""
+    from torch.export import Dim
+
+    m = make().eval()
+
+    class Chunk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, st):
+            return self.m(x, st, return_state=True)
+
+    st = m.initial_state(2)
+    x = torch.randn(2, 3, 9)
+    first = st if isinstance(st, torch.Tensor) else st[0]
+    spec_st = {0: Dim("B")} if isinstance(st, torch.Tensor) else [{0: Dim("B")}] * len(st)
+    ep = torch.export.export(Chunk(), (x, st), dynamic_shapes=({0: Dim("B"), 2: Dim("L")}, spec_st))
+    assert first.shape[0] == 2
+    for L in (1, 3, 7, 12):
+        xx = torch.randn(2, 3, L)
+        got, want = ep.module()(xx, st), Chunk()(xx, st)
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            torch.testing.assert_close(a, b)

@@ -1694,3 +1694,17 @@ def test_cell_training_only_biases_want_gradients(kind, dtype):
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=0.1, rtol=0.05)
     for a, b in zip(*res):
         torch.testing.assert_close(b.double(), a.double(), **tol)
+
+
+def test_lengths_under_fake_tensor_mode():
+    """lengths= under FakeTensorMode (and so make_fx's symbolic tracing): the packing goes
+    through the op whose fake handles the data-dependent sizes, not through Python reads of
+    the lengths."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    m = snn.LSTM(4, 5)
+    x, lengths = torch.randn(6, 3, 4), torch.tensor([6, 2, 4])
+    with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True) as mode:
+        y, (h, c) = m(mode.from_tensor(x), lengths=mode.from_tensor(lengths))
+    assert y.dim() == 3 and y.shape[2] == 5 and h.shape[-1] == c.shape[-1] == 5

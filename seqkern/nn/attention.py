@@ -349,7 +349,10 @@ class KVCache:
             self.length += k_new.shape[2]
             return self.k, self.v
         if self.k is not None and (self.k.requires_grad or self.v.requires_grad or (
-                self.k.is_inference() and not torch.is_inference_mode_enabled())):
+                # (not while compiling, which cannot trace is_inference: no inference
+                # tensors reach a compiled region's buffers there)
+                not torch.compiler.is_compiling()
+                and self.k.is_inference() and not torch.is_inference_mode_enabled())):
             # fresh buffers: those of a recorded append may be saved for a backward, and
             # inference tensors cannot be written outside inference mode
             self._reserve(self.capacity)

@@ -38,11 +38,22 @@ def history(x: Tensor, initial_state: Tensor | None, P: int) -> Tensor:
 
 
 def final_state(x: Tensor, initial_state: Tensor | None, P: int) -> Tensor:
-    """The last P columns of x_ext: the state the next chunk starts from."""
+    """The last P columns of x_ext: the state the next chunk starts from. Not a view of x: a
+    caller may refill x with the next chunk. Traced (torch.compile, export, fake tensors) it
+    takes no branch on L ≥ P, which would guard a symbolic length."""
     L = x.shape[2]
+    if torch.compiler.is_compiling() or _fake(x):
+        ext = history(x, initial_state, P)  # (a copy of x; no guard on L)
+        return ext[:, :, ext.shape[2] - P:]
     if L >= P:
-        return x[:, :, L - P:].clone()  # not a view: a caller may refill x with the next chunk
+        return x[:, :, L - P:].clone()
     return history(x, initial_state, P)[:, :, L:]
+
+
+def _fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 def _finish(y, bias, activation, x_ext, P, return_final_state):
