@@ -90,6 +90,15 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def is_fake(t) -> bool:
+    """Whether t is a FakeTensor (FakeTensorMode, make_fx's symbolic tracing): its data cannot
+    be read, so a data-dependent step must go through an op whose fake handles it, or take no
+    branch on a size."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def batched(*tensors) -> bool:
     """Whether a tensor is a vmap-batched one, as the gradients reaching a backward are under
     autograd.grad(is_grads_batched=True) or jacobian(vectorize=True): only a custom op, not the

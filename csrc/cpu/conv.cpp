@@ -51,6 +51,9 @@ enum Act : int64_t { kNone = 0, kRelu = 1, kSilu = 2, kTanh = 3 };
 // The largest (K − 1)·dilation: beyond it the index arithmetic of the taps could overflow
 // (seqkern.ops.conv.MAX_LOOKBACK, checked there first).
 constexpr int64_t kMaxLookback = (int64_t(1) << 31) - 1;
+inline bool lookback_fits(int64_t K, int64_t dilation) {
+  return K <= 1 || K - 1 <= kMaxLookback / dilation;  // (dilation ≥ 1, checked before)
+}
 
 struct Geom {
   int64_t B, Cin, Cout, L, K, d, P, groups, Cin_g, Cout_g;
@@ -68,7 +71,7 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, int64_t dilation, int64
   g.Cout = w.size(0);
   g.K = w.size(2);
   g.d = dilation;
-  TORCH_CHECK_VALUE(g.K <= 1 || g.K - 1 <= kMaxLookback / dilation,
+  TORCH_CHECK_VALUE(lookback_fits(g.K, dilation),
                     "seqkern conv: (kernel_size - 1) * dilation exceeds ", kMaxLookback);
   g.P = (g.K - 1) * dilation;
   g.groups = groups;
@@ -918,7 +921,7 @@ std::vector<at::Tensor> wavenet_stack_step(
       at::Tensor cb = contiguous_as(opt(conv_b[l]), ct), sb = contiguous_as(opt(skip_b[l]), ct),
                  rb = contiguous_as(opt(res_b[l]), ct);
       const int64_t G2 = w.size(0), G = G2 / 2, K = w.size(2), d = dilations[l];
-      TORCH_CHECK_VALUE(K <= 1 || K - 1 <= kMaxLookback / d, "seqkern wavenet step: (K - 1) * ",
+      TORCH_CHECK_VALUE(lookback_fits(K, d), "seqkern wavenet step: (K - 1) * ",
                         "dilation of layer ", l, " exceeds ", kMaxLookback);
       const int64_t P = (K - 1) * d;
       TORCH_CHECK(w.size(1) == R, "seqkern wavenet step: conv weight of layer ", l, " is ",

@@ -327,7 +327,7 @@ class KVCache:
             # filled outside autocast, extended inside: attention casts them alike anyway
             k_new, v_new = k_new.to(self._dtype), v_new.to(self._dtype)
         elif (k_new.device == self._device and k_new.dtype != self._dtype
-              and getattr(self, "_dtype_from_autocast", False)):
+              and self._dtype_from_autocast):
             # filled inside autocast (which set the dtype), extended outside it: the held keys
             # follow the new ones' dtype, once (the attention needs q, k, v alike)
             held = self.length - self.dropped

@@ -33,14 +33,6 @@ _TORCH_MODES = {"lstm": "LSTM", "gru": "GRU", "gru_cho": "GRU", "rnn_tanh": "RNN
                 "rnn_relu": "RNN_RELU"}
 
 
-def _fake(t) -> bool:
-    """Whether t is a FakeTensor (FakeTensorMode, make_fx's symbolic tracing): its data cannot
-    be read, so a data-dependent step must go through an op whose fake handles it."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
-
-
 def _with_kind(state: dict) -> dict:
     """A module's pickled state from before `kind` existed (its `mode` was then seqkern's
     lowercase name) with `kind` filled in, so that it loads and runs."""
@@ -299,7 +291,7 @@ class _RecurrentBase(nn.Module):
                 if lengths.shape != (B,):
                     raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
             if lengths is not None and B > 0 and (torch.compiler.is_compiling()
-                                                  or _fake(x) or _fake(lengths)):
+                                                  or _ext.is_fake(x) or _ext.is_fake(lengths)):
                 # one op whose outputs have data-dependent sizes; it checks the lengths itself
                 data, batch_sizes, sorted_idx, unsorted_idx, rows = ops._pack_by_lengths_op(
                     x, lengths)

@@ -214,13 +214,16 @@ def _check_same(x: Tensor, **tensors: Tensor | None) -> None:
 
 
 def _check_input_and_ints(x, name: str, dims: int, layout: str, dilation, groups) -> None:
-    """x a `dims`-D tensor (`layout` for the message); dilation and groups integers >= 1."""
+    """x a floating-point `dims`-D tensor (`layout` for the message); dilation and groups
+    integers >= 1."""
     if not isinstance(x, Tensor) or x.dim() != dims:
         raise ValueError(f"{name} must be a {layout} tensor, got shape "
                          f"{_shape(x) if isinstance(x, Tensor) else type(x).__name__}")
     for what, n in (("dilation", dilation), ("groups", groups)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{what} must be an integer >= 1, got {n!r}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
 def _lookback(K: int, dilation: int) -> int:
@@ -234,8 +237,6 @@ def _lookback(K: int, dilation: int) -> int:
 def _check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, groups: int,
                 activation, initial_state: Tensor | None) -> None:
     _check_input_and_ints(x, "x", 3, "(B, C, L)", dilation, groups)
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if weight.dim() != 3:
         raise ValueError(f"weight must be (C_out, C_in/groups, K) as in nn.Conv1d, got shape "
                          f"{_shape(weight)}")
@@ -370,8 +371,6 @@ def _taps(x_t: Tensor, state: Tensor, dilation: int) -> tuple[Tensor, Tensor]:
 
 def _check_step(x_t, state, weight, bias, dilation, groups):
     _check_input_and_ints(x_t, "x_t", 2, "(B, C_in)", dilation, groups)
-    if not x_t.is_floating_point():
-        raise TypeError(f"x_t must be a floating-point tensor, got {x_t.dtype}")
     if x_t.shape[1] % groups:
         raise ValueError(f"x_t has C_in = {x_t.shape[1]} channels, not divisible by "
                          f"groups = {groups}")

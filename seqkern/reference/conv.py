@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from seqkern import _ext
+
 __all__ = [
     "ACTIVATIONS", "activate", "history", "final_state", "causal_conv1d",
     "depthwise_causal_conv1d", "wavenet_block", "causal_conv1d_step", "wavenet_block_step",
@@ -42,18 +44,12 @@ def final_state(x: Tensor, initial_state: Tensor | None, P: int) -> Tensor:
     caller may refill x with the next chunk. Traced (torch.compile, export, fake tensors) it
     takes no branch on L ≥ P, which would guard a symbolic length."""
     L = x.shape[2]
-    if torch.compiler.is_compiling() or _fake(x):
+    if torch.compiler.is_compiling() or _ext.is_fake(x):
         ext = history(x, initial_state, P)  # (a copy of x; no guard on L)
         return ext[:, :, ext.shape[2] - P:]
     if L >= P:
         return x[:, :, L - P:].clone()
     return history(x, initial_state, P)[:, :, L:]
-
-
-def _fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
 
 
 def _finish(y, bias, activation, x_ext, P, return_final_state):
