@@ -94,9 +94,10 @@ def is_fake(t) -> bool:
     """Whether t is a FakeTensor (FakeTensorMode, make_fx's symbolic tracing): its data cannot
     be read, so a data-dependent step must go through an op whose fake handles it, or take no
     branch on a size."""
-    from torch._subclasses.fake_tensor import FakeTensor
+    import torch
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
 
-    return isinstance(t, FakeTensor)
+    return isinstance(t, torch.Tensor) and _is_fake(t)  # (sees through functionalization)
 
 
 def batched(*tensors) -> bool:

@@ -485,3 +485,39 @@ def test_cached_step_compiles_with_fullgraph():
         outs = [step(x[:, t], cache) for t in (5, 6)]
         full = m(x)
     torch.testing.assert_close(torch.stack(outs, 1), full[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_step_after_prefill_in_inference_mode(fullgraph):
+    """A cache filled eagerly under inference_mode, then decoded by a compiled step outside
+    it: the compiled append copies the inference-tensor buffers once before writing (compiled
+    code cannot ask is_inference; the cache remembers what eager code made)."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(16, 4, 2)
+    x = torch.randn(2, 9, 16)
+    cache = m.new_cache(2)
+    with torch.inference_mode():
+        m(x[:, :5], cache)
+    step = torch.compile(m.step, fullgraph=fullgraph, backend="aot_eager")
+    with torch.no_grad():
+        outs = [step(x[:, t], cache) for t in range(5, 9)]
+        full = m(x)
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 5:], atol=1e-5, rtol=1e-5)
+    assert not cache.k.is_inference()
+
+
+def test_cache_pickled_without_newer_attributes_loads():
+    """A KVCache pickled before its private attributes existed still appends."""
+    import pickle
+
+    m = CausalSelfAttention(16, 4, 2)
+    x = torch.randn(1, 4, 16)
+    cache = m.new_cache(1)
+    with torch.no_grad():
+        m(x[:, :3], cache)
+        state = dict(cache.__dict__)
+        del state["_dtype_from_autocast"], state["_inference_buffers"]
+        old = object.__new__(type(cache))
+        old.__setstate__(state)
+        restored = pickle.loads(pickle.dumps(old))
+        torch.testing.assert_close(m.step(x[:, 3], restored), m(x)[:, 3], atol=1e-5, rtol=1e-5)

@@ -419,3 +419,17 @@ def test_export_with_state_and_a_dynamic_length(make):
         got, want = ep.module()(xx, st), Chunk()(xx, st)
         for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("L", [1, 3, 40])
+def test_compiled_state_is_a_compact_copy(L):
+    """Compiled with a dynamic length, the returned state is P contiguous columns, as in eager,
+    not a view into a copy of the whole chunk."""
+    m = CausalConv1d(4, 4, 3, dilation=2).eval()
+    x, s0 = torch.randn(2, 4, L), torch.randn(2, 4, 4)
+    f = torch.compile(lambda x, s: m(x, s, return_state=True), backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        for s in (None, s0):
+            (_, want), (_, got) = m(x, s, return_state=True), f(x, s)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+            assert got.is_contiguous() and got.untyped_storage().nbytes() == want.numel() * 4

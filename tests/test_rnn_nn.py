@@ -1708,3 +1708,35 @@ def test_lengths_under_fake_tensor_mode():
     with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True) as mode:
         y, (h, c) = m(mode.from_tensor(x), lengths=mode.from_tensor(lengths))
     assert y.dim() == 3 and y.shape[2] == 5 and h.shape[-1] == c.shape[-1] == 5
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "RNN_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["padded", "packed", "bidirectional", "two_layers"])
+def test_output_edited_in_place_before_backward(kind, dtype, layout):
+    """y edited in place before backward (Dropout(inplace=True), y[0] = 0), which torch's GRU and
+    RNN allow: the backward does not read the output (the RNN cells' y_t comes from the saved
+    h_prev and final states), so the gradients are torch's."""
+    torch.manual_seed(0)
+    name, extra = (kind, {}) if kind != "RNN_relu" else ("RNN", {"nonlinearity": "relu"})
+    if layout == "bidirectional":
+        extra["bidirectional"] = True
+    if layout == "two_layers":
+        extra["num_layers"] = 2
+    mods = [getattr(lib, name)(5, 17, **extra).to(dtype) for lib in (torch.nn, snn)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    x = torch.randn(9, 4, 5, dtype=dtype)
+    lengths = torch.tensor([9, 7, 7, 2])
+    res = []
+    for m in mods:
+        xi = x.clone().requires_grad_()
+        inp = (torch.nn.utils.rnn.pack_padded_sequence(xi, lengths) if layout == "packed" else xi)
+        y, h = m(inp)
+        y = y.data if layout == "packed" else y
+        y.mul_(1.5)
+        y[:3] = 0
+        (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum().add((h * h).sum()).backward()
+        res.append([xi.grad] + [p.grad for p in m.parameters()])
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, **tol)

@@ -196,3 +196,22 @@ def test_double_backward_raises():
     out, _, _ = trnn.recurrent_layer("lstm", x, bs, h0, c0, w)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_output_edited_in_place_before_backward(mode, reverse):
+    """The backward does not read the layer's output (the RNN cells' y_t is rebuilt from the
+    saved h_prev and final states), so editing it in place before backward leaves the
+    gradients the reference gives."""
+    x, batch_sizes, h0, c0, w = make_case(mode, [4, 3, 1])
+    res = []
+    for fn in (lambda *a: trnn.recurrent_layer(*a, reverse=reverse),
+               lambda *a: ops._reference_layer(*a, reverse=reverse)):
+        leaves = [t.detach().clone().requires_grad_() for t in [x, h0, *w.values()]]
+        out, hn, _ = fn(mode, leaves[0], batch_sizes, leaves[1], None, dict(zip(w, leaves[2:])))
+        out.mul_(2)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().add((hn ** 2).sum()).backward()
+        res.append([t.grad for t in leaves])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, **TOL)

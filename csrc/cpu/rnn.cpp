@@ -122,7 +122,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // The summed bias is added in the gate pass rather than pre-filled into xg, which would
   // cost one more full write of the (N, G·H) buffer.
   const bool fuse_x = std::is_same_v<T, float> && fused_supported(cell, proj, L, H) &&
-                      (bf.x.defined() || (!xg_given.defined() && fuse_input_projection(L, I)));
+                      (bf.x.defined() || (!xg_given.defined() && fuse_input_projection(cell, L, I, H)));
   at::Tensor xg = xg_given.defined() ? xg_given
                   : fuse_x           ? at::Tensor()
                                      : empty_large({N, G * H}, h0.options());
@@ -309,7 +309,7 @@ std::vector<at::Tensor> backward_impl(
     Cell cell, const Layout& L, const at::Tensor& grad_out, const at::Tensor& grad_hn,
     const at::Tensor& grad_cn, const at::Tensor& x, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
-    const at::Tensor& w_peep, const at::Tensor& w_hr, const at::Tensor& out,
+    const at::Tensor& w_peep, const at::Tensor& w_hr, const at::Tensor& h_n,
     const at::Tensor& ws_gates, const at::Tensor& ws_cells, const at::Tensor& ws_hprev,
     bool reverse, const Bf16Operands& bf) {
   const int64_t G = gate_count(cell);
@@ -343,7 +343,7 @@ std::vector<at::Tensor> backward_impl(
   const T* gsv = ws_gates.defined() ? ws_gates.data_ptr<T>() : nullptr;
   const T* csv = ws_cells.defined() ? ws_cells.data_ptr<T>() : nullptr;
   const T* hsv = ws_hprev.data_ptr<T>();
-  const T* outp = data_or_null<T>(out);  // RNN cells only
+  const T* hnp = data_or_null<T>(h_n);  // RNN cells only (see OutputRows)
   const T* whh = data_or_null<T>(w_hh);  // null when the bf16 W_hh replaces it
   const T* peep_p = peep ? w_peep.data_ptr<T>() : nullptr;
   const int64_t gstride = cell == Cell::Gru ? 4 * H : GH;
@@ -352,7 +352,7 @@ std::vector<at::Tensor> backward_impl(
   bool fused = false;
   if constexpr (std::is_same_v<T, float>) {
     if (fused_supported(cell, proj, L, H)) {
-      BackwardArgs ba{cell, &L, H, reverse, gout, whh, ptr(bf.w_hh), peep_p, gsv, csv, hsv, outp,
+      BackwardArgs ba{cell, &L, H, reverse, gout, whh, ptr(bf.w_hh), peep_p, gsv, csv, hsv, hnp,
                       dhp, dcp, dxgp, drecp};
       fused_backward(ba);
       fused = true;
@@ -379,6 +379,7 @@ std::vector<at::Tensor> backward_impl(
     }
     T* dxt = dxgp + o * GH;
     T* drt = drecp + o * GH;
+    const OutputRows y_rows(L, t, reverse);
 
     over_rows(bs, GH, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -389,7 +390,7 @@ std::vector<at::Tensor> backward_impl(
         switch (cell) {
           case Cell::RnnTanh:
           case Cell::RnnRelu: {
-            const T* y = outp + (o + b) * Hs;
+            const T* y = y_rows.row(hsv, hnp, Hs, b);
             for_each_vec<T>(H, [&](int64_t j, int64_t n) {
               store(rnn_activation_backward(load(dh_r + j, n), load(y + j, n),
                                             cell == Cell::RnnRelu), dx_r + j, n);
@@ -1071,7 +1072,7 @@ std::vector<at::Tensor> recurrent_backward(
     const at::Tensor& x_, const at::Tensor& batch_sizes, const at::Tensor& w_ih_,
     const at::Tensor& w_hh_, const c10::optional<at::Tensor>& b_ih_,
     const c10::optional<at::Tensor>& b_hh_, const c10::optional<at::Tensor>& w_peep_,
-    const c10::optional<at::Tensor>& w_hr_, const at::Tensor& out, const at::Tensor& ws_gates,
+    const c10::optional<at::Tensor>& w_hr_, const at::Tensor& h_n, const at::Tensor& ws_gates,
     const at::Tensor& ws_cells, const at::Tensor& ws_hprev, bool reverse) {
   const Cell cell = parse_cell(mode);
   const auto st = x_.scalar_type();
@@ -1091,12 +1092,12 @@ std::vector<at::Tensor> recurrent_backward(
       check_shape("seqkern cpu recurrence backward", name, t, want);
     };
     check("weight_hh", w_hh_, {G * H, Hs});
-    check("out", out, {L.N, Hs});
     check("ws_hprev", ws_hprev, {L.N, Hs});
     check("grad_out", opt(grad_out), {L.N, Hs});
     if (L.T > 0) {  // (with no steps the batch is h0's, which the backward is not given)
       check("grad_hn", opt(grad_hn), {L.B, Hs});
       check("grad_cn", opt(grad_cn), {L.B, H});
+      if (cell == Cell::RnnTanh || cell == Cell::RnnRelu) check("h_n", h_n, {L.B, Hs});
     }
     check("bias_ih", opt(b_ih_), {G * H});
     check("bias_hh", opt(b_hh_), {G * H});
@@ -1116,7 +1117,7 @@ std::vector<at::Tensor> recurrent_backward(
       bf.w_hh = contiguous_as(w_hh_, at::kBFloat16);
   }
   // fp32 copies only of what the bf16 operands do not replace (backward_impl converts x and
-  // W_ih itself if the bf16 GEMMs turn out unavailable); the output only feeds the RNN cells'
+  // W_ih itself if the bf16 GEMMs turn out unavailable); h_n only feeds the RNN cells'
   // derivative. Measured bf16 LSTM training, T = 100, B = 32, H = I = 256: these copies were
   // ~4 % of the call.
   auto x = bf.x.defined() ? bf.x : contiguous_as(x_, ct);
@@ -1127,11 +1128,11 @@ std::vector<at::Tensor> recurrent_backward(
   auto g_out = contiguous_as(opt(grad_out), ct), g_hn = contiguous_as(opt(grad_hn), ct);
   auto g_cn = contiguous_as(opt(grad_cn), ct);
   const bool rnn_cell = cell == Cell::RnnTanh || cell == Cell::RnnRelu;
-  auto y = rnn_cell ? contiguous_as(out, ct) : at::Tensor();
+  auto hn = rnn_cell ? contiguous_as(h_n, ct) : at::Tensor();
   std::vector<at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_backward", [&] {
     r = backward_impl<scalar_t>(cell, L, g_out, g_hn, g_cn, x, w_ih, w_hh, b_ih, b_hh, w_peep,
-                                w_hr, y, ws_gates.contiguous(), ws_cells.contiguous(),
+                                w_hr, hn, ws_gates.contiguous(), ws_cells.contiguous(),
                                 ws_hprev.contiguous(), reverse, bf);
   });
   // Gradients come back in the dtype of what they differentiate.

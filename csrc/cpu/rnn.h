@@ -19,14 +19,15 @@ std::vector<at::Tensor> recurrent_forward(
     const c10::optional<at::Tensor>& w_hr, bool reverse, bool save);
 
 // Returns {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr} (undefined where the
-// forward had no such input).
+// forward had no such input). h_n: the forward's final states, (B, H), read by the RNN cells
+// only (the gated cells take any tensor there); not the output, which a caller may change.
 std::vector<at::Tensor> recurrent_backward(
     const std::string& mode, const c10::optional<at::Tensor>& grad_out,
     const c10::optional<at::Tensor>& grad_hn, const c10::optional<at::Tensor>& grad_cn,
     const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_peep,
-    const c10::optional<at::Tensor>& w_hr, const at::Tensor& out, const at::Tensor& ws_gates,
+    const c10::optional<at::Tensor>& w_hr, const at::Tensor& h_n, const at::Tensor& ws_gates,
     const at::Tensor& ws_cells, const at::Tensor& ws_hprev, bool reverse);
 
 // One step of a cell (rnn_tanh, rnn_relu, lstm, gru), float32, float64 or bfloat16 (fp32

@@ -62,6 +62,22 @@ struct Layout {
   int64_t step(int64_t s, bool reverse) const { return reverse ? T - 1 - s : s; }
 };
 
+// Where the backward of an RNN cell finds y_t, which its activation's derivative needs: h_t is
+// the h_prev the forward saved for the step after t (in its order), or, for the rows that step
+// no longer has, the final state. The output itself is not saved: a caller may edit it in place
+// before backward, as torch's RNN allows (the gated cells' backward reads only their gates).
+struct OutputRows {
+  int64_t off = 0, rows = 0;  // the following step's rows in the saved h_prev
+  OutputRows(const Layout& L, int64_t t, bool reverse) {
+    const int64_t next = reverse ? t - 1 : t + 1;
+    if (next >= 0 && next < L.T) off = L.off[next], rows = L.bs[next];
+  }
+  template <typename T>
+  const T* row(const T* hprev, const T* h_n, int64_t width, int64_t m) const {
+    return m < rows ? hprev + (off + m) * width : h_n + m * width;
+  }
+};
+
 
 // Raw views of one layer's forward, for the fused loop. xg holds x·W_ihᵀ (no bias) for all N
 // rows, or is null: then the loop computes each step's input projection itself from x and
@@ -109,7 +125,7 @@ struct BackwardArgs {
   const float* gates;     // saved
   const float* cells;
   const float* hprev;
-  const float* out;
+  const float* h_n;       // (B, H) the final states (RNN cells: see OutputRows)
   float* dh;              // (B, H) in: grad of h_n, out: grad of h0
   float* dc;              // (B, H) LSTM
   float* dxg;             // (N, G·H)
@@ -135,7 +151,7 @@ inline bool fused_supported(Cell c, bool proj, const Layout& L, int64_t H) {
 }
 // Whether the fused loop should also compute the input projection, step by step, instead of
 // reading it from one GEMM over all steps done beforehand.
-bool fuse_input_projection(const Layout& L, int64_t I);
+bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H);
 // Whether the bfloat16 recurrent product can run on brgemm tiles here (oneDNN packs bf16 for
 // this CPU, and SEQKERN_RNN_AMX is not "0").
 bool amx_recurrence_supported();

@@ -747,14 +747,15 @@ void forward_loop(const ForwardArgs& a) {
 // ------------------------------------------------------------------ backward ---------------
 
 template <Cell C>
-SEQKERN_INLINE void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, int64_t u0, int64_t n) {
+SEQKERN_INLINE void backward_tile(const BackwardArgs& a, int64_t m, int64_t o, const OutputRows& y_rows,
+                                  int64_t u0, int64_t n) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
   float* dh = a.dh + m * H + u0;
   auto d = load(dh, n);
   if (a.grad_out) d = d + load(a.grad_out + (o + m) * H + u0, n);
   float* dx = a.dxg + (o + m) * GH;
   if constexpr (C == Cell::RnnTanh || C == Cell::RnnRelu) {
-    auto y = load(a.out + (o + m) * H + u0, n);
+    auto y = load(y_rows.row(a.hprev, a.h_n, H, m) + u0, n);
     store(rnn_activation_backward(d, y, C == Cell::RnnRelu), dx + u0, n);
   } else if constexpr (C == Cell::Lstm) {
     const float* gs = a.gates + (o + m) * GH;
@@ -821,10 +822,11 @@ void backward_loop(const BackwardArgs& a) {
       const int64_t t = L.step(s, a.reverse), bs = std::min(L.bs[t], r1), o = L.off[t];
       if (by_rows && bs <= r0) continue;  // none of this thread's sequences reach step t
       c10::BFloat16* gb = amx ? gbuf.data() + (s & 1) * Bp * ldg : nullptr;
+      const OutputRows y_rows(L, t, a.reverse);
       for (int64_t p = p0; p < p1; ++p)
         for_panel_vectors<U>(p, H, [&](int, int64_t u0, int64_t n) {
           for (int64_t m = r0; m < bs; ++m) {
-            backward_tile<C>(a, m, o, u0, n);
+            backward_tile<C>(a, m, o, y_rows, u0, n);
             if (amx)
               for (int64_t g = 0; g < G; ++g)
                 round_to_bf16(a.drec + (o + m) * GH + g * H + u0, gb + m * ldg + g * H + u0, n);
@@ -866,8 +868,23 @@ void backward_loop(const BackwardArgs& a) {
 // Measured forward, 2 threads, best of 15 interleaved: T=500 B=16 I=64 H=128 LSTM 15.4 → 13.6
 // ms, GRU 11.0 → 9.0, RNN 7.1 → 4.8; I=H=256 B=8..32 within ±5%; I=H=512 B=64 RNN 78.6 → 86.9
 // (LSTM, GRU even); at B=1 slower (the step is bound by streaming the weights, now twice).
-bool fuse_input_projection(const Layout& L, int64_t I) {
-  return L.B >= 8 && I <= 256;
+// Fused, each step streams [W_hh | W_ih] (each thread its slice): past about half a core's L2
+// per thread they no longer stay there between steps, and only enough rows pay for reading them
+// again. Measured, forward, T = 100, ms apart → fused (min of 3 alternated processes; weight
+// bytes per thread, per row): 1 thread, I = H = 256: LSTM (2 MB) B = 8 4.76 → 6.40, B = 32
+// (64 KB) 17.5 → 19.6, B = 64 (32 KB) 37.6 → 37.4; GRU (1.5 MB) B = 8 3.59 → 3.96, B = 32
+// 13.1 → 13.5; RNN (0.5 MB) B = 8 1.26 → 1.23, B = 32 4.59 → 4.40. 2 threads: LSTM I = 256,
+// H = 512 (3.1 MB) B = 32 (98 KB) 29.3 → 31.7, B = 64 (49 KB) 61.7 → 58.5; H = 384, B = 64
+// (31 KB) 36.9 → 35.3; GRU I = 128, H = 512, B = 16 (123 KB) 9.29 → 9.91; I = 256, B = 64 (37
+// KB) 42.6 → 41.8; RNN I = 256, H = 1024, B = 32 (82 KB) 24.3 → 25.7.
+// SEQKERN_RNN_FUSE = 0|1 forces one (measurements).
+bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H) {
+  if (const char* env = std::getenv("SEQKERN_RNN_FUSE")) return env[0] == '1';
+  if (L.B < 8 || I > 256) return false;
+  const int64_t per_thread = gate_count(cell) * H * (H + I) * int64_t(sizeof(float)) /
+                             std::max(1, at::get_num_threads());
+  constexpr int64_t KB = 1024;
+  return per_thread <= 1024 * KB || per_thread / L.B <= 56 * KB;
 }
 
 // Only in AVX-512 builds: with 8-lane vectors a GRU panel would be 24 columns wide, not a

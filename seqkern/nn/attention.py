@@ -283,7 +283,7 @@ class KVCache:
         self.dropped = 0
         self._device, self._dtype = device, dtype
         self._dtype_from_autocast = False  # (see append)
-        self.k = self.v = None
+        self._hold(None, None)
         if capacity > 0:
             self._reserve(capacity)
 
@@ -299,7 +299,32 @@ class KVCache:
         if held:
             k[:, :, :held] = self.k[:, :, :held]
             v[:, :, :held] = self.v[:, :, :held]
+        self._hold(k, v)
+
+    def _hold(self, k: Optional[Tensor], v: Optional[Tensor]) -> None:
         self.k, self.v = k, v
+        # Whether the buffers are inference tensors, as far as eager code made them: compiled
+        # code cannot ask (is_inference does not trace), and its own buffers count as not.
+        self._inference_buffers = (k is not None and not torch.compiler.is_compiling()
+                                   and k.is_inference())
+
+    def __setstate__(self, state: dict) -> None:
+        # (caches pickled by earlier versions lack the newer attributes)
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_dtype_from_autocast", False)
+        if "_inference_buffers" not in state:
+            self._hold(self.k, self.v)
+
+    def _fresh_buffers_needed(self) -> bool:
+        """Whether appending must first copy the buffers: those of a recorded append may be
+        saved for a backward, and inference tensors cannot be written outside inference mode."""
+        if self.k is None:
+            return False
+        if self.k.requires_grad or self.v.requires_grad:
+            return True
+        if torch.compiler.is_compiling():  # (inside inference mode too: one needless copy)
+            return self._inference_buffers
+        return self.k.is_inference() and not torch.is_inference_mode_enabled()
 
     def _drop_outside_window(self) -> None:
         """Moves the last window − 1 held keys to the front of the buffers, dropping the rest."""
@@ -320,7 +345,7 @@ class KVCache:
                              f"{tuple(k_new.shape)} and values {tuple(v_new.shape)}")
         if self.length == 0 and (self._dtype, self._device) != (k_new.dtype, k_new.device):
             self._dtype, self._device = k_new.dtype, k_new.device
-            self.k = self.v = None
+            self._hold(None, None)
             self._dtype_from_autocast = _autocast.autocast_dtype(k_new.device) is not None
         elif (k_new.device == self._device and k_new.dtype != self._dtype
               and _autocast.autocast_dtype(k_new.device) is not None):
@@ -331,7 +356,7 @@ class KVCache:
             # filled inside autocast (which set the dtype), extended outside it: the held keys
             # follow the new ones' dtype, once (the attention needs q, k, v alike)
             held = self.length - self.dropped
-            self.k, self.v = self.k[:, :, :held].to(k_new.dtype), self.v[:, :, :held].to(k_new.dtype)
+            self._hold(self.k[:, :, :held].to(k_new.dtype), self.v[:, :, :held].to(k_new.dtype))
             self._dtype, self._dtype_from_autocast = k_new.dtype, False
         elif (k_new.dtype, k_new.device) != (self._dtype, self._device):
             raise TypeError(f"the cache holds {self._dtype} on {self._device} but got keys of "
@@ -342,19 +367,13 @@ class KVCache:
                 self.k is not None and (self.k.requires_grad or self.v.requires_grad))):
             # out of place: an earlier attention call may have saved the old contents
             if held == 0:
-                self.k, self.v = k_new, v_new
+                self._hold(k_new, v_new)
             else:
-                self.k = torch.cat([self.k[:, :, :held], k_new], dim=2)
-                self.v = torch.cat([self.v[:, :, :held], v_new], dim=2)
+                self._hold(torch.cat([self.k[:, :, :held], k_new], dim=2),
+                           torch.cat([self.v[:, :, :held], v_new], dim=2))
             self.length += k_new.shape[2]
             return self.k, self.v
-        if self.k is not None and (self.k.requires_grad or self.v.requires_grad or (
-                # (not while compiling, which cannot trace is_inference: no inference
-                # tensors reach a compiled region's buffers there)
-                not torch.compiler.is_compiling()
-                and self.k.is_inference() and not torch.is_inference_mode_enabled())):
-            # fresh buffers: those of a recorded append may be saved for a backward, and
-            # inference tensors cannot be written outside inference mode
+        if self._fresh_buffers_needed():
             self._reserve(self.capacity)
         Lc = k_new.shape[2]
         if held + Lc > self.capacity and self.window is not None:

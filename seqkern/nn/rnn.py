@@ -558,11 +558,13 @@ class _CellBase(nn.Module):
         return True
 
     def _step_direct(self, x, h, c):
-        """(h', c') straight from ``_C.cell_step`` for the common streaming call: a plain cpu
-        float32/64 input of 1..4 rows, states absent or of the right shape, dtype and device, no
-        autocast, nothing that needs a gradient, the cpu backend. None for anything else, which
-        the general path runs and checks (so errors read the same either way). The general
-        path spent about 16 µs of Python on an RNNCell (H = 128) call whose kernel takes 4."""
+        """(h', c') straight from ``_C.cell_step`` (with gradients, through ops.cell_step) for
+        the common call: a plain cpu float32/64 or bfloat16 input of any number of rows, states
+        absent or of the right shape, dtype and device, well-formed parameters, no autocast, no
+        vmap-batched tensor that needs a gradient, the cpu backend. None for anything else,
+        which the general path runs and checks (so errors read the same either way). The
+        general path spent about 16 µs of Python on an RNNCell (H = 128) call whose kernel
+        takes 4."""
         if (type(x) is not Tensor or self.kind == "gru_cho" or x.dtype not in _STEP_DTYPES
                 or not x.is_cpu or torch.is_autocast_enabled("cpu")):
             return None

@@ -66,17 +66,18 @@ def _backward_direct(mode, grad_out, grad_hn, grad_cn, x, *rest):
 def _recurrent_layer_backward_op(
     mode: str, grad_out: Optional[Tensor], grad_hn: Optional[Tensor], grad_cn: Optional[Tensor],
     x: Tensor, batch_sizes: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-    b_hh: Optional[Tensor], w_peep: Optional[Tensor], w_hr: Optional[Tensor], out: Tensor,
+    b_hh: Optional[Tensor], w_peep: Optional[Tensor], w_hr: Optional[Tensor], h_n: Tensor,
     ws_gates: Tensor, ws_cells: Tensor, ws_hprev: Tensor, reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr); absent ones empty."""
+    """Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr); absent ones empty.
+    h_n: the forward's final states, which the RNN cells' backward reads (see _saved_final_states)."""
     return _backward_direct(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh, b_ih,
-                            b_hh, w_peep, w_hr, out, ws_gates, ws_cells, ws_hprev, reverse)
+                            b_hh, w_peep, w_hr, h_n, ws_gates, ws_cells, ws_hprev, reverse)
 
 
 @_recurrent_layer_backward_op.register_fake
 def _(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr,
-      out, ws_gates, ws_cells, ws_hprev, reverse):
+      h_n, ws_gates, ws_cells, ws_hprev, reverse):
     G = ref.gate_count(mode)
     H = w_hh.shape[0] // G
     B = grad_hn.shape[0] if grad_hn is not None else None
@@ -100,13 +101,21 @@ def _(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, 
     )
 
 
+def _saved_final_states(mode: str, h_n: Tensor) -> Tensor:
+    """What the backward of a layer is given for its final states: the RNN cells' derivative
+    reads y_t, which is h_prev of the following step or, where a sequence ends, its final state
+    (a copy: the caller may change h_n). The output itself is not saved, so it may be edited in
+    place before backward, as torch's GRU and RNN allow; the gated cells read only their gates."""
+    return h_n.clone() if mode in ("rnn_tanh", "rnn_relu") else h_n.new_empty((0,))
+
+
 def _setup_context(ctx, inputs, output):
     mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, reverse, save = inputs
-    out, _, _, ws_gates, ws_cells, ws_hprev = output
+    _, h_n, _, ws_gates, ws_cells, ws_hprev = output
     ctx.mode, ctx.reverse, ctx.saved = mode, reverse, save
     ctx.has_c0 = c0 is not None
-    ctx.save_for_backward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, out,
-                          ws_gates, ws_cells, ws_hprev)
+    ctx.save_for_backward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr,
+                          _saved_final_states(mode, h_n), ws_gates, ws_cells, ws_hprev)
 
 
 def _layer_grads(ctx, g_out, g_hn, g_cn, backward_fn):
@@ -116,14 +125,14 @@ def _layer_grads(ctx, g_out, g_hn, g_cn, backward_fn):
                            "(save=False), so it cannot be differentiated")
     if torch.is_grad_enabled():
         raise RuntimeError("seqkern.recurrent_layer: double backward is not supported")
-    (x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, out, ws_gates, ws_cells,
+    (x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, h_n, ws_gates, ws_cells,
      ws_hprev) = ctx.saved_tensors
     if g_hn is None:
         g_hn = torch.zeros_like(h0)
     if ctx.mode != "lstm":  # c_n is an empty placeholder (by mode, not numel: B may be symbolic)
         g_cn = None
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peep, dw_hr = backward_fn(
-        ctx.mode, g_out, g_hn, g_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, out,
+        ctx.mode, g_out, g_hn, g_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_peep, w_hr, h_n,
         ws_gates, ws_cells, ws_hprev, ctx.reverse)
     return (dx, dh0, dc0 if ctx.has_c0 else None, dw_ih, dw_hh,
             db_ih if b_ih is not None else None, db_hh if b_hh is not None else None,

@@ -45,8 +45,10 @@ def final_state(x: Tensor, initial_state: Tensor | None, P: int) -> Tensor:
     takes no branch on L ≥ P, which would guard a symbolic length."""
     L = x.shape[2]
     if torch.compiler.is_compiling() or _ext.is_fake(x):
-        ext = history(x, initial_state, P)  # (a copy of x; no guard on L)
-        return ext[:, :, ext.shape[2] - P:]
+        # (the whole of x_ext, as slicing x's last min(L, P) columns guards on L; then a
+        # compact copy of P columns, not a view keeping the chunk's copy alive)
+        ext = history(x, initial_state, P)
+        return ext[:, :, ext.shape[2] - P:].clone(memory_format=torch.contiguous_format)
     if L >= P:
         return x[:, :, L - P:].clone()
     return history(x, initial_state, P)[:, :, L:]

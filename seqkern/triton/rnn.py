@@ -428,8 +428,25 @@ def recurrent_forward(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_pe
             cells if lstm else x.new_empty((0, 2 * H), dtype=ct), hprev)
 
 
+def _outputs_from_states(ws_hprev: Tensor, h_n: Tensor, batch_sizes: Tensor, reverse: bool) -> Tensor:
+    """The layer's output rows, (N, Hs), rebuilt from what the forward saved (the output itself
+    is not saved: see ops.rnn._saved_final_states): row m of step t is h_prev of the step after
+    t in the forward's order, or h_n[m] where that step has no row m."""
+    bs = batch_sizes.to(torch.int64).cpu()
+    T, N = bs.shape[0], ws_hprev.shape[0]
+    off = torch.cumsum(bs, 0) - bs
+    nxt = torch.arange(T) + (-1 if reverse else 1)
+    has = (nxt >= 0) & (nxt < T)
+    nxt = nxt.clamp(0, T - 1)
+    next_rows = torch.where(has, bs[nxt], torch.zeros_like(bs))
+    step = torch.repeat_interleave(torch.arange(T), bs)
+    m = torch.arange(N) - off[step]
+    src = torch.where(m < next_rows[step], off[nxt][step] + m, N + m)
+    return torch.cat([ws_hprev, h_n.to(ws_hprev.dtype)]).index_select(0, src.to(ws_hprev.device))
+
+
 def recurrent_backward(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w_hh, b_ih, b_hh,
-                       w_peep, w_hr, out, ws_gates, ws_cells, ws_hprev, reverse):
+                       w_peep, w_hr, h_n, ws_gates, ws_cells, ws_hprev, reverse):
     """Same contract as ``seqkern::recurrent_layer_backward``: (dx, dh0, dc0, dw_ih, dw_hh,
     db_ih, db_hh, dw_peep, dw_hr), absent ones empty."""
     code = _MODE_CODE[mode]
@@ -450,7 +467,8 @@ def recurrent_backward(mode, grad_out, grad_hn, grad_cn, x, batch_sizes, w_ih, w
     _recurrent_backward_kernel[grid](
         grad_out.contiguous() if grad_out is not None else _dummy(x), w_hh.contiguous(),
         w_peep.contiguous() if w_peep is not None else _dummy(x),
-        w_hr.contiguous() if proj else _dummy(x), out.contiguous(),
+        w_hr.contiguous() if proj else _dummy(x),
+        _outputs_from_states(ws_hprev, h_n, batch_sizes, reverse) if code <= 1 else _dummy(x),
         ws_gates if ws_gates.numel() else _dummy(x), ws_cells if ws_cells.numel() else _dummy(x),
         ws_hprev, sched, dh, dc, dg, dhall,
         T, H, Hs,
@@ -499,17 +517,20 @@ class _RecurrentLayer(torch.autograd.Function):
         out, h_n, c_n, ws_g, ws_c, ws_h = recurrent_forward(
             mode, x, batch_sizes, h0, c0, *weights, reverse, save)
         ctx.mode, ctx.reverse, ctx.has_c0 = mode, reverse, c0 is not None
-        ctx.save_for_backward(x, batch_sizes, h0, out, ws_g, ws_c, ws_h, *weights)
+        from seqkern.ops.rnn import _saved_final_states
+
+        ctx.save_for_backward(x, batch_sizes, h0, _saved_final_states(mode, h_n), ws_g, ws_c,
+                              ws_h, *weights)
         return out, h_n, (c_n if mode == "lstm" else None)
 
     @staticmethod
     def backward(ctx, g_out, g_hn, g_cn):
         if torch.is_grad_enabled():
             raise RuntimeError("seqkern recurrent layer: double backward is not supported")
-        x, batch_sizes, h0, out, ws_g, ws_c, ws_h, *weights = ctx.saved_tensors
+        x, batch_sizes, h0, h_n, ws_g, ws_c, ws_h, *weights = ctx.saved_tensors
         if g_hn is None:
             g_hn = torch.zeros_like(h0)
-        res = recurrent_backward(ctx.mode, g_out, g_hn, g_cn, x, batch_sizes, *weights, out,
+        res = recurrent_backward(ctx.mode, g_out, g_hn, g_cn, x, batch_sizes, *weights, h_n,
                                  ws_g, ws_c, ws_h, ctx.reverse)
         dx, dh0, dc0, *dws = res
         dws = [d if w is not None else None for d, w in zip(dws, weights)]
