@@ -61,13 +61,18 @@ bool bf16_tiles(Cell cell, bool proj, const Layout& L, int64_t H) {
 // Those were on AVX512_BF16 tiles (Zen 5). seqkern's AMX tiles make the fused step's products
 // 4-5x cheaper, so the rows' share of the streaming decides alone (Xeon with AMX, T = 64,
 // I = H = 1024, apart → fused): LSTM B = 64 (128 KB a row) 80.5 → 66.8 ms, B = 8 19.5 → 30.2;
-// GRU B = 64 62.7 → 46.7, B = 8 13.5 → 22.9.
+// GRU B = 64 62.7 → 46.7, B = 8 13.5 → 22.9. What decides there is all of the weights per row,
+// not a thread's share: LSTM I = H = 1024, T = 64, apart → fused, 1 thread: B = 16 (1 MB a
+// row) 35.9 → 45.3 ms, B = 32 (512 KB) 53.7 → 51.0, B = 64 (256 KB) 110 → 74.9; 2 threads:
+// B = 16 18.4 → 23.5, B = 32 24.8 → 25.5, B = 64 80.5 → 66.8.
 bool fuse_bf16_projection(Cell cell, int64_t weight_elems, int64_t B) {
   if (const char* env = std::getenv("SEQKERN_RNN_BF16_FUSE")) return env[0] == '1';
-  const int64_t per_thread = weight_elems * int64_t(sizeof(at::BFloat16)) / at::get_num_threads();
+  const int64_t bytes = weight_elems * int64_t(sizeof(at::BFloat16));
+  const int64_t per_thread = bytes / at::get_num_threads();
   const int64_t per_row = per_thread / std::max<int64_t>(B, 1);
   constexpr int64_t MB = int64_t(1) << 20, KB = int64_t(1) << 10;
-  if (bf16_tile_multiples().k == 32) return per_thread <= MB || per_row <= 128 * KB;
+  if (bf16_tile_multiples().k == 32)
+    return per_thread <= MB || bytes / std::max<int64_t>(B, 1) <= 256 * KB;
   return per_thread <= MB || (per_thread <= 2 * MB && per_row <= 128 * KB) ||
          (cell != Cell::Gru && per_row <= 64 * KB);
 }
