@@ -521,3 +521,24 @@ def test_cache_pickled_without_newer_attributes_loads():
         old.__setstate__(state)
         restored = pickle.loads(pickle.dumps(old))
         torch.testing.assert_close(m.step(x[:, 3], restored), m(x)[:, 3], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_unpickled_under_inference_mode_decodes_compiled_outside():
+    """A cache unpickled under inference_mode holds inference tensors: __setstate__ records it,
+    so a compiled step outside the mode copies them once before writing."""
+    import pickle
+
+    torch.manual_seed(0)
+    m = CausalSelfAttention(16, 4, 2)
+    x = torch.randn(2, 6, 16)
+    cache = m.new_cache(2)
+    with torch.no_grad():
+        m(x[:, :3], cache)
+        full = m(x)
+    blob = pickle.dumps(cache)
+    with torch.inference_mode():
+        restored = pickle.loads(blob)
+    step = torch.compile(m.step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        outs = [step(x[:, t], restored) for t in range(3, 6)]
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 3:], atol=1e-5, rtol=1e-5)

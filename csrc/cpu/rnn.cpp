@@ -128,9 +128,23 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // cost one more full write of the (N, G·H) buffer.
   const bool fuse_x = std::is_same_v<T, float> && fused_supported(cell, proj, L, H) &&
                       (bf.x.defined() || (!xg_given.defined() && fuse_input_projection(cell, L, I, H)));
+  // The fused loop reads a projection it is given in gate-major order, and one made here in
+  // its panel order (xg_panel_order).
+  int64_t xg_width = G * H;
+  at::Tensor w_ih_panels;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!xg_given.defined() && !fuse_x && fused_supported(cell, proj, L, H)) {
+      const int64_t width = xg_panel_order(cell, H, I, nullptr, nullptr);
+      if (width > 0) {
+        w_ih_panels = at::empty({width, I}, w_ih.options());
+        xg_panel_order(cell, H, I, w_ih.data_ptr<float>(), w_ih_panels.data_ptr<float>());
+        xg_width = width;
+      }
+    }
+  }
   at::Tensor xg = xg_given.defined() ? xg_given
                   : fuse_x           ? at::Tensor()
-                                     : empty_large({N, G * H}, h0.options());
+                                     : empty_large({N, xg_width}, h0.options());
   // (plain loops: at B = 1 a call is ~100 µs, and each tensor op here cost about 1)
   std::vector<T> bias(G * H, T(0));
   const int64_t b_hh_n = cell == Cell::Gru ? 2 * H : G * H;
@@ -145,8 +159,9 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   const bool few = L.T == 1 && L.B <= kFewRows && !proj && cell != Cell::GruCho &&
                    !xg_given.defined() && !fuse_x;
   if (!xg_given.defined() && !fuse_x && !few) {
-    gemm<T>(N, G * H, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
-            xg.data_ptr<T>(), G * H);
+    const T* w = w_ih_panels.defined() ? w_ih_panels.data_ptr<T>() : w_ih.data_ptr<T>();
+    gemm<T>(N, xg_width, I, T(1), x.data_ptr<T>(), I, w, I, true, T(0), xg.data_ptr<T>(),
+            xg_width);
   }
   const T* bz = bias.data();
   const T* b_hn = (cell == Cell::Gru && b_hh.defined()) ? b_hh.data_ptr<T>() + 2 * H : nullptr;
@@ -165,7 +180,8 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
       ForwardArgs fa{cell, &L, H, reverse, fuse_x ? nullptr : xg.data_ptr<float>(),
                      data_or_null<float>(x), data_or_null<float>(w_ih), I, bz, b_hn, whh,
                      ptr(bf.w_hh), ptr(bf.x), ptr(bf.w_ih), peep_p,
-                     h0.data_ptr<float>(), cs, outp, hs, gsave, csave, hsave};
+                     h0.data_ptr<float>(), cs, outp, hs, gsave, csave, hsave,
+                     xg_given.defined() ? G * H : xg_width, w_ih_panels.defined()};
       fused_forward(fa);
       return;
     }

@@ -109,6 +109,10 @@ struct ForwardArgs {
   float* save_gates;   // null unless training
   float* save_cells;
   float* save_hprev;
+  // xg's row stride and column order: G·H in gate-major order, or (xg_panels) in the fused
+  // loop's panel order, the G gates of each panel's units side by side (see xg_panel_order)
+  int64_t xg_ld = 0;
+  bool xg_panels = false;
 };
 
 struct BackwardArgs {
@@ -152,6 +156,11 @@ inline bool fused_supported(Cell c, bool proj, const Layout& L, int64_t H) {
 // Whether the fused loop should also compute the input projection, step by step, instead of
 // reading it from one GEMM over all steps done beforehand.
 bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H);
+// W_ih's rows in the fused loop's panel order, for an input projection whose rows the loop
+// then reads contiguously per panel: row (p·G + g)·pw + j is W_ih's row g·H + p·pw + j (zeros
+// past H), pw = the units of a panel. Returns the projection's width, panels(H)·G·pw; writes
+// nothing and returns 0 where the loop reads the gate-major order.
+int64_t xg_panel_order(Cell cell, int64_t H, int64_t I, const float* w_ih, float* out);
 // Whether the bfloat16 recurrent product can run on brgemm tiles here (oneDNN packs bf16 for
 // this CPU, and SEQKERN_RNN_AMX is not "0").
 bool amx_recurrence_supported();

@@ -449,8 +449,11 @@ template <Cell C, int Locality = 2>
 void prefetch_forward_rows(const ForwardArgs& a, int64_t r0, int64_t rows, int64_t u0, int64_t n) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
   const int64_t W = C == Cell::Gru ? 4 * H : GH;
+  constexpr int64_t PW = (C == Cell::RnnTanh || C == Cell::RnnRelu ? 2 : 1) * kW;
   for (int64_t r = r0; r < r0 + rows; ++r) {
-    if (a.xg)
+    if (a.xg && a.xg_panels)
+      prefetch_span<Locality>(a.xg + r * a.xg_ld + u0 / PW * G * PW, G * PW, false);
+    else if (a.xg)
       for (int64_t g = 0; g < G; ++g) prefetch_span<Locality>(a.xg + r * GH + g * H + u0, n, false);
     prefetch_span<Locality>(a.out + r * H + u0, n, true);
     if (a.save_gates)
@@ -469,9 +472,13 @@ SEQKERN_INLINE void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int
                          const V* acc, const V* xacc, const float* hp, float* hn, int64_t ldh) {
   const int64_t H = a.H, G = gate_count(C), GH = G * H;
   constexpr int64_t U = C == Cell::RnnTanh || C == Cell::RnnRelu ? 2 : 1;
-  const float* xr = a.xg ? a.xg + (o + m) * GH : nullptr;
+  const float* xr = a.xg ? a.xg + (o + m) * a.xg_ld : nullptr;
+  constexpr int64_t PW = U * kW;  // units of a panel
+  const int64_t xp = u0 / PW;
   auto xin = [&](int64_t g) __attribute__((always_inline)) {
-    return xacc ? xacc[g * U] : xr ? load(xr + g * H + u0, n) : V(0.0f);
+    return xacc ? xacc[g * U]
+           : xr ? load(xr + (a.xg_panels ? (xp * G + g) * PW + (u0 - xp * PW) : g * H + u0), n)
+                : V(0.0f);
   };
   auto pre = [&](int64_t g) __attribute__((always_inline)) {
     return acc[g * U] + xin(g) + load(a.bias + g * H + u0, n);
@@ -885,6 +892,24 @@ bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H) {
                              std::max(1, at::get_num_threads());
   constexpr int64_t KB = 1024;
   return per_thread <= 1024 * KB || per_thread / L.B <= 56 * KB;
+}
+
+int64_t xg_panel_order(Cell cell, int64_t H, int64_t I, const float* w_ih, float* out) {
+  const char* env = std::getenv("SEQKERN_RNN_XG_PANELS");  // "0": gate-major (measurements)
+  if (env && env[0] == '0') return 0;
+  const int64_t G = gate_count(cell);
+  const int64_t pw = (cell == Cell::RnnTanh || cell == Cell::RnnRelu ? 2 : 1) * kW;
+  const int64_t P = (H + pw - 1) / pw, width = P * G * pw;
+  if (!out) return width;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < pw; ++j) {
+        float* row = out + ((p * G + g) * pw + j) * I;
+        const int64_t u = p * pw + j;
+        if (u < H) std::copy(w_ih + (g * H + u) * I, w_ih + (g * H + u + 1) * I, row);
+        else std::fill(row, row + I, 0.0f);
+      }
+  return width;
 }
 
 // Only in AVX-512 builds: with 8-lane vectors a GRU panel would be 24 columns wide, not a

@@ -304,7 +304,9 @@ class KVCache:
     def _hold(self, k: Optional[Tensor], v: Optional[Tensor]) -> None:
         self.k, self.v = k, v
         # Whether the buffers are inference tensors, as far as eager code made them: compiled
-        # code cannot ask (is_inference does not trace), and its own buffers count as not.
+        # code cannot ask (neither is_inference nor is_inference_mode_enabled traces), and its
+        # own buffers count as not (README: a compiled step that grows the cache under
+        # inference_mode makes inference tensors that a compiled step outside it cannot extend).
         self._inference_buffers = (k is not None and not torch.compiler.is_compiling()
                                    and k.is_inference())
 
@@ -312,8 +314,7 @@ class KVCache:
         # (caches pickled by earlier versions lack the newer attributes)
         self.__dict__.update(state)
         self.__dict__.setdefault("_dtype_from_autocast", False)
-        if "_inference_buffers" not in state:
-            self._hold(self.k, self.v)
+        self._hold(self.k, self.v)  # (unpickled under inference_mode, they are inference tensors)
 
     def _fresh_buffers_needed(self) -> bool:
         """Whether appending must first copy the buffers: those of a recorded append may be
