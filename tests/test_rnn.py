@@ -397,15 +397,20 @@ def check_float32_within_torch_error(mode, x, bs, h0, c0, w, reverse, threads):
                                      ("lstm", {"peep": True}), ("gru", {})])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("threads,split", [(1, None), (2, None), (2, "units"), (2, "rows")])
-@pytest.mark.parametrize("I", [20, 300], ids=["projection_in_loop", "projection_gemm"])
-def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, split, I,
+@pytest.mark.parametrize("I,panels", [(20, None), (300, "0"), (300, "1")],
+                         ids=["projection_in_loop", "projection_gemm", "projection_gemm_panels"])
+def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, split, I, panels,
                                                  monkeypatch):
     """Sizes that take the fused float32 loop (H = 129 leaves a partial vector panel, the batch
     is ragged) on one and two threads: forward and gradients within the tolerance rule of the
     float64 reference. With B ≥ 8, I = 20 has the loop compute the input projection itself
     and I = 300 reads it from one GEMM over all steps. Two threads share each step's hidden
     units or split the batch rows (by work: the rows are sorted by length), forced both ways
-    in forward and backward, besides the default choice."""
+    in forward and backward, besides the default choice. The projection from one GEMM is laid
+    out gate-major or in the loop's panel order (SEQKERN_RNN_XG_PANELS), H = 129 leaving a
+    partial last panel."""
+    if panels:
+        monkeypatch.setenv("SEQKERN_RNN_XG_PANELS", panels)
     for var in ("SEQKERN_RNN_SPLIT", "SEQKERN_RNN_SPLIT_BWD"):
         if split:
             monkeypatch.setenv(var, split)

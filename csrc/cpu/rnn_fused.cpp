@@ -894,9 +894,13 @@ bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H) {
   return per_thread <= 1024 * KB || per_thread / L.B <= 56 * KB;
 }
 
+bool xg_panels_wanted(int64_t N, int64_t I) {
+  const char* env = std::getenv("SEQKERN_RNN_XG_PANELS");  // "0" / "1": force (measurements)
+  if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+  return N >= 4 * I;
+}
+
 int64_t xg_panel_order(Cell cell, int64_t H, int64_t I, const float* w_ih, float* out) {
-  const char* env = std::getenv("SEQKERN_RNN_XG_PANELS");  // "0": gate-major (measurements)
-  if (env && env[0] == '0') return 0;
   const int64_t G = gate_count(cell);
   const int64_t pw = (cell == Cell::RnnTanh || cell == Cell::RnnRelu ? 2 : 1) * kW;
   const int64_t P = (H + pw - 1) / pw, width = P * G * pw;
