@@ -132,15 +132,16 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // its panel order (xg_panel_order) where enough rows pay for reordering W_ih's. Measured
   // (2 threads, forward, min of 3 alternated processes, gate-major → panels): T = 200,
   // B = 64, I = H = 512 LSTM 157.5 → 155.3 ms, GRU 113.9 → 112.8, RNN 34.3 → 33.2; training
-  // LSTM 523.6 → 522.1, RNN 115.3 → 114.2; T = 64, B = 64, I = H = 1024 LSTM 189.5 → 189.3;
-  // but T = 50, B = 1, I = H = 128 (50 rows) LSTM 0.129 → 0.140, GRU 0.106 → 0.121.
+  // LSTM 523.6 → 522.1, RNN 115.3 → 114.2; but T = 64, B = 64, I = H = 1024 (4·I rows) LSTM
+  // 189.5 → 189.3, GRU 136.0 → 137.4, RNN 45.6 → 46.1, and T = 50, B = 1, I = H = 128 (50
+  // rows) LSTM 0.129 → 0.140, GRU 0.106 → 0.121: so from 8·I rows (xg_panels_wanted).
   int64_t xg_width = G * H;
   at::Tensor w_ih_panels;
   if constexpr (std::is_same_v<T, float>) {
     if (!xg_given.defined() && !fuse_x && fused_supported(cell, proj, L, H) &&
         xg_panels_wanted(N, I)) {
       xg_width = xg_panel_order(cell, H, I, nullptr, nullptr);
-      w_ih_panels = at::empty({xg_width, I}, w_ih.options());
+      w_ih_panels = empty_large({xg_width, I}, w_ih.options());
       xg_panel_order(cell, H, I, w_ih.data_ptr<float>(), w_ih_panels.data_ptr<float>());
     }
   }

@@ -897,7 +897,7 @@ bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H) {
 bool xg_panels_wanted(int64_t N, int64_t I) {
   const char* env = std::getenv("SEQKERN_RNN_XG_PANELS");  // "0" / "1": force (measurements)
   if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  return N >= 4 * I;
+  return N >= 8 * I;
 }
 
 int64_t xg_panel_order(Cell cell, int64_t H, int64_t I, const float* w_ih, float* out) {
