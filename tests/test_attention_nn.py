@@ -487,25 +487,6 @@ def test_cached_step_compiles_with_fullgraph():
     torch.testing.assert_close(torch.stack(outs, 1), full[:, 5:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fullgraph", [False, True])
-def test_compiled_step_after_prefill_in_inference_mode(fullgraph):
-    """A cache filled eagerly under inference_mode, then decoded by a compiled step outside
-    it: the compiled append copies the inference-tensor buffers once before writing (compiled
-    code cannot ask is_inference; the cache remembers what eager code made)."""
-    torch.manual_seed(0)
-    m = CausalSelfAttention(16, 4, 2)
-    x = torch.randn(2, 9, 16)
-    cache = m.new_cache(2)
-    with torch.inference_mode():
-        m(x[:, :5], cache)
-    step = torch.compile(m.step, fullgraph=fullgraph, backend="aot_eager")
-    with torch.no_grad():
-        outs = [step(x[:, t], cache) for t in range(5, 9)]
-        full = m(x)
-    torch.testing.assert_close(torch.stack(outs, 1), full[:, 5:], atol=1e-5, rtol=1e-5)
-    assert not cache.k.is_inference()
-
-
 def test_cache_pickled_without_newer_attributes_loads():
     """A KVCache pickled before its private attributes existed still appends."""
     import pickle
@@ -523,22 +504,32 @@ def test_cache_pickled_without_newer_attributes_loads():
         torch.testing.assert_close(m.step(x[:, 3], restored), m(x)[:, 3], atol=1e-5, rtol=1e-5)
 
 
-def test_cache_unpickled_under_inference_mode_decodes_compiled_outside():
-    """A cache unpickled under inference_mode holds inference tensors: __setstate__ records it,
-    so a compiled step outside the mode copies them once before writing."""
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("how", ["prefill", "unpickle"])
+def test_compiled_step_outside_inference_mode_after_inference_buffers(how, fullgraph):
+    """A cache whose buffers eager code made under inference_mode (a prefill there, or
+    unpickling there), then decoded by a compiled step outside it: the compiled append copies
+    the inference-tensor buffers once before writing (compiled code cannot ask is_inference;
+    the cache remembers what eager code made, and __setstate__ recomputes it)."""
     import pickle
 
     torch.manual_seed(0)
     m = CausalSelfAttention(16, 4, 2)
-    x = torch.randn(2, 6, 16)
+    x = torch.randn(2, 9, 16)
     cache = m.new_cache(2)
+    if how == "prefill":
+        with torch.inference_mode():
+            m(x[:, :5], cache)
+    else:
+        with torch.no_grad():
+            m(x[:, :5], cache)
+        blob = pickle.dumps(cache)
+        with torch.inference_mode():
+            cache = pickle.loads(blob)
+    assert cache.k.is_inference()
+    step = torch.compile(m.step, fullgraph=fullgraph, backend="aot_eager")
     with torch.no_grad():
-        m(x[:, :3], cache)
+        outs = [step(x[:, t], cache) for t in range(5, 9)]
         full = m(x)
-    blob = pickle.dumps(cache)
-    with torch.inference_mode():
-        restored = pickle.loads(blob)
-    step = torch.compile(m.step, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        outs = [step(x[:, t], restored) for t in range(3, 6)]
-    torch.testing.assert_close(torch.stack(outs, 1), full[:, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 5:], atol=1e-5, rtol=1e-5)
+    assert not cache.k.is_inference()
