@@ -139,7 +139,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   at::Tensor w_ih_panels;
   if constexpr (std::is_same_v<T, float>) {
     if (!xg_given.defined() && !fuse_x && fused_supported(cell, proj, L, H) &&
-        xg_panels_wanted(N, I)) {
+        xg_panels_wanted(cell, N, I, H)) {
       xg_width = xg_panel_order(cell, H, I, nullptr, nullptr);
       w_ih_panels = empty_large({xg_width, I}, w_ih.options());
       xg_panel_order(cell, H, I, w_ih.data_ptr<float>(), w_ih_panels.data_ptr<float>());

@@ -160,8 +160,9 @@ bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H);
 // then reads contiguously per panel: row (p·G + g)·pw + j is W_ih's row g·H + p·pw + j (zeros
 // past H), pw = the units of a panel. Returns the projection's width, panels(H)·G·pw (with
 // out null, writes nothing). Wanted where N rows pay for reordering W_ih's G·H × I (measured
-// in rnn.cpp; SEQKERN_RNN_XG_PANELS = 0|1 forces).
-bool xg_panels_wanted(int64_t N, int64_t I);
+// in rnn.cpp) and the padding of a partial last panel adds little; SEQKERN_RNN_XG_PANELS = 0|1
+// forces.
+bool xg_panels_wanted(Cell cell, int64_t N, int64_t I, int64_t H);
 int64_t xg_panel_order(Cell cell, int64_t H, int64_t I, const float* w_ih, float* out);
 // Whether the bfloat16 recurrent product can run on brgemm tiles here (oneDNN packs bf16 for
 // this CPU, and SEQKERN_RNN_AMX is not "0").
