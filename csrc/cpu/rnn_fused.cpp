@@ -894,17 +894,21 @@ bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H) {
   return per_thread <= 1024 * KB || per_thread / L.B <= 56 * KB;
 }
 
+// Units of a fused-loop panel: one vector per gate, two for the one-gate RNN cells.
+constexpr int64_t panel_units(Cell c) {
+  return (c == Cell::RnnTanh || c == Cell::RnnRelu ? 2 : 1) * kW;
+}
+
 bool xg_panels_wanted(Cell cell, int64_t N, int64_t I, int64_t H) {
   const char* env = std::getenv("SEQKERN_RNN_XG_PANELS");  // "0" / "1": force (measurements)
   if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
   // (a partial last panel is padded with zero rows of W_ih: at most an eighth more GEMM)
-  const int64_t pw = (cell == Cell::RnnTanh || cell == Cell::RnnRelu ? 2 : 1) * kW;
-  return N >= 8 * I && 8 * ((H + pw - 1) / pw * pw) <= 9 * H;
+  return N >= 8 * I && 8 * round_up(H, panel_units(cell)) <= 9 * H;
 }
 
 int64_t xg_panel_order(Cell cell, int64_t H, int64_t I, const float* w_ih, float* out) {
   const int64_t G = gate_count(cell);
-  const int64_t pw = (cell == Cell::RnnTanh || cell == Cell::RnnRelu ? 2 : 1) * kW;
+  const int64_t pw = panel_units(cell);
   const int64_t P = (H + pw - 1) / pw, width = P * G * pw;
   if (!out) return width;
   for (int64_t p = 0; p < P; ++p)
