@@ -84,9 +84,15 @@ def _caller_level() -> int:
 
 
 def needs_grad(*tensors) -> bool:
-    """Whether autograd must record an op on these tensors (None entries are skipped)."""
+    """Whether autograd must record an op on these tensors (None entries are skipped). Always
+    under torch.jit.trace: the trace records the answer (an op's `save`) as a constant, the
+    traced graph may later run with gradients, and jit.trace's own check re-traces under
+    no_grad, where an answer that followed the grad mode would differ."""
     import torch
 
+    # (torch.compile folds is_compiling() to True; it cannot trace _is_tracing())
+    if not torch.compiler.is_compiling() and torch._C._is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -111,6 +117,18 @@ def batched(*tensors) -> bool:
                for t in tensors)
 
 
+def _only_default_device_mode() -> bool:
+    """Whether the one function mode active is torch.set_default_device's (or a `with
+    torch.device(...)` block's): it only fills in the device of factory calls, and seqkern's
+    fast paths name their devices, so they may run under it (without this a script that set a
+    default device ran LSTMCell at 99 µs a call instead of 14, torch's at 31)."""
+    import torch
+    from torch.utils._device import DeviceContext
+
+    C = torch._C
+    return C._len_torch_function_stack() == 1 and isinstance(C._get_function_stack_at(0), DeviceContext)
+
+
 def direct_call_ok(*tensors) -> bool:
     """Whether an op may call its C++ kernel directly, or through a plain autograd.Function,
     instead of its registered custom op: in eager mode only, on plain tensors, with no graph
@@ -121,7 +139,8 @@ def direct_call_ok(*tensors) -> bool:
 
     C = torch._C
     if (torch.compiler.is_compiling() or C._is_tracing() or C._len_torch_dispatch_stack()
-            or C._are_functorch_transforms_active() or C._is_torch_function_mode_enabled()):
+            or C._are_functorch_transforms_active()
+            or (C._is_torch_function_mode_enabled() and not _only_default_device_mode())):
         return False
     for t in tensors:
         if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:

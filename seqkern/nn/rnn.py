@@ -33,11 +33,35 @@ _TORCH_MODES = {"lstm": "LSTM", "gru": "GRU", "gru_cho": "GRU", "rnn_tanh": "RNN
                 "rnn_relu": "RNN_RELU"}
 
 
-def _with_kind(state: dict) -> dict:
-    """A module's pickled state from before `kind` existed (its `mode` was then seqkern's
-    lowercase name) with `kind` filled in, so that it loads and runs."""
-    if "kind" not in state and state.get("mode") in _TORCH_MODES:
-        state = dict(state, kind=state["mode"])
+_TORCH_ONLY_STATE = ("_all_weights", "_flat_weights", "_flat_weight_refs", "_flat_weights_names")
+_WEIGHT_KEY_OF = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih", "bias_hh": "b_hh",
+                  "weight_hr": "w_hr", "weight_peep": "w_peep"}
+
+
+def _with_kind(state: dict, kind: str | None = None) -> dict:
+    """A pickled module's state with seqkern's fields filled in, so that it loads and runs:
+    - from seqkern before `kind` existed (its `mode` was then seqkern's lowercase name);
+    - from torch.nn's module of the same name (an unpickler that maps torch.nn.LSTM to
+      seqkern.nn.LSTM, to load a whole-model checkpoint): `kind` from torch's `mode` (layers)
+      or the cell's `kind` argument, the weight names from torch's `_all_weights`."""
+    if "kind" in state:
+        return state
+    state = dict(state)
+    mode = state.get("mode")
+    if mode in _TORCH_MODES:
+        state["kind"] = mode
+    elif mode in _TORCH_MODES.values():
+        state["kind"] = mode.lower()  # ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+    elif kind is not None:
+        state["kind"] = kind
+    if "_all_weights" in state and "_names" not in state:
+        state["_names"] = [{_WEIGHT_KEY_OF[n.rsplit("_l", 1)[0]]: n for n in names}
+                           for names in state["_all_weights"]]
+        state.setdefault("peephole", False)
+        if state["kind"] == "gru":
+            state.setdefault("reset_after", True)
+    for key in _TORCH_ONLY_STATE:
+        state.pop(key, None)
     return state
 
 
@@ -368,13 +392,13 @@ class _RecurrentBase(nn.Module):
         if not _ext.direct_call_ok():
             # traced, transformed (torch.func) or under a mode (FakeTensorMode): the tensor made
             # here is a wrapper or a fake that must not outlive the call in the module
-            return torch.full((T,), B, dtype=torch.int64)
+            return torch.full((T,), B, dtype=torch.int64, device="cpu")
         cached = self.__dict__.get("_batch_sizes_cache")
         if cached is None or cached[0] != (T, B):
             # never an inference tensor (a first call under inference_mode), which a later
             # training call could not save for backward
             with torch.inference_mode(False):
-                cached = ((T, B), torch.full((T,), B, dtype=torch.int64))
+                cached = ((T, B), torch.full((T,), B, dtype=torch.int64, device="cpu"))
             self.__dict__["_batch_sizes_cache"] = cached
         return cached[1]
 
@@ -523,9 +547,14 @@ class _CellBase(nn.Module):
         _reset_uniform(self)
 
     def __setstate__(self, state):
-        state = _with_kind(state)
+        state = _with_kind(state, self._pickled_kind(state))
         state.pop("mode", None)  # (torch's cells have none; seqkern's name is `kind`)
         super().__setstate__(state)
+
+    @staticmethod
+    def _pickled_kind(state: dict) -> str:
+        """The kind of a torch.nn cell's pickled state (it has no `kind`), by class."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
@@ -653,7 +682,7 @@ class _CellBase(nn.Module):
             h_n, c_n = ops.cell_step_captured(self.kind, xb, h, c, w4)
         else:
             _, h_n, c_n = ops.recurrent_layer(self.kind, xb,
-                                              torch.full((1,), B, dtype=torch.int64), h, c, params)
+                                              torch.full((1,), B, dtype=torch.int64, device="cpu"), h, c, params)
         if not batched:
             h_n, c_n = _unbatch(h_n, c_n, chain=_ext.direct_call_ok())  # (eager only, above)
         return h_n, c_n
@@ -690,6 +719,10 @@ class RNNCell(_CellBase):
         self.nonlinearity = nonlinearity
         super().__init__("rnn_" + nonlinearity, input_size, hidden_size, bias, device, dtype)
 
+    @staticmethod
+    def _pickled_kind(state: dict) -> str:
+        return "rnn_" + state.get("nonlinearity", "tanh")
+
     def extra_repr(self) -> str:  # as torch's: the nonlinearity when it is not tanh
         s = super().extra_repr()
         return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity}"
@@ -701,6 +734,10 @@ class RNNCell(_CellBase):
 class LSTMCell(_CellBase):
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
         super().__init__("lstm", input_size, hidden_size, bias, device, dtype)
+
+    @staticmethod
+    def _pickled_kind(state: dict) -> str:
+        return "lstm"
 
     def forward(self, input, hx=None):
         if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
@@ -720,6 +757,14 @@ class GRUCell(_CellBase):
         self.reset_after = reset_after
         super().__init__("gru" if reset_after else "gru_cho", input_size, hidden_size, bias,
                          device, dtype)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("reset_after", self.kind == "gru")
+
+    @staticmethod
+    def _pickled_kind(state: dict) -> str:
+        return "gru" if state.get("reset_after", True) else "gru_cho"
 
     def forward(self, input, hx=None):
         return self._run(input, hx, None)[0]

@@ -345,7 +345,7 @@ class _CellStep(torch.autograd.Function):
         mode, need = ctx.mode, ctx.needs_input_grad
         lstm = mode == "lstm"
         if g_h is None:
-            g_h = torch.zeros((saved.shape[0], w_hh.shape[1]), dtype=w_hh.dtype)
+            g_h = torch.zeros((saved.shape[0], w_hh.shape[1]), dtype=w_hh.dtype, device=w_hh.device)
         g_c = g_c if lstm else None
         h_arg = h if h is not None else g_h  # (cell_backward takes its shape only)
         direct = _ext.direct_call_ok(g_h, g_c) and not _ext.batched(g_h, g_c)
@@ -362,7 +362,7 @@ class _CellStep(torch.autograd.Function):
                                 h.detach() if h is not None and need[7] else None)
             else:
                 dw = list(_weight_grads(dgx, drec, x, h, w_ih.dtype, need[6:10]))
-        tok_grad = torch.zeros((), dtype=w_hh.dtype) if ctx.tape is not None else None
+        tok_grad = torch.zeros((), dtype=w_hh.dtype, device=w_hh.device) if ctx.tape is not None else None
         return (None, None, tok_grad, dx if need[3] else None, dh,
                 dc if ctx.has_c else None, *dw)
 
@@ -473,7 +473,7 @@ def cell_step_op_applies(mode: str, x: Tensor) -> bool:
 
 def cell_step_captured(mode: str, x: Tensor, h: Tensor, c: Tensor | None, w: tuple):
     """(h', c' or None) of one cell step through the custom op (see cell_step_op_applies)."""
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h, c, *w))
+    save = _ext.needs_grad(x, h, c, *w)
     h_n, c_n, _ = _cell_step_op(mode, x, h, c, *w, save)
     return h_n, (c_n if mode == "lstm" else None)
 
@@ -512,7 +512,7 @@ _triton_backend.install("rnn", _recurrent_layer_op, _recurrent_layer_backward_op
 
 def lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
     B = int(batch_sizes[0])
-    return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)
+    return (batch_sizes.unsqueeze(1) > torch.arange(B, device=batch_sizes.device).unsqueeze(0)).sum(0)
 
 
 def _padded_rows(batch_sizes: Tensor, device) -> Tensor | None:
@@ -521,7 +521,7 @@ def _padded_rows(batch_sizes: Tensor, device) -> Tensor | None:
     B = int(batch_sizes[0])
     if bool((batch_sizes == B).all()):
         return None
-    filled = torch.arange(B) < batch_sizes.unsqueeze(1)
+    filled = torch.arange(B, device=batch_sizes.device) < batch_sizes.unsqueeze(1)
     return filled.flatten().nonzero().squeeze(1).to(device)
 
 
@@ -532,11 +532,11 @@ def _pack_rows(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     ops, so it also runs under torch.func transforms (torch's packing does not)."""
     T, B = x.shape[0], x.shape[1]
     sorted_lengths, sorted_idx = torch.sort(lengths, descending=True)
-    steps = torch.arange(int(sorted_lengths[0]))
+    steps = torch.arange(int(sorted_lengths[0]), device=lengths.device)
     batch_sizes = (sorted_lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1)
-    filled = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)
+    filled = torch.arange(B, device=lengths.device).unsqueeze(0) < batch_sizes.unsqueeze(1)
     rows = (steps.unsqueeze(1) * B + sorted_idx.unsqueeze(0))[filled].to(x.device)
-    unsorted_idx = torch.empty_like(sorted_idx).scatter_(0, sorted_idx, torch.arange(B))
+    unsorted_idx = torch.empty_like(sorted_idx).scatter_(0, sorted_idx, torch.arange(B, device=lengths.device))
     return (x.reshape(T * B, x.shape[2]).index_select(0, rows), batch_sizes,
             sorted_idx.to(x.device), unsorted_idx.to(x.device), rows)
 

@@ -374,7 +374,7 @@ def _schedule(batch_sizes: Tensor, reverse: bool, device) -> Tensor:
             prev_off, prev_bs = (off[t + 1], bs[t + 1]) if t + 1 < T else (0, 0)
             fin = 0 if t == 0 else B     # a reversed sequence ends at t = 0
         sched.append((bs[t], off[t], prev_off, prev_bs, fin))
-    return torch.tensor(sched, dtype=torch.int32).t().contiguous().to(device)
+    return torch.tensor(sched, dtype=torch.int32, device="cpu").t().contiguous().to(device)
 
 
 def _dummy(x):
@@ -435,12 +435,12 @@ def _outputs_from_states(ws_hprev: Tensor, h_n: Tensor, batch_sizes: Tensor, rev
     bs = batch_sizes.to(torch.int64).cpu()
     T, N = bs.shape[0], ws_hprev.shape[0]
     off = torch.cumsum(bs, 0) - bs
-    nxt = torch.arange(T) + (-1 if reverse else 1)
+    nxt = torch.arange(T, device="cpu") + (-1 if reverse else 1)
     has = (nxt >= 0) & (nxt < T)
     nxt = nxt.clamp(0, T - 1)
     next_rows = torch.where(has, bs[nxt], torch.zeros_like(bs))
-    step = torch.repeat_interleave(torch.arange(T), bs)
-    m = torch.arange(N) - off[step]
+    step = torch.repeat_interleave(torch.arange(T, device="cpu"), bs)
+    m = torch.arange(N, device="cpu") - off[step]
     src = torch.where(m < next_rows[step], off[nxt][step] + m, N + m)
     return torch.cat([ws_hprev, h_n.to(ws_hprev.dtype)]).index_select(0, src.to(ws_hprev.device))
 
