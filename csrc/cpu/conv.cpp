@@ -3,14 +3,16 @@
 //
 // Conventions. x is (B, C_in, L); the weight is nn.Conv1d's (C_out, C_in/groups, K); tap k of
 // output column t reads input column t − s_k with s_k = (K−1−k)·d. P = (K−1)·d columns of
-// history come from `init` (B, C_in, P) when given, else are zero. Nothing ever materialises
-// the padded input: every tap splits its column range into the part that reads x and the part
-// that reads init, and the zero part is simply skipped.
+// history come from `init` (B, C_in, P) when given, else are zero. Nothing materialises the
+// whole padded input: the dense forward unfolds one column tile at a time, and elsewhere every
+// tap splits its column range into the part that reads x and the part that reads init, and
+// the zero part is simply skipped.
 //
-// Dense/grouped path: the weight is repacked to (K, C_out, C_in/g) so that each tap is a
-// row-major matrix, and the output is K shifted GEMMs per (batch, group, column tile). Tiling
-// the columns keeps the output tile in L2 across the K accumulations and lets the bias and the
-// activation run on it while it is still hot, so y goes to memory once.
+// Dense/grouped path, forward: per (batch, group, column tile) the input tile is unfolded
+// (rows: channel × tap) and the output is one GEMM with the weight as stored; the bias and the
+// activation run on the tile while it is still hot, so y goes to memory once. Backward (and
+// the WaveNet block): the weight is repacked to (K, C_out, C_in/g) so that each tap is a
+// row-major matrix, and the gradients are K shifted GEMMs per tile.
 //
 // Depthwise path (groups = C_in = C_out): one row per (b, c), vectorised along time. Columns
 // t ≥ P (all taps read x) accumulate every tap in a register; the head t < P, where some taps
@@ -36,6 +38,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu/dtype.h"
@@ -153,35 +157,15 @@ template <typename T>
 struct ThreadAccum {
   at::Tensor buf;
   int64_t n;
-  ThreadAccum(int64_t n, at::ScalarType st) : n(n) {
-    buf = at::zeros({at::get_num_threads(), std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(st));
+  // slices: the threads that will add to it (1 where the caller runs on one)
+  ThreadAccum(int64_t n, at::ScalarType st, int64_t slices = at::get_num_threads()) : n(n) {
+    buf = at::zeros({slices, std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(st));
   }
   T* mine() { return buf.data_ptr<T>() + at::get_thread_num() * buf.size(1); }
-  at::Tensor sum() { return buf.narrow(1, 0, n).sum(0); }
+  at::Tensor sum() { return buf.size(0) == 1 ? buf.narrow(1, 0, n).view({n}) : buf.narrow(1, 0, n).sum(0); }
 };
 
 // --------------------------------------------------------------- dense ---------------------
-
-// y[b, group rows, t0:t1] = Σ_k W_k · x_ext[·, t − s_k] (no bias), written with leading
-// dimension ldy. wp is the repacked (K, C_out, C_in/g) weight.
-template <typename T>
-void dense_tile(const Geom& g, const T* xb, const T* ib, const T* wp, int64_t grp, int64_t t0,
-                int64_t t1, T* yt, int64_t ldy) {
-  for (int64_t k = g.K - 1; k >= 0; --k) {
-    const int64_t s = g.shift(k);
-    const T* W = wp + (k * g.Cout + grp * g.Cout_g) * g.Cin_g;
-    // tap K−1 has no shift, covers the whole tile and initialises it
-    const T beta = k == g.K - 1 ? T(0) : T(1);
-    const int64_t a = std::max(t0, s);
-    if (a < t1)
-      gemm<T>(g.Cout_g, t1 - a, g.Cin_g, T(1), W, g.Cin_g, xb + (a - s), g.L, false, beta,
-              yt + (a - t0), ldy);
-    const int64_t e = std::min(t1, s);
-    if (ib && t0 < e)
-      gemm<T>(g.Cout_g, e - t0, g.Cin_g, T(1), W, g.Cin_g, ib + (g.P + t0 - s), g.P, false,
-              T(1), yt, ldy);
-  }
-}
 
 // The work items of the dense paths: (batch, group, column tile), numbered 0..count().
 struct DenseTiles {
@@ -191,9 +175,10 @@ struct DenseTiles {
   };
   const Geom& g;
   int64_t nt, ntiles;
-  DenseTiles(const Geom& geom, size_t elem)
+  // in_rows: the rows of a tile's input (C_in/g, or C_in/g·K unfolded)
+  DenseTiles(const Geom& geom, size_t elem, int64_t in_rows)
       : g(geom),
-        nt(tile_columns(std::max(g.Cin_g, g.Cout_g), g.L, g.B * g.groups, elem)),
+        nt(tile_columns(std::max(in_rows, g.Cout_g), g.L, g.B * g.groups, elem)),
         ntiles((g.L + nt - 1) / nt) {}
   int64_t count() const { return g.B * g.groups * ntiles; }
   Item operator[](int64_t it) const {
@@ -205,97 +190,185 @@ struct DenseTiles {
   }
 };
 
+// Rows (i·K + k), i an input channel of the group and k a tap, of x_ext[i, t − s_k] for the
+// columns t0..t1 (init, or zeros, where t < s_k): one column tile of the unfolded input, n =
+// t1 − t0 columns apart. The tile's output is then one GEMM with the weight as stored.
 template <typename T>
-void dense_forward(const Geom& g, const T* x, const T* init, const T* wp, const T* bias, T* y,
+void unfold_tile(const Geom& g, const T* xb, const T* ib, int64_t t0, int64_t t1, T* cols) {
+  const int64_t n = t1 - t0;
+  for (int64_t i = 0; i < g.Cin_g; ++i) {
+    for (int64_t k = 0; k < g.K; ++k) {
+      T* row = cols + (i * g.K + k) * n;
+      const int64_t s = g.shift(k);
+      const int64_t h = std::clamp<int64_t>(s - t0, 0, n);  // columns before x begins
+      if (h > 0) {
+        if (ib)
+          std::memcpy(row, ib + i * g.P + g.P + t0 - s, sizeof(T) * h);
+        else
+          std::fill(row, row + h, T(0));
+      }
+      if (h < n) std::memcpy(row + h, xb + i * g.L + t0 + h - s, sizeof(T) * (n - h));
+    }
+  }
+}
+
+// C[M×N] = A[M×K]·B[K×N] (row-major, B's rows N apart) for the forward's tiles: fp32/fp64
+// GEMMs, and bf16 operands with fp32 sums on MKL's bf16 GEMM (AMX where the CPU has it).
+// Products of two bf16 numbers are exact in fp32, so the bf16 one is the fp32 computation on
+// the converted operands up to summation order, without converting them on every call.
+inline void tile_product(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
+                         int64_t ldc) {
+  gemm<float>(M, N, K, 1.f, A, K, B, N, false, 0.f, C, ldc);
+}
+inline void tile_product(int64_t M, int64_t N, int64_t K, const double* A, const double* B,
+                         double* C, int64_t ldc) {
+  gemm<double>(M, N, K, 1.0, A, K, B, N, false, 0.0, C, ldc);
+}
+inline void tile_product(int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
+                         const at::BFloat16* B, float* C, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(gemm_bf16(false, false, M, N, K, A, K, B, N, C, ldc));
+}
+
+// Whether gemm_bf16 serves here (MKL's bf16 GEMM, or the own AVX512_BF16 one): it returns
+// false before looking at the operands when neither does.
+bool bf16_gemm_available() {
+  static const bool ok = gemm_bf16(false, false, 0, 0, 0, nullptr, 1, nullptr, 1, nullptr, 1);
+  return ok;
+}
+
+// The forward as one GEMM per (batch, group, column tile) over the unfolded input, with the
+// weight as stored ((C_out/g) × (C_in/g·K)). Shifted per-tap GEMMs needed the weight repacked
+// tap-major on every call, which at few columns cost several times the products (C = 1024,
+// K = 5, L = 1: 5.5 ms against torch's 0.8); the unfolded tile costs C_in·K·n copies against
+// 2·C_out·C_in·K·n flops. The history's zeros are multiplied, as torch's padded conv does, so a
+// non-finite weight makes those columns NaN there too. S: the type of x, init and w (float,
+// double, or bf16 with T = float); T: of the output, bias and pre-activation.
+template <typename S, typename T>
+void dense_forward(const Geom& g, const S* x, const S* init, const S* w, const T* bias, T* y,
                    T* pre, int64_t act) {
-  const DenseTiles tiles(g, sizeof(T));
-  at::parallel_for(0, tiles.count(), 1, [&](int64_t i0, int64_t i1) {
+  const int64_t rows = g.Cin_g * g.K;
+  // (sized on a quarter of the unfolded rows: MKL packs the weight again for every tile, and
+  // such wider tiles measured 1–3 % faster than tiles sized on all of them)
+  const DenseTiles tiles(g, sizeof(S), rows / 4);
+  auto run = [&](int64_t i0, int64_t i1) {
+    std::unique_ptr<S[]> cols(new S[rows * tiles.nt]);
     for (int64_t it = i0; it < i1; ++it) {
       const auto tl = tiles[it];
-      dense_tile<T>(g, x + tl.in, init ? init + tl.init : nullptr, wp, tl.grp, tl.t0, tl.t1,
-                    y + tl.out + tl.t0, g.L);
+      const int64_t n = tl.t1 - tl.t0;
+      unfold_tile<S>(g, x + tl.in, init ? init + tl.init : nullptr, tl.t0, tl.t1, cols.get());
+      tile_product(g.Cout_g, n, rows, w + tl.grp * g.Cout_g * rows, cols.get(),
+                   y + tl.out + tl.t0, g.L);
       for (int64_t o = 0; o < g.Cout_g; ++o) {
         const int64_t row = tl.out + o * g.L + tl.t0;
-        bias_activate_row<T>(y + row, pre ? pre + row : nullptr, tl.t1 - tl.t0,
+        bias_activate_row<T>(y + row, pre ? pre + row : nullptr, n,
                              bias ? bias[tl.grp * g.Cout_g + o] : T(0), act);
       }
+    }
+  };
+  // Fewer tiles than threads (a few columns of one sequence): the GEMM threads itself.
+  if (tiles.count() < at::get_num_threads())
+    run(0, tiles.count());
+  else
+    at::parallel_for(0, tiles.count(), 1, run);
+}
+
+// wt[grp][i][k·C_out/g + o] = w[grp·C_out/g + o][i][k]: per group and tap k, the transposed
+// (C_in/g) × (C_out/g) matrix of the tap, K·C_out/g apart.
+template <typename T>
+void weight_by_input_rows(const Geom& g, const T* w, T* wt) {
+  const int64_t row = g.K * g.Cout_g;
+  at::parallel_for(0, g.groups * g.Cin_g, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t grp = r / g.Cin_g, i = r % g.Cin_g;
+      const T* src = w + (grp * g.Cout_g * g.Cin_g + i) * g.K;
+      T* dst = wt + r * row;
+      for (int64_t o = 0; o < g.Cout_g; ++o)
+        for (int64_t k = 0; k < g.K; ++k) dst[k * g.Cout_g + o] = src[o * g.Cin_g * g.K + k];
     }
   });
 }
 
-// Given dz = dL/d(pre-activation) (B, C_out, L): dx (+= when accumulate), dinit, and the
-// repacked weight gradient dwp (K, C_out, C_in/g) and bias gradient db (when non-null).
-template <typename T>
-void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const T* wp, T* dx,
-                    bool accumulate, T* dinit, T* dwp, T* db) {
-  const DenseTiles tiles(g, sizeof(T));
-  const auto st = c10::CppTypeToScalarType<T>::value;
-  ThreadAccum<T> dw_acc(g.K * g.Cout * g.Cin_g, st);
-  ThreadAccum<T> db_acc(db ? g.Cout : 0, st);
+// Runs f(i0, i1) over n work items: on the calling thread when there are fewer items than
+// threads (a few columns of one sequence; the GEMMs then thread themselves), else split.
+template <typename F>
+void for_tiles(int64_t n, const F& f) {
+  if (n < at::get_num_threads())
+    f(0, n);
+  else
+    at::parallel_for(0, n, 1, f);
+}
 
-  at::parallel_for(0, tiles.count(), 1, [&](int64_t i0, int64_t i1) {
+// Given dz = dL/d(pre-activation) (B, C_out, L), with the weight as stored (C_out, C_in/g, K):
+// dx (+= when accumulate), dinit (+=), dw (C_out, C_in/g, K; overwritten) and db (+=, when
+// non-null). dw: per tile, dz times the unfolded input tile (the forward's unfold_tile)
+// transposed, in the weight's own layout. dx and dinit: per tile of x_ext's columns (each
+// owned by one thread), Σ_k W_kᵀ dz[:, u + s_k] over the columns where u + s_k is in 0..L−1,
+// as torch's transposed conv, which multiplies nothing by padding (an inf weight then leaves
+// the last columns finite). The weight's repacked tap-major copy, with its gradient's copy
+// back, cost more than the products at a few columns; one transposed copy remains (wt).
+template <typename T>
+void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const T* w, T* dx,
+                    bool accumulate, T* dinit, T* dw, T* db) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  const int64_t rows = g.Cin_g * g.K, wrow = g.K * g.Cout_g;
+  const DenseTiles tiles(g, sizeof(T), rows);
+  const int64_t slices = tiles.count() < at::get_num_threads() ? 1 : at::get_num_threads();
+  ThreadAccum<T> dw_acc(g.Cout * rows, st, slices);
+  ThreadAccum<T> db_acc(db ? g.Cout : 0, st, slices);
+  for_tiles(tiles.count(), [&](int64_t i0, int64_t i1) {
     T* dwt = dw_acc.mine();
     T* dbt = db_acc.mine();
+    std::unique_ptr<T[]> cols(new T[rows * tiles.nt]);
     for (int64_t it = i0; it < i1; ++it) {
       const auto tl = tiles[it];
-      const int64_t grp = tl.grp, t0 = tl.t0, t1 = tl.t1;
-      const T* xb = x + tl.in;
-      const T* ib = init ? init + tl.init : nullptr;
-      const T* dzb = dz + tl.out;
-      T* dxb = dx + tl.in;
-      for (int64_t k = g.K - 1; k >= 0; --k) {
-        const int64_t s = g.shift(k);
-        const T* W = wp + (k * g.Cout + grp * g.Cout_g) * g.Cin_g;
-        T* dW = dwt + (k * g.Cout + grp * g.Cout_g) * g.Cin_g;
-        // dx[:, t] += W_kᵀ dz[:, t + s]  for t + s < L
-        const T beta = (k == g.K - 1 && !accumulate) ? T(0) : T(1);
-        const int64_t e = std::min(t1, g.L - s);
-        if (t0 < e)
-          gemm_tn<T>(g.Cin_g, e - t0, g.Cout_g, T(1), W, g.Cin_g, dzb + t0 + s, g.L, beta,
-                     dxb + t0, g.L);
-        // dW_k += dz[:, t] · x_ext[:, t − s]ᵀ, split into the x part and the init part
-        const int64_t a = std::max(t0, s);
-        if (a < t1)
-          gemm<T>(g.Cout_g, g.Cin_g, t1 - a, T(1), dzb + a, g.L, xb + (a - s), g.L, true, T(1),
-                  dW, g.Cin_g);
-        const int64_t e2 = std::min(t1, s);
-        if (ib && t0 < e2)
-          gemm<T>(g.Cout_g, g.Cin_g, e2 - t0, T(1), dzb + t0, g.L, ib + (g.P + t0 - s), g.P,
-                  true, T(1), dW, g.Cin_g);
-      }
+      const int64_t n = tl.t1 - tl.t0;
+      unfold_tile<T>(g, x + tl.in, init ? init + tl.init : nullptr, tl.t0, tl.t1, cols.get());
+      const T* dzb = dz + tl.out + tl.t0;
+      gemm<T>(g.Cout_g, rows, n, T(1), dzb, g.L, cols.get(), n, true, T(1),
+              dwt + tl.grp * g.Cout_g * rows, rows);
       if (db) {
         for (int64_t o = 0; o < g.Cout_g; ++o) {
-          const T* r = dzb + o * g.L + t0;
+          const T* r = dzb + o * g.L;
           Vec<T> acc(T(0));
-          for_each_vec<T>(t1 - t0, [&](int64_t j, int64_t c) {
+          for_each_vec<T>(n, [&](int64_t j, int64_t c) {
             acc = acc + load(r + j, c);  // partial loads zero the unused lanes
           });
-          dbt[grp * g.Cout_g + o] += reduce_sum<T>(acc);
+          dbt[tl.grp * g.Cout_g + o] += reduce_sum<T>(acc);
         }
       }
     }
   });
 
-  // dinit[:, P − s + t] += W_kᵀ dz[:, t] for t < min(s, L): the history only reaches the
-  // first columns of each output row.
-  if (dinit) {
-    at::parallel_for(0, g.B * g.groups, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t bg = i0; bg < i1; ++bg) {
-        const int64_t b = bg / g.groups, grp = bg % g.groups;
-        const T* dzb = dz + (b * g.Cout + grp * g.Cout_g) * g.L;
-        T* dib = dinit + (b * g.Cin + grp * g.Cin_g) * g.P;
-        for (int64_t k = 0; k < g.K - 1; ++k) {
-          const int64_t s = g.shift(k);
-          const int64_t n = std::min(s, g.L);
-          const T* W = wp + (k * g.Cout + grp * g.Cout_g) * g.Cin_g;
-          gemm_tn<T>(g.Cin_g, n, g.Cout_g, T(1), W, g.Cin_g, dzb, g.L, T(1), dib + (g.P - s),
-                     g.P);
-        }
+  // dx over x's columns 0..L−1, then dinit over the history's −P..−1 (P − s_k of them read
+  // by tap k), in tiles of the same width.
+  std::unique_ptr<T[]> wt(new T[g.groups * g.Cin_g * wrow]);
+  weight_by_input_rows<T>(g, w, wt.get());
+  const int64_t nt = tiles.nt, head = dinit ? (g.P + nt - 1) / nt : 0;
+  const int64_t per_group = tiles.ntiles + head;
+  for_tiles(g.B * g.groups * per_group, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t bg = it / per_group, j = it % per_group;
+      const int64_t b = bg / g.groups, grp = bg % g.groups;
+      const bool hist = j >= tiles.ntiles;
+      const int64_t u0 = hist ? -g.P + (j - tiles.ntiles) * nt : j * nt;
+      const int64_t u1 = hist ? std::min<int64_t>(0, u0 + nt) : std::min(g.L, u0 + nt);
+      const T* dzb = dz + (b * g.Cout + grp * g.Cout_g) * g.L;
+      const int64_t in_row = b * g.Cin + grp * g.Cin_g;
+      T* out = hist ? dinit + in_row * g.P + g.P : dx + in_row * g.L;  // (column u at out + u)
+      const int64_t ld = hist ? g.P : g.L;
+      // tap K−1 (no shift) covers a tile of x's columns whole and starts it; dinit starts at 0
+      for (int64_t k = g.K - 1; k >= 0; --k) {
+        const int64_t s = g.shift(k);
+        const int64_t a = std::max(u0, -s), e = std::min(u1, g.L - s);
+        if (a < e)
+          gemm<T>(g.Cin_g, e - a, g.Cout_g, T(1), wt.get() + grp * g.Cin_g * wrow + k * g.Cout_g,
+                  wrow, dzb + a + s, g.L, false,
+                  hist || accumulate || k != g.K - 1 ? T(1) : T(0), out + a, ld);
       }
-    });
-  }
-  at::Tensor dw = dw_acc.sum();
-  std::memcpy(dwp, dw.data_ptr<T>(), sizeof(T) * dw.numel());
+    }
+  });
+  at::Tensor dws = dw_acc.sum();
+  std::memcpy(dw, dws.data_ptr<T>(), sizeof(T) * dws.numel());
   if (db) {
     at::Tensor dbs = db_acc.sum();
     std::memcpy(db, dbs.data_ptr<T>(), sizeof(T) * g.Cout);
@@ -510,9 +583,10 @@ void depthwise_backward(const Geom& g, const T* dz, const int64_t* ds, const T* 
 bool is_depthwise(const Geom& g) { return g.groups == g.Cin && g.Cout == g.Cin; }
 
 // torch's padded conv multiplies every tap by the zero history, so a NaN or inf weight makes
-// the first (K−1)·d output columns NaN there; the kernels skip a history of zeros (it adds
-// nothing finite). Where a weight is not finite they get it as explicit zeros instead, so
-// outputs and gradients follow torch's. w: contiguous, in the compute type.
+// the first (K−1)·d output columns NaN there; the depthwise kernels skip a history of zeros
+// (it adds nothing finite). Where a weight is not finite they get it as explicit zeros
+// instead, so outputs and gradients follow torch's. (The dense kernels multiply the zeros of
+// their unfolded tiles.) w: contiguous, in the compute type.
 at::Tensor zero_history_if_weights_nonfinite(const at::Tensor& init, const at::Tensor& w,
                                              const Geom& g) {
   if (init.defined() || g.P == 0 || g.B == 0 || g.Cin == 0 || w.numel() == 0) return init;
@@ -535,17 +609,30 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   // Depthwise is memory bound: bf16/fp16 x and y are read and written as stored, not converted.
   const bool narrow_rows = at::isReducedFloatingType(st) && is_depthwise(g) && g.L > 0;
-  at::Tensor x = contiguous_as(x_in, narrow_rows ? st : ct), w = contiguous_as(w_in, ct);
-  at::Tensor bias = contiguous_as(opt(bias_in), ct), init = contiguous_as(opt(init_in), ct);
+  // bf16 dense: x, the history and w stay bf16 as operands of bf16 GEMMs (tile_product).
+  const bool bf16_products = st == at::kBFloat16 && !is_depthwise(g) && bf16_gemm_available();
+  const auto operand_type = narrow_rows || bf16_products ? st : ct;
+  at::Tensor x = contiguous_as(x_in, operand_type);
+  at::Tensor w = contiguous_as(w_in, bf16_products ? st : ct);
+  at::Tensor bias = contiguous_as(opt(bias_in), ct);
+  at::Tensor init = contiguous_as(opt(init_in), bf16_products ? st : ct);
   if (init.defined())
     TORCH_CHECK(init.dim() == 3 && init.size(0) == g.B && init.size(1) == g.Cin &&
                     init.size(2) == g.P,
                 "seqkern conv: initial_state must be (B, C_in, (K-1)*dilation)");
-  init = zero_history_if_weights_nonfinite(init, w, g);
-  at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options());  // in x's type: st when narrow_rows
+  if (is_depthwise(g)) init = zero_history_if_weights_nonfinite(init, w, g);
+  at::Tensor y = empty_large({g.B, g.Cout, g.L}, x.options().dtype(narrow_rows ? st : ct));
   const bool keep = save_preact && act == kSilu;
   at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options().dtype(ct))
                         : at::empty({0}, x.options().dtype(ct));
+  if (bf16_products) {
+    using bf16 = at::BFloat16;
+    if (g.L > 0)
+      dense_forward<bf16, float>(g, x.data_ptr<bf16>(), ptr_or_null<bf16>(init), w.data_ptr<bf16>(),
+                                 ptr_or_null<float>(bias), y.data_ptr<float>(),
+                                 keep ? pre.data_ptr<float>() : nullptr, act);
+    return {contiguous_as(y, st), pre};
+  }
   if (narrow_rows) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "seqkern_depthwise_forward_16bit", [&] {
       depthwise_forward<float, scalar_t>(
@@ -563,9 +650,8 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
       depthwise_forward<scalar_t>(g, x.data_ptr<scalar_t>(), ip, w.data_ptr<scalar_t>(), bp,
                                   y.data_ptr<scalar_t>(), pp, act);
     } else {
-      at::Tensor wp = w.permute({2, 0, 1}).contiguous();
-      dense_forward<scalar_t>(g, x.data_ptr<scalar_t>(), ip, wp.data_ptr<scalar_t>(), bp,
-                              y.data_ptr<scalar_t>(), pp, act);
+      dense_forward<scalar_t, scalar_t>(g, x.data_ptr<scalar_t>(), ip, w.data_ptr<scalar_t>(), bp,
+                                        y.data_ptr<scalar_t>(), pp, act);
     }
   });
   return {contiguous_as(y, st), pre};
@@ -583,7 +669,8 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct), w = contiguous_as(w_in, ct);
   const bool init_given = opt(init_in).defined();
-  const at::Tensor init = zero_history_if_weights_nonfinite(contiguous_as(opt(init_in), ct), w, g);
+  at::Tensor init = contiguous_as(opt(init_in), ct);
+  if (is_depthwise(g)) init = zero_history_if_weights_nonfinite(init, w, g);
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({g.B, g.Cout, g.L}),
               "seqkern conv: grad_output has shape ", grad_in.sizes());
   // The depthwise kernel reads a strided gradient directly (see depthwise_backward).
@@ -603,7 +690,8 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
     });
   }
   at::Tensor dx = empty_large({g.B, g.Cin, g.L}, x.options());
-  at::Tensor dw = at::zeros_like(w);
+  // (the dense path makes its own from the tap-major gradient)
+  at::Tensor dw = is_depthwise(g) || g.L == 0 ? at::zeros_like(w) : at::Tensor();
   at::Tensor db = has_bias ? at::zeros({g.Cout}, x.options()) : at::empty({0}, x.options());
   at::Tensor dinit = init_given ? at::zeros_like(init) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_conv_backward", [&] {
@@ -617,12 +705,10 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
                                    w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dip,
                                    dw.data_ptr<scalar_t>(), dbp);
     } else {
-      at::Tensor wp = w.permute({2, 0, 1}).contiguous();
-      at::Tensor dwp = at::empty_like(wp);
+      dw = at::empty_like(w);
       dense_backward<scalar_t>(g, dz.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ip,
-                               wp.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), false, dip,
-                               dwp.data_ptr<scalar_t>(), dbp);
-      dw.copy_(dwp.permute({1, 2, 0}));
+                               w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), false, dip,
+                               dw.data_ptr<scalar_t>(), dbp);
     }
   });
   return {contiguous_as(dx, st), contiguous_as(dw, st), contiguous_as(db, st),
@@ -667,14 +753,15 @@ void gate_tile(const Block& k, const T* h, int64_t ldh, const T* cb, int64_t n, 
 }
 
 template <typename T>
-void wavenet_forward_impl(const Block& k, const T* x, const T* init, const T* wp, const T* cb,
+void wavenet_forward_impl(const Block& k, const T* x, const T* init, const T* w, const T* cb,
                           const T* ws, const T* sb, const T* wr, const T* rb, T* res, T* skip,
                           T* hsave) {
   const Geom& g = k.g;
-  const int64_t nt = tile_columns(std::max({2 * k.G, k.R, k.S}), g.L, g.B, sizeof(T));
+  const int64_t rows = k.R * g.K;
+  const int64_t nt = tile_columns(std::max({2 * k.G, rows, k.S}), g.L, g.B, sizeof(T));
   const int64_t ntiles = (g.L + nt - 1) / nt;
   at::parallel_for(0, g.B * ntiles, 1, [&](int64_t i0, int64_t i1) {
-    LineVector<T> hbuf(hsave ? 0 : 2 * k.G * nt), zbuf(k.G * nt);
+    LineVector<T> hbuf(hsave ? 0 : 2 * k.G * nt), zbuf(k.G * nt), cols(rows * nt);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / ntiles, t0 = (it % ntiles) * nt, t1 = std::min(g.L, t0 + nt);
       const int64_t n = t1 - t0;
@@ -682,7 +769,8 @@ void wavenet_forward_impl(const Block& k, const T* x, const T* init, const T* wp
       const T* ib = init ? init + b * k.R * g.P : nullptr;
       T* h = hsave ? hsave + b * 2 * k.G * g.L + t0 : hbuf.data();
       const int64_t ldh = hsave ? g.L : nt;
-      dense_tile<T>(g, xb, ib, wp, 0, t0, t1, h, ldh);
+      unfold_tile<T>(g, xb, ib, t0, t1, cols.data());
+      tile_product(2 * k.G, n, rows, w, cols.data(), h, ldh);
       gate_tile<T>(k, h, ldh, cb, n, zbuf.data(), nt);
       T* sk = skip + b * k.S * g.L + t0;
       gemm<T>(k.S, n, k.G, T(1), ws, k.G, zbuf.data(), nt, false, T(0), sk, g.L);
@@ -710,8 +798,8 @@ void wavenet_forward_impl(const Block& k, const T* x, const T* init, const T* wp
 // backward of dh, with dx starting from the residual path's g_res.
 template <typename T>
 void wavenet_backward_impl(const Block& k, const T* gres, const T* gskip, const T* x,
-                           const T* init, const T* wp, const T* cb, const T* ws, const T* wr,
-                           const T* h, T* dh, T* dx, T* dinit, T* dwp, T* dcb, T* dws, T* dsb,
+                           const T* init, const T* w, const T* cb, const T* ws, const T* wr,
+                           const T* h, T* dh, T* dx, T* dinit, T* dw, T* dcb, T* dws, T* dsb,
                            T* dwr, T* drb) {
   const Geom& g = k.g;
   const auto st = c10::CppTypeToScalarType<T>::value;
@@ -769,7 +857,7 @@ void wavenet_backward_impl(const Block& k, const T* gres, const T* gskip, const 
   if (dsb) std::copy(sp + k.S * k.G, sp + k.S * k.G + k.S, dsb);
   std::copy(sp + k.S * k.G + k.S, sp + k.S * k.G + k.S + k.R * k.G, dwr);
   if (drb) std::copy(sp + k.S * k.G + k.S + k.R * k.G, sp + k.S * k.G + k.S + k.R * k.G + k.R, drb);
-  dense_backward<T>(g, dh, x, init, wp, dx, true, dinit, dwp, dcb);
+  dense_backward<T>(g, dh, x, init, w, dx, true, dinit, dw, dcb);
 }
 
 std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor& conv_w,
@@ -784,21 +872,20 @@ std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct);
-  at::Tensor wp = contiguous_as(conv_w, ct).permute({2, 0, 1}).contiguous();
+  at::Tensor w = contiguous_as(conv_w, ct);
   at::Tensor cb = contiguous_as(opt(conv_b), ct), sb = contiguous_as(opt(skip_b), ct),
              rb = contiguous_as(opt(res_b), ct), init = contiguous_as(opt(init_in), ct);
   at::Tensor ws = contiguous_as(skip_w, ct), wr = contiguous_as(res_w, ct);
   if (init.defined())
     TORCH_CHECK(init.sizes() == at::IntArrayRef({k.g.B, k.R, k.g.P}),
                 "seqkern wavenet: initial_state must be (B, R, (K-1)*dilation)");
-  init = zero_history_if_weights_nonfinite(init, wp, k.g);
   at::Tensor res = empty_large({k.g.B, k.R, k.g.L}, x.options());
   at::Tensor skip = empty_large({k.g.B, k.S, k.g.L}, x.options());
   at::Tensor h = save ? empty_large({k.g.B, 2 * k.G, k.g.L}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_wavenet_forward", [&] {
     if (k.g.L == 0) return;
     wavenet_forward_impl<scalar_t>(
-        k, x.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(init), wp.data_ptr<scalar_t>(),
+        k, x.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(init), w.data_ptr<scalar_t>(),
         ptr_or_null<scalar_t>(cb), ws.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(sb),
         wr.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), res.data_ptr<scalar_t>(),
         skip.data_ptr<scalar_t>(), save ? h.data_ptr<scalar_t>() : nullptr);
@@ -818,10 +905,10 @@ std::vector<at::Tensor> wavenet_backward(
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   at::Tensor x = contiguous_as(x_in, ct);
-  at::Tensor wp = contiguous_as(conv_w, ct).permute({2, 0, 1}).contiguous();
+  at::Tensor w = contiguous_as(conv_w, ct);
   const bool init_given = opt(init_in).defined();
   at::Tensor cb = contiguous_as(opt(conv_b), ct);
-  const at::Tensor init = zero_history_if_weights_nonfinite(contiguous_as(opt(init_in), ct), wp, g);
+  const at::Tensor init = contiguous_as(opt(init_in), ct);
   at::Tensor ws = contiguous_as(skip_w, ct), wr = contiguous_as(res_w, ct);
   at::Tensor h = contiguous_as(h_in, ct);
   TORCH_CHECK(h.sizes() == at::IntArrayRef({g.B, 2 * k.G, g.L}),
@@ -831,7 +918,7 @@ std::vector<at::Tensor> wavenet_backward(
   at::Tensor dx = empty_large(gres.sizes(), o);
   dx.copy_(gres);
   at::Tensor dh = empty_large({g.B, 2 * k.G, g.L}, o);
-  at::Tensor dwp = at::zeros_like(wp);
+  at::Tensor dcw = g.L == 0 ? at::zeros_like(w) : at::empty_like(w);
   at::Tensor dcb = cb.defined() ? at::zeros({2 * k.G}, o) : at::empty({0}, o);
   at::Tensor dws = at::zeros({k.S, k.G}, o), dwr = at::zeros({k.R, k.G}, o);
   at::Tensor dsb = has_skip_bias ? at::zeros({k.S}, o) : at::empty({0}, o);
@@ -842,13 +929,12 @@ std::vector<at::Tensor> wavenet_backward(
     auto p = [](at::Tensor& t, bool on) { return on && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
     wavenet_backward_impl<scalar_t>(
         k, gres.data_ptr<scalar_t>(), gskip.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(init), wp.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(cb),
+        ptr_or_null<scalar_t>(init), w.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(cb),
         ws.data_ptr<scalar_t>(), wr.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
         dh.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), p(dinit, true),
-        dwp.data_ptr<scalar_t>(), p(dcb, true), dws.data_ptr<scalar_t>(), p(dsb, true),
+        dcw.data_ptr<scalar_t>(), p(dcb, true), dws.data_ptr<scalar_t>(), p(dsb, true),
         dwr.data_ptr<scalar_t>(), p(drb, true));
   });
-  at::Tensor dcw = dwp.permute({1, 2, 0}).contiguous();
   return {contiguous_as(dx, st), contiguous_as(dcw, st), contiguous_as(dcb, st),
           contiguous_as(dws, st), contiguous_as(dsb, st), contiguous_as(dwr, st),
           contiguous_as(drb, st), contiguous_as(dinit, st)};
