@@ -1,6 +1,7 @@
 #include "cpu/gemm.h"
 #include "cpu/transpose.h"
 #include "cpu/large_alloc.h"
+#include "cpu/vec_math.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -155,7 +156,7 @@ void row_block_product(const RowProduct<T>& p, int64_t r0) {
   }
   for (int i = 0; i < nr; ++i)
     for (int m = 0; m < M; ++m)
-      p.C[m * p.ldc + r0 + i] = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc[i][m]);
+      p.C[m * p.ldc + r0 + i] = reduce_sum<T>(acc[i][m]);
 }
 
 template <typename T>

@@ -45,6 +45,17 @@ SEQKERN_INLINE Vec<float> min_no_nan(const Vec<float>& a, const Vec<float>& b) {
 // The sum and the largest (NaN propagating) of a vector's lanes.
 template <typename T>
 SEQKERN_INLINE T reduce_sum(const Vec<T>& x) {
+  // (double: at::vec's generic reduction goes lane by lane through memory, and in the float64
+  // cells' row products it took ~20 times their multiply-adds: 117 µs a step, 15 in float32)
+  if constexpr (std::is_same_v<T, double>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_reduce_add_pd(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256d v = x;
+    const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+#endif
+  }
   return at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, x);
 }
 template <typename T>
