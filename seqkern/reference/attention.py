@@ -61,21 +61,41 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask: Optional[Tensor] = None,
         k = k.repeat_interleave(Hq // Hkv, dim=1)
     Lq, Lk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale
-    ok = allowed_keys(Lq, Lk, is_causal=is_causal, window=window, key_lengths=key_lengths,
-                      causal_alignment=causal_alignment, device=q.device)
+    # (in place on the fresh score tensor, and the masks combined at their own broadcast
+    # shapes: each pass over the (B, H, Lq, Lk) scores costs about as much as the product)
+    s = (q * scale) @ k.transpose(-1, -2)  # (scaling q: Lq·D products, not Lq·Lk)
+    ruled_out = None  # what the masks rule out, at its own (broadcastable) shape
+    if is_causal or window is not None or key_lengths is not None:
+        ruled_out = ~allowed_keys(Lq, Lk, is_causal=is_causal, window=window,
+                                  key_lengths=key_lengths, causal_alignment=causal_alignment,
+                                  device=q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            ok = ok & attn_mask
+            out = ~attn_mask
         else:
-            s = s + attn_mask
-            ok = ok & (attn_mask != float("-inf"))  # −inf rules a key out even if its score is NaN
-    ok = ok.expand(s.shape)
-    s = s.masked_fill(~ok, float("-inf"))
-    # A row whose every score is -inf would give 0/0; such rows attend to nothing.
-    dead = torch.isneginf(s).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+            # −inf rules a key out even if its score is NaN; the finite rest is added
+            out = attn_mask == float("-inf")
+            bias = attn_mask.masked_fill(out, 0.0)
+            s = s.add_(bias) if _broadcasts_to(bias, s) and bias.dtype == s.dtype else s + bias
+        ruled_out = out if ruled_out is None else ruled_out | out
+    if ruled_out is None:
+        p = torch.softmax(s, dim=-1)
+    else:
+        # A row with no allowed key attends to nothing (zeros). Its scores are left as they
+        # are, so its softmax, zeroed afterwards, has finite gradients (all −inf: NaN ones).
+        dead = ruled_out.all(-1, keepdim=True)
+        fill = ruled_out & ~dead
+        s = s.masked_fill_(fill, float("-inf")) if _broadcasts_to(fill, s) else \
+            s.masked_fill(fill, float("-inf"))
+        p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
     return p.squeeze(1) if squeeze else p
+
+
+def _broadcasts_to(m: Tensor, s: Tensor) -> bool:
+    """Whether s may take m in place: m broadcasts to s's shape without growing it, and no
+    torch.func transform runs (under vmap a batched m cannot go into an unbatched s)."""
+    return (torch.broadcast_shapes(m.shape, s.shape) == s.shape
+            and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()))
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor,
