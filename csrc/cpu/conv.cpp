@@ -45,6 +45,7 @@
 #include "cpu/dtype.h"
 #include "cpu/gemm.h"
 #include "cpu/large_alloc.h"
+#include "cpu/transpose.h"
 #include "cpu/vec_math.h"
 
 namespace seqkern::cpu {
@@ -212,21 +213,22 @@ void unfold_tile(const Geom& g, const T* xb, const T* ib, int64_t t0, int64_t t1
   }
 }
 
-// C[M×N] = A[M×K]·B[K×N] (row-major, B's rows N apart) for the forward's tiles: fp32/fp64
-// GEMMs, and bf16 operands with fp32 sums on MKL's bf16 GEMM (AMX where the CPU has it).
-// Products of two bf16 numbers are exact in fp32, so the bf16 one is the fp32 computation on
-// the converted operands up to summation order, without converting them on every call.
-inline void tile_product(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
-                         int64_t ldc) {
-  gemm<float>(M, N, K, 1.f, A, K, B, N, false, 0.f, C, ldc);
+// C (+= when add) A[M×K]·op(B), row-major with leading dimensions, op(B) = Bᵀ (B stored N×K)
+// when b_trans: fp32/fp64 GEMMs, and bf16 operands with fp32 sums on MKL's bf16 GEMM (AMX
+// where the CPU has it). Products of two bf16 numbers are exact in fp32, so the bf16 one is the
+// fp32 computation on the converted operands up to summation order, without converting them.
+inline void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, bool b_trans, bool add, float* C, int64_t ldc) {
+  gemm<float>(M, N, K, 1.f, A, lda, B, ldb, b_trans, add ? 1.f : 0.f, C, ldc);
 }
-inline void tile_product(int64_t M, int64_t N, int64_t K, const double* A, const double* B,
-                         double* C, int64_t ldc) {
-  gemm<double>(M, N, K, 1.0, A, K, B, N, false, 0.0, C, ldc);
+inline void product(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                    const double* B, int64_t ldb, bool b_trans, bool add, double* C, int64_t ldc) {
+  gemm<double>(M, N, K, 1.0, A, lda, B, ldb, b_trans, add ? 1.0 : 0.0, C, ldc);
 }
-inline void tile_product(int64_t M, int64_t N, int64_t K, const at::BFloat16* A,
-                         const at::BFloat16* B, float* C, int64_t ldc) {
-  TORCH_INTERNAL_ASSERT(gemm_bf16(false, false, M, N, K, A, K, B, N, C, ldc));
+inline void product(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                    const at::BFloat16* B, int64_t ldb, bool b_trans, bool add, float* C,
+                    int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(gemm_bf16(false, b_trans, M, N, K, A, lda, B, ldb, C, ldc, add));
 }
 
 // Whether gemm_bf16 serves here (MKL's bf16 GEMM, or the own AVX512_BF16 one): it returns
@@ -256,8 +258,8 @@ void dense_forward(const Geom& g, const S* x, const S* init, const S* w, const T
       const auto tl = tiles[it];
       const int64_t n = tl.t1 - tl.t0;
       unfold_tile<S>(g, x + tl.in, init ? init + tl.init : nullptr, tl.t0, tl.t1, cols.get());
-      tile_product(g.Cout_g, n, rows, w + tl.grp * g.Cout_g * rows, cols.get(),
-                   y + tl.out + tl.t0, g.L);
+      product(g.Cout_g, n, rows, w + tl.grp * g.Cout_g * rows, rows, cols.get(), n, false, false,
+              y + tl.out + tl.t0, g.L);
       for (int64_t o = 0; o < g.Cout_g; ++o) {
         const int64_t row = tl.out + o * g.L + tl.t0;
         bias_activate_row<T>(y + row, pre ? pre + row : nullptr, n,
@@ -273,17 +275,17 @@ void dense_forward(const Geom& g, const S* x, const S* init, const S* w, const T
 }
 
 // wt[grp][i][k·C_out/g + o] = w[grp·C_out/g + o][i][k]: per group and tap k, the transposed
-// (C_in/g) × (C_out/g) matrix of the tap, K·C_out/g apart.
+// (C_in/g) × (C_out/g) matrix of the tap, K·C_out/g apart. That is the group's weight as a
+// (C_out/g) × (C_in/g·K) matrix, transposed (in blocks: an element loop gathering across
+// C_out took 4 ms of a 1024·1024·5 weight's 22 ms training step).
 template <typename T>
 void weight_by_input_rows(const Geom& g, const T* w, T* wt) {
-  const int64_t row = g.K * g.Cout_g;
-  at::parallel_for(0, g.groups * g.Cin_g, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t grp = r / g.Cin_g, i = r % g.Cin_g;
-      const T* src = w + (grp * g.Cout_g * g.Cin_g + i) * g.K;
-      T* dst = wt + r * row;
-      for (int64_t o = 0; o < g.Cout_g; ++o)
-        for (int64_t k = 0; k < g.K; ++k) dst[k * g.Cout_g + o] = src[o * g.Cin_g * g.K + k];
+  const int64_t cols = g.Cin_g * g.K, chunks = (cols + 63) / 64;
+  at::parallel_for(0, g.groups * chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t grp = c / chunks, j = (c % chunks) * 64, n = std::min<int64_t>(64, cols - j);
+      const int64_t off = grp * g.Cout_g * cols;
+      transpose<T>(w + off + j, cols, wt + off + j * g.Cout_g, g.Cout_g, g.Cout_g, n);
     }
   });
 }
@@ -306,27 +308,40 @@ void for_tiles(int64_t n, const F& f) {
 // as torch's transposed conv, which multiplies nothing by padding (an inf weight then leaves
 // the last columns finite). The weight's repacked tap-major copy, with its gradient's copy
 // back, cost more than the products at a few columns; one transposed copy remains (wt).
-template <typename T>
-void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const T* w, T* dx,
+// S: the operands' type (T, or bf16 with T = float, where db must be null: the caller sums the
+// fp32 dz); T: of the gradients.
+template <typename S, typename T>
+void dense_backward(const Geom& g, const S* dz, const S* x, const S* init, const S* w, T* dx,
                     bool accumulate, T* dinit, T* dw, T* db) {
+  static_assert(std::is_same_v<S, T> || std::is_same_v<S, at::BFloat16>);
+  if constexpr (!std::is_same_v<S, T>) TORCH_INTERNAL_ASSERT(db == nullptr);
   const auto st = c10::CppTypeToScalarType<T>::value;
   const int64_t rows = g.Cin_g * g.K, wrow = g.K * g.Cout_g;
   const DenseTiles tiles(g, sizeof(T), rows);
-  const int64_t slices = tiles.count() < at::get_num_threads() ? 1 : at::get_num_threads();
-  ThreadAccum<T> dw_acc(g.Cout * rows, st, slices);
-  ThreadAccum<T> db_acc(db ? g.Cout : 0, st, slices);
+  // On one thread (fewer tiles than threads, see for_tiles) the sums go straight to dw and db
+  // (db zeroed by the caller): per-thread copies of a large weight's gradient, zeroed, summed
+  // and copied, cost more than its products at a few columns.
+  if (tiles.count() == 0) {  // (an empty batch)
+    std::fill(dw, dw + g.Cout * rows, T(0));
+    return;
+  }
+  const bool serial = tiles.count() < at::get_num_threads();
+  ThreadAccum<T> dw_acc(serial ? 0 : g.Cout * rows, st, serial ? 1 : at::get_num_threads());
+  ThreadAccum<T> db_acc(serial || !db ? 0 : g.Cout, st, serial ? 1 : at::get_num_threads());
   for_tiles(tiles.count(), [&](int64_t i0, int64_t i1) {
-    T* dwt = dw_acc.mine();
-    T* dbt = db_acc.mine();
-    std::unique_ptr<T[]> cols(new T[rows * tiles.nt]);
+    T* dwt = serial ? dw : dw_acc.mine();
+    T* dbt = serial ? db : db_acc.mine();
+    std::unique_ptr<S[]> cols(new S[rows * tiles.nt]);
     for (int64_t it = i0; it < i1; ++it) {
       const auto tl = tiles[it];
       const int64_t n = tl.t1 - tl.t0;
-      unfold_tile<T>(g, x + tl.in, init ? init + tl.init : nullptr, tl.t0, tl.t1, cols.get());
-      const T* dzb = dz + tl.out + tl.t0;
-      gemm<T>(g.Cout_g, rows, n, T(1), dzb, g.L, cols.get(), n, true, T(1),
+      unfold_tile<S>(g, x + tl.in, init ? init + tl.init : nullptr, tl.t0, tl.t1, cols.get());
+      const S* dzb = dz + tl.out + tl.t0;
+      const bool first = serial && tl.b == 0 && tl.t0 == 0;  // (of its group: dw unset)
+      product(g.Cout_g, rows, n, dzb, g.L, cols.get(), n, true, !first,
               dwt + tl.grp * g.Cout_g * rows, rows);
-      if (db) {
+      if constexpr (std::is_same_v<S, T>) {
+        if (!db) continue;
         for (int64_t o = 0; o < g.Cout_g; ++o) {
           const T* r = dzb + o * g.L;
           Vec<T> acc(T(0));
@@ -341,8 +356,11 @@ void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const
 
   // dx over x's columns 0..L−1, then dinit over the history's −P..−1 (P − s_k of them read
   // by tap k), in tiles of the same width.
-  std::unique_ptr<T[]> wt(new T[g.groups * g.Cin_g * wrow]);
-  weight_by_input_rows<T>(g, w, wt.get());
+  // (block-cache memory, as dw's: a fresh large allocation is mapped a page fault at a time)
+  const at::Tensor wt_hold = empty_large({g.groups * g.Cin_g * wrow},
+                                         at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
+  S* const wt = wt_hold.data_ptr<S>();
+  weight_by_input_rows<S>(g, w, wt);
   const int64_t nt = tiles.nt, head = dinit ? (g.P + nt - 1) / nt : 0;
   const int64_t per_group = tiles.ntiles + head;
   for_tiles(g.B * g.groups * per_group, [&](int64_t i0, int64_t i1) {
@@ -352,7 +370,7 @@ void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const
       const bool hist = j >= tiles.ntiles;
       const int64_t u0 = hist ? -g.P + (j - tiles.ntiles) * nt : j * nt;
       const int64_t u1 = hist ? std::min<int64_t>(0, u0 + nt) : std::min(g.L, u0 + nt);
-      const T* dzb = dz + (b * g.Cout + grp * g.Cout_g) * g.L;
+      const S* dzb = dz + (b * g.Cout + grp * g.Cout_g) * g.L;
       const int64_t in_row = b * g.Cin + grp * g.Cin_g;
       T* out = hist ? dinit + in_row * g.P + g.P : dx + in_row * g.L;  // (column u at out + u)
       const int64_t ld = hist ? g.P : g.L;
@@ -361,12 +379,12 @@ void dense_backward(const Geom& g, const T* dz, const T* x, const T* init, const
         const int64_t s = g.shift(k);
         const int64_t a = std::max(u0, -s), e = std::min(u1, g.L - s);
         if (a < e)
-          gemm<T>(g.Cin_g, e - a, g.Cout_g, T(1), wt.get() + grp * g.Cin_g * wrow + k * g.Cout_g,
-                  wrow, dzb + a + s, g.L, false,
-                  hist || accumulate || k != g.K - 1 ? T(1) : T(0), out + a, ld);
+          product(g.Cin_g, e - a, g.Cout_g, wt + grp * g.Cin_g * wrow + k * g.Cout_g, wrow,
+                  dzb + a + s, g.L, false, hist || accumulate || k != g.K - 1, out + a, ld);
       }
     }
   });
+  if (serial) return;
   at::Tensor dws = dw_acc.sum();
   std::memcpy(dw, dws.data_ptr<T>(), sizeof(T) * dws.numel());
   if (db) {
@@ -609,7 +627,7 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   // Depthwise is memory bound: bf16/fp16 x and y are read and written as stored, not converted.
   const bool narrow_rows = at::isReducedFloatingType(st) && is_depthwise(g) && g.L > 0;
-  // bf16 dense: x, the history and w stay bf16 as operands of bf16 GEMMs (tile_product).
+  // bf16 dense: x, the history and w stay bf16 as operands of bf16 GEMMs (product).
   const bool bf16_products = st == at::kBFloat16 && !is_depthwise(g) && bf16_gemm_available();
   const auto operand_type = narrow_rows || bf16_products ? st : ct;
   at::Tensor x = contiguous_as(x_in, operand_type);
@@ -667,15 +685,20 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   const Geom g = make_geom(x_in, w_in, dilation, groups);
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
-  at::Tensor x = contiguous_as(x_in, ct), w = contiguous_as(w_in, ct);
+  // bf16 dense: the products take bf16 operands (as the forward's), dz rounded to bf16 as
+  // torch's bf16 backward holds it; the gradients are summed in fp32.
+  const bool bf16_products = st == at::kBFloat16 && !is_depthwise(g) && bf16_gemm_available();
+  const auto operand_type = bf16_products ? st : ct;
+  at::Tensor x = contiguous_as(x_in, operand_type), w = contiguous_as(w_in, operand_type);
   const bool init_given = opt(init_in).defined();
-  at::Tensor init = contiguous_as(opt(init_in), ct);
+  at::Tensor init = contiguous_as(opt(init_in), operand_type);
   if (is_depthwise(g)) init = zero_history_if_weights_nonfinite(init, w, g);
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({g.B, g.Cout, g.L}),
               "seqkern conv: grad_output has shape ", grad_in.sizes());
   // The depthwise kernel reads a strided gradient directly (see depthwise_backward).
   const bool strided_ok = is_depthwise(g) && act == kNone && grad_in.scalar_type() == ct;
-  at::Tensor gy = strided_ok ? grad_in : contiguous_as(grad_in, ct);
+  at::Tensor gy = strided_ok || (bf16_products && act == kNone) ? grad_in
+                                                                 : contiguous_as(grad_in, ct);
   at::Tensor dz = gy;
   if (act != kNone) {
     at::Tensor y = act == kSilu ? at::Tensor() : contiguous_as(y_in, ct);
@@ -689,11 +712,27 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
                                     gy.numel(), act);
     });
   }
-  at::Tensor dx = empty_large({g.B, g.Cin, g.L}, x.options());
-  // (the dense path makes its own from the tap-major gradient)
-  at::Tensor dw = is_depthwise(g) || g.L == 0 ? at::zeros_like(w) : at::Tensor();
-  at::Tensor db = has_bias ? at::zeros({g.Cout}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dinit = init_given ? at::zeros_like(init) : at::empty({0}, x.options());
+  const auto o = x.options().dtype(ct);
+  at::Tensor dx = empty_large({g.B, g.Cin, g.L}, o);
+  // (the dense path makes its own)
+  at::Tensor dw = is_depthwise(g) || g.L == 0 ? at::zeros(w.sizes(), o) : at::Tensor();
+  at::Tensor db = has_bias ? at::zeros({g.Cout}, o) : at::empty({0}, o);
+  at::Tensor dinit = init_given ? at::zeros(init.sizes(), o) : at::empty({0}, o);
+  if (bf16_products) {
+    using bf16 = at::BFloat16;
+    if (g.L > 0) {
+      if (has_bias) db = dz.sum({0, 2}, false, ct);
+      const at::Tensor dzb = contiguous_as(dz, st);
+      dw = at::empty(w.sizes(), o);
+      dense_backward<bf16, float>(g, dzb.data_ptr<bf16>(), x.data_ptr<bf16>(),
+                                  ptr_or_null<bf16>(init), w.data_ptr<bf16>(),
+                                  dx.data_ptr<float>(), false,
+                                  init_given && init.numel() > 0 ? dinit.data_ptr<float>() : nullptr,
+                                  dw.data_ptr<float>(), nullptr);
+    }
+    return {contiguous_as(dx, st), contiguous_as(dw, st), contiguous_as(db, st),
+            contiguous_as(dinit, st)};
+  }
   AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_conv_backward", [&] {
     const scalar_t* ip = ptr_or_null<scalar_t>(init);
     scalar_t* dip = init_given && init.numel() > 0 ? dinit.data_ptr<scalar_t>() : nullptr;
@@ -705,10 +744,10 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
                                    w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dip,
                                    dw.data_ptr<scalar_t>(), dbp);
     } else {
-      dw = at::empty_like(w);
-      dense_backward<scalar_t>(g, dz.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ip,
-                               w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), false, dip,
-                               dw.data_ptr<scalar_t>(), dbp);
+      dw = at::empty(w.sizes(), o);
+      dense_backward<scalar_t, scalar_t>(g, dz.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ip,
+                                         w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), false,
+                                         dip, dw.data_ptr<scalar_t>(), dbp);
     }
   });
   return {contiguous_as(dx, st), contiguous_as(dw, st), contiguous_as(db, st),
@@ -770,7 +809,7 @@ void wavenet_forward_impl(const Block& k, const T* x, const T* init, const T* w,
       T* h = hsave ? hsave + b * 2 * k.G * g.L + t0 : hbuf.data();
       const int64_t ldh = hsave ? g.L : nt;
       unfold_tile<T>(g, xb, ib, t0, t1, cols.data());
-      tile_product(2 * k.G, n, rows, w, cols.data(), h, ldh);
+      product(2 * k.G, n, rows, w, rows, cols.data(), n, false, false, h, ldh);
       gate_tile<T>(k, h, ldh, cb, n, zbuf.data(), nt);
       T* sk = skip + b * k.S * g.L + t0;
       gemm<T>(k.S, n, k.G, T(1), ws, k.G, zbuf.data(), nt, false, T(0), sk, g.L);
@@ -857,7 +896,7 @@ void wavenet_backward_impl(const Block& k, const T* gres, const T* gskip, const 
   if (dsb) std::copy(sp + k.S * k.G, sp + k.S * k.G + k.S, dsb);
   std::copy(sp + k.S * k.G + k.S, sp + k.S * k.G + k.S + k.R * k.G, dwr);
   if (drb) std::copy(sp + k.S * k.G + k.S + k.R * k.G, sp + k.S * k.G + k.S + k.R * k.G + k.R, drb);
-  dense_backward<T>(g, dh, x, init, w, dx, true, dinit, dw, dcb);
+  dense_backward<T, T>(g, dh, x, init, w, dx, true, dinit, dw, dcb);
 }
 
 std::vector<at::Tensor> wavenet_forward(const at::Tensor& x_in, const at::Tensor& conv_w,

@@ -359,7 +359,7 @@ constexpr int64_t kGemmPanel = 64, kGemmRows = 96, kGemmCols = 256, kGemmDepth =
 
 void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
                  const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb,
-                 float* C, int64_t ldc) {
+                 float* C, int64_t ldc, bool accumulate) {
   constexpr int64_t NB = kGemmPanel;
   const int64_t Kp = (K + 1) / 2 * 2, n_panels = (N + NB - 1) / NB;
   LineVector<at::BFloat16> Bp(n_panels * Kp * NB);
@@ -398,7 +398,7 @@ void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
         }
         for (int64_t c = 0; c < nc; c += NB) {
           const int64_t p = (n0 + c) / NB;
-          dpbf16_product(mr, std::min(NB, nc - c), kb, la, NB, ldc, k0 > 0, a,
+          dpbf16_product(mr, std::min(NB, nc - c), kb, la, NB, ldc, accumulate || k0 > 0, a,
                          reinterpret_cast<const uint16_t*>(Bp.data() + p * Kp * NB + k0 * NB),
                          C + m0 * ldc + n0 + c);
         }
@@ -409,7 +409,7 @@ void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
 #else
 constexpr bool kDpbf16 = false;
 void dpbf16_gemm(bool, bool, int64_t, int64_t, int64_t, const at::BFloat16*, int64_t,
-                 const at::BFloat16*, int64_t, float*, int64_t) {}
+                 const at::BFloat16*, int64_t, float*, int64_t, bool) {}
 #endif
 
 // MKL's bf16 GEMM is the one to use where it has AMX (or where this build has no dpbf16 path).
@@ -613,7 +613,7 @@ void bf16_tile_release() {
 
 bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
                const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float* C,
-               int64_t ldc) {
+               int64_t ldc, bool accumulate) {
   const bool own = dpbf16_gemm_preferred();
   const auto& b = blas();
   if (!own && (!b.gemm_bf16 || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) ||
@@ -621,16 +621,16 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
     return false;
   if (M == 0 || N == 0) return true;
   if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    for (int64_t i = 0; i < M && !accumulate; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
     return true;
   }
   if (own) {
-    dpbf16_gemm(a_trans, b_trans, M, N, K, A, lda, B, ldb, C, ldc);
+    dpbf16_gemm(a_trans, b_trans, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
     return true;
   }
   b.gemm_bf16(kRowMajor, a_trans ? kTrans : kNoTrans, b_trans ? kTrans : kNoTrans, (int)M, (int)N,
               (int)K, 1.0f, reinterpret_cast<const uint16_t*>(A), (int)lda,
-              reinterpret_cast<const uint16_t*>(B), (int)ldb, 0.0f, C, (int)ldc);
+              reinterpret_cast<const uint16_t*>(B), (int)ldb, accumulate ? 1.0f : 0.0f, C, (int)ldc);
   return true;
 }
 

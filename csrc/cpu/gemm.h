@@ -74,7 +74,7 @@ void few_row_product(const RowProduct<T>& p);
 // when MKL does not provide it (the caller converts and uses gemm<float>).
 bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
                const at::BFloat16* A, int64_t lda, const at::BFloat16* B, int64_t ldb, float* C,
-               int64_t ldc);
+               int64_t ldc, bool accumulate = false);  // accumulate: C += the product
 
 // bf16 tile products: C[M×N] (+)= A[M×K] · B, A bf16 row-major (lda), B bf16 in the VNNI
 // order of pack_vnni below (ldb = its Np), fp32 C (ldc); with add_C the product is added to C.
