@@ -145,3 +145,38 @@ def test_window_without_causal_is_refused_as_by_the_ops():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="requires is_causal=True"):
         ref.scaled_dot_product_attention(q, q, q, window=2)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_weights_under_compiled_vmap_over_the_mask(kind):
+    """vmap over masks alone (q, k shared) inside torch.compile: the weights' in-place mask
+    fills once took a batched mask into the unbatched scores there (a shape error)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = rand(1, 2, 3, 4, gen=gen), rand(1, 2, 5, 4, gen=gen)
+    ruled_out = torch.rand(4, 3, 5, generator=gen) < 0.4
+    masks = ~ruled_out if kind == "bool" else \
+        rand(4, 3, 5, gen=gen).masked_fill(ruled_out, float("-inf"))
+    f = lambda m: ref.attention_weights(q, k, m)  # noqa: E731
+    loop = torch.stack([f(m) for m in masks])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda m: torch.func.vmap(f)(m), backend="eager")(masks)
+    torch.testing.assert_close(compiled, loop, **TOL)
+
+
+def test_dead_row_with_overflowing_scores_keeps_gradients_finite():
+    """A query with no allowed key gets zero weights; its scores must not reach the softmax's
+    backward as they are: a masked key holding 3e38 made its row's softmax NaN, and NaN·0 spread
+    to every key's gradient (torch's SDPA gives NaN here; the reference gives zeros)."""
+    q = torch.randn(1, 1, 3, 4)
+    q[0, 0, 0] = 4.0  # (q·k overflows to +inf for the masked key)
+    q.requires_grad_()
+    k = torch.randn(1, 1, 5, 4)
+    k[0, 0, 4] = 3e38
+    k.requires_grad_()
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[:, 4] = False
+    mask[0] = False  # query 0: no allowed key
+    p = ref.attention_weights(q, k, mask)
+    assert torch.equal(p[0, 0, 0], torch.zeros(5))
+    p.square().sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()

@@ -81,21 +81,21 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask: Optional[Tensor] = None,
     if ruled_out is None:
         p = torch.softmax(s, dim=-1)
     else:
-        # A row with no allowed key attends to nothing (zeros). Its scores are left as they
-        # are, so its softmax, zeroed afterwards, has finite gradients (all −inf: NaN ones).
+        # A row with no allowed key attends to nothing (zeros). Its scores become 0, not −inf
+        # (or its own, which may overflow), so its softmax, zeroed afterwards, has finite
+        # gradients; one pass over s for both fills.
         dead = ruled_out.all(-1, keepdim=True)
-        fill = ruled_out & ~dead
-        s = s.masked_fill_(fill, float("-inf")) if _broadcasts_to(fill, s) else \
-            s.masked_fill(fill, float("-inf"))
-        p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
+        fill = torch.where(dead, 0.0, float("-inf")).to(s.dtype)
+        p = torch.softmax(torch.where(ruled_out, fill, s), dim=-1).masked_fill(dead, 0.0)
     return p.squeeze(1) if squeeze else p
 
 
 def _broadcasts_to(m: Tensor, s: Tensor) -> bool:
     """Whether s may take m in place: m broadcasts to s's shape without growing it, and no
     torch.func transform runs (under vmap a batched m cannot go into an unbatched s)."""
-    return (torch.broadcast_shapes(m.shape, s.shape) == s.shape
-            and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()))
+    # (compiled: out of place, which Inductor fuses anyway; dynamo cannot tell a batched m)
+    return (not torch.compiler.is_compiling() and torch.broadcast_shapes(m.shape, s.shape) == s.shape
+            and not torch._C._are_functorch_transforms_active())
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor,
