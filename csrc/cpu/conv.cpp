@@ -723,7 +723,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
     if (g.L > 0) {
       if (has_bias) db = dz.sum({0, 2}, false, ct);
       const at::Tensor dzb = contiguous_as(dz, st);
-      dw = at::empty(w.sizes(), o);
+      dw = empty_large(w.sizes(), o);
       dense_backward<bf16, float>(g, dzb.data_ptr<bf16>(), x.data_ptr<bf16>(),
                                   ptr_or_null<bf16>(init), w.data_ptr<bf16>(),
                                   dx.data_ptr<float>(), false,
@@ -744,7 +744,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
                                    w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dip,
                                    dw.data_ptr<scalar_t>(), dbp);
     } else {
-      dw = at::empty(w.sizes(), o);
+      dw = empty_large(w.sizes(), o);
       dense_backward<scalar_t, scalar_t>(g, dz.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ip,
                                          w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), false,
                                          dip, dw.data_ptr<scalar_t>(), dbp);
