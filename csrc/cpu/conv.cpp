@@ -238,6 +238,16 @@ bool bf16_gemm_available() {
   return ok;
 }
 
+// Runs f(i0, i1) over n work items: on the calling thread when there are fewer items than
+// threads (a few columns of one sequence; the GEMMs then thread themselves), else split.
+template <typename F>
+void for_tiles(int64_t n, const F& f) {
+  if (n < at::get_num_threads())
+    f(0, n);
+  else
+    at::parallel_for(0, n, 1, f);
+}
+
 // The forward as one GEMM per (batch, group, column tile) over the unfolded input, with the
 // weight as stored ((C_out/g) × (C_in/g·K)). Shifted per-tap GEMMs needed the weight repacked
 // tap-major on every call, which at few columns cost several times the products (C = 1024,
@@ -252,7 +262,7 @@ void dense_forward(const Geom& g, const S* x, const S* init, const S* w, const T
   // (sized on a quarter of the unfolded rows: MKL packs the weight again for every tile, and
   // such wider tiles measured 1–3 % faster than tiles sized on all of them)
   const DenseTiles tiles(g, sizeof(S), rows / 4);
-  auto run = [&](int64_t i0, int64_t i1) {
+  for_tiles(tiles.count(), [&](int64_t i0, int64_t i1) {
     std::unique_ptr<S[]> cols(new S[rows * tiles.nt]);
     for (int64_t it = i0; it < i1; ++it) {
       const auto tl = tiles[it];
@@ -266,12 +276,7 @@ void dense_forward(const Geom& g, const S* x, const S* init, const S* w, const T
                              bias ? bias[tl.grp * g.Cout_g + o] : T(0), act);
       }
     }
-  };
-  // Fewer tiles than threads (a few columns of one sequence): the GEMM threads itself.
-  if (tiles.count() < at::get_num_threads())
-    run(0, tiles.count());
-  else
-    at::parallel_for(0, tiles.count(), 1, run);
+  });
 }
 
 // wt[grp][i][k·C_out/g + o] = w[grp·C_out/g + o][i][k]: per group and tap k, the transposed
@@ -288,16 +293,6 @@ void weight_by_input_rows(const Geom& g, const T* w, T* wt) {
       transpose<T>(w + off + j, cols, wt + off + j * g.Cout_g, g.Cout_g, g.Cout_g, n);
     }
   });
-}
-
-// Runs f(i0, i1) over n work items: on the calling thread when there are fewer items than
-// threads (a few columns of one sequence; the GEMMs then thread themselves), else split.
-template <typename F>
-void for_tiles(int64_t n, const F& f) {
-  if (n < at::get_num_threads())
-    f(0, n);
-  else
-    at::parallel_for(0, n, 1, f);
 }
 
 // Given dz = dL/d(pre-activation) (B, C_out, L), with the weight as stored (C_out, C_in/g, K):
