@@ -63,8 +63,8 @@ class MultiheadAttention(nn.Module):
 
     The attention itself runs on seqkern's kernels, dropout included, when no weights are
     requested. With ``need_weights=True`` (torch's default) it falls back to the reference path,
-    which materialises the (L, S) weights as torch's module does (at about torch's speed: 0.8–1.2×
-    of it). Differences from torch: a query that
+    which materialises the (L, S) weights as torch's module does (at about torch's speed:
+    0.78–1.28× of it). Differences from torch: a query that
     every mask rules out gives zeros, not NaN; ``is_causal=True`` without ``attn_mask`` is
     accepted and means a causal mask; the kernels' backward is not differentiable again, so a
     double backward (``create_graph=True``, e.g. a gradient penalty) raises a clear error on
