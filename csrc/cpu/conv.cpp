@@ -8,11 +8,11 @@
 // tap splits its column range into the part that reads x and the part that reads init, and
 // the zero part is simply skipped.
 //
-// Dense/grouped path, forward: per (batch, group, column tile) the input tile is unfolded
-// (rows: channel × tap) and the output is one GEMM with the weight as stored; the bias and the
-// activation run on the tile while it is still hot, so y goes to memory once. Backward (and
-// the WaveNet block): the weight is repacked to (K, C_out, C_in/g) so that each tap is a
-// row-major matrix, and the gradients are K shifted GEMMs per tile.
+// Dense/grouped path (and the WaveNet block's dilated conv), forward: per (batch, group,
+// column tile) the input tile is unfolded (rows: channel × tap) and the output is one GEMM with
+// the weight as stored; the bias and the activation run on the tile while it is still hot, so
+// y goes to memory once. Backward: the weight gradient from the same unfolded tiles, in the
+// weight's layout; dx per tap, K shifted GEMMs per tile with the weight transposed once.
 //
 // Depthwise path (groups = C_in = C_out): one row per (b, c), vectorised along time. Columns
 // t ≥ P (all taps read x) accumulate every tap in a register; the head t < P, where some taps
