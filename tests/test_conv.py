@@ -103,6 +103,7 @@ GRID = [  # B, C_in, C_out, L, K, d, groups
     (1, 300, 300, 1, 5, 1, 1),            # many channels, few columns: one tile, threaded GEMM
     (1, 256, 64, 2, 5, 3, 2),
     (3, 96, 200, 3, 3, 2, 1),
+    (1, 4096, 8, 150, 5, 1, 1),           # unfolded rows past 16K: tiles narrower than 128
 ]
 
 

@@ -176,10 +176,14 @@ struct DenseTiles {
   };
   const Geom& g;
   int64_t nt, ntiles;
-  // in_rows: the rows of a tile's input (C_in/g, or C_in/g·K unfolded)
+  // in_rows: the rows the tile width is sized on. Each thread's unfolded tile (C_in/g·K rows)
+  // stays within 8 MB, narrower than tile_columns' least 128 columns where it must (C_in = 4096,
+  // K = 31 would hold 65 MB).
   DenseTiles(const Geom& geom, size_t elem, int64_t in_rows)
       : g(geom),
-        nt(tile_columns(std::max(in_rows, g.Cout_g), g.L, g.B * g.groups, elem)),
+        nt(std::min(tile_columns(std::max(in_rows, g.Cout_g), g.L, g.B * g.groups, elem),
+                    std::max<int64_t>(8, (int64_t(8) << 20) /
+                                             (int64_t(elem) * std::max<int64_t>(1, g.Cin_g * g.K))))),
         ntiles((g.L + nt - 1) / nt) {}
   int64_t count() const { return g.B * g.groups * ntiles; }
   Item operator[](int64_t it) const {
