@@ -108,3 +108,31 @@ def test_the_fast_paths_run_under_a_default_device_but_not_other_function_modes(
         h2.sum().backward()
     torch.testing.assert_close((h2, c2), (h, c))
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["lengths", "PackedSequence"])
+def test_jit_trace_of_a_variable_length_call_serves_other_lengths(packed):
+    """A trace records Python ints as constants: the plain packing's maximum length was one
+    (a trace made with lengths [4, 3, 2] and called with [5, 3, 2] left row 0's last step 0,
+    silently), and a PackedSequence's batch size another (a new batch raised). Both now come
+    from ops the trace records, as under torch.compile."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = snn.LSTM(4, 6, batch_first=True)
+
+        def forward(self, x, lengths):
+            if packed:
+                return self.lstm(pack_padded_sequence(x, lengths, batch_first=True,
+                                                      enforce_sorted=False))[0].data
+            return self.lstm(x, lengths=lengths)[0]
+
+    model = Model()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (torch.randn(3, 5, 4), torch.tensor([4, 3, 2])),
+                                 check_trace=False)
+        for B, lengths in ((3, [5, 3, 2]), (3, [3, 3, 2]), (4, [5, 2, 2, 1]), (1, [5])):
+            x, n = torch.randn(B, 5, 4), torch.tensor(lengths)
+            torch.testing.assert_close(traced(x, n), model(x, n))

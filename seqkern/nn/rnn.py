@@ -65,6 +65,11 @@ def _with_kind(state: dict, kind: str | None = None) -> dict:
     return state
 
 
+def _graph_being_recorded() -> bool:
+    """torch.compile, or torch.jit.trace: a Python int read from a tensor would be baked in."""
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
 def _reset_uniform(module: nn.Module) -> None:
     """torch's initialisation of recurrent layers and cells: every parameter U(−1/√H, 1/√H)."""
     std = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
@@ -288,7 +293,7 @@ class _RecurrentBase(nn.Module):
                 raise ValueError("lengths= cannot be combined with a PackedSequence input")
             data, batch_sizes, sorted_idx, unsorted_idx = input
             self._check_input(data, 2, "PackedSequence.data", weights)
-            if not torch.compiler.is_compiling():
+            if not _graph_being_recorded():
                 B = int(batch_sizes[0])
             elif sorted_idx is not None:  # traced: batch_sizes[0] is a value, not a shape
                 B = sorted_idx.shape[0]
@@ -314,9 +319,11 @@ class _RecurrentBase(nn.Module):
                 lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
                 if lengths.shape != (B,):
                     raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-            if lengths is not None and B > 0 and (torch.compiler.is_compiling()
+            if lengths is not None and B > 0 and (_graph_being_recorded()
                                                   or _ext.is_fake(x) or _ext.is_fake(lengths)):
                 # one op whose outputs have data-dependent sizes; it checks the lengths itself
+                # (under jit.trace too: the plain packing's Python ints would be recorded as
+                # constants, and a trace called with a longer sequence left its last steps 0)
                 data, batch_sizes, sorted_idx, unsorted_idx, rows = ops._pack_by_lengths_op(
                     x, lengths)
             elif lengths is not None and B > 0:

@@ -157,11 +157,13 @@ def _draw_seed() -> Tensor:
     return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device="cpu")
 
 
-def dropout_keep_mask(shape, dropout_p: float, dropout_seed: Tensor) -> Tensor:
+def dropout_keep_mask(shape, dropout_p: float, dropout_seed) -> Tensor:
     """The keep pattern (True = kept) attention dropout applies for this seed to weights of shape
     (B, H, Lq, Lk): the cpu kernels regenerate it tile by tile, this materialises it (for tests
-    and the reference)."""
+    and the reference). dropout_seed: an int, or a one-element int64 tensor as the ops pass."""
     B, H, Lq, Lk = shape
+    if isinstance(dropout_seed, int):
+        dropout_seed = torch.tensor([dropout_seed], dtype=torch.int64)
     if _ext._C is None:
         raise RuntimeError(f"dropout_keep_mask needs seqkern's C++ extension, which is not "
                            f"loaded: {_ext.load_error}")
