@@ -158,12 +158,11 @@ template <typename T>
 struct ThreadAccum {
   at::Tensor buf;
   int64_t n;
-  // slices: the threads that will add to it (1 where the caller runs on one)
-  ThreadAccum(int64_t n, at::ScalarType st, int64_t slices = at::get_num_threads()) : n(n) {
-    buf = at::zeros({slices, std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(st));
+  ThreadAccum(int64_t n, at::ScalarType st) : n(n) {
+    buf = at::zeros({at::get_num_threads(), std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(st));
   }
   T* mine() { return buf.data_ptr<T>() + at::get_thread_num() * buf.size(1); }
-  at::Tensor sum() { return buf.size(0) == 1 ? buf.narrow(1, 0, n).view({n}) : buf.narrow(1, 0, n).sum(0); }
+  at::Tensor sum() { return buf.narrow(1, 0, n).sum(0); }
 };
 
 // --------------------------------------------------------------- dense ---------------------
@@ -242,11 +241,17 @@ bool bf16_gemm_available() {
   return ok;
 }
 
-// Runs f(i0, i1) over n work items: on the calling thread when there are fewer items than
-// threads (a few columns of one sequence; the GEMMs then thread themselves), else split.
+// Whether for_tiles runs n work items on the calling thread: fewer items than threads (a few
+// columns of one sequence; the GEMMs then thread themselves), or one thread.
+bool tiles_on_one_thread(int64_t n) {
+  const int64_t threads = at::get_num_threads();
+  return n < threads || threads == 1;
+}
+
+// Runs f(i0, i1) over n work items, split between threads unless tiles_on_one_thread.
 template <typename F>
 void for_tiles(int64_t n, const F& f) {
-  if (n < at::get_num_threads())
+  if (tiles_on_one_thread(n))
     f(0, n);
   else
     at::parallel_for(0, n, 1, f);
@@ -317,16 +322,16 @@ void dense_backward(const Geom& g, const S* dz, const S* x, const S* init, const
   const auto st = c10::CppTypeToScalarType<T>::value;
   const int64_t rows = g.Cin_g * g.K, wrow = g.K * g.Cout_g;
   const DenseTiles tiles(g, sizeof(T), rows);
-  // On one thread (fewer tiles than threads, see for_tiles) the sums go straight to dw and db
-  // (db zeroed by the caller): per-thread copies of a large weight's gradient, zeroed, summed
-  // and copied, cost more than its products at a few columns.
+  // On one thread (tiles_on_one_thread) the sums go straight to dw and db (db zeroed by the
+  // caller): per-thread copies of a large weight's gradient, zeroed, summed and copied, cost
+  // more than its products at a few columns.
   if (tiles.count() == 0) {  // (an empty batch)
     std::fill(dw, dw + g.Cout * rows, T(0));
     return;
   }
-  const bool serial = tiles.count() < at::get_num_threads();
-  ThreadAccum<T> dw_acc(serial ? 0 : g.Cout * rows, st, serial ? 1 : at::get_num_threads());
-  ThreadAccum<T> db_acc(serial || !db ? 0 : g.Cout, st, serial ? 1 : at::get_num_threads());
+  const bool serial = tiles_on_one_thread(tiles.count());
+  ThreadAccum<T> dw_acc(serial ? 0 : g.Cout * rows, st);
+  ThreadAccum<T> db_acc(serial || !db ? 0 : g.Cout, st);
   for_tiles(tiles.count(), [&](int64_t i0, int64_t i1) {
     T* dwt = serial ? dw : dw_acc.mine();
     T* dbt = serial ? db : db_acc.mine();
@@ -599,6 +604,12 @@ void depthwise_backward(const Geom& g, const T* dz, const int64_t* ds, const T* 
 
 bool is_depthwise(const Geom& g) { return g.groups == g.Cin && g.Cout == g.Cin; }
 
+// Whether a dense conv of this dtype takes bf16 operands (x, the history, w and, backward, dz)
+// into bf16 GEMMs with fp32 sums (product), rather than fp32 copies of them.
+bool bf16_products(const Geom& g, at::ScalarType st) {
+  return st == at::kBFloat16 && !is_depthwise(g) && bf16_gemm_available();
+}
+
 // torch's padded conv multiplies every tap by the zero history, so a NaN or inf weight makes
 // the first (K−1)·d output columns NaN there; the depthwise kernels skip a history of zeros
 // (it adds nothing finite). Where a weight is not finite they get it as explicit zeros
@@ -626,13 +637,11 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
   // Depthwise is memory bound: bf16/fp16 x and y are read and written as stored, not converted.
   const bool narrow_rows = at::isReducedFloatingType(st) && is_depthwise(g) && g.L > 0;
-  // bf16 dense: x, the history and w stay bf16 as operands of bf16 GEMMs (product).
-  const bool bf16_products = st == at::kBFloat16 && !is_depthwise(g) && bf16_gemm_available();
-  const auto operand_type = narrow_rows || bf16_products ? st : ct;
-  at::Tensor x = contiguous_as(x_in, operand_type);
-  at::Tensor w = contiguous_as(w_in, bf16_products ? st : ct);
+  const bool bf16 = bf16_products(g, st);
+  at::Tensor x = contiguous_as(x_in, narrow_rows || bf16 ? st : ct);
+  at::Tensor w = contiguous_as(w_in, bf16 ? st : ct);
   at::Tensor bias = contiguous_as(opt(bias_in), ct);
-  at::Tensor init = contiguous_as(opt(init_in), bf16_products ? st : ct);
+  at::Tensor init = contiguous_as(opt(init_in), bf16 ? st : ct);
   if (init.defined())
     TORCH_CHECK(init.dim() == 3 && init.size(0) == g.B && init.size(1) == g.Cin &&
                     init.size(2) == g.P,
@@ -642,12 +651,12 @@ std::vector<at::Tensor> conv_forward(const at::Tensor& x_in, const at::Tensor& w
   const bool keep = save_preact && act == kSilu;
   at::Tensor pre = keep ? empty_large({g.B, g.Cout, g.L}, x.options().dtype(ct))
                         : at::empty({0}, x.options().dtype(ct));
-  if (bf16_products) {
-    using bf16 = at::BFloat16;
+  if (bf16) {
+    using B16 = at::BFloat16;
     if (g.L > 0)
-      dense_forward<bf16, float>(g, x.data_ptr<bf16>(), ptr_or_null<bf16>(init), w.data_ptr<bf16>(),
-                                 ptr_or_null<float>(bias), y.data_ptr<float>(),
-                                 keep ? pre.data_ptr<float>() : nullptr, act);
+      dense_forward<B16, float>(g, x.data_ptr<B16>(), ptr_or_null<B16>(init), w.data_ptr<B16>(),
+                                ptr_or_null<float>(bias), y.data_ptr<float>(),
+                                keep ? pre.data_ptr<float>() : nullptr, act);
     return {contiguous_as(y, st), pre};
   }
   if (narrow_rows) {
@@ -684,10 +693,10 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   const Geom g = make_geom(x_in, w_in, dilation, groups);
   const auto st = x_in.scalar_type();
   const auto ct = compute_type(x_in.scalar_type(), "seqkern conv");
-  // bf16 dense: the products take bf16 operands (as the forward's), dz rounded to bf16 as
-  // torch's bf16 backward holds it; the gradients are summed in fp32.
-  const bool bf16_products = st == at::kBFloat16 && !is_depthwise(g) && bf16_gemm_available();
-  const auto operand_type = bf16_products ? st : ct;
+  // (bf16 products: dz rounded to bf16 as torch's bf16 backward holds it; the gradients are
+  // summed in fp32)
+  const bool bf16 = bf16_products(g, st);
+  const auto operand_type = bf16 ? st : ct;
   at::Tensor x = contiguous_as(x_in, operand_type), w = contiguous_as(w_in, operand_type);
   const bool init_given = opt(init_in).defined();
   at::Tensor init = contiguous_as(opt(init_in), operand_type);
@@ -696,8 +705,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
               "seqkern conv: grad_output has shape ", grad_in.sizes());
   // The depthwise kernel reads a strided gradient directly (see depthwise_backward).
   const bool strided_ok = is_depthwise(g) && act == kNone && grad_in.scalar_type() == ct;
-  at::Tensor gy = strided_ok || (bf16_products && act == kNone) ? grad_in
-                                                                 : contiguous_as(grad_in, ct);
+  at::Tensor gy = strided_ok || (bf16 && act == kNone) ? grad_in : contiguous_as(grad_in, ct);
   at::Tensor dz = gy;
   if (act != kNone) {
     at::Tensor y = act == kSilu ? at::Tensor() : contiguous_as(y_in, ct);
@@ -717,17 +725,17 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& grad_in, const at::Tenso
   at::Tensor dw = is_depthwise(g) || g.L == 0 ? at::zeros(w.sizes(), o) : at::Tensor();
   at::Tensor db = has_bias ? at::zeros({g.Cout}, o) : at::empty({0}, o);
   at::Tensor dinit = init_given ? at::zeros(init.sizes(), o) : at::empty({0}, o);
-  if (bf16_products) {
-    using bf16 = at::BFloat16;
+  if (bf16) {
+    using B16 = at::BFloat16;
     if (g.L > 0) {
       if (has_bias) db = dz.sum({0, 2}, false, ct);
       const at::Tensor dzb = contiguous_as(dz, st);
       dw = empty_large(w.sizes(), o);
-      dense_backward<bf16, float>(g, dzb.data_ptr<bf16>(), x.data_ptr<bf16>(),
-                                  ptr_or_null<bf16>(init), w.data_ptr<bf16>(),
-                                  dx.data_ptr<float>(), false,
-                                  init_given && init.numel() > 0 ? dinit.data_ptr<float>() : nullptr,
-                                  dw.data_ptr<float>(), nullptr);
+      dense_backward<B16, float>(g, dzb.data_ptr<B16>(), x.data_ptr<B16>(),
+                                 ptr_or_null<B16>(init), w.data_ptr<B16>(),
+                                 dx.data_ptr<float>(), false,
+                                 init_given && init.numel() > 0 ? dinit.data_ptr<float>() : nullptr,
+                                 dw.data_ptr<float>(), nullptr);
     }
     return {contiguous_as(dx, st), contiguous_as(dw, st), contiguous_as(db, st),
             contiguous_as(dinit, st)};
