@@ -1770,3 +1770,28 @@ def test_pickled_torch_module_loads_as_the_seqkern_class(name):
     assert s.state_dict().keys() == t.state_dict().keys()
     if "Cell" not in name:
         assert s.mode == t.mode and s._flat_weights_names == t._flat_weights_names
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("kind,kw", [("lstm", {}), ("gru", {}), ("rnn", {}),
+                                     ("rnn", {"nonlinearity": "relu"}), ("lstm", {"bias": False})])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("I,H", [(5, 7), (300, 33), (64, 129)])
+def test_cell_bfloat16_step_is_the_float32_step_rounded(kind, kw, B, I, H):
+    """A bfloat16 cell call computes in float32 on its bf16 operands (up to 4 rows the weights
+    are read as bf16 by the one-step kernel, past that by bf16 GEMMs with fp32 sums), rounding
+    only h' and c': it equals the float32 cell run on the same values, rounded, to within one
+    bf16 rounding (the fp32 sums may fall on either side of a rounding boundary)."""
+    scls = {"lstm": snn.LSTMCell, "gru": snn.GRUCell, "rnn": snn.RNNCell}[kind]
+    s = scls(I, H, **kw).to(torch.bfloat16)
+    f = scls(I, H, **kw)
+    f.load_state_dict({k: v.float() for k, v in s.state_dict().items()})
+    x = torch.randn(B, I).bfloat16()
+    hx = torch.randn(B, H).bfloat16()
+    hx = (hx, torch.randn(B, H).bfloat16()) if kind == "lstm" else hx
+    hx_f = tuple(t.float() for t in hx) if kind == "lstm" else hx.float()
+    with torch.no_grad():
+        got, want = _flat(s(x, hx)), _flat(f(x.float(), hx_f))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w.bfloat16().float(), atol=2 ** -8, rtol=2 ** -7)

@@ -135,38 +135,59 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, 
 namespace {
 
 // Rows [r0, r0 + 4) of C = A·Wᵀ (fewer at the end), M rows of A: 4·M accumulators, reduced once.
-template <typename T, int M>
-void row_block_product(const RowProduct<T>& p, int64_t r0) {
+// The k loop runs whole vectors only and the tail once after it: with the masked tail load
+// inside the loop GCC kept the accumulators on the stack, and the store-to-load round trip of
+// each one per vector bounded the loop (53 µs for an LSTMCell step at B = 1, H = 256).
+template <typename T, typename Wt, int M, int R>
+void row_block_product(const RowProduct<T, Wt>& p, int64_t r0) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t Wd = V::size();
-  const int64_t nr = std::min<int64_t>(4, p.N - r0);
-  V acc[4][M];
-  for (int i = 0; i < 4; ++i)
+  const int64_t nr = std::min<int64_t>(R, p.N - r0);
+  V acc[R][M];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[i][m] = V(T(0));
-  const T* w[4];
-  for (int i = 0; i < 4; ++i) w[i] = p.W + (r0 + std::min<int64_t>(i, nr - 1)) * p.K;
-  for (int64_t k = 0; k < p.K; k += Wd) {
-    const int64_t n = std::min<int64_t>(Wd, p.K - k);
+  const Wt* w[R];
+  for (int i = 0; i < R; ++i) w[i] = p.W + (r0 + std::min<int64_t>(i, nr - 1)) * p.K;
+  auto step = [&](int64_t k, int64_t n) __attribute__((always_inline)) {
     V a[M];
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) a[m] = n == Wd ? V::loadu(p.A + m * p.lda + k) : V::loadu(p.A + m * p.lda + k, n);
-    for (int i = 0; i < 4; ++i) {
-      const V wv = n == Wd ? V::loadu(w[i] + k) : V::loadu(w[i] + k, n);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      V wv;
+      if constexpr (std::is_same_v<T, Wt>) wv = n == Wd ? V::loadu(w[i] + k) : V::loadu(w[i] + k, n);
+      else wv = load_widened(w[i] + k, n);
+#pragma GCC unroll 4
       for (int m = 0; m < M; ++m) acc[i][m] = at::vec::fmadd(wv, a[m], acc[i][m]);
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + Wd <= p.K; k += Wd) step(k, Wd);
+  if (k < p.K) step(k, p.K - k);
   for (int i = 0; i < nr; ++i)
     for (int m = 0; m < M; ++m)
       p.C[m * p.ldc + r0 + i] = reduce_sum<T>(acc[i][m]);
 }
 
-template <typename T>
-void row_block(const RowProduct<T>& p, int64_t r0) {
+// Rows [r0, r0 + kRowBlock) of C = A·Wᵀ in blocks of R rows: R·M accumulators stay within the
+// vector registers.
+constexpr int64_t kRowBlock = 16;
+template <typename T, typename Wt, int M, int R>
+void row_blocks(const RowProduct<T, Wt>& p, int64_t r0) {
+  const int64_t end = std::min(p.N, r0 + kRowBlock);
+  for (int64_t r = r0; r < end; r += R) row_block_product<T, Wt, M, R>(p, r);
+}
+
+template <typename T, typename Wt>
+void row_block(const RowProduct<T, Wt>& p, int64_t r0) {
   switch (p.M) {
     case 0: return;
-    case 1: return row_block_product<T, 1>(p, r0);
-    case 2: return row_block_product<T, 2>(p, r0);
-    case 3: return row_block_product<T, 3>(p, r0);
-    default: return row_block_product<T, 4>(p, r0);
+    case 1: return row_blocks<T, Wt, 1, 8>(p, r0);
+    case 2: return row_blocks<T, Wt, 2, 8>(p, r0);
+    case 3: return row_blocks<T, Wt, 3, 4>(p, r0);
+    default: return row_blocks<T, Wt, 4, 4>(p, r0);
   }
 }
 
@@ -175,23 +196,26 @@ void row_block(const RowProduct<T>& p, int64_t r0) {
 template <typename T>
 void few_row_products(const RowProduct<T>& p, const RowProduct<T>& q) {
   TORCH_CHECK(p.M <= kFewRows && q.M <= kFewRows, "few_row_products: at most ", kFewRows, " rows");
-  const int64_t np = p.M > 0 ? (p.N + 3) / 4 : 0, nq = q.M > 0 ? (q.N + 3) / 4 : 0;
-  // Blocks of 4 weight rows, p's then q's; threads below ~32K multiply-adds cost more than they save.
-  const int64_t grain = std::max<int64_t>(1, 32768 / (4 * std::max<int64_t>({p.K, q.K, 1})));
+  const int64_t np = p.M > 0 ? (p.N + kRowBlock - 1) / kRowBlock : 0,
+                nq = q.M > 0 ? (q.N + kRowBlock - 1) / kRowBlock : 0;
+  // Blocks of kRowBlock weight rows, p's then q's; threads below ~32K multiply-adds cost more
+  // than they save.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (kRowBlock * std::max<int64_t>({p.K, q.K, 1})));
   at::parallel_for(0, np + nq, grain, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      if (blk < np) row_block(p, blk * 4);
-      else row_block(q, (blk - np) * 4);
+      if (blk < np) row_block(p, blk * kRowBlock);
+      else row_block(q, (blk - np) * kRowBlock);
     }
   });
 }
 
-template <typename T>
-void few_row_product(const RowProduct<T>& p) {
-  for (int64_t r0 = 0; r0 < p.N; r0 += 4) row_block(p, r0);
+template <typename T, typename Wt>
+void few_row_product(const RowProduct<T, Wt>& p) {
+  for (int64_t r0 = 0; r0 < p.N; r0 += kRowBlock) row_block(p, r0);
 }
 
 template void few_row_product<float>(const RowProduct<float>&);
+template void few_row_product<float, at::BFloat16>(const RowProduct<float, at::BFloat16>&);
 template void few_row_product<double>(const RowProduct<double>&);
 template void few_row_products<float>(const RowProduct<float>&, const RowProduct<float>&);
 template void few_row_products<double>(const RowProduct<double>&, const RowProduct<double>&);
@@ -362,12 +386,15 @@ void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
                  float* C, int64_t ldc, bool accumulate) {
   constexpr int64_t NB = kGemmPanel;
   const int64_t Kp = (K + 1) / 2 * 2, n_panels = (N + NB - 1) / NB;
-  LineVector<at::BFloat16> Bp(n_panels * Kp * NB);
+  // (block-cache memory: a fresh vector of a cell's 2 MB weight zeroed and faulted its pages in
+  // on every call, 2/3 of an 8-row bf16 LSTMCell step at H = 512; packing writes every entry)
+  const at::Tensor Bp_mem = empty_large({n_panels * Kp * NB}, at::TensorOptions().dtype(at::kBFloat16));
+  at::BFloat16* const Bp = Bp_mem.data_ptr<at::BFloat16>();
   at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
     LineVector<at::BFloat16> tmp(b_trans && K % 2 ? Kp * NB : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = std::min(NB, N - p * NB);
-      at::BFloat16* out = Bp.data() + p * Kp * NB;
+      at::BFloat16* out = Bp + p * Kp * NB;
       if (!b_trans) {
         pack_vnni(B + p * NB, ldb, K, n, Kp, NB, out);
       } else if (K % 2 == 0) {
@@ -399,7 +426,7 @@ void dpbf16_gemm(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
         for (int64_t c = 0; c < nc; c += NB) {
           const int64_t p = (n0 + c) / NB;
           dpbf16_product(mr, std::min(NB, nc - c), kb, la, NB, ldc, accumulate || k0 > 0, a,
-                         reinterpret_cast<const uint16_t*>(Bp.data() + p * Kp * NB + k0 * NB),
+                         reinterpret_cast<const uint16_t*>(Bp + p * Kp * NB + k0 * NB),
                          C + m0 * ldc + n0 + c);
         }
       }

@@ -52,20 +52,22 @@ class PackedWeight {
 // weights on every call and finds it in its core's L2 the next time; MKL's threaded GEMV pays a
 // fork/join per product and re-reads the weights from memory.
 constexpr int64_t kFewRows = 4;
-template <typename T>
+// W may be bfloat16 with T float (a bf16 cell call): its rows are widened as they are read, so
+// the products and sums are those of float32.
+template <typename T, typename Wt = T>
 struct RowProduct {
   int64_t M = 0, N = 0, K = 0;
   const T* A = nullptr;  // M × K, rows lda apart
   int64_t lda = 0;
-  const T* W = nullptr;  // N × K, contiguous rows
-  T* C = nullptr;        // M × N, rows ldc apart
+  const Wt* W = nullptr;  // N × K, contiguous rows
+  T* C = nullptr;         // M × N, rows ldc apart
   int64_t ldc = 0;
 };
 template <typename T>
 void few_row_products(const RowProduct<T>& p, const RowProduct<T>& q);
 // One such product on the calling thread (a caller that splits the weights itself).
-template <typename T>
-void few_row_product(const RowProduct<T>& p);
+template <typename T, typename Wt = T>
+void few_row_product(const RowProduct<T, Wt>& p);
 
 // C[M×N] (float) = op(A)·op(B), A and B bfloat16, fp32 accumulation (MKL's
 // cblas_gemm_bf16bf16f32, AMX/AVX512_BF16 where the CPU has them); op(A) = Aᵀ (A stored K×M)

@@ -634,10 +634,10 @@ SEQKERN_INLINE void cell_apply(Cell cell, XG xg, HG hg, const T* hp, const T* cp
 // gate of its units (its rows of W_ih and W_hh: the same share on every call, so it stays in
 // that core's L2 between calls) and applies the cell to them, so a step is one parallel region
 // with no intermediate tensors. A general step instead runs two products over all units, then
-// the gates, with tensors in between.
-template <typename T>
+// the gates, with tensors in between. bf16 weights (Wt) are read as they are, with float states.
+template <typename T, typename Wt = T>
 void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, const T* h,
-                      const T* c, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh,
+                      const T* c, const Wt* w_ih, const Wt* w_hh, const T* b_ih, const T* b_hh,
                       T* h_out, T* c_out, T* saved) {
   constexpr int64_t U = 16;  // units per task
   const int64_t G = gate_count(cell), sw = cell_saved_width(cell, H);
@@ -648,8 +648,8 @@ void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, co
     for (int64_t task = begin; task < end; ++task) {
       const int64_t u0 = task * U, n = std::min(U, H - u0);
       for (int64_t g = 0; g < G; ++g) {
-        few_row_product<T>({B, n, I, x, I, w_ih + (g * H + u0) * I, &xp[g][0][0], U});
-        few_row_product<T>({B, n, H, h, H, w_hh + (g * H + u0) * H, &hp[g][0][0], U});
+        few_row_product<T, Wt>({B, n, I, x, I, w_ih + (g * H + u0) * I, &xp[g][0][0], U});
+        few_row_product<T, Wt>({B, n, H, h, H, w_hh + (g * H + u0) * H, &hp[g][0][0], U});
       }
       for (int64_t b = 0; b < B; ++b) {
         for_each_vec<T>(n, [&](int64_t j, int64_t m) {
@@ -810,19 +810,28 @@ std::vector<at::Tensor> cell_step_bf16(const CellOperands& o, bool save) {
   const int64_t B = o.B, H = o.H, GH = o.G * o.H;
   const bool lstm = o.cell == Cell::Lstm;
   const auto f32 = o.x.options().dtype(at::kFloat);
-  at::Tensor gx = at::empty({B, GH}, f32), gh = at::empty({B, GH}, f32);
-  product_bf16(o.x, o.w_ih, true, gx);
-  product_bf16(o.h, o.w_hh, true, gh);
   const at::Tensor bx = float_or_undefined(o.b_ih), bh = float_or_undefined(o.b_hh);
   const at::Tensor hf = o.h.to(at::kFloat), cf = lstm ? o.c.to(at::kFloat) : at::Tensor();
   at::Tensor h_out = at::empty({B, H}, f32), c_out = lstm ? at::empty({B, H}, f32) : at::Tensor();
   at::Tensor saved = save ? at::empty({B, cell_saved_width(o.cell, H)}, f32) : at::empty({0}, f32);
-  if (B > 0 && H > 0)
+  float* sv = saved.numel() ? saved.data_ptr<float>() : nullptr;
+  if (B > 0 && H > 0 && B <= kFewRows) {
+    // A library bf16 GEMM for a few rows repacks the weights per call (0.4× of torch at H = 512)
+    const at::Tensor xf = o.x.to(at::kFloat);
+    cell_step_kernel<float, at::BFloat16>(
+        o.cell, B, o.I, H, xf.data_ptr<float>(), hf.data_ptr<float>(),
+        lstm ? cf.data_ptr<float>() : nullptr, o.w_ih.data_ptr<at::BFloat16>(),
+        o.w_hh.data_ptr<at::BFloat16>(), data_or_null<float>(bx), data_or_null<float>(bh),
+        h_out.data_ptr<float>(), lstm ? c_out.data_ptr<float>() : nullptr, sv);
+  } else if (B > 0 && H > 0) {
+    at::Tensor gx = at::empty({B, GH}, f32), gh = at::empty({B, GH}, f32);
+    product_bf16(o.x, o.w_ih, true, gx);
+    product_bf16(o.h, o.w_hh, true, gh);
     cell_step_rows<float>(o.cell, B, H, gx.data_ptr<float>(), data_or_null<float>(bx),
                           gh.data_ptr<float>(), data_or_null<float>(bh), hf.data_ptr<float>(),
                           lstm ? cf.data_ptr<float>() : nullptr, h_out.data_ptr<float>(),
-                          lstm ? c_out.data_ptr<float>() : nullptr,
-                          saved.numel() ? saved.data_ptr<float>() : nullptr);
+                          lstm ? c_out.data_ptr<float>() : nullptr, sv);
+  }
   return {h_out.to(at::kBFloat16), lstm ? c_out.to(at::kBFloat16) : at::empty({0}, o.x.options()),
           saved};
 }
