@@ -227,6 +227,25 @@ def layer_grads(backend, mode, x, bs, h0, c0, w, dtype, reverse):
     return [t.double() for t in torch.autograd.grad(loss, ls)]
 
 
+@pytest.mark.parametrize("mode,kw", VARIANTS, ids=VIDS)
+@pytest.mark.parametrize("lengths", [[1], [3, 3], [15], [5, 5, 4], [4, 4, 3, 3], [20, 2]],
+                         ids=["T1_B1", "T3_B2", "T15_B1", "T5_B3", "T4_B4", "T20_B2"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_kernel_bfloat16_few_rows(mode, kw, lengths, grad):
+    """bfloat16 with up to 4 rows: one step (T = 1) on the cells' kernel with bf16 weights,
+    fewer than 16 rows in all on per-step few-row products over the bf16 W_hh (h rounded to
+    bf16), more on the fused loop's bf16 register tiles where they serve; outputs and final
+    states (and with `grad` every gradient) within 2x the error of the reference run in bf16,
+    against float64."""
+    x, bs, h0, c0, w = make_case(mode, len(lengths), 17, 33, lengths, torch.float64, scale=0.3,
+                                 **kw)
+    xb = x.bfloat16().requires_grad_(grad)
+    ours = check_bfloat16_forward(mode, x, xb, bs, h0, c0, w, False, 1e-3)
+    assert ours[0].dtype == torch.bfloat16
+    if grad:
+        check_bfloat16_gradients(mode, x, bs, h0, c0, w)
+
+
 @pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
 @pytest.mark.parametrize("I", [24, 17], ids=["I_even", "I_odd"])
 @pytest.mark.parametrize("path", ["brgemm", "fp32_loop"])

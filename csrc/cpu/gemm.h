@@ -52,19 +52,19 @@ class PackedWeight {
 // weights on every call and finds it in its core's L2 the next time; MKL's threaded GEMV pays a
 // fork/join per product and re-reads the weights from memory.
 constexpr int64_t kFewRows = 4;
-// W may be bfloat16 with T float (a bf16 cell call): its rows are widened as they are read, so
-// the products and sums are those of float32.
+// With Wt bfloat16 (T float) A is bf16 as well: bf16 operands, exact products, fp32 sums
+// (vdpbf16ps where the CPU has it, which reads subnormal bf16 as zero, as the tile products).
 template <typename T, typename Wt = T>
 struct RowProduct {
   int64_t M = 0, N = 0, K = 0;
-  const T* A = nullptr;  // M × K, rows lda apart
+  const Wt* A = nullptr;  // M × K, rows lda apart
   int64_t lda = 0;
   const Wt* W = nullptr;  // N × K, contiguous rows
   T* C = nullptr;         // M × N, rows ldc apart
   int64_t ldc = 0;
 };
-template <typename T>
-void few_row_products(const RowProduct<T>& p, const RowProduct<T>& q);
+template <typename T, typename Wt = T>
+void few_row_products(const RowProduct<T, Wt>& p, const RowProduct<T, Wt>& q);
 // One such product on the calling thread (a caller that splits the weights itself).
 template <typename T, typename Wt = T>
 void few_row_product(const RowProduct<T, Wt>& p);
@@ -85,6 +85,8 @@ bool gemm_bf16(bool a_trans, bool b_trans, int64_t M, int64_t N, int64_t K,
 // available and a register-tile kernel on vdpbf16ps runs instead (2 bf16 products per fp32
 // lane and instruction: twice the fp32 FMA rate). K may be odd (B's row after it zero).
 bool bf16_tiles_supported();
+// Whether those are the vdpbf16ps register tiles (no AMX), which cost nothing to start.
+bool bf16_register_tiles();
 void bf16_tile_product(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                        bool add_C, const at::BFloat16* A, const at::BFloat16* B, float* C);
 // bf16_tile_product on seqkern's own AMX tile loop, calling between(i, n) after the products

@@ -40,12 +40,18 @@ struct Bf16Operands {
   at::Tensor xg;    // x·W_ihᵀ in fp32 from a bf16 GEMM, or undefined
   at::Tensor w_hh;  // for the recurrent product on brgemm tiles, or undefined
   at::Tensor x, w_ih;  // for the input projection on brgemm tiles, or undefined
+  // w_hh (above) read as bf16 by the per-step few-row products (few_row_steps), not converted
+  bool few_rows = false;
 };
 
-// Whether a bfloat16 layer runs its per-step products on brgemm tiles: the fused loop, and a
-// batch of at least 8 rows (below, a brgemm call costs more than the step's product).
+// Whether a bfloat16 layer runs its per-step products on bf16 tiles: the fused loop, and on AMX
+// a batch of at least 8 rows (below, a brgemm call costs more than the step's product). The
+// vdpbf16ps register tiles serve any batch: against few-row products per step (the other bf16
+// path below 8 rows) LSTM T = 50, B = 4 was 0.21-0.36 ms against 0.39-0.42 at H = 128, 2.6-2.9
+// against 3.1-4.0 at H = 512 (Zen 4, 2 threads, 3 alternated runs each).
 bool bf16_tiles(Cell cell, bool proj, const Layout& L, int64_t H) {
-  return L.B >= 8 && amx_recurrence_supported() && fused_supported(cell, proj, L, H);
+  return L.B >= (bf16_register_tiles() ? 1 : 8) && amx_recurrence_supported() &&
+         fused_supported(cell, proj, L, H);
 }
 
 // Whether a bfloat16 layer on brgemm tiles does its input projection in the loop too, as
@@ -126,8 +132,9 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // recurrent matmul folded in (GRU's b_hn multiplies with r, so it stays out).
   // The summed bias is added in the gate pass rather than pre-filled into xg, which would
   // cost one more full write of the (N, G·H) buffer.
-  const bool fuse_x = std::is_same_v<T, float> && fused_supported(cell, proj, L, H) &&
-                      (bf.x.defined() || (!xg_given.defined() && fuse_input_projection(cell, L, I, H)));
+  const bool fused = std::is_same_v<T, float> && fused_supported(cell, proj, L, H) && !bf.few_rows;
+  const bool fuse_x = fused && (bf.x.defined() ||
+                                (!xg_given.defined() && fuse_input_projection(cell, L, I, H)));
   // The fused loop reads a projection it is given in gate-major order, and one made here in
   // its panel order (xg_panel_order) where enough rows pay for reordering W_ih's. Measured
   // (2 threads, forward, min of 3 alternated processes, gate-major → panels): T = 200,
@@ -138,8 +145,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   int64_t xg_width = G * H;
   at::Tensor w_ih_panels;
   if constexpr (std::is_same_v<T, float>) {
-    if (!xg_given.defined() && !fuse_x && fused_supported(cell, proj, L, H) &&
-        xg_panels_wanted(cell, N, I, H)) {
+    if (!xg_given.defined() && !fuse_x && fused && xg_panels_wanted(cell, N, I, H)) {
       xg_width = xg_panel_order(cell, H, I, nullptr, nullptr);
       w_ih_panels = empty_large({xg_width, I}, w_ih.options());
       xg_panel_order(cell, H, I, w_ih.data_ptr<float>(), w_ih_panels.data_ptr<float>());
@@ -157,11 +163,13 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   };
   if (b_ih.defined()) add_bias(b_ih, G * H);
   if (b_hh.defined()) add_bias(b_hh, b_hh_n);
-  // One step of a few rows (a cell call, a streaming step): x·W_ihᵀ and h·W_hhᵀ together in
-  // one parallel pass over the weights (few_row_products) instead of two threaded MKL GEMVs.
-  const bool few = L.T == 1 && L.B <= kFewRows && !proj && cell != Cell::GruCho &&
-                   !xg_given.defined() && !fuse_x;
-  if (!xg_given.defined() && !fuse_x && !few) {
+  // A few rows outside the fused loop (a streaming step; a short sequence, fewer than 16 rows
+  // in all; bf16 weights below 8 rows): per step, h·W_hhᵀ as few-row products, one parallel pass
+  // over W_hh (bf16 as stored), in place of MKL's GEMV (26 GB/s here) or converting a bf16 W_hh
+  // to fp32 per call (4 MB at H = 512). A single step also takes x·W_ihᵀ in the same pass.
+  const bool few = L.B <= kFewRows && !proj && cell != Cell::GruCho && !fuse_x && !fused;
+  const bool few_x = few && L.T == 1 && !xg_given.defined();
+  if (!xg_given.defined() && !fuse_x && !few_x) {
     const T* w = w_ih_panels.defined() ? w_ih_panels.data_ptr<T>() : w_ih.data_ptr<T>();
     gemm<T>(N, xg_width, I, T(1), x.data_ptr<T>(), I, w, I, true, T(0), xg.data_ptr<T>(),
             xg_width);
@@ -179,7 +187,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   T* hsave = save ? ws_hprev.data_ptr<T>() : nullptr;
   const int64_t GH = G * H;
   if constexpr (std::is_same_v<T, float>) {
-    if (fused_supported(cell, proj, L, H)) {
+    if (fused) {
       ForwardArgs fa{cell, &L, H, reverse, fuse_x ? nullptr : xg.data_ptr<float>(),
                      data_or_null<float>(x), data_or_null<float>(w_ih), I, bz, b_hn, whh,
                      ptr(bf.w_hh), ptr(bf.x), ptr(bf.w_ih), peep_p,
@@ -195,7 +203,8 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   T* auxp = aux.data_ptr<T>();
   // The recurrent matrices are packed once for all T steps.
   const bool cho = cell == Cell::GruCho;
-  const int64_t pack_m = packed_rows(L);
+  const int64_t pack_m = few ? 0 : packed_rows(L);
+  std::vector<at::BFloat16> h_bf16(few && !whh ? L.B * Hs : 0);
   PackedWeight<T> w_rec(whh, Hs, true, cho ? 2 * H : GH, Hs, pack_m);
   std::unique_ptr<PackedWeight<T>> w_n, w_proj;
   if (cho) w_n = std::make_unique<PackedWeight<T>>(whh + 2 * H * Hs, Hs, true, H, H, pack_m);
@@ -223,10 +232,15 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
         }
       });
       w_n->multiply(bs, auxp, H, T(0), recp + 2 * H, GH);
-    } else if (few) {
-      RowProduct<T> xw{bs, GH, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(), xg.data_ptr<T>(), GH};
-      RowProduct<T> hw{bs, GH, Hs, hs, Hs, whh, recp, GH};
-      few_row_products<T>(xw, hw);
+    } else if (few && whh) {
+      RowProduct<T> xw{few_x ? bs : 0, GH, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(),
+                       xg.data_ptr<T>(), GH};
+      few_row_products<T>(xw, {bs, GH, Hs, hs, Hs, whh, recp, GH});
+    } else if (few) {  // bf16 W_hh: h rounded to bf16 for the product, as on the tiles
+      if constexpr (std::is_same_v<T, float>) {
+        round_to_bf16<true>(hs, h_bf16.data(), bs * Hs);
+        few_row_products<float, at::BFloat16>({}, {bs, GH, Hs, h_bf16.data(), Hs, ptr(bf.w_hh), recp, GH});
+      }
     } else {
       w_rec.multiply(bs, hs, Hs, T(0), recp, GH);
     }
@@ -635,10 +649,12 @@ SEQKERN_INLINE void cell_apply(Cell cell, XG xg, HG hg, const T* hp, const T* cp
 // that core's L2 between calls) and applies the cell to them, so a step is one parallel region
 // with no intermediate tensors. A general step instead runs two products over all units, then
 // the gates, with tensors in between. bf16 weights (Wt) are read as they are, with float states.
+// (x and h_op are the products' operands, h the state: for bf16 weights, x and h in bf16 and h
+// widened.)
 template <typename T, typename Wt = T>
-void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, const T* h,
-                      const T* c, const Wt* w_ih, const Wt* w_hh, const T* b_ih, const T* b_hh,
-                      T* h_out, T* c_out, T* saved) {
+void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const Wt* x, const Wt* h_op,
+                      const T* h, const T* c, const Wt* w_ih, const Wt* w_hh, const T* b_ih,
+                      const T* b_hh, T* h_out, T* c_out, T* saved) {
   constexpr int64_t U = 16;  // units per task
   const int64_t G = gate_count(cell), sw = cell_saved_width(cell, H);
   // threads only past ~32K multiply-adds per thread's share
@@ -649,7 +665,7 @@ void cell_step_kernel(Cell cell, int64_t B, int64_t I, int64_t H, const T* x, co
       const int64_t u0 = task * U, n = std::min(U, H - u0);
       for (int64_t g = 0; g < G; ++g) {
         few_row_product<T, Wt>({B, n, I, x, I, w_ih + (g * H + u0) * I, &xp[g][0][0], U});
-        few_row_product<T, Wt>({B, n, H, h, H, w_hh + (g * H + u0) * H, &hp[g][0][0], U});
+        few_row_product<T, Wt>({B, n, H, h_op, H, w_hh + (g * H + u0) * H, &hp[g][0][0], U});
       }
       for (int64_t b = 0; b < B; ++b) {
         for_each_vec<T>(n, [&](int64_t j, int64_t m) {
@@ -817,10 +833,9 @@ std::vector<at::Tensor> cell_step_bf16(const CellOperands& o, bool save) {
   float* sv = saved.numel() ? saved.data_ptr<float>() : nullptr;
   if (B > 0 && H > 0 && B <= kFewRows) {
     // A library bf16 GEMM for a few rows repacks the weights per call (0.4× of torch at H = 512)
-    const at::Tensor xf = o.x.to(at::kFloat);
     cell_step_kernel<float, at::BFloat16>(
-        o.cell, B, o.I, H, xf.data_ptr<float>(), hf.data_ptr<float>(),
-        lstm ? cf.data_ptr<float>() : nullptr, o.w_ih.data_ptr<at::BFloat16>(),
+        o.cell, B, o.I, H, o.x.data_ptr<at::BFloat16>(), o.h.data_ptr<at::BFloat16>(),
+        hf.data_ptr<float>(), lstm ? cf.data_ptr<float>() : nullptr, o.w_ih.data_ptr<at::BFloat16>(),
         o.w_hh.data_ptr<at::BFloat16>(), data_or_null<float>(bx), data_or_null<float>(bh),
         h_out.data_ptr<float>(), lstm ? c_out.data_ptr<float>() : nullptr, sv);
   } else if (B > 0 && H > 0) {
@@ -857,7 +872,8 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
     scalar_t* co = lstm ? c_out.data_ptr<scalar_t>() : nullptr;
     scalar_t* sv = saved.numel() ? saved.data_ptr<scalar_t>() : nullptr;
     if (B <= kFewRows) {
-      cell_step_kernel<scalar_t>(o.cell, B, o.I, H, o.x.data_ptr<scalar_t>(), o.h.data_ptr<scalar_t>(), c,
+      cell_step_kernel<scalar_t>(o.cell, B, o.I, H, o.x.data_ptr<scalar_t>(), o.h.data_ptr<scalar_t>(),
+                                 o.h.data_ptr<scalar_t>(), c,
                                  o.w_ih.data_ptr<scalar_t>(), o.w_hh.data_ptr<scalar_t>(),
                                  data_or_null<scalar_t>(o.b_ih), data_or_null<scalar_t>(o.b_hh),
                                  h_out.data_ptr<scalar_t>(), co, sv);
@@ -979,11 +995,20 @@ std::vector<at::Tensor> recurrent_forward(
   // does both products per step on them (the input projection too, when I is even: VNNI pairs
   // rows of K); otherwise the input projection, half of the FLOPs, is one bf16 GEMM (gemm_bf16).
   Bf16Operands bf;
-  if (st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 &&
-      w_hh_.scalar_type() == at::kBFloat16 && L.N > 0) {
+  const bool bf16 = st == at::kBFloat16 && w_ih_.scalar_type() == at::kBFloat16 &&
+                    w_hh_.scalar_type() == at::kBFloat16;
+  // One inference step of a few sequences (the layers' streaming call, T = 1) is the cells'
+  // kernel: one parallel region with each thread's gates finished in it, where forward_impl
+  // allocates the projection and product tensors and runs the gate pass after the products.
+  // Measured, µs per call (2 threads, H = I = 128, B = 1): LSTM 14.3 → 11.2, GRU 11.8 → 9.7,
+  // RNN 8.4 → 7.3; LSTM H = 64, B = 4: 16.2 → 11.5. bf16 weights are read as they are.
+  const bool one_step = !save && L.T == 1 && L.B <= kFewRows && (st == ct || bf16) &&
+                        cell != Cell::GruCho && !w_peep_.has_value() && !w_hr_.has_value();
+  if (bf16 && L.N > 0 && !one_step) {
     const int64_t I = x_.size(1);
     const bool amx = bf16_tiles(cell, w_hr_.has_value(), L, H);
-    if (amx) bf.w_hh = contiguous_as(w_hh_, at::kBFloat16);
+    bf.few_rows = !amx && L.B <= kFewRows && !w_hr_.has_value() && cell != Cell::GruCho;
+    if (amx || bf.few_rows) bf.w_hh = contiguous_as(w_hh_, at::kBFloat16);
     if (amx && I % 2 == 0 && fuse_bf16_projection(cell, G * H * (H + I), L.B)) {
       bf.x = contiguous_as(x_, at::kBFloat16);
       bf.w_ih = contiguous_as(w_ih_, at::kBFloat16);
@@ -994,13 +1019,14 @@ std::vector<at::Tensor> recurrent_forward(
                        wb.data_ptr<at::BFloat16>(), I, xg.data_ptr<float>(), G * H))
         bf.xg = xg;
       else
-        bf.w_hh = at::Tensor();  // no bf16 GEMM at all: all in fp32
+        bf.w_hh = at::Tensor(), bf.few_rows = false;  // no bf16 GEMM at all: all in fp32
     }
   }
-  // fp32 copies of what the bf16 operands do not replace
+  // fp32 copies of what the bf16 operands do not replace (a bf16 step reads both weights as bf16)
+  const bool bf16_step = bf16 && one_step;
   auto x = bf.x.defined() ? x_ : contiguous_as(x_, ct);
-  auto w_ih = bf.w_ih.defined() ? w_ih_ : contiguous_as(w_ih_, ct);
-  auto w_hh = bf.w_hh.defined() ? w_hh_ : contiguous_as(w_hh_, ct);
+  auto w_ih = bf.w_ih.defined() || bf16_step ? contiguous_as(w_ih_, st) : contiguous_as(w_ih_, ct);
+  auto w_hh = bf.w_hh.defined() || bf16_step ? contiguous_as(w_hh_, st) : contiguous_as(w_hh_, ct);
   auto h0 = contiguous_as(h0_, ct), c0 = contiguous_as(opt(c0_), ct);
   auto b_ih = contiguous_as(opt(b_ih_), ct), b_hh = contiguous_as(opt(b_hh_), ct);
   auto w_peep = contiguous_as(opt(w_peep_), ct), w_hr = contiguous_as(opt(w_hr_), ct);
@@ -1008,13 +1034,6 @@ std::vector<at::Tensor> recurrent_forward(
   const int64_t Hs = h0.size(1);
   const bool lstm = cell == Cell::Lstm;
   auto opts = x_.options().dtype(ct);
-  // One inference step of a few sequences (the layers' streaming call, T = 1) is the cells'
-  // kernel: one parallel region with each thread's gates finished in it, where forward_impl
-  // allocates the projection and product tensors and runs the gate pass after the products.
-  // Measured, µs per call (2 threads, H = I = 128, B = 1): LSTM 14.3 → 11.2, GRU 11.8 → 9.7,
-  // RNN 8.4 → 7.3; LSTM H = 64, B = 4: 16.2 → 11.5.
-  const bool one_step = !save && L.T == 1 && L.B <= kFewRows && st == ct &&
-                        cell != Cell::GruCho && !w_peep.defined() && !w_hr.defined();
   at::Tensor out = empty_large({L.N, Hs}, opts);
   at::Tensor h_state = one_step ? at::empty_like(h0) : h0.clone();
   at::Tensor c_state = !lstm ? at::empty({0}, opts) : one_step ? at::empty_like(c0) : c0.clone();
@@ -1023,10 +1042,19 @@ std::vector<at::Tensor> recurrent_forward(
                                    cell == Cell::Gru ? 4 * H : G * H}, opts);
   at::Tensor ws_cells = empty_large({save && lstm ? L.N : 0, w_hr.defined() ? 3 * H : 2 * H}, opts);
   at::Tensor ws_hprev = empty_large({save ? L.N : 0, Hs}, opts);
-  if (L.N > 0 && one_step) {
+  if (L.N > 0 && bf16_step) {
+    const at::Tensor xb = contiguous_as(x_, st), hb = contiguous_as(h0_, st);
+    cell_step_kernel<float, at::BFloat16>(
+        cell, L.B, x.size(1), H, xb.data_ptr<at::BFloat16>(), hb.data_ptr<at::BFloat16>(),
+        h0.data_ptr<float>(), lstm ? c0.data_ptr<float>() : nullptr, w_ih.data_ptr<at::BFloat16>(),
+        w_hh.data_ptr<at::BFloat16>(), data_or_null<float>(b_ih), data_or_null<float>(b_hh),
+        h_state.data_ptr<float>(), lstm ? c_state.data_ptr<float>() : nullptr, nullptr);
+    out.copy_(h_state);
+  } else if (L.N > 0 && one_step) {
     AT_DISPATCH_FLOATING_TYPES(ct, "seqkern_recurrent_step", [&] {
       cell_step_kernel<scalar_t>(cell, L.B, x.size(1), H, x.data_ptr<scalar_t>(),
-                                 h0.data_ptr<scalar_t>(), lstm ? c0.data_ptr<scalar_t>() : nullptr,
+                                 h0.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
+                                 lstm ? c0.data_ptr<scalar_t>() : nullptr,
                                  w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
                                  data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
                                  h_state.data_ptr<scalar_t>(),
