@@ -231,7 +231,8 @@ def layer_grads(backend, mode, x, bs, h0, c0, w, dtype, reverse):
 @pytest.mark.parametrize("lengths", [[1], [3, 3], [15], [5, 5, 4], [4, 4, 3, 3], [20, 2]],
                          ids=["T1_B1", "T3_B2", "T15_B1", "T5_B3", "T4_B4", "T20_B2"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
-def test_kernel_bfloat16_few_rows(mode, kw, lengths, grad):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kernel_bfloat16_few_rows(mode, kw, lengths, grad, reverse):
     """bfloat16 with up to 4 rows: one step (T = 1) on the cells' kernel with bf16 weights,
     fewer than 16 rows in all on per-step few-row products over the bf16 W_hh (h rounded to
     bf16), more on the fused loop's bf16 register tiles where they serve; outputs and final
@@ -240,10 +241,10 @@ def test_kernel_bfloat16_few_rows(mode, kw, lengths, grad):
     x, bs, h0, c0, w = make_case(mode, len(lengths), 17, 33, lengths, torch.float64, scale=0.3,
                                  **kw)
     xb = x.bfloat16().requires_grad_(grad)
-    ours = check_bfloat16_forward(mode, x, xb, bs, h0, c0, w, False, 1e-3)
+    ours = check_bfloat16_forward(mode, x, xb, bs, h0, c0, w, reverse, 1e-3)
     assert ours[0].dtype == torch.bfloat16
     if grad:
-        check_bfloat16_gradients(mode, x, bs, h0, c0, w)
+        check_bfloat16_gradients(mode, x, bs, h0, c0, w, reverse)
 
 
 @pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
@@ -258,12 +259,12 @@ def test_kernel_bfloat16_gradients(mode, I, path, monkeypatch):
     check_bfloat16_gradients(mode, x, bs, h0, c0, w)
 
 
-def check_bfloat16_gradients(mode, x, bs, h0, c0, w):
+def check_bfloat16_gradients(mode, x, bs, h0, c0, w, reverse=False):
     """Every gradient of the kernel run in bf16 within 2x the error of the reference run in bf16
     (plus 1 % of the largest), against float64."""
-    exact = layer_grads("reference", mode, x, bs, h0, c0, w, torch.float64, False)
-    ref_bf = layer_grads("reference", mode, x, bs, h0, c0, w, torch.bfloat16, False)
-    ours = layer_grads("cpu", mode, x, bs, h0, c0, w, torch.bfloat16, False)
+    exact = layer_grads("reference", mode, x, bs, h0, c0, w, torch.float64, reverse)
+    ref_bf = layer_grads("reference", mode, x, bs, h0, c0, w, torch.bfloat16, reverse)
+    ours = layer_grads("cpu", mode, x, bs, h0, c0, w, torch.bfloat16, reverse)
     for e, t, o in zip(exact, ref_bf, ours):
         err_t = (t - e).abs().max().item()
         err_o = (o - e).abs().max().item()
