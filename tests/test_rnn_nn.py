@@ -1775,11 +1775,12 @@ def test_pickled_torch_module_loads_as_the_seqkern_class(name):
 @requires_cpu_ext
 @pytest.mark.parametrize("kind,kw", [("lstm", {}), ("gru", {}), ("rnn", {}),
                                      ("rnn", {"nonlinearity": "relu"}), ("lstm", {"bias": False})])
-@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("I,H", [(5, 7), (300, 33), (64, 129)])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8, 20])
+@pytest.mark.parametrize("I,H", [(5, 7), (300, 33), (64, 129), (520, 513)])
 def test_cell_bfloat16_step_is_the_float32_step_rounded(kind, kw, B, I, H):
     """A bfloat16 cell call computes in float32 on its bf16 operands (up to 4 rows the weights
-    are read as bf16 by the one-step kernel, past that by bf16 GEMMs with fp32 sums), rounding
+    are read as bf16 by the one-step kernel, to 8 rows, or 32 with I, H ≥ 512, by row products
+    over them, past that by bf16 GEMMs; fp32 sums throughout), rounding
     only h' and c': it equals the float32 cell run on the same values, rounded, to within one
     bf16 rounding (the fp32 sums may fall on either side of a rounding boundary)."""
     scls = {"lstm": snn.LSTMCell, "gru": snn.GRUCell, "rnn": snn.RNNCell}[kind]

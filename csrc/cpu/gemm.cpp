@@ -234,7 +234,13 @@ void row_block(const RowProduct<T, Wt>& p, int64_t r0) {
     case 1: return row_blocks<T, Wt, 1, 8>(p, r0);
     case 2: return row_blocks<T, Wt, 2, 8>(p, r0);
     case 3: return row_blocks<T, Wt, 3, 4>(p, r0);
-    default: return row_blocks<T, Wt, 4, 4>(p, r0);
+    case 4: return row_blocks<T, Wt, 4, 4>(p, r0);
+  }
+  // more rows: 4 at a time against the same block of weight rows, which stays in cache
+  for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+    RowProduct<T, Wt> q = p;
+    q.M = std::min<int64_t>(4, p.M - m0), q.A = p.A + m0 * p.lda, q.C = p.C + m0 * p.ldc;
+    row_block(q, r0);
   }
 }
 
@@ -242,7 +248,7 @@ void row_block(const RowProduct<T, Wt>& p, int64_t r0) {
 
 template <typename T, typename Wt>
 void few_row_products(const RowProduct<T, Wt>& p, const RowProduct<T, Wt>& q) {
-  TORCH_CHECK(p.M <= kFewRows && q.M <= kFewRows, "few_row_products: at most ", kFewRows, " rows");
+  TORCH_CHECK(p.M <= kBlockedRows && q.M <= kBlockedRows, "few_row_products: at most ", kBlockedRows, " rows");
   const int64_t np = p.M > 0 ? (p.N + kRowBlock - 1) / kRowBlock : 0,
                 nq = q.M > 0 ? (q.N + kRowBlock - 1) / kRowBlock : 0;
   // Blocks of kRowBlock weight rows, p's then q's; threads below ~32K multiply-adds cost more

@@ -52,6 +52,9 @@ class PackedWeight {
 // weights on every call and finds it in its core's L2 the next time; MKL's threaded GEMV pays a
 // fork/join per product and re-reads the weights from memory.
 constexpr int64_t kFewRows = 4;
+// few_row_products also takes up to kBlockedRows rows, 4 at a time per block of weight rows
+// (bf16 cells up to 32 rows: a GEMM would pack the weights on every call).
+constexpr int64_t kBlockedRows = 32;
 // With Wt bfloat16 (T float) A is bf16 as well: bf16 operands, exact products, fp32 sums
 // (vdpbf16ps where the CPU has it, which reads subnormal bf16 as zero, as the tile products).
 template <typename T, typename Wt = T>
