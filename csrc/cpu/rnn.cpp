@@ -40,7 +40,7 @@ struct Bf16Operands {
   at::Tensor xg;    // x·W_ihᵀ in fp32 from a bf16 GEMM, or undefined
   at::Tensor w_hh;  // for the recurrent product on brgemm tiles, or undefined
   at::Tensor x, w_ih;  // for the input projection on brgemm tiles, or undefined
-  // w_hh (above) read as bf16 by the per-step few-row products (few_row_steps), not converted
+  // w_hh (above) read as bf16 by forward_impl's per-step few-row products, not converted
   bool few_rows = false;
 };
 
@@ -164,7 +164,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   if (b_ih.defined()) add_bias(b_ih, G * H);
   if (b_hh.defined()) add_bias(b_hh, b_hh_n);
   // A few rows outside the fused loop (a streaming step; a short sequence, fewer than 16 rows
-  // in all; bf16 weights below 8 rows): per step, h·W_hhᵀ as few-row products, one parallel pass
+  // in all; bf16 weights that the tiles do not take): per step, h·W_hhᵀ as few-row products, one parallel pass
   // over W_hh (bf16 as stored), in place of MKL's GEMV (26 GB/s here) or converting a bf16 W_hh
   // to fp32 per call (4 MB at H = 512). A single step also takes x·W_ihᵀ in the same pass.
   const bool few = L.B <= kFewRows && !proj && cell != Cell::GruCho && !fuse_x && !fused;
