@@ -1035,9 +1035,10 @@ std::vector<at::Tensor> recurrent_forward(
         bf.w_hh = at::Tensor(), bf.few_rows = false;  // no bf16 GEMM at all: all in fp32
     }
   }
-  // fp32 copies of what the bf16 operands do not replace (a bf16 step reads both weights as bf16)
+  // fp32 copies of what the bf16 operands do not replace (a bf16 step reads x and both
+  // weights as bf16)
   const bool bf16_step = bf16 && one_step;
-  auto x = bf.x.defined() ? x_ : contiguous_as(x_, ct);
+  auto x = bf.x.defined() ? x_ : contiguous_as(x_, bf16_step ? st : ct);
   auto w_ih = bf.w_ih.defined() || bf16_step ? contiguous_as(w_ih_, st) : contiguous_as(w_ih_, ct);
   auto w_hh = bf.w_hh.defined() || bf16_step ? contiguous_as(w_hh_, st) : contiguous_as(w_hh_, ct);
   auto h0 = contiguous_as(h0_, ct), c0 = contiguous_as(opt(c0_), ct);
@@ -1056,9 +1057,9 @@ std::vector<at::Tensor> recurrent_forward(
   at::Tensor ws_cells = empty_large({save && lstm ? L.N : 0, w_hr.defined() ? 3 * H : 2 * H}, opts);
   at::Tensor ws_hprev = empty_large({save ? L.N : 0, Hs}, opts);
   if (L.N > 0 && bf16_step) {
-    const at::Tensor xb = contiguous_as(x_, st), hb = contiguous_as(h0_, st);
+    const at::Tensor hb = contiguous_as(h0_, st);  // the product's operand; h0 the state
     cell_step_kernel<float, at::BFloat16>(
-        cell, L.B, x.size(1), H, xb.data_ptr<at::BFloat16>(), hb.data_ptr<at::BFloat16>(),
+        cell, L.B, x.size(1), H, x.data_ptr<at::BFloat16>(), hb.data_ptr<at::BFloat16>(),
         h0.data_ptr<float>(), lstm ? c0.data_ptr<float>() : nullptr, w_ih.data_ptr<at::BFloat16>(),
         w_hh.data_ptr<at::BFloat16>(), data_or_null<float>(b_ih), data_or_null<float>(b_hh),
         h_state.data_ptr<float>(), lstm ? c_state.data_ptr<float>() : nullptr, nullptr);
