@@ -102,7 +102,10 @@ void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
     const T* a = A + k * a_ks;
     V bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = FULL ? V::loadu(b + v * W) : load_first(b + v * W, cnt[v]);
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = FULL ? V::loadu(b + v * W) : load_first(b + v * W, cnt[v]);
+      if constexpr (MR > 1) bv[v] = in_register(bv[v]);  // (see in_register)
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const V av(a[r * a_rs]);

@@ -158,7 +158,7 @@ void row_block_product(const RowProduct<T, Wt>& p, int64_t r0) {
   auto step = [&](int64_t k, int64_t n) __attribute__((always_inline)) {
     V a[M];
 #pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) a[m] = ld(p.A + m * p.lda + k, n);
+    for (int m = 0; m < M; ++m) a[m] = in_register(ld(p.A + m * p.lda + k, n));
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const V wv = ld(w[i] + k, n);

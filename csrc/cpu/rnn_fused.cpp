@@ -80,7 +80,11 @@ inline void panel_gemm(const float* A, int64_t lda, const float* P, int64_t K, V
     for (int q = 0; q < S; ++q) {
       V b[NV];
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) b[j] = V::loadu(P + ((k + q) * NV + j) * kW);
+      for (int j = 0; j < NV; ++j) {
+        // (one row: each vector is used once, and as a memory operand it costs no register)
+        b[j] = V::loadu(P + ((k + q) * NV + j) * kW);
+        if constexpr (MR > 1) b[j] = in_register(b[j]);
+      }
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
         const V a(A[m * lda + k + q]);

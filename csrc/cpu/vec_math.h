@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 // Forces inlining of the small vector functions the kernels' inner loops call: an out-of-line
 // call passes each Vectorized (a 64-byte class) through memory, and the gate epilogues of the
@@ -18,6 +19,30 @@ namespace seqkern::cpu {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+
+// x, made opaque to the compiler so that it stays in a register. GCC folds a vector loaded
+// once and used by several FMAs into each FMA as a memory operand (a tile of MR rows then loads
+// every weight vector MR times); on Zen 4, whose 512-bit loads issue at one per cycle, the
+// recurrent loops' tiles became load-bound at about half the FMA rate.
+template <typename T>
+SEQKERN_INLINE Vec<T> in_register(Vec<T> x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  using R = std::conditional_t<std::is_same_v<T, double>, __m512d, __m512>;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    R r = x;
+    asm("" : "+v"(r));
+    return Vec<T>(r);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  using R = std::conditional_t<std::is_same_v<T, double>, __m256d, __m256>;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    R r = x;
+    asm("" : "+x"(r));
+    return Vec<T>(r);
+  }
+#endif
+  return x;
+}
 
 // max(a, b) and min(a, b) in one instruction each, where at::vec::maximum/minimum spend four on
 // NaN propagation. When either operand is NaN the result is b (the x86 rule), so a caller that
