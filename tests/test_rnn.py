@@ -423,14 +423,15 @@ def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, sp
                                                  monkeypatch):
     """Sizes that take the fused float32 loop (H = 129 leaves a partial vector panel, the batch
     is ragged) on one and two threads: forward and gradients within the tolerance rule of the
-    float64 reference. With B ≥ 8, I = 20 has the loop compute the input projection itself
-    and I = 300 reads it from one GEMM over all steps. Two threads share each step's hidden
+    float64 reference. The loop computes the input projection itself (I = 20) or reads it
+    from one GEMM over all steps (I = 300), each forced (SEQKERN_RNN_FUSE). Two threads share each step's hidden
     units or split the batch rows (by work: the rows are sorted by length), forced both ways
     in forward and backward, besides the default choice. The projection from one GEMM is laid
     out gate-major or in the loop's panel order (SEQKERN_RNN_XG_PANELS), H = 129 leaving a
     partial last panel."""
     if panels:
         monkeypatch.setenv("SEQKERN_RNN_XG_PANELS", panels)
+    monkeypatch.setenv("SEQKERN_RNN_FUSE", "0" if panels else "1")
     for var in ("SEQKERN_RNN_SPLIT", "SEQKERN_RNN_SPLIT_BWD"):
         if split:
             monkeypatch.setenv(var, split)

@@ -874,28 +874,28 @@ void backward_loop(const BackwardArgs& a) {
 
 }  // namespace
 
-// Fusing saves writing and re-reading G·H floats of xg per row, but moves the input GEMM off
-// MKL, which is as fast as the panel GEMM on large operands: the gain shrinks as I grows.
-// Measured forward, 2 threads, best of 15 interleaved: T=500 B=16 I=64 H=128 LSTM 15.4 → 13.6
-// ms, GRU 11.0 → 9.0, RNN 7.1 → 4.8; I=H=256 B=8..32 within ±5%; I=H=512 B=64 RNN 78.6 → 86.9
-// (LSTM, GRU even); at B=1 slower (the step is bound by streaming the weights, now twice).
-// Fused, each step streams [W_hh | W_ih] (each thread its slice): past about half a core's L2
-// per thread they no longer stay there between steps, and only enough rows pay for reading them
-// again. Measured, forward, T = 100, ms apart → fused (min of 3 alternated processes; weight
-// bytes per thread, per row): 1 thread, I = H = 256: LSTM (2 MB) B = 8 4.76 → 6.40, B = 32
-// (64 KB) 17.5 → 19.6, B = 64 (32 KB) 37.6 → 37.4; GRU (1.5 MB) B = 8 3.59 → 3.96, B = 32
-// 13.1 → 13.5; RNN (0.5 MB) B = 8 1.26 → 1.23, B = 32 4.59 → 4.40. 2 threads: LSTM I = 256,
-// H = 512 (3.1 MB) B = 32 (98 KB) 29.3 → 31.7, B = 64 (49 KB) 61.7 → 58.5; H = 384, B = 64
-// (31 KB) 36.9 → 35.3; GRU I = 128, H = 512, B = 16 (123 KB) 9.29 → 9.91; I = 256, B = 64 (37
-// KB) 42.6 → 41.8; RNN I = 256, H = 1024, B = 32 (82 KB) 24.3 → 25.7.
+// Fusing saves writing and re-reading G·H floats of xg per row and moves the input GEMM off
+// MKL (which reaches 133–181 GFLOP/s on Zen 4, the panel tiles about 190), but each step then
+// streams [W_hh | W_ih], each thread its slice, instead of W_hh alone. At one row the step is
+// bound by that stream; from 4 rows the tiles win wherever the weights stay in L3, and past
+// that (a thread's slice over 11 MB) only from 32 rows on, where each weight serves enough
+// FMAs to hide the memory stream. The one-gate RNN's step is short and its tiles 2 vectors
+// wide: from 32 rows MKL's one large GEMM wins there.
+// Measured (forward, 2 threads, median of 3 alternated runs, apart → fused, ms), Zen 4 after
+// in_register: LSTM T = 100, I = H = 256, B = 1 0.99 → 1.26, B = 2 1.90 → 1.62, B = 4 3.45 →
+// 2.72; I = H = 512 B = 8 20.6 → 17.8, B = 32 80.5 → 69.9; T = 200, B = 64, I = H = 512 296 →
+// 275; I = H = 1024 (16 MB a thread) B = 8 76.6 → 87.2, B = 16 145 → 161, T = 64 B = 64 364 →
+// 353; I = 256, H = 1024 B = 8 48.5 → 44.4. GRU: I = H = 512 B = 8 16.3 → 13.9, B = 128 (T =
+// 50) 114.5 → 105.5; I = H = 1024 (12 MB) B = 16 102 → 108, B = 64 274 → 266. RNN: B = 4..16
+// 1.03–1.09× faster fused, B = 32..128 0.95–0.99× but for I = H = 1024 B = 64 (1.09×).
 // SEQKERN_RNN_FUSE = 0|1 forces one (measurements).
 bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H) {
   if (const char* env = std::getenv("SEQKERN_RNN_FUSE")) return env[0] == '1';
-  if (L.B < 8 || I > 256) return false;
+  if (L.B < 4) return false;
+  if (cell == Cell::RnnTanh || cell == Cell::RnnRelu) return L.B < 32;
   const int64_t per_thread = gate_count(cell) * H * (H + I) * int64_t(sizeof(float)) /
                              std::max(1, at::get_num_threads());
-  constexpr int64_t KB = 1024;
-  return per_thread <= 1024 * KB || per_thread / L.B <= 56 * KB;
+  return per_thread <= (int64_t(11) << 20) || L.B >= 32;
 }
 
 // Units of a fused-loop panel: one vector per gate, two for the one-gate RNN cells.
