@@ -417,21 +417,20 @@ def check_float32_within_torch_error(mode, x, bs, h0, c0, w, reverse, threads):
                                      ("lstm", {"peep": True}), ("gru", {})])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("threads,split", [(1, None), (2, None), (2, "units"), (2, "rows")])
-@pytest.mark.parametrize("I,panels", [(20, None), (300, "0"), (300, "1")],
-                         ids=["projection_in_loop", "projection_gemm", "projection_gemm_panels"])
-def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, split, I, panels,
-                                                 monkeypatch):
+@pytest.mark.parametrize("I,projection", [(20, "steps"), (300, "gemm"), (300, "up_front")],
+                         ids=["projection_in_steps", "projection_gemm", "projection_up_front"])
+def test_fused_float32_threads_and_partial_panels(mode, kw, reverse, threads, split, I,
+                                                 projection, monkeypatch):
     """Sizes that take the fused float32 loop (H = 129 leaves a partial vector panel, the batch
     is ragged) on one and two threads: forward and gradients within the tolerance rule of the
-    float64 reference. The loop computes the input projection itself (I = 20) or reads it
-    from one GEMM over all steps (I = 300), each forced (SEQKERN_RNN_FUSE). Two threads share each step's hidden
+    float64 reference. The input projection is accumulated in each step's tiles (I = 20),
+    read from one MKL GEMM over all steps (gate-major), or made by the loop's threads before
+    the first step in its panel order, H = 129 leaving a partial last panel (I = 300), each
+    forced (SEQKERN_RNN_FUSE, SEQKERN_RNN_XG_LOOP). Two threads share each step's hidden
     units or split the batch rows (by work: the rows are sorted by length), forced both ways
-    in forward and backward, besides the default choice. The projection from one GEMM is laid
-    out gate-major or in the loop's panel order (SEQKERN_RNN_XG_PANELS), H = 129 leaving a
-    partial last panel."""
-    if panels:
-        monkeypatch.setenv("SEQKERN_RNN_XG_PANELS", panels)
-    monkeypatch.setenv("SEQKERN_RNN_FUSE", "0" if panels else "1")
+    in forward and backward, besides the default choice."""
+    monkeypatch.setenv("SEQKERN_RNN_FUSE", "1" if projection == "steps" else "0")
+    monkeypatch.setenv("SEQKERN_RNN_XG_LOOP", "1" if projection == "up_front" else "0")
     for var in ("SEQKERN_RNN_SPLIT", "SEQKERN_RNN_SPLIT_BWD"):
         if split:
             monkeypatch.setenv(var, split)

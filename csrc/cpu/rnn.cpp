@@ -135,22 +135,11 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   const bool fused = std::is_same_v<T, float> && fused_supported(cell, proj, L, H) && !bf.few_rows;
   const bool fuse_x = fused && (bf.x.defined() ||
                                 (!xg_given.defined() && fuse_input_projection(cell, L, I, H)));
-  // The fused loop reads a projection it is given in gate-major order, and one made here in
-  // its panel order (xg_panel_order) where enough rows pay for reordering W_ih's. Measured
-  // (2 threads, forward, min of 3 alternated processes, gate-major → panels): T = 200,
-  // B = 64, I = H = 512 LSTM 157.5 → 155.3 ms, GRU 113.9 → 112.8, RNN 34.3 → 33.2; training
-  // LSTM 523.6 → 522.1, RNN 115.3 → 114.2; but T = 64, B = 64, I = H = 1024 (4·I rows) LSTM
-  // 189.5 → 189.3, GRU 136.0 → 137.4, RNN 45.6 → 46.1, and T = 50, B = 1, I = H = 128 (50
-  // rows) LSTM 0.129 → 0.140, GRU 0.106 → 0.121: so from 8·I rows (xg_panels_wanted).
-  int64_t xg_width = G * H;
-  at::Tensor w_ih_panels;
-  if constexpr (std::is_same_v<T, float>) {
-    if (!xg_given.defined() && !fuse_x && fused && xg_panels_wanted(cell, N, I, H)) {
-      xg_width = xg_panel_order(cell, H, I, nullptr, nullptr);
-      w_ih_panels = empty_large({xg_width, I}, w_ih.options());
-      xg_panel_order(cell, H, I, w_ih.data_ptr<float>(), w_ih_panels.data_ptr<float>());
-    }
-  }
+  // A projection the fused loop does not take into its steps (nor is given) is made by the
+  // loop's own threads before the first step, in its panel order (xg_in_loop).
+  const bool xg_loop = fused && !fuse_x && !xg_given.defined() && !bf.w_hh.defined() &&
+                       xg_in_loop(cell, L, I, H);
+  const int64_t xg_width = xg_loop ? xg_panel_width(cell, H) : G * H;
   at::Tensor xg = xg_given.defined() ? xg_given
                   : fuse_x           ? at::Tensor()
                                      : empty_large({N, xg_width}, h0.options());
@@ -169,10 +158,9 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // to fp32 per call (4 MB at H = 512). A single step also takes x·W_ihᵀ in the same pass.
   const bool few = L.B <= kFewRows && !proj && cell != Cell::GruCho && !fuse_x && !fused;
   const bool few_x = few && L.T == 1 && !xg_given.defined();
-  if (!xg_given.defined() && !fuse_x && !few_x) {
-    const T* w = w_ih_panels.defined() ? w_ih_panels.data_ptr<T>() : w_ih.data_ptr<T>();
-    gemm<T>(N, xg_width, I, T(1), x.data_ptr<T>(), I, w, I, true, T(0), xg.data_ptr<T>(),
-            xg_width);
+  if (!xg_given.defined() && !fuse_x && !few_x && !xg_loop) {
+    gemm<T>(N, xg_width, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
+            xg.data_ptr<T>(), xg_width);
   }
   const T* bz = bias.data();
   const T* b_hn = (cell == Cell::Gru && b_hh.defined()) ? b_hh.data_ptr<T>() + 2 * H : nullptr;
@@ -192,7 +180,8 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
                      data_or_null<float>(x), data_or_null<float>(w_ih), I, bz, b_hn, whh,
                      ptr(bf.w_hh), ptr(bf.x), ptr(bf.w_ih), peep_p,
                      h0.data_ptr<float>(), cs, outp, hs, gsave, csave, hsave,
-                     xg_given.defined() ? G * H : xg_width, w_ih_panels.defined()};
+                     xg_given.defined() ? G * H : xg_width, xg_loop,
+                     xg_loop ? xg.data_ptr<float>() : nullptr};
       fused_forward(fa);
       return;
     }

@@ -110,9 +110,12 @@ struct ForwardArgs {
   float* save_cells;
   float* save_hprev;
   // xg's row stride and column order: G·H in gate-major order, or (xg_panels) in the fused
-  // loop's panel order, the G gates of each panel's units side by side (see xg_panel_order)
+  // loop's panel order, the G gates of each panel's units side by side (see xg_panel_width)
   int64_t xg_ld = 0;
   bool xg_panels = false;
+  // Set (to xg, in panel order): the loop makes the projection itself from x and w_ih, each
+  // thread its own panels' columns for all steps before the first (see xg_in_loop).
+  float* xg_fill = nullptr;
 };
 
 struct BackwardArgs {
@@ -156,14 +159,14 @@ inline bool fused_supported(Cell c, bool proj, const Layout& L, int64_t H) {
 // Whether the fused loop should also compute the input projection, step by step, instead of
 // reading it from one GEMM over all steps done beforehand.
 bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H);
-// W_ih's rows in the fused loop's panel order, for an input projection whose rows the loop
-// then reads contiguously per panel: row (p·G + g)·pw + j is W_ih's row g·H + p·pw + j (zeros
-// past H), pw = the units of a panel. Returns the projection's width, panels(H)·G·pw (with
-// out null, writes nothing). Wanted where N rows pay for reordering W_ih's G·H × I (measured
-// in rnn.cpp) and the padding of a partial last panel adds little; SEQKERN_RNN_XG_PANELS = 0|1
+// Whether an input projection that the fused loop does not take into its steps is made by the
+// loop's threads before the first step (each its own panels, on the panel tiles, in the loop's
+// panel order) rather than by one MKL GEMM beforehand (gate-major). SEQKERN_RNN_XG_LOOP = 0|1
 // forces.
-bool xg_panels_wanted(Cell cell, int64_t N, int64_t I, int64_t H);
-int64_t xg_panel_order(Cell cell, int64_t H, int64_t I, const float* w_ih, float* out);
+bool xg_in_loop(Cell cell, const Layout& L, int64_t I, int64_t H);
+// The width of a projection in the loop's panel order: row n holds, per panel, the G gates of
+// its pw units side by side (pw = the units of a panel; zeros past H), panels(H)·G·pw in all.
+int64_t xg_panel_width(Cell cell, int64_t H);
 // Whether the bfloat16 recurrent product can run on brgemm tiles here (oneDNN packs bf16 for
 // this CPU, and SEQKERN_RNN_AMX is not "0").
 bool amx_recurrence_supported();
