@@ -159,12 +159,13 @@ def test_cells_match_torch(kind):
 @requires_cpu_ext
 @pytest.mark.parametrize("kind,kw", [("lstm", {}), ("gru", {}), ("rnn", {}),
                                      ("rnn", {"nonlinearity": "relu"}), ("lstm", {"bias": False})])
-@pytest.mark.parametrize("B", [1, 2, 4, 5])
-@pytest.mark.parametrize("I,H", [(5, 7), (300, 33), (64, 129)])
+@pytest.mark.parametrize("B", [1, 2, 4, 5, 9, 16, 17, 20])
+@pytest.mark.parametrize("I,H", [(5, 7), (300, 33), (64, 129), (520, 513)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_cells_inference_step_kernel(kind, kw, B, I, H, dtype, monkeypatch):
-    """A cell call runs the one-step kernel (_C.cell_step: fused up to 4 rows, two GEMMs and the
-    cell above), with or without gradients, and equals torch's cell."""
+    """A cell call runs the one-step kernel (_C.cell_step: fused up to 4 rows; in float32 row
+    products over the weights to 16 rows, or 32 with I, H ≥ 512; else two GEMMs; then the
+    cell), with or without gradients, and equals torch's cell."""
     tcls = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}[kind]
     scls = {"lstm": snn.LSTMCell, "gru": snn.GRUCell, "rnn": snn.RNNCell}[kind]
     t, s = tcls(I, H, **kw).to(dtype), scls(I, H, **kw).to(dtype)
