@@ -1,12 +1,13 @@
 // Whole-sequence recurrences (one layer, one direction) for RNN-tanh/relu, LSTM (optionally
 // peephole and projected), GRU (PyTorch convention) and GRU (Cho 2014 convention).
 //
-// Structure, forward:  xg = x·W_ihᵀ + biases for all steps as ONE GEMM; then per step one
-// recurrent GEMM h·W_hhᵀ (M = active batch) followed by one fused, vectorised pass over the
-// gates that also updates the state. Backward: the reverse loop only does the per-step
-// recurrent GEMM dgates·W_hh and the fused gate derivatives; dx, dW_ih, dW_hh and the biases
-// are large GEMMs/reductions over all steps after the loop. (The fused float32 loop may instead
-// fold the input projection into its per-step GEMM; see fuse_input_projection.)
+// Structure, forward:  xg = x·W_ihᵀ for all steps as ONE GEMM (the biases are added in the gate
+// pass); then per step one recurrent GEMM h·W_hhᵀ (M = active batch) followed by one fused,
+// vectorised pass over the gates that also updates the state. Backward: the reverse loop only
+// does the per-step recurrent GEMM dgates·W_hh and the fused gate derivatives; dx, dW_ih, dW_hh
+// and the biases are large GEMMs/reductions over all steps after the loop. (The fused float32
+// loop instead folds the input projection into its per-step products, fuse_input_projection, or
+// makes it with its own threads before the first step, xg_in_loop.)
 //
 // Sequences are in packed layout: x is (N, I) with N = Σ_t batch_sizes[t] rows, step t owning
 // rows [offset_t, offset_t + batch_sizes[t]) (torch's PackedSequence.data). A padded,
@@ -180,8 +181,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
                      data_or_null<float>(x), data_or_null<float>(w_ih), I, bz, b_hn, whh,
                      ptr(bf.w_hh), ptr(bf.x), ptr(bf.w_ih), peep_p,
                      h0.data_ptr<float>(), cs, outp, hs, gsave, csave, hsave,
-                     xg_given.defined() ? G * H : xg_width, xg_loop,
-                     xg_loop ? xg.data_ptr<float>() : nullptr};
+                     xg_width, xg_loop ? xg.data_ptr<float>() : nullptr};
       fused_forward(fa);
       return;
     }

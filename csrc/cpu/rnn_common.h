@@ -80,9 +80,9 @@ struct OutputRows {
 
 
 // Raw views of one layer's forward, for the fused loop. xg holds x·W_ihᵀ (no bias) for all N
-// rows, or is null: then the loop computes each step's input projection itself from x and
-// w_ih (see fuse_input_projection); bias the summed biases outside the recurrent matmul; b_hn
-// GRU's b_hn (or null).
+// rows; or the loop is to fill it first (xg_fill, see xg_in_loop); or it is null: then the loop
+// computes each step's input projection itself from x and w_ih (see fuse_input_projection);
+// bias the summed biases outside the recurrent matmul; b_hn GRU's b_hn (or null).
 struct ForwardArgs {
   Cell cell;
   const Layout* L;
@@ -109,12 +109,11 @@ struct ForwardArgs {
   float* save_gates;   // null unless training
   float* save_cells;
   float* save_hprev;
-  // xg's row stride and column order: G·H in gate-major order, or (xg_panels) in the fused
-  // loop's panel order, the G gates of each panel's units side by side (see xg_panel_width)
+  // xg's row stride
   int64_t xg_ld = 0;
-  bool xg_panels = false;
-  // Set (to xg, in panel order): the loop makes the projection itself from x and w_ih, each
-  // thread its own panels' columns for all steps before the first (see xg_in_loop).
+  // Set (to xg): the loop makes the projection itself from x and w_ih, each thread its own
+  // panels' columns for all steps before the first (see xg_in_loop), in its panel order: the G
+  // gates of each panel's units side by side (xg_panel_width). Otherwise xg is gate-major.
   float* xg_fill = nullptr;
 };
 
@@ -156,8 +155,8 @@ inline bool fused_supported(Cell c, bool proj, const Layout& L, int64_t H) {
   if (proj || c == Cell::GruCho || L.T < 4) return false;
   return L.N >= 16 || (L.B == 1 && gate_count(c) * H * H * int64_t(sizeof(float)) <= (256 << 10));
 }
-// Whether the fused loop should also compute the input projection, step by step, instead of
-// reading it from one GEMM over all steps done beforehand.
+// Whether the fused loop should accumulate the input projection into each step's products,
+// instead of having it made for all steps before the first (xg_in_loop).
 bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H);
 // Whether an input projection that the fused loop does not take into its steps is made by the
 // loop's threads before the first step (each its own panels, on the panel tiles, in the loop's

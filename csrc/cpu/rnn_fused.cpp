@@ -7,8 +7,9 @@
 // accumulated in registers and finished in place: the gates of those units are computed and
 // the state is updated before the tile leaves the registers.
 //
-// The input projection x_t·W_ih is either read from one GEMM over all steps done beforehand or,
-// where that measured faster, accumulated into the same tiles (fuse_input_projection). With
+// The input projection x_t·W_ih is accumulated into the same tiles where that measured faster
+// (fuse_input_projection); otherwise each thread makes its panels' share for all steps before
+// the first (project_inputs), or it is read from one GEMM done beforehand (xg_in_loop). With
 // bfloat16 weights at B ≥ 8 the tile products are bf16 tile products (gemm.h:
 // bf16_tile_product: seqkern's AMX loop on operands padded to whole tiles, oneDNN's brgemm, or
 // vdpbf16ps register tiles) instead of the fp32 register-tile GEMM below; the gate math is the
@@ -475,7 +476,7 @@ void prefetch_forward_rows(const ForwardArgs& a, int64_t r0, int64_t rows, int64
   const int64_t W = C == Cell::Gru ? 4 * H : GH;
   constexpr int64_t PW = (C == Cell::RnnTanh || C == Cell::RnnRelu ? 2 : 1) * kW;
   for (int64_t r = r0; r < r0 + rows; ++r) {
-    if (a.xg && a.xg_panels)
+    if (a.xg_fill)
       prefetch_span<Locality>(a.xg + r * a.xg_ld + u0 / PW * G * PW, G * PW, false);
     else if (a.xg)
       for (int64_t g = 0; g < G; ++g) prefetch_span<Locality>(a.xg + r * GH + g * H + u0, n, false);
@@ -501,7 +502,7 @@ SEQKERN_INLINE void forward_tile(const ForwardArgs& a, int64_t m, int64_t o, int
   const int64_t xp = u0 / PW;
   auto xin = [&](int64_t g) __attribute__((always_inline)) {
     return xacc ? xacc[g * U]
-           : xr ? load(xr + (a.xg_panels ? (xp * G + g) * PW + (u0 - xp * PW) : g * H + u0), n)
+           : xr ? load(xr + (a.xg_fill ? (xp * G + g) * PW + (u0 - xp * PW) : g * H + u0), n)
                 : V(0.0f);
   };
   auto pre = [&](int64_t g) __attribute__((always_inline)) {
@@ -551,7 +552,7 @@ void forward_loop(const ForwardArgs& a) {
   constexpr bool separate_x = C == Cell::Gru;
   // bfloat16 weights (amx): the products on AMX tiles, h rounded to bf16 for them
   PanelBuffer wxp = (fuse_x || a.xg_fill) && !amx ? gate_panel_buffer(G, H, I, U) : PanelBuffer();
-  TORCH_INTERNAL_ASSERT(!a.xg_fill || (!amx && a.xg_panels && a.xg_fill == a.xg));
+  TORCH_INTERNAL_ASSERT(!a.xg_fill || (!amx && a.xg_fill == a.xg));
   const int64_t ldh = padded_stride(H);
   StepBuffer<float> hbuf(2 * B * ldh);
   for (int64_t b = 0; b < B; ++b)
@@ -897,25 +898,27 @@ void backward_loop(const BackwardArgs& a) {
 
 }  // namespace
 
-// Fusing saves writing and re-reading G·H floats of xg per row and moves the input GEMM off
-// MKL (which reaches 133–181 GFLOP/s on Zen 4, the panel tiles about 190), but each step then
-// streams [W_hh | W_ih], each thread its slice, instead of W_hh alone. At one row the step is
-// bound by that stream; from 4 rows the tiles win wherever the weights stay in L3, and past
-// that (a thread's slice over 11 MB) only from 32 rows on, where each weight serves enough
-// FMAs to hide the memory stream. The one-gate RNN's step is short and its tiles 2 vectors
-// wide: from 32 rows MKL's one large GEMM wins there.
-// Measured (forward, 2 threads, median of 3 alternated runs, apart → fused, ms), Zen 4 after
-// in_register: LSTM T = 100, I = H = 256, B = 1 0.99 → 1.26, B = 2 1.90 → 1.62, B = 4 3.45 →
-// 2.72; I = H = 512 B = 8 20.6 → 17.8, B = 32 80.5 → 69.9; T = 200, B = 64, I = H = 512 296 →
-// 275; I = H = 1024 (16 MB a thread) B = 8 76.6 → 87.2, B = 16 145 → 161, T = 64 B = 64 364 →
-// 353; I = 256, H = 1024 B = 8 48.5 → 44.4. GRU: I = H = 512 B = 8 16.3 → 13.9, B = 128 (T =
-// 50) 114.5 → 105.5; I = H = 1024 (12 MB) B = 16 102 → 108, B = 64 274 → 266. RNN: B = 4..16
-// 1.03–1.09× faster fused, B = 32..128 0.95–0.99× but for I = H = 1024 B = 64 (1.09×).
+// Fusing saves writing and re-reading G·H floats of xg per row, but each step then streams
+// [W_hh | W_ih], each thread its slice, instead of W_hh alone. At one row the step is bound by
+// that stream; from 4 rows the tiles win wherever the weights stay in L3, and past that (a
+// thread's slice over 11 MB) only from 32 rows on, where each weight serves enough FMAs to
+// hide the memory stream. The one-gate RNN's step is short and its tiles 2 vectors wide: from
+// 64 rows the projection made up front wins there.
+// Measured (forward, 2 threads, median of 3 alternated runs, ms), Zen 4 after in_register,
+// against an MKL GEMM beforehand (apart → fused): LSTM T = 100, I = H = 256, B = 1 0.99 → 1.26,
+// B = 2 1.90 → 1.62, B = 4 3.45 → 2.72; I = H = 512 B = 8 20.6 → 17.8, B = 32 80.5 → 69.9; T =
+// 200, B = 64, I = H = 512 296 → 275; I = H = 1024 (16 MB a thread) B = 8 76.6 → 87.2, B = 16
+// 145 → 161, T = 64, B = 64 364 → 353. GRU I = H = 1024 (12 MB) B = 16 102 → 108, B = 64 274 →
+// 266. Against the projection made up front (xg_in_loop), up front → fused: T = 100, I = H =
+// 256, B = 2 LSTM 1.54 → 1.63, GRU 1.25 → 1.22, RNN 0.51 → 0.48; B = 4 LSTM 2.15 → 2.16, GRU
+// 2.07 → 2.22, RNN 0.85 → 0.80; B = 8 4.32 → 4.26, 4.18 → 3.93, 1.56 → 1.53; B = 32 17.2 →
+// 16.7, 16.2 → 15.6, 6.57 → 6.13; T = 500, B = 16, I = 64, H = 128 14.1 → 13.4, 10.8 → 9.95,
+// 4.54 → 3.94; T = 200, B = 64, I = H = 512 256 → 258, 213 → 212, RNN 71.6 → 78.6.
 // SEQKERN_RNN_FUSE = 0|1 forces one (measurements).
 bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H) {
   if (const char* env = std::getenv("SEQKERN_RNN_FUSE")) return env[0] == '1';
   if (L.B < 4) return false;
-  if (cell == Cell::RnnTanh || cell == Cell::RnnRelu) return L.B < 32;
+  if (cell == Cell::RnnTanh || cell == Cell::RnnRelu) return L.B < 64;
   const int64_t per_thread = gate_count(cell) * H * (H + I) * int64_t(sizeof(float)) /
                              std::max(1, at::get_num_threads());
   return per_thread <= (int64_t(11) << 20) || L.B >= 32;
@@ -935,10 +938,12 @@ constexpr int64_t panel_units(Cell c) {
 // T = 100, I = H = 1024, B = 8 66.6 → 52.8, B = 16 121 → 105; LSTM B = 8 74.1 → 75.6, 76.9 →
 // 79.8 (the one loss, within the VM's drift), I = 512 57.0 → 51.7; RNN T = 200, B = 64,
 // I = H = 512 73.5 → 66.3, T = 50, B = 128 35.6 → 32.8, T = 100, B = 32, I = 256 6.57 → 6.36.
+// Not where a partial last panel would pad the projection by more than an eighth (H = 17:
+// 32 columns a gate for 17).
 bool xg_in_loop(Cell cell, const Layout& L, int64_t I, int64_t H) {
   if (const char* env = std::getenv("SEQKERN_RNN_XG_LOOP")) return env[0] == '1';
-  (void)cell, (void)L, (void)I, (void)H;
-  return true;
+  (void)L, (void)I;
+  return 8 * round_up(H, panel_units(cell)) <= 9 * H;
 }
 
 int64_t xg_panel_width(Cell cell, int64_t H) {
