@@ -161,7 +161,8 @@ void row_block_product(const RowProduct<T, Wt>& p, int64_t r0) {
     for (int m = 0; m < M; ++m) a[m] = in_register(ld(p.A + m * p.lda + k, n));
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const V wv = ld(w[i] + k, n);
+      V wv = ld(w[i] + k, n);
+      if constexpr (M > 1) wv = in_register(wv);
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) acc[i][m] = at::vec::fmadd(wv, a[m], acc[i][m]);
     }

@@ -26,20 +26,13 @@ using Vec = at::vec::Vectorized<T>;
 // recurrent loops' tiles became load-bound at about half the FMA rate.
 template <typename T>
 SEQKERN_INLINE Vec<T> in_register(Vec<T> x) {
+  // ("v": any vector register the build may use)
 #if defined(CPU_CAPABILITY_AVX512)
-  using R = std::conditional_t<std::is_same_v<T, double>, __m512d, __m512>;
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    R r = x;
-    asm("" : "+v"(r));
-    return Vec<T>(r);
-  }
+  if constexpr (std::is_same_v<T, float>) { __m512 r = x; asm("" : "+v"(r)); return Vec<T>(r); }
+  if constexpr (std::is_same_v<T, double>) { __m512d r = x; asm("" : "+v"(r)); return Vec<T>(r); }
 #elif defined(CPU_CAPABILITY_AVX2)
-  using R = std::conditional_t<std::is_same_v<T, double>, __m256d, __m256>;
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    R r = x;
-    asm("" : "+x"(r));
-    return Vec<T>(r);
-  }
+  if constexpr (std::is_same_v<T, float>) { __m256 r = x; asm("" : "+v"(r)); return Vec<T>(r); }
+  if constexpr (std::is_same_v<T, double>) { __m256d r = x; asm("" : "+v"(r)); return Vec<T>(r); }
 #endif
   return x;
 }
