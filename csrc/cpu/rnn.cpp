@@ -139,7 +139,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // A projection the fused loop does not take into its steps (nor is given) is made by the
   // loop's own threads before the first step, in its panel order (xg_in_loop).
   const bool xg_loop = fused && !fuse_x && !xg_given.defined() && !bf.w_hh.defined() &&
-                       xg_in_loop(cell, L, I, H);
+                       xg_in_loop(cell, H);
   const int64_t xg_width = xg_loop ? xg_panel_width(cell, H) : G * H;
   at::Tensor xg = xg_given.defined() ? xg_given
                   : fuse_x           ? at::Tensor()
@@ -883,14 +883,15 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
     }
     // float32 from 5 rows: row products over the weights as stored (as for bf16 above) where
     // MKL's GEMM, packing both weights per call, is slower. Measured (Zen 4, 2 threads, µs,
-    // median of 3 alternated runs, GEMM → rows): I = H = 256, B = 8 LSTM 146 → 106, GRU 137 →
-    // 73, RNN 49 → 43; B = 16 181 → 164, 186 → 127, 60 → 48; I = H = 1024, B = 8 3796 → 1882,
-    // 2993 → 1402, 787 → 294; B = 32 6543 → 5075, 4691 → 3636, 1299 → 1025; but at I = H =
-    // 256, B = 32 283 → 309, 233 → 303, 96 → 104.
+    // GEMM → rows, two alternated runs): I = H = 256, B = 8 LSTM 137 → 79, GRU 110 → 61, RNN
+    // 46 → 27; B = 16 183 → 138, 143 → 106, 59 → 43; I = H = 1024, B = 8 3816 → 1459–1626,
+    // 2722–2835 → 1018–1032, 643 → 194; B = 32 5826–5938 → 3853–3911, 4365–4494 → 2762–2962,
+    // 1187 → 707–727; but at I = H = 256, B = 32 (before the weight vector was pinned to
+    // registers: in_register) 283 → 309, 233 → 303, 96 → 104.
     if (std::is_same_v<scalar_t, float> &&
         (B <= 16 || (B <= kBlockedRows && std::min(o.I, H) >= 512))) {
-      at::Tensor gx = at::empty({B, o.G * H}, opts), gh = at::empty({B, o.G * H}, opts);
       const int64_t GH = o.G * H;
+      at::Tensor gx = at::empty({B, GH}, opts), gh = at::empty({B, GH}, opts);
       few_row_products<scalar_t>(
           {B, GH, o.I, o.x.data_ptr<scalar_t>(), o.I, o.w_ih.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), GH},
           {B, GH, H, o.h.data_ptr<scalar_t>(), H, o.w_hh.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), GH});

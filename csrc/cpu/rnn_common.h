@@ -162,7 +162,7 @@ bool fuse_input_projection(Cell cell, const Layout& L, int64_t I, int64_t H);
 // loop's threads before the first step (each its own panels, on the panel tiles, in the loop's
 // panel order) rather than by one MKL GEMM beforehand (gate-major). SEQKERN_RNN_XG_LOOP = 0|1
 // forces.
-bool xg_in_loop(Cell cell, const Layout& L, int64_t I, int64_t H);
+bool xg_in_loop(Cell cell, int64_t H);
 // The width of a projection in the loop's panel order: row n holds, per panel, the G gates of
 // its pw units side by side (pw = the units of a panel; zeros past H), panels(H)·G·pw in all.
 int64_t xg_panel_width(Cell cell, int64_t H);

@@ -940,9 +940,8 @@ constexpr int64_t panel_units(Cell c) {
 // I = H = 512 73.5 → 66.3, T = 50, B = 128 35.6 → 32.8, T = 100, B = 32, I = 256 6.57 → 6.36.
 // Not where a partial last panel would pad the projection by more than an eighth (H = 17:
 // 32 columns a gate for 17).
-bool xg_in_loop(Cell cell, const Layout& L, int64_t I, int64_t H) {
+bool xg_in_loop(Cell cell, int64_t H) {
   if (const char* env = std::getenv("SEQKERN_RNN_XG_LOOP")) return env[0] == '1';
-  (void)L, (void)I;
   return 8 * round_up(H, panel_units(cell)) <= 9 * H;
 }
 
