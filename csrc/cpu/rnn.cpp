@@ -157,7 +157,7 @@ void forward_impl(Cell cell, const Layout& L, const at::Tensor& x, const at::Ten
   // in all; bf16 weights that the tiles do not take): per step, h·W_hhᵀ as few-row products, one parallel pass
   // over W_hh (bf16 as stored), in place of MKL's GEMV (26 GB/s here) or converting a bf16 W_hh
   // to fp32 per call (4 MB at H = 512). A single step also takes x·W_ihᵀ in the same pass.
-  const bool few = L.B <= kFewRows && !proj && cell != Cell::GruCho && !fuse_x && !fused;
+  const bool few = L.B <= kFewRows && !proj && cell != Cell::GruCho && !fused;
   const bool few_x = few && L.T == 1 && !xg_given.defined();
   if (!xg_given.defined() && !fuse_x && !few_x && !xg_loop) {
     gemm<T>(N, xg_width, I, T(1), x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, true, T(0),
@@ -809,6 +809,24 @@ at::Tensor float_or_undefined(const at::Tensor& t) {
   return t.defined() ? t.to(at::kFloat) : at::Tensor();
 }
 
+// Whether a cell call's two products run as row products over the weights as stored, 4 rows
+// at a time per block of weight rows, rather than as GEMMs, which pack both weights on every
+// call: to `short_rows` rows, and to kBlockedRows where the rows are long enough (I, H ≥ 512)
+// to pay for a reduction per output.
+bool cell_rows_beat_gemm(const CellOperands& o, int64_t short_rows) {
+  return o.B <= short_rows || (o.B <= kBlockedRows && std::min(o.I, o.H) >= 512);
+}
+
+// gx = x·W_ihᵀ and gh = h·W_hhᵀ of a cell call (B × G·H each) as those row products; Wt: the
+// operands' and weights' type (T, or bf16 with T float).
+template <typename T, typename Wt>
+void cell_row_products(const CellOperands& o, T* gx, T* gh) {
+  const int64_t GH = o.G * o.H;
+  few_row_products<T, Wt>(
+      {o.B, GH, o.I, o.x.data_ptr<Wt>(), o.I, o.w_ih.data_ptr<Wt>(), gx, GH},
+      {o.B, GH, o.H, o.h.data_ptr<Wt>(), o.H, o.w_hh.data_ptr<Wt>(), gh, GH});
+}
+
 // A bf16 step: the products in fp32 (bf16 operands), the cell in fp32 on widened states, h' and
 // c' rounded once; saved in fp32.
 std::vector<at::Tensor> cell_step_bf16(const CellOperands& o, bool save) {
@@ -829,17 +847,12 @@ std::vector<at::Tensor> cell_step_bf16(const CellOperands& o, bool save) {
         h_out.data_ptr<float>(), lstm ? c_out.data_ptr<float>() : nullptr, sv);
   } else if (B > 0 && H > 0) {
     at::Tensor gx = at::empty({B, GH}, f32), gh = at::empty({B, GH}, f32);
-    // Row products over the weights as stored, 4 rows at a time per block of weight rows,
-    // where the GEMM's per-call packing of both weights costs more: to 8 rows, and to 32 where
-    // the rows are long enough (K ≥ 512) to pay for a reduction per output. Measured (Zen 4,
-    // 2 threads, µs, GEMM → rows, torch): LSTMCell H = 1024 B = 8 1055–1216 → 642–1020 (1040),
-    // B = 32 2202–2261 → 2017–2202 (~2000); GRUCell H = 1024 B = 16 915–979 → 673–697 (~900);
-    // but LSTMCell H = 256 B = 32 137–153 → 176–216.
-    if (B <= 8 || (B <= kBlockedRows && std::min(o.I, H) >= 512)) {
-      using bf16 = at::BFloat16;
-      few_row_products<float, bf16>(
-          {B, GH, o.I, o.x.data_ptr<bf16>(), o.I, o.w_ih.data_ptr<bf16>(), gx.data_ptr<float>(), GH},
-          {B, GH, H, o.h.data_ptr<bf16>(), H, o.w_hh.data_ptr<bf16>(), gh.data_ptr<float>(), GH});
+    // Row products to 8 rows (see cell_rows_beat_gemm). Measured (Zen 4, 2 threads, µs,
+    // GEMM → rows, torch): LSTMCell H = 1024 B = 8 1055–1216 → 642–1020 (1040), B = 32
+    // 2202–2261 → 2017–2202 (~2000); GRUCell H = 1024 B = 16 915–979 → 673–697 (~900); but
+    // LSTMCell H = 256 B = 32 137–153 → 176–216.
+    if (cell_rows_beat_gemm(o, 8)) {
+      cell_row_products<float, at::BFloat16>(o, gx.data_ptr<float>(), gh.data_ptr<float>());
     } else {
       product_bf16(o.x, o.w_ih, true, gx);
       product_bf16(o.h, o.w_hh, true, gh);
@@ -881,20 +894,15 @@ std::vector<at::Tensor> cell_step(const std::string& mode, const at::Tensor& x_,
                                  h_out.data_ptr<scalar_t>(), co, sv);
       return;
     }
-    // float32 from 5 rows: row products over the weights as stored (as for bf16 above) where
-    // MKL's GEMM, packing both weights per call, is slower. Measured (Zen 4, 2 threads, µs,
+    // float32 from 5 rows: row products to 16 rows (see cell_rows_beat_gemm). Measured (Zen 4, 2 threads, µs,
     // GEMM → rows, two alternated runs): I = H = 256, B = 8 LSTM 137 → 79, GRU 110 → 61, RNN
     // 46 → 27; B = 16 183 → 138, 143 → 106, 59 → 43; I = H = 1024, B = 8 3816 → 1459–1626,
     // 2722–2835 → 1018–1032, 643 → 194; B = 32 5826–5938 → 3853–3911, 4365–4494 → 2762–2962,
     // 1187 → 707–727; but at I = H = 256, B = 32 (before the weight vector was pinned to
     // registers: in_register) 283 → 309, 233 → 303, 96 → 104.
-    if (std::is_same_v<scalar_t, float> &&
-        (B <= 16 || (B <= kBlockedRows && std::min(o.I, H) >= 512))) {
-      const int64_t GH = o.G * H;
-      at::Tensor gx = at::empty({B, GH}, opts), gh = at::empty({B, GH}, opts);
-      few_row_products<scalar_t>(
-          {B, GH, o.I, o.x.data_ptr<scalar_t>(), o.I, o.w_ih.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), GH},
-          {B, GH, H, o.h.data_ptr<scalar_t>(), H, o.w_hh.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), GH});
+    if (std::is_same_v<scalar_t, float> && cell_rows_beat_gemm(o, 16)) {
+      at::Tensor gx = at::empty({B, o.G * H}, opts), gh = at::empty({B, o.G * H}, opts);
+      cell_row_products<scalar_t, scalar_t>(o, gx.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>());
       cell_step_rows<scalar_t>(o.cell, B, H, gx.data_ptr<scalar_t>(), data_or_null<scalar_t>(o.b_ih),
                                gh.data_ptr<scalar_t>(), data_or_null<scalar_t>(o.b_hh),
                                o.h.data_ptr<scalar_t>(), c, h_out.data_ptr<scalar_t>(), co, sv);

@@ -551,7 +551,9 @@ void forward_loop(const ForwardArgs& a) {
   const bool fuse_x = a.xg == nullptr;
   constexpr bool separate_x = C == Cell::Gru;
   // bfloat16 weights (amx): the products on AMX tiles, h rounded to bf16 for them
-  PanelBuffer wxp = (fuse_x || a.xg_fill) && !amx ? gate_panel_buffer(G, H, I, U) : PanelBuffer();
+  // W_ih's panels: for the steps' products, or for the projection made up front (xg_fill)
+  const bool x_panels = (fuse_x || a.xg_fill) && !amx;
+  PanelBuffer wxp = x_panels ? gate_panel_buffer(G, H, I, U) : PanelBuffer();
   TORCH_INTERNAL_ASSERT(!a.xg_fill || (!amx && a.xg_fill == a.xg));
   const int64_t ldh = padded_stride(H);
   StepBuffer<float> hbuf(2 * B * ldh);
@@ -597,7 +599,7 @@ void forward_loop(const ForwardArgs& a) {
       if (wxb.buf) wxb.pack(p0, p1);
     } else {
       pack_gate_panels(wp, a.w_hh, G, H, H, U, p0, p1);
-      if (fuse_x || a.xg_fill) pack_gate_panels(wxp, a.w_ih, G, H, I, U, p0, p1);
+      if (x_panels) pack_gate_panels(wxp, a.w_ih, G, H, I, U, p0, p1);
     }
     // (before the rows split's barrier, which then also publishes every thread's columns)
     if (a.xg_fill) project_inputs<NV, MR>(L.N, a.x, I, wxp, p0, p1, a.xg_fill, a.xg_ld);
